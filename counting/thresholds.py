@@ -1,0 +1,170 @@
+"""Counting thresholds estimated from sampled frames, the way stempy's calculateThresholds does it.
+
+Differences from stempy, on purpose: values are ``(raw - dark) / gain`` in float64 (no uint16 wrap for a
+dark above the raw value), and the frame sampling uses a seeded generator, so the same data and seed
+always give the same thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import curve_fit
+
+from counting.geometry import FRAME_SHAPE
+from counting.kernel import Thresholds
+
+
+class ThresholdError(RuntimeError):
+    """Thresholds could not be estimated from the given frames."""
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """How to estimate thresholds; defaults are the production values used at NERSC."""
+
+    number_of_samples: int = 1200
+    num_blocks: int = 20  # distinct frames the samples are drawn from (stempy: threshold_num_blocks)
+    background_n_sigma: float = 4.5
+    xray_n_sigma: float = 175.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.number_of_samples < 1 or self.num_blocks < 1:
+            raise ValueError("number_of_samples and num_blocks must be at least 1")
+        if self.background_n_sigma <= 0 or self.xray_n_sigma <= 0:
+            raise ValueError("n-sigma values must be positive")
+
+
+@dataclass(frozen=True)
+class ThresholdEstimate:
+    """Estimated thresholds with the statistics stempy records under /metadata/electron_counting."""
+
+    background_threshold: float
+    x_ray_threshold: float
+    number_of_samples: int
+    min_sample: float
+    max_sample: float
+    mean: float
+    variance: float
+    std_dev: float
+    number_of_bins: int
+    background_threshold_n_sigma: float
+    x_ray_threshold_n_sigma: float
+    optimized_mean: float
+    optimized_std_dev: float
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The thresholds to count with."""
+        return Thresholds(self.background_threshold, self.x_ray_threshold)
+
+    def metadata(self) -> dict:
+        """stempy's electron_counting metadata keys, plus threshold_calculated=True."""
+        return {"threshold_calculated": True, **asdict(self)}
+
+
+def fixed_threshold_metadata(thresholds: Thresholds) -> dict:
+    """Metadata for thresholds given in ADU rather than estimated."""
+    return {
+        "threshold_calculated": False,
+        "background_threshold": float(thresholds.background),
+        "x_ray_threshold": float(thresholds.xray),
+    }
+
+
+def sample_frame_indices(available: int, config: ThresholdConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pick samples with replacement from the first num_blocks frames: (distinct frame indices, weights)."""
+    if available < 1:
+        raise ThresholdError("no complete frames to estimate thresholds from")
+    pool = min(available, config.num_blocks)
+    picks = np.random.default_rng(config.seed).integers(0, pool, config.number_of_samples)
+    return np.unique(picks, return_counts=True)
+
+
+def _gaussian(x: np.ndarray, a: float, mu: float, sigma: float) -> np.ndarray:
+    return a * np.exp(-((x - mu) ** 2) / (2 * sigma**2))
+
+
+def estimate_thresholds(
+    frames: np.ndarray,
+    dark: np.ndarray | None,
+    config: ThresholdConfig = ThresholdConfig(),
+    gain: np.ndarray | None = None,
+) -> ThresholdEstimate:
+    """Estimate thresholds from candidate frames (n,576,576): the first num_blocks complete frames of a scan."""
+    frames = np.asarray(frames)
+    if frames.ndim != 3 or frames.shape[1:] != FRAME_SHAPE:
+        raise ValueError(f"frames must be (n, 576, 576), got {frames.shape}")
+    chosen, weights = sample_frame_indices(frames.shape[0], config)
+    dark64 = np.zeros(FRAME_SHAPE) if dark is None else np.asarray(dark, np.float32).astype(np.float64)
+    scale = (
+        None if gain is None else (1.0 / np.asarray(gain, np.float64)).astype(np.float32).astype(np.float64)
+    )
+
+    values = []
+    for i in chosen:
+        v = frames[i].astype(np.float64) - dark64
+        if scale is not None:
+            v *= scale
+        values.append(v.ravel())
+    weights_px = weights.astype(np.float64)
+    n_total = float(weights.sum()) * values[0].size
+    total = sum(w * v.sum() for w, v in zip(weights_px, values))
+    mean = total / n_total
+    sq = sum(w * ((v - mean) ** 2).sum() for w, v in zip(weights_px, values))
+    variance = sq / (n_total - 1) if n_total > 1 else 0.0
+    std = float(np.sqrt(variance))
+    vmin = float(min(v.min() for v in values))
+    vmax = float(max(v.max() for v in values))
+
+    # Integer-wide bins from the smallest to the largest sample, as stempy does.
+    min_bin = int(np.floor(vmin))
+    n_bins = max(int(np.ceil(vmax)) - min_bin, 1)
+    hist = np.zeros(n_bins, np.float64)
+    for w, v in zip(weights_px, values):
+        idx = np.floor(v - min_bin).astype(np.int64)
+        idx = idx[idx < n_bins]
+        hist += w * np.bincount(idx, minlength=n_bins)
+    centres = min_bin + np.arange(n_bins, dtype=np.float64)
+    mu, sigma = _fit_gaussian(centres, hist, mean, std)
+
+    return ThresholdEstimate(
+        background_threshold=float(mu + config.background_n_sigma * sigma),
+        x_ray_threshold=float(mean + config.xray_n_sigma * std),
+        number_of_samples=int(config.number_of_samples),
+        min_sample=vmin,
+        max_sample=vmax,
+        mean=float(mean),
+        variance=float(variance),
+        std_dev=std,
+        number_of_bins=int(n_bins),
+        background_threshold_n_sigma=float(config.background_n_sigma),
+        x_ray_threshold_n_sigma=float(config.xray_n_sigma),
+        optimized_mean=float(mu),
+        optimized_std_dev=float(sigma),
+    )
+
+
+def _fit_gaussian(x: np.ndarray, counts: np.ndarray, mean: float, std: float) -> tuple[float, float]:
+    """Levenberg-Marquardt fit of a Gaussian to the histogram; returns (mu, |sigma|)."""
+    if std <= 0 or counts.max() <= 0:
+        raise ThresholdError("sampled frames are constant: cannot fit a noise distribution")
+    # Restricting the fit to the populated core keeps it fast when x-rays stretch the range to 65535 bins.
+    peak = float(x[np.argmax(counts)])
+    window = (x >= peak - 50 * std) & (x <= peak + 50 * std)
+    try:
+        (_, mu, sigma), _ = curve_fit(
+            _gaussian,
+            x[window],
+            counts[window],
+            p0=(counts.max(), peak, max(std, 0.5)),
+            method="lm",
+            maxfev=2000,
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise ThresholdError(f"Gaussian fit of the background histogram did not converge: {exc}") from exc
+    if not (np.isfinite(mu) and np.isfinite(sigma)) or sigma == 0:
+        raise ThresholdError("Gaussian fit of the background histogram gave a degenerate result")
+    return float(mu), float(abs(sigma))

@@ -1,0 +1,261 @@
+"""The `stemstream` command line: simulate, count, info, demo, and the streaming processes.
+
+Every command builds the one Settings object (defaults < TOML < environment < these options) and passes
+it down. Expected failures (bad files, bad arguments) print one error line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flows.settings import load_settings
+
+app = typer.Typer(
+    name="stemstream",
+    help="Stream 4D Camera data to HPC nodes, electron-count it, and write stempy-format sparse HDF5.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# Failures a user can cause and fix: reported as one line, never as a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected exceptions into one `error:` line and exit status 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _parse_scan(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"scan size must look like 64x64, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise typer.BadParameter("scan width and height must be positive")
+    return w, h
+
+
+@app.command()
+@user_errors
+def simulate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for raw files, dark.npy, truth.npz")],
+    scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
+    dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    frames_per_position: Annotated[int | None, typer.Option(min=1)] = None,
+    scan_number: Annotated[int, typer.Option(min=0)] = 1,
+    dark_frames: Annotated[int | None, typer.Option(min=1, help="dark frames averaged into dark.npy")] = None,
+    files_per_module: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Simulate a scan: raw v5 sector files, a dark reference (dark.npy) and ground truth (truth.npz)."""
+    from counting.simulate_files import write_simulated_scan
+
+    width, height = _parse_scan(scan)
+    settings = load_settings()
+    sim = settings.simulator.model_copy(
+        update={
+            k: v
+            for k, v in dict(
+                scan_width=width,
+                scan_height=height,
+                dose=dose,
+                seed=seed,
+                frames_per_position=frames_per_position,
+                dark_frames=dark_frames,
+            ).items()
+            if v is not None
+        }
+    )
+    t0 = time.perf_counter()
+    result = write_simulated_scan(
+        out,
+        scan_number=scan_number,
+        width=sim.scan_width,
+        height=sim.scan_height,
+        dose=sim.dose,
+        seed=sim.seed,
+        frames_per_position=sim.frames_per_position,
+        dark_frames=sim.dark_frames,
+        files_per_module=files_per_module,
+    )
+    console.print(
+        f"simulated scan {scan_number}: {sim.scan_width}x{sim.scan_height}, {result.frames} frames, "
+        f"{result.electrons / max(result.frames, 1):.1f} electrons/frame in {time.perf_counter() - t0:.1f} s"
+    )
+    console.print(f"raw files: {len(result.raw_files)} in {out}")
+    console.print(f"dark reference: {result.dark}")
+    console.print(f"ground truth: {result.truth}")
+
+
+@app.command()
+@user_errors
+def count(
+    raw: Annotated[list[Path], typer.Argument(help="raw .data files of one scan, or a directory of them")],
+    dark: Annotated[Path | None, typer.Option(help="dark reference .npy (576x576); default: no dark")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output sparse HDF5")] = Path("scan.h5"),
+    background_threshold: Annotated[
+        float | None, typer.Option(help="fixed background threshold, ADU")
+    ] = None,
+    xray_threshold: Annotated[float | None, typer.Option(help="fixed x-ray threshold, ADU")] = None,
+    gain: Annotated[
+        Path | None, typer.Option(help="gain .npy (576x576); value = (raw - dark) / gain")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="counting threads (0 = all cores)")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    file_version: Annotated[int, typer.Option("--file-version", help="raw format version (4 or 5)")] = 5,
+    force: Annotated[bool, typer.Option(help="overwrite an existing output file")] = False,
+) -> None:
+    """Count raw 4D Camera files offline into one stempy-format sparse HDF5."""
+    import numpy as np
+
+    from counting.dark import load_dark
+    from counting.offline import count_raw_scan, raw_paths
+    from counting.raw import open_raw_scan
+    from counting.sparse import write_counted_scan
+
+    if (background_threshold is None) != (xray_threshold is None):
+        raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    settings = load_settings(
+        counting={
+            k: v
+            for k, v in dict(
+                background_threshold=background_threshold,
+                xray_threshold=xray_threshold,
+                workers=workers,
+                batch_size=batch_size,
+            ).items()
+            if v is not None
+        }
+    )
+    scan = open_raw_scan(raw_paths(raw), version=file_version)
+    dark_arr = load_dark(str(dark)) if dark is not None else None
+    gain_arr = None
+    if gain is not None:
+        gain_arr = np.load(gain, allow_pickle=False)
+    options = counting_options(settings.counting)
+    summary = scan.summary()
+    if summary["incomplete"] or summary["positions_missing"]:
+        err_console.print(
+            f"[yellow]warning:[/] {summary['incomplete']} frames miss sectors and "
+            f"{summary['positions_missing']} scan positions have no frame; they are marked in the output mask"
+        )
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("counting", total=scan.num_frames)
+        counted = count_raw_scan(
+            scan,
+            dark_arr,
+            options,
+            gain_arr,
+            batch_size=settings.counting.batch_size,
+            progress=lambda n: progress.advance(task, n),
+        )
+    elapsed = time.perf_counter() - t0
+    write_counted_scan(out, counted)
+    _print_summary(out, counted, elapsed)
+
+
+def counting_options(cfg: Any) -> Any:
+    """CountingOptions from the counting settings."""
+    from counting.kernel import Thresholds
+    from counting.pipeline import CountingOptions
+    from counting.thresholds import ThresholdConfig
+
+    fixed = None
+    if cfg.background_threshold is not None and cfg.xray_threshold is not None:
+        fixed = Thresholds(cfg.background_threshold, cfg.xray_threshold)
+    estimate = ThresholdConfig(
+        number_of_samples=cfg.number_of_samples,
+        num_blocks=cfg.sample_frames,
+        background_n_sigma=cfg.background_n_sigma,
+        xray_n_sigma=cfg.xray_n_sigma,
+        seed=cfg.seed,
+    )
+    return CountingOptions(fixed=fixed, estimate=estimate, workers=cfg.workers)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _print_summary(out: Path, counted: Any, elapsed: float) -> None:
+    ec = counted.metadata.get("electron_counting", {})
+    frames = counted.num_frames
+    table = Table(title=f"counted {out}", show_header=False)
+    table.add_row("scan (width x height)", f"{counted.scan.width} x {counted.scan.height}")
+    table.add_row("frames", f"{frames} ({counted.complete_frames} complete)")
+    table.add_row("sector completeness", f"{100 * counted.completeness:.2f} %")
+    table.add_row("events", f"{counted.num_events} ({counted.num_events / max(frames, 1):.1f} per frame)")
+    table.add_row(
+        "thresholds (ADU)",
+        f"background {ec.get('background_threshold', float('nan')):.2f}, "
+        f"x-ray {ec.get('x_ray_threshold', float('nan')):.1f}"
+        + (" (estimated)" if ec.get("threshold_calculated") else " (fixed)"),
+    )
+    table.add_row("time", f"{elapsed:.2f} s ({frames / max(elapsed, 1e-9):.0f} frames/s)")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def info(path: Annotated[Path, typer.Argument(help="a counted sparse HDF5 file")]) -> None:
+    """Describe a counted scan: shape, frames, events, completeness, thresholds."""
+    from counting.sparse import read_counted_scan
+
+    counted = read_counted_scan(path)
+    table = Table(title=str(path), show_header=False)
+    table.add_row("scan (width x height)", f"{counted.scan.width} x {counted.scan.height}")
+    table.add_row("frames per position", str(counted.frames_per_position))
+    table.add_row("frames", f"{counted.num_frames} ({counted.complete_frames} complete)")
+    missing = int((~counted.position_complete).sum())
+    table.add_row(
+        "sector completeness", f"{100 * counted.completeness:.2f} % ({missing} positions incomplete)"
+    )
+    table.add_row(
+        "events", f"{counted.num_events} ({counted.num_events / max(counted.num_frames, 1):.1f} per frame)"
+    )
+    for key, value in sorted(counted.metadata.get("electron_counting", {}).items()):
+        table.add_row(f"counting: {key}", f"{value}")
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="stemstream")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
