@@ -26,15 +26,23 @@ def dark_reference(frames: Iterable[np.ndarray]) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
+def load_frame_array(path: str, what: str = "dark reference") -> np.ndarray:
+    """Load a 576x576 .npy calibration array (dark or gain) as float32, with a clear error if unusable."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise ValueError(f"cannot read {what} {path}: it is an .npz archive, expected one .npy array")
+    if arr.shape != FRAME_SHAPE:
+        raise ValueError(f"{what} {path} has shape {arr.shape}, expected {FRAME_SHAPE}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} {path} contains NaN or infinite values")
+    return arr
+
+
 def load_dark(path: str) -> np.ndarray:
     """Load a dark reference .npy file and check it is a finite 576x576 array."""
-    try:
-        dark = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read dark reference {path}: {exc}") from exc
-    if dark.shape != FRAME_SHAPE:
-        raise ValueError(f"dark reference {path} has shape {dark.shape}, expected {FRAME_SHAPE}")
-    dark = dark.astype(np.float32)
-    if not np.isfinite(dark).all():
-        raise ValueError(f"dark reference {path} contains NaN or infinite values")
-    return dark
+    return load_frame_array(path, "dark reference")

@@ -127,7 +127,10 @@ def estimate_thresholds(
         idx = np.floor(v - min_bin).astype(np.int64)
         idx = idx[idx < n_bins]
         hist += w * np.bincount(idx, minlength=n_bins)
-    centres = min_bin + np.arange(n_bins, dtype=np.float64)
+    # stempy's values are integers, so a bin's left edge is its value; float values (a float dark or a
+    # gain) spread over the bin, whose centre is then the unbiased position.
+    integral = all(np.array_equal(v, np.floor(v)) for v in values)
+    centres = min_bin + np.arange(n_bins, dtype=np.float64) + (0.0 if integral else 0.5)
     mu, sigma = _fit_gaussian(centres, hist, mean, std)
 
     return ThresholdEstimate(

@@ -129,9 +129,7 @@ def count(
     force: Annotated[bool, typer.Option(help="overwrite an existing output file")] = False,
 ) -> None:
     """Count raw 4D Camera files offline into one stempy-format sparse HDF5."""
-    import numpy as np
-
-    from counting.dark import load_dark
+    from counting.dark import load_dark, load_frame_array
     from counting.offline import count_raw_scan, raw_paths
     from counting.raw import open_raw_scan
     from counting.sparse import write_counted_scan
@@ -154,9 +152,7 @@ def count(
     )
     scan = open_raw_scan(raw_paths(raw), version=file_version)
     dark_arr = load_dark(str(dark)) if dark is not None else None
-    gain_arr = None
-    if gain is not None:
-        gain_arr = np.load(gain, allow_pickle=False)
+    gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     options = counting_options(settings.counting)
     summary = scan.summary()
     if summary["incomplete"] or summary["positions_missing"]:

@@ -1,0 +1,185 @@
+"""Typed control messages between the aggregator, the node streamers and monitors.
+
+Aggregator and nodes talk over one ROUTER (aggregator, binds) / DEALER (node, connects outbound)
+connection. Every message is multipart with a kind tag first:
+
+    node -> aggregator   [b"hello", Hello]     once after connecting
+                         [b"ready", Ready]     armed: may receive the next scan
+                         [b"done",  Done]      a scan is counted and handed to the writer
+                         [b"hb",    Heartbeat] liveness, every heartbeat interval
+    aggregator -> node   [b"welcome", Welcome] the node's index among the session's nodes
+                         [b"scan",  ScanBegin] before the first sector of a scan
+                         [b"data",  sector header, sector payload]  forwarded untouched (zero-copy)
+                         [b"end",   ScanEnd]   after the last sector of a scan sent to this node
+                         [b"bye",   Bye]       the aggregator is shutting down
+
+Because one connection carries data and control in order, a node that receives ``end`` has received
+every sector the aggregator sent it for that scan. Monitors subscribe to the aggregator's PUB socket and
+receive [b"state", AggregatorState] with a heartbeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+import msgpack
+
+HELLO = b"hello"
+READY = b"ready"
+DONE = b"done"
+HEARTBEAT = b"hb"
+WELCOME = b"welcome"
+SCAN = b"scan"
+DATA = b"data"
+END = b"end"
+BYE = b"bye"
+STATE = b"state"
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A control message is malformed."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A node introduces itself."""
+
+    name: str
+    pid: int
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A node is armed for the next scan."""
+
+    name: str
+    last_scan: int = -1
+
+
+@dataclass(frozen=True)
+class Done:
+    """A node finished a scan: what it received and counted."""
+
+    name: str
+    scan_number: int
+    sectors: int
+    frames: int
+    incomplete_frames: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness plus a few counters."""
+
+    name: str
+    state: str
+    scan_number: int = -1
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The aggregator accepted a node."""
+
+    node_index: int
+    n_nodes: int
+    session_id: int = 0
+
+
+@dataclass(frozen=True)
+class ScanBegin:
+    """A scan starts: its shape and how frames are routed."""
+
+    scan_number: int
+    scan_width: int
+    scan_height: int
+    expected_frames: int  # frames in the whole scan (all nodes); 0 if unknown
+    node_index: int
+    n_nodes: int
+    session_id: int = 0
+
+
+@dataclass(frozen=True)
+class ScanEnd:
+    """No more sectors of this scan will be sent to this node."""
+
+    scan_number: int
+    sectors_sent: int  # sectors the aggregator sent to this node in this scan
+    reason: str  # "complete": all expected sectors arrived; "deadline": the scan timed out upstream
+    sectors_expected: int = 0  # for the whole scan, all nodes
+    sectors_received: int = 0  # by the aggregator, whole scan
+    malformed: int = 0  # messages rejected during this scan
+
+
+@dataclass(frozen=True)
+class Bye:
+    """The aggregator is going away."""
+
+    reason: str = "shutdown"
+
+
+@dataclass(frozen=True)
+class AggregatorState:
+    """What monitors see: state, counters, per-node counters."""
+
+    state: str
+    scan_number: int
+    nodes_connected: int
+    nodes_ready: int
+    n_nodes: int
+    received: int
+    forwarded: int
+    malformed: int
+    unroutable: int
+    per_node: dict[str, int] = field(default_factory=dict)
+    time: float = 0.0
+
+
+_KIND = {
+    Hello: HELLO,
+    Ready: READY,
+    Done: DONE,
+    Heartbeat: HEARTBEAT,
+    Welcome: WELCOME,
+    ScanBegin: SCAN,
+    ScanEnd: END,
+    Bye: BYE,
+    AggregatorState: STATE,
+}
+_TYPE = {kind: cls for cls, kind in _KIND.items()}
+
+T = TypeVar("T")
+
+
+def encode(message: Any) -> list[bytes]:
+    """[kind, msgpack body] for a control message."""
+    return [_KIND[type(message)], msgpack.packb(asdict(message))]
+
+
+def decode(kind: bytes, body: bytes | memoryview, expected: type[T] | None = None) -> Any:
+    """Decode a control message body of the given kind; raises ProtocolError when malformed."""
+    cls = _TYPE.get(bytes(kind))
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {bytes(kind)[:20]!r}")
+    if expected is not None and cls is not expected:
+        raise ProtocolError(f"expected {expected.__name__}, got {cls.__name__}")
+    try:
+        data = msgpack.unpackb(bytes(body), strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"{cls.__name__} body is not msgpack ({type(exc).__name__})") from None
+    names = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or not set(data) <= names:
+        raise ProtocolError(f"{cls.__name__} body has unexpected fields")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.__name__} body is incomplete: {exc}") from None
+
+
+def route(frame_number: int, n_nodes: int) -> int:
+    """The node a frame goes to: all four sectors of a frame share a frame number, so they go together."""
+    return frame_number % n_nodes
