@@ -68,6 +68,11 @@ class ScanCounter:
     def add(self, batch: FrameBatch) -> None:
         """Count a batch now, or hold it until enough complete frames have arrived to set thresholds."""
         if self.counter is None:
+            if not self._pending and self._complete(batch) >= self.options.estimate.num_blocks:
+                self._pending = [batch]  # enough on its own: estimate from it without copying
+                self._estimate_from_pending()
+                self._count(None)
+                return
             # Sources may reuse their batch buffer, so a batch held back must own its frames.
             self._pending.append(
                 FrameBatch(
@@ -77,16 +82,27 @@ class ScanCounter:
                     batch.sector_masks.copy(),
                 )
             )
-            complete = sum(int(np.count_nonzero(b.sector_masks == ALL_SECTORS)) for b in self._pending)
+            complete = sum(self._complete(b) for b in self._pending)
             buffered = sum(len(b) for b in self._pending)
             if complete < self.options.estimate.num_blocks and buffered < _MAX_BUFFERED_FRAMES:
                 return
             self._estimate_from_pending()
-        self._count(batch if not self._pending else None)
+            self._count(None)
+            return
+        self._count(batch)
+
+    @staticmethod
+    def _complete(batch: FrameBatch) -> int:
+        return int(np.count_nonzero(batch.sector_masks == ALL_SECTORS))
 
     def _estimate_from_pending(self) -> None:
-        complete = [b.frames[b.sector_masks == ALL_SECTORS] for b in self._pending]
-        sample = np.concatenate(complete)[: self.options.estimate.num_blocks]
+        need = self.options.estimate.num_blocks
+        picks, have = [], 0
+        for b in self._pending:
+            idx = np.flatnonzero(b.sector_masks == ALL_SECTORS)[: need - have]
+            picks.append(b.frames[idx])
+            have += len(idx)
+        sample = np.concatenate(picks) if len(picks) > 1 else picks[0]
         if len(sample) == 0:
             raise ThresholdError("no complete frame arrived, so thresholds cannot be estimated")
         est = estimate_thresholds(sample, self.dark, self.options.estimate, self.gain)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numba as nb
 import numpy as np
 from scipy.optimize import curve_fit
 
@@ -83,6 +84,36 @@ def sample_frame_indices(available: int, config: ThresholdConfig) -> tuple[np.nd
     return np.unique(picks, return_counts=True)
 
 
+@nb.njit(cache=True, nogil=True)
+def _accumulate(raw, dark, scale, weight, lo, hist, acc):
+    """One pass over a sampled frame: weighted sum, min, max, integrality, and the histogram."""
+    total = 0.0
+    vmin, vmax = acc[1], acc[2]
+    integral = acc[3] != 0.0
+    for p in range(raw.shape[0]):
+        v = (np.float64(raw[p]) - np.float64(dark[p])) * np.float64(scale[p])
+        total += v
+        vmin = min(vmin, v)
+        vmax = max(vmax, v)
+        fl = np.floor(v)
+        if integral and fl != v:
+            integral = False
+        hist[np.int64(fl) - lo] += weight
+    acc[0] += weight * total
+    acc[1], acc[2] = vmin, vmax
+    acc[3] = 1.0 if integral else 0.0
+
+
+@nb.njit(cache=True, nogil=True)
+def _squared_deviation(raw, dark, scale, mean):
+    """Sum of squared deviations from the mean over one frame (the second, exact variance pass)."""
+    total = 0.0
+    for p in range(raw.shape[0]):
+        d = (np.float64(raw[p]) - np.float64(dark[p])) * np.float64(scale[p]) - mean
+        total += d * d
+    return total
+
+
 def _gaussian(x: np.ndarray, a: float, mu: float, sigma: float) -> np.ndarray:
     return a * np.exp(-((x - mu) ** 2) / (2 * sigma**2))
 
@@ -98,38 +129,35 @@ def estimate_thresholds(
     if frames.ndim != 3 or frames.shape[1:] != FRAME_SHAPE:
         raise ValueError(f"frames must be (n, 576, 576), got {frames.shape}")
     chosen, weights = sample_frame_indices(frames.shape[0], config)
-    dark64 = np.zeros(FRAME_SHAPE) if dark is None else np.asarray(dark, np.float32).astype(np.float64)
-    scale = (
-        None if gain is None else (1.0 / np.asarray(gain, np.float64)).astype(np.float32).astype(np.float64)
-    )
-
-    values = []
-    for i in chosen:
-        v = frames[i].astype(np.float64) - dark64
-        if scale is not None:
-            v *= scale
-        values.append(v.ravel())
-    weights_px = weights.astype(np.float64)
-    n_total = float(weights.sum()) * values[0].size
-    total = sum(w * v.sum() for w, v in zip(weights_px, values))
-    mean = total / n_total
-    sq = sum(w * ((v - mean) ** 2).sum() for w, v in zip(weights_px, values))
+    dark32 = np.zeros(FRAME_SHAPE, np.float32) if dark is None else np.asarray(dark, np.float32)
+    scale = np.ones(FRAME_SHAPE, np.float32)
+    if gain is not None:
+        scale = (1.0 / np.asarray(gain, np.float64)).astype(np.float32)
+    # Every value falls in [-max(dark), 65535 - min(dark)] * max(scale): one fixed histogram covers them all.
+    lo = int(np.floor(min(-float(dark32.max()) * float(scale.max()), 0.0))) - 1
+    hi = int(np.ceil(max((65535.0 - float(dark32.min())) * float(scale.max()), 0.0))) + 2
+    hist = np.zeros(hi - lo, np.float64)
+    acc = np.array([0.0, np.inf, -np.inf, 1.0])  # sum, min, max, all-integer flag
+    flat_dark, flat_scale = dark32.ravel(), scale.ravel()
+    for i, w in zip(chosen, weights):
+        _accumulate(frames[i].ravel(), flat_dark, flat_scale, float(w), lo, hist, acc)
+    n_total = float(weights.sum()) * frames[0].size
+    mean = acc[0] / n_total
+    sq = 0.0
+    for i, w in zip(chosen, weights):
+        sq += float(w) * _squared_deviation(frames[i].ravel(), flat_dark, flat_scale, mean)
     variance = sq / (n_total - 1) if n_total > 1 else 0.0
     std = float(np.sqrt(variance))
-    vmin = float(min(v.min() for v in values))
-    vmax = float(max(v.max() for v in values))
+    vmin, vmax = float(acc[1]), float(acc[2])
 
-    # Integer-wide bins from the smallest to the largest sample, as stempy does.
+    # Integer-wide bins from the smallest to the largest sample, as stempy does; the largest sample itself
+    # falls outside the last bin, as in stempy.
     min_bin = int(np.floor(vmin))
     n_bins = max(int(np.ceil(vmax)) - min_bin, 1)
-    hist = np.zeros(n_bins, np.float64)
-    for w, v in zip(weights_px, values):
-        idx = np.floor(v - min_bin).astype(np.int64)
-        idx = idx[idx < n_bins]
-        hist += w * np.bincount(idx, minlength=n_bins)
+    hist = hist[min_bin - lo : min_bin - lo + n_bins].copy()
     # stempy's values are integers, so a bin's left edge is its value; float values (a float dark or a
     # gain) spread over the bin, whose centre is then the unbiased position.
-    integral = all(np.array_equal(v, np.floor(v)) for v in values)
+    integral = bool(acc[3])
     centres = min_bin + np.arange(n_bins, dtype=np.float64) + (0.0 if integral else 0.5)
     mu, sigma = _fit_gaussian(centres, hist, mean, std)
 
