@@ -248,6 +248,52 @@ def info(path: Annotated[Path, typer.Argument(help="a counted sparse HDF5 file")
     console.print(table)
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory")] = None,
+    scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
+    dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
+) -> None:
+    """Simulate a scan with the virtual 4D Camera, count it, and summarise the result."""
+    from counting.dark import load_dark
+    from counting.offline import count_raw_scan
+    from counting.raw import open_raw_scan
+    from counting.simulate_files import write_simulated_scan
+    from counting.sparse import write_counted_scan
+
+    settings = load_settings()
+    width, height = _parse_scan(scan)
+    root = out or settings.output_dir / "demo"
+    raw_dir = root / "raw"
+    console.print(f"[bold]stemstream demo[/]: simulating a {width}x{height} scan into {raw_dir}")
+    t0 = time.perf_counter()
+    sim = write_simulated_scan(
+        raw_dir,
+        1,
+        width,
+        height,
+        dose if dose is not None else settings.simulator.dose,
+        settings.simulator.seed,
+    )
+    console.print(
+        f"  {sim.frames} frames, {sim.electrons / sim.frames:.1f} electrons/frame, {time.perf_counter() - t0:.1f} s"
+    )
+    raw = open_raw_scan(sorted(raw_dir.glob("*.data")))
+    t1 = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("counting", total=raw.num_frames)
+        counted = count_raw_scan(
+            raw,
+            load_dark(str(sim.dark)),
+            counting_options(settings.counting),
+            progress=lambda n: progress.advance(task, n),
+        )
+    elapsed = time.perf_counter() - t1
+    out_file = write_counted_scan(root / "scan_00001.h5", counted)
+    _print_summary(out_file, counted, elapsed)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="stemstream")
