@@ -294,6 +294,15 @@ def demo(
     _print_summary(out_file, counted, elapsed)
 
 
+def _register_streaming() -> None:
+    from flows import cli_streaming
+
+    cli_streaming.register(app, user_errors)
+
+
+_register_streaming()
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="stemstream")

@@ -109,7 +109,9 @@ class ScanEnd:
 
     scan_number: int
     sectors_sent: int  # sectors the aggregator sent to this node in this scan
-    reason: str  # "complete": all expected sectors arrived; "deadline": the scan timed out upstream
+    # "complete": all expected sectors arrived; "deadline": the scan timed out upstream;
+    # "superseded": a newer scan started first; "shutdown": the aggregator stopped mid-scan
+    reason: str
     sectors_expected: int = 0  # for the whole scan, all nodes
     sectors_received: int = 0  # by the aggregator, whole scan
     malformed: int = 0  # messages rejected during this scan
@@ -137,6 +139,80 @@ class AggregatorState:
     unroutable: int
     per_node: dict[str, int] = field(default_factory=dict)
     time: float = 0.0
+    late: int = 0  # sectors of an already-ended scan, dropped
+
+
+# Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:
+#   [b"w.begin", NodeScanBegin]                               a node starts a scan
+#   [b"w.samples", SampleHeader, frames bytes]                 threshold samples (estimated thresholds)
+#   [b"w.events", EventsHeader, positions, numbers, masks, offsets, indices]   counted frames
+#   [b"w.done", NodeScanDone]                                 a node has sent everything of a scan
+# and back, writer -> node: [b"w.thresholds", ScanThresholds]
+W_BEGIN = b"w.begin"
+W_SAMPLES = b"w.samples"
+W_EVENTS = b"w.events"
+W_DONE = b"w.done"
+W_THRESHOLDS = b"w.thresholds"
+
+
+@dataclass(frozen=True)
+class NodeScanBegin:
+    """A node streamer starts a scan."""
+
+    name: str
+    scan_number: int
+    scan_width: int
+    scan_height: int
+    n_nodes: int
+    node_index: int
+    session_id: int = 0
+
+
+@dataclass(frozen=True)
+class SampleHeader:
+    """Complete frames offered for threshold estimation; ``last`` closes this node's offer for the scan."""
+
+    name: str
+    scan_number: int
+    frame_numbers: list[int]
+    last: bool
+
+
+@dataclass(frozen=True)
+class EventsHeader:
+    """Counted frames follow as arrays: positions int64, frame numbers int64, masks uint8, offsets int64,
+    indices uint32."""
+
+    name: str
+    scan_number: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class NodeScanDone:
+    """A node has sent every counted frame of a scan."""
+
+    name: str
+    scan_number: int
+    sectors: int  # sectors this node received
+    sectors_sent: int  # sectors the aggregator says it sent to this node
+    frames: int
+    incomplete_frames: int
+    duplicates: int
+    reason: str
+    counting_seconds: float = 0.0
+    late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
+    evicted_slots: int = 0  # batches sealed early because their frames waited too long
+
+
+@dataclass(frozen=True)
+class ScanThresholds:
+    """Thresholds every node counts a scan with."""
+
+    scan_number: int
+    background: float
+    xray: float
+    metadata: dict = field(default_factory=dict)
 
 
 _KIND = {
@@ -149,6 +225,11 @@ _KIND = {
     ScanEnd: END,
     Bye: BYE,
     AggregatorState: STATE,
+    NodeScanBegin: W_BEGIN,
+    SampleHeader: W_SAMPLES,
+    EventsHeader: W_EVENTS,
+    NodeScanDone: W_DONE,
+    ScanThresholds: W_THRESHOLDS,
 }
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 

@@ -1,0 +1,400 @@
+"""The scan writer: gathers counted frames of every node and writes one stempy-format HDF5 per scan.
+
+One writer serves a session (it runs inside the first node streamer, or alone). Nodes connect to it with
+DEALER sockets (protocol.W_*). Per scan it
+  * estimates the thresholds every node counts with, from the lowest-numbered complete frames the nodes
+    offer (so streamed and offline counting of the same data use the same sample frames), unless they
+    are fixed;
+  * collects counted frames in any order;
+  * when every node reports the scan done (or nothing arrived for ``scan_deadline`` seconds), writes the
+    HDF5 atomically in a background thread, so the next scan can stream meanwhile, then a JSON stop
+    record beside it saying what exists: status, expected and written frames, completeness, checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from counting.geometry import FRAME_SHAPE, ScanShape
+from counting.kernel import EventList, Thresholds
+from counting.sparse import CountedScan, ScanAccumulator, write_counted_scan
+from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
+from streaming import protocol as p
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME_TEMPLATE = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """Where and how scans are written."""
+
+    output_dir: Path
+    session_id: int = 0
+    name_template: str = DEFAULT_NAME_TEMPLATE
+    fixed: Thresholds | None = None
+    estimate: ThresholdConfig = ThresholdConfig()
+    scan_deadline: float = 30.0  # write what there is when a scan has been silent this long
+
+
+@dataclass
+class ScanRecord:
+    """The stop record of a scan: what exists and how the scan ended."""
+
+    scan_number: int
+    status: str  # "complete" | "incomplete" | "failed"
+    path: str | None
+    scan_width: int
+    scan_height: int
+    expected_frames: int
+    frames_written: int
+    complete_frames: int
+    completeness: float
+    events: int
+    nodes: int
+    nodes_done: int
+    reasons: list[str]
+    sectors_lost_in_transit: int
+    thresholds: list[float]
+    sha256: str | None = None
+    error: str | None = None
+    first_data_time: float = 0.0
+    last_data_time: float = 0.0
+    written_time: float = 0.0
+    counting_seconds: float = 0.0
+
+    @property
+    def seconds_to_file(self) -> float:
+        """From the last data of the scan reaching the writer to the file on disk."""
+        return self.written_time - self.last_data_time
+
+
+def record_path(h5_path: Path) -> Path:
+    """The stop record beside a scan file."""
+    return h5_path.with_suffix(".json")
+
+
+@dataclass
+class _Scan:
+    begin: p.NodeScanBegin
+    started: float
+    nodes: dict[bytes, str] = field(default_factory=dict)  # identity -> node name
+    done: dict[str, p.NodeScanDone] = field(default_factory=dict)
+    samples: dict[int, np.ndarray] = field(default_factory=dict)
+    samples_closed: set[str] = field(default_factory=set)
+    thresholds: p.ScanThresholds | None = None
+    accumulator: ScanAccumulator | None = None
+    frames: int = 0
+    first_data: float = 0.0
+    last_activity: float = 0.0
+
+
+class ScanWriter:
+    """Runs the writer loop on a bound ROUTER socket; use ``start()`` for a background thread."""
+
+    def __init__(
+        self,
+        bind: str,
+        config: WriterConfig,
+        dark: np.ndarray | None,
+        gain: np.ndarray | None = None,
+        context: zmq.Context | None = None,
+    ):
+        self.config = config
+        self.dark, self.gain = dark, gain
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.RCVHWM, 0)  # events are small; never drop a node's counted frames
+        self._sock.bind(bind)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._scans: dict[int, _Scan] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemstream-h5")
+        self._pending: list[Future] = []
+        self.records: list[ScanRecord] = []
+        self.malformed = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------------- running
+    def start(self) -> ScanWriter:
+        """Run the loop in a background thread."""
+        self._thread = threading.Thread(target=self.run, name="stemstream-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Serve nodes until stop() is called."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(100):
+                    while self._sock.poll(0):
+                        self._handle(self._sock.recv_multipart(copy=False))
+                self._check_deadlines()
+                self._reap()
+        finally:
+            self._sock.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish pending writes, then stop the loop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for fut in self._pending:
+            fut.result(timeout)
+        self._reap()
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------------- messages
+    def _handle(self, frames: list) -> None:
+        identity, kind = frames[0].bytes, frames[1].bytes
+        try:
+            if kind == p.W_BEGIN:
+                self._on_begin(identity, p.decode(kind, frames[2].bytes, p.NodeScanBegin))
+            elif kind == p.W_SAMPLES:
+                self._on_samples(p.decode(kind, frames[2].bytes, p.SampleHeader), frames[3:])
+            elif kind == p.W_EVENTS:
+                self._on_events(p.decode(kind, frames[2].bytes, p.EventsHeader), frames[3:])
+            elif kind == p.W_DONE:
+                self._on_done(p.decode(kind, frames[2].bytes, p.NodeScanDone))
+            else:
+                raise p.ProtocolError(f"unexpected message {kind[:20]!r}")
+        except (p.ProtocolError, ValueError, IndexError) as exc:
+            self.malformed += 1
+            log.warning("writer dropped a malformed message: %s", exc)
+
+    def _on_begin(self, identity: bytes, begin: p.NodeScanBegin) -> None:
+        scan = self._scans.get(begin.scan_number)
+        if scan is None:
+            scan = _Scan(begin, time.time(), last_activity=time.monotonic())
+            scan.accumulator = ScanAccumulator(ScanShape(begin.scan_width, begin.scan_height))
+            self._scans[begin.scan_number] = scan
+            log.info(
+                "scan %d: %dx%d from %d node(s)",
+                begin.scan_number,
+                begin.scan_width,
+                begin.scan_height,
+                begin.n_nodes,
+            )
+            if self.config.fixed is not None:
+                t = self.config.fixed
+                scan.thresholds = p.ScanThresholds(
+                    begin.scan_number, t.background, t.xray, fixed_threshold_metadata(t)
+                )
+        scan.nodes[identity] = begin.name
+        if scan.thresholds is not None:
+            self._send(identity, scan.thresholds)
+
+    def _on_samples(self, header: p.SampleHeader, parts: list) -> None:
+        scan = self._scan(header.scan_number)
+        if len(parts) != len(header.frame_numbers):
+            raise p.ProtocolError("sample frame count does not match its header")
+        for number, part in zip(header.frame_numbers, parts, strict=True):
+            scan.samples[int(number)] = np.frombuffer(part.buffer, np.uint16).reshape(FRAME_SHAPE).copy()
+        if header.last:
+            scan.samples_closed.add(header.name)
+        self._maybe_estimate(scan)
+
+    def _maybe_estimate(self, scan: _Scan) -> None:
+        if scan.thresholds is not None or len(scan.samples_closed) < scan.begin.n_nodes:
+            return
+        cfg = self.config.estimate
+        numbers = sorted(scan.samples)[: cfg.num_blocks]
+        try:
+            if not numbers:
+                raise ThresholdError("no complete frame arrived, so thresholds cannot be estimated")
+            est = estimate_thresholds(np.stack([scan.samples[n] for n in numbers]), self.dark, cfg, self.gain)
+            scan.thresholds = p.ScanThresholds(
+                scan.begin.scan_number, est.background_threshold, est.x_ray_threshold, est.metadata()
+            )
+        except ThresholdError as exc:
+            log.error("scan %d: %s", scan.begin.scan_number, exc)
+            scan.thresholds = p.ScanThresholds(
+                scan.begin.scan_number, float("nan"), float("nan"), {"error": str(exc)}
+            )
+        scan.samples.clear()
+        for identity in scan.nodes:
+            self._send(identity, scan.thresholds)
+
+    def _on_events(self, header: p.EventsHeader, parts: list) -> None:
+        scan = self._scan(header.scan_number)
+        if len(parts) != 5:
+            raise p.ProtocolError("events message must carry 5 arrays")
+        positions, numbers, masks, offsets, indices = (
+            np.frombuffer(parts[0].buffer, np.int64),
+            np.frombuffer(parts[1].buffer, np.int64),
+            np.frombuffer(parts[2].buffer, np.uint8),
+            np.frombuffer(parts[3].buffer, np.int64),
+            np.frombuffer(parts[4].buffer, np.uint32),
+        )
+        n = header.frames
+        if not (len(positions) == len(numbers) == len(masks) == n and len(offsets) == n + 1):
+            raise p.ProtocolError("events arrays do not match the frame count")
+        if offsets[0] != 0 or offsets[-1] != len(indices) or np.any(np.diff(offsets) < 0):
+            raise p.ProtocolError("events offsets are inconsistent")
+        scan.accumulator.add(positions, numbers, masks, EventList(indices.copy(), offsets.copy()))
+        scan.frames += n
+        now = time.monotonic()
+        scan.first_data = scan.first_data or time.time()
+        scan.last_activity = now
+
+    def _on_done(self, done: p.NodeScanDone) -> None:
+        scan = self._scan(done.scan_number)
+        scan.done[done.name] = done
+        scan.last_activity = time.monotonic()
+        if len(scan.done) >= scan.begin.n_nodes:
+            self._finish(scan)
+
+    def _scan(self, number: int) -> _Scan:
+        scan = self._scans.get(number)
+        if scan is None:
+            raise p.ProtocolError(f"message for scan {number}, which no node began")
+        return scan
+
+    def _send(self, identity: bytes, message: object) -> None:
+        try:
+            self._sock.send_multipart([identity, *p.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("could not send %s to a node: %s", type(message).__name__, exc)
+
+    # ------------------------------------------------------------------------------------------- finishing
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for scan in list(self._scans.values()):
+            if now - scan.last_activity > self.config.scan_deadline:
+                log.warning(
+                    "scan %d: no data for %.0f s, writing what arrived",
+                    scan.begin.scan_number,
+                    self.config.scan_deadline,
+                )
+                self._finish(scan)
+
+    def _finish(self, scan: _Scan) -> None:
+        del self._scans[scan.begin.scan_number]
+        last = time.time()
+        self._pending.append(self._pool.submit(self._write, scan, last))
+
+    def _write(self, scan: _Scan, last_data: float) -> ScanRecord:
+        b = scan.begin
+        reasons = sorted({d.reason for d in scan.done.values()}) or ["deadline"]
+        t = scan.thresholds
+        thresholds = [t.background, t.xray] if t is not None else [float("nan"), float("nan")]
+        meta = {
+            "electron_counting": dict(t.metadata) if t is not None else {},
+            "stemstream": {
+                "scan_number": b.scan_number,
+                "session_id": self.config.session_id,
+                "aggregator_session": b.session_id,
+                "nodes": b.n_nodes,
+                "nodes_done": len(scan.done),
+                "end_reasons": ",".join(reasons),
+                "frames_counted": scan.frames,
+                "incomplete_frames": sum(d.incomplete_frames for d in scan.done.values()),
+                "counting_seconds": sum(d.counting_seconds for d in scan.done.values()),
+                "late_sectors": sum(d.late_sectors for d in scan.done.values()),
+                "duplicate_sectors": sum(d.duplicates for d in scan.done.values()),
+            },
+        }
+        meta["electron_counting"].pop("error", None)
+        counted = scan.accumulator.finish(meta)
+        path = self.config.output_dir / self.config.name_template.format(
+            date=datetime.fromtimestamp(scan.started).strftime("%y%m%d_%H%M"),
+            session=self.config.session_id,
+            scan=b.scan_number,
+        )
+        record = self._record(scan, counted, path, reasons, thresholds, last_data)
+        try:
+            write_counted_scan(path, counted)
+            record.sha256 = _sha256(path)
+        except OSError as exc:
+            record.status, record.path, record.error = "failed", None, f"cannot write {path}: {exc}"
+            log.error("scan %d: %s", b.scan_number, record.error)
+        record.written_time = time.time()
+        _write_json(record_path(path), asdict(record))
+        log.info(
+            "scan %d written: %s (%d frames, %.2f %% complete, %s)",
+            b.scan_number,
+            path.name,
+            record.frames_written,
+            100 * record.completeness,
+            record.status,
+        )
+        return record
+
+    def _record(
+        self,
+        scan: _Scan,
+        counted: CountedScan,
+        path: Path,
+        reasons: list[str],
+        thresholds: list[float],
+        last_data: float,
+    ) -> ScanRecord:
+        b = scan.begin
+        lost = sum(max(d.sectors_sent - d.sectors, 0) for d in scan.done.values())
+        complete = counted.complete_frames == b.scan_width * b.scan_height * counted.frames_per_position
+        failed = t_failed = scan.thresholds is None or not np.isfinite(thresholds[0])
+        status = "failed" if failed else ("complete" if complete and lost == 0 else "incomplete")
+        return ScanRecord(
+            scan_number=b.scan_number,
+            status=status,
+            path=str(path),
+            scan_width=b.scan_width,
+            scan_height=b.scan_height,
+            expected_frames=b.scan_width * b.scan_height * counted.frames_per_position,
+            frames_written=counted.num_frames,
+            complete_frames=counted.complete_frames,
+            completeness=counted.completeness,
+            events=counted.num_events,
+            nodes=b.n_nodes,
+            nodes_done=len(scan.done),
+            reasons=reasons,
+            sectors_lost_in_transit=lost,
+            thresholds=thresholds,
+            error=(scan.thresholds.metadata.get("error") if t_failed and scan.thresholds else None),
+            first_data_time=scan.first_data,
+            last_data_time=last_data,
+            counting_seconds=sum(d.counting_seconds for d in scan.done.values()),
+        )
+
+    def _reap(self) -> None:
+        still = []
+        for fut in self._pending:
+            if fut.done():
+                try:
+                    self.records.append(fut.result())
+                except Exception:  # a bug, not a data problem: keep serving, but say it loudly
+                    log.exception("writing a scan failed")
+            else:
+                still.append(fut)
+        self._pending = still
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)

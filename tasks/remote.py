@@ -1,0 +1,279 @@
+"""Run commands on the aggregator host over SSH (paramiko), with pinned host keys and bounded waits.
+
+* Host keys come only from ``known_hosts`` in the settings: an unknown host or a changed key is refused
+  (``RejectPolicy``), never added. Pin a host once with ``ssh-keyscan -p PORT HOST >> known_hosts`` and
+  check the fingerprint by hand.
+* ``run_remote`` drains stdout and stderr together until the channel's EOF, so a chatty command can't
+  block on a full window and no tail of either stream is lost (the exit status can arrive before it).
+* ``start_remote_process`` starts a long-lived process (the aggregator) detached in its own session
+  (``nohup setsid``) and returns its PID; ``stop_remote_process`` ends its whole process group.
+* Errors are typed (``RemoteError`` subclasses) and never contain the key or its passphrase.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import select
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import paramiko
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+log = logging.getLogger(__name__)
+
+_STDERR_TAIL = 2000  # characters of stderr kept in RemoteCommandFailed
+_START_FAILED = 97  # exit status of the start wrapper when the process died at once
+
+
+class RemoteError(RuntimeError):
+    """Base of every SSH failure; messages never contain key material or passphrases."""
+
+
+class HostKeyRejected(RemoteError):
+    """The host is not in known_hosts, or its key differs from the pinned one."""
+
+
+class AuthenticationFailed(RemoteError):
+    """The user key was refused, or could not be loaded (missing file, wrong passphrase)."""
+
+
+class RemoteUnreachable(RemoteError):
+    """No SSH session could be set up: DNS, refused or timed-out connection, no SSH banner."""
+
+
+class RemoteTimeout(RemoteError):
+    """The command did not finish within its timeout (it may still be running on the host)."""
+
+
+class RemoteCommandFailed(RemoteError):
+    """The command exited non-zero."""
+
+    def __init__(self, command: str, exit_status: int, stderr_tail: str) -> None:
+        super().__init__(f"{_short(command)} exited {exit_status}: {stderr_tail.strip() or '(no stderr)'}")
+        self.command = command
+        self.exit_status = exit_status
+        self.stderr_tail = stderr_tail
+
+
+class SshSettings(BaseModel):
+    """How to reach one host by SSH (the aggregator host); its host key is pinned in known_hosts."""
+
+    host: str = "localhost"
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field("", description="login name; empty means the local user")
+    key_path: Path = Field(Path("~/.ssh/id_ed25519"), description="private key for the login")
+    key_passphrase: SecretStr | None = None
+    known_hosts: Path = Field(
+        Path("~/.ssh/known_hosts"), description="pinned host keys; unknown hosts are refused"
+    )
+    connect_timeout: float = Field(10.0, gt=0)
+    command_timeout: float = Field(60.0, gt=0)
+
+    @field_validator("key_path", "known_hosts")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """What a remote command returned."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+class _PinnedHostKeys(paramiko.RejectPolicy):
+    """RejectPolicy with a clear typed error naming the host and the offered key's fingerprint."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise HostKeyRejected(
+            f"host key of {hostname} ({key.get_name()} {key.fingerprint}) is not in known_hosts; "
+            "pin it with ssh-keyscan and check the fingerprint by hand"
+        )
+
+
+def run_remote(
+    settings: SshSettings, command: list[str] | str, timeout: float | None = None, *, check: bool = True
+) -> RemoteResult:
+    """Run a command on the host and return its exit status and output; RemoteCommandFailed if non-zero."""
+    text = command if isinstance(command, str) else shlex.join(command)
+    timeout = settings.command_timeout if timeout is None else timeout
+    with _connect(settings) as client:
+        result = _exec(client, settings, text, timeout)
+    log.debug("ssh %s: %s -> exit %d", settings.host, _short(text), result.exit_status)
+    if check and result.exit_status != 0:
+        raise RemoteCommandFailed(text, result.exit_status, result.stderr[-_STDERR_TAIL:])
+    return result
+
+
+def start_remote_process(
+    settings: SshSettings, command: list[str] | str, log_path: str, *, settle: float = 0.2
+) -> int:
+    """Start a detached process on the host (output to log_path) and return its PID.
+
+    The process gets its own session, so ``stop_remote_process`` can end it with all its children. If it
+    is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log.
+    """
+    text = command if isinstance(command, str) else shlex.join(command)
+    log_q = shlex.quote(log_path)
+    # The inner subshell exits at once, so the process is re-parented and the SSH channel is not held open.
+    script = (
+        f"{_ALIVE}\n"
+        f"pid=$(nohup setsid {text} >>{log_q} 2>&1 </dev/null & echo $!)\n"
+        f"sleep {settle:.3f}\n"
+        f'if alive "$pid"; then echo "$pid"; exit 0; fi\n'
+        f"tail -c {_STDERR_TAIL} {log_q} >&2\n"
+        f"exit {_START_FAILED}\n"
+    )
+    result = run_remote(settings, ["sh", "-c", script], check=False)
+    if result.exit_status != 0:
+        raise RemoteCommandFailed(text, result.exit_status, result.stderr[-_STDERR_TAIL:])
+    pid = int(result.stdout.split()[-1])
+    log.info("started %s on %s as PID %d (log %s)", _short(text), settings.host, pid, log_path)
+    return pid
+
+
+def stop_remote_process(
+    settings: SshSettings, pid: int, *, grace: float = 5.0
+) -> Literal["not-running", "terminated", "killed"]:
+    """End a process started by start_remote_process (SIGTERM to its group, SIGKILL after grace)."""
+    if pid < 2:
+        raise ValueError(f"refusing to signal PID {pid}")  # kill -- -1 would hit every process of the user
+    steps = max(1, int(grace / 0.1))
+    script = (
+        f"{_ALIVE}\n"
+        f"pid={pid}\n"
+        'alive "$pid" || { echo not-running; exit 0; }\n'
+        'kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null\n'
+        f'i=0; while alive "$pid" && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done\n'
+        'alive "$pid" || { kill -KILL -- "-$pid" 2>/dev/null; echo terminated; exit 0; }\n'
+        'kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"\n'
+        "echo killed\n"
+    )
+    result = run_remote(settings, ["sh", "-c", script], timeout=grace + settings.command_timeout)
+    outcome = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    if outcome not in ("not-running", "terminated", "killed"):
+        raise RemoteCommandFailed(f"stop PID {pid}", result.exit_status, result.stderr or result.stdout)
+    log.info("PID %d on %s: %s", pid, settings.host, outcome)
+    return outcome  # type: ignore[return-value]
+
+
+# A zombie still answers kill -0, so look at its state too (where there is a /proc).
+_ALIVE = (
+    'alive() { kill -0 "$1" 2>/dev/null || return 1; '
+    "[ -r /proc/$1/stat ] || return 0; "
+    "[ \"$(sed 's/.*) //' /proc/$1/stat | cut -c1)\" != Z ]; }"
+)
+
+
+def _short(command: str, limit: int = 200) -> str:
+    """The command for messages, cut to a readable length."""
+    return repr(command if len(command) <= limit else command[: limit - 3] + "...")
+
+
+def _load_key(settings: SshSettings) -> paramiko.PKey:
+    """The user's private key, with a message that names the file but never the passphrase."""
+    passphrase = settings.key_passphrase.get_secret_value() if settings.key_passphrase else None
+    try:
+        return paramiko.PKey.from_path(settings.key_path, password=passphrase)
+    except OSError as exc:
+        raise AuthenticationFailed(f"cannot read SSH key {settings.key_path}: {exc.strerror}") from None
+    except Exception as exc:  # cryptography and paramiko raise ValueError, TypeError or SSHException here
+        if passphrase is None and isinstance(exc, TypeError | paramiko.PasswordRequiredException):
+            reason = "it is encrypted: set key_passphrase"
+        elif passphrase is not None:
+            reason = "wrong passphrase, or not a usable private key"
+        else:
+            reason = f"not a usable private key ({type(exc).__name__})"
+        raise AuthenticationFailed(f"cannot load SSH key {settings.key_path}: {reason}") from None
+
+
+def _connect(settings: SshSettings) -> paramiko.SSHClient:
+    """An authenticated client; the host key must match known_hosts."""
+    if not settings.known_hosts.is_file():
+        raise HostKeyRejected(
+            f"known_hosts file {settings.known_hosts} does not exist: no host key is pinned"
+        )
+    pkey = _load_key(settings)
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(settings.known_hosts))  # only these; never the system or user files
+    client.set_missing_host_key_policy(_PinnedHostKeys())
+    where = f"{settings.host}:{settings.port}"
+    user = settings.user or getpass.getuser()
+    t = settings.connect_timeout
+    try:
+        client.connect(
+            settings.host,
+            port=settings.port,
+            username=user,
+            pkey=pkey,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=t,
+            banner_timeout=t,
+            auth_timeout=t,
+            channel_timeout=t,
+        )
+    except HostKeyRejected:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise HostKeyRejected(
+            f"host key of {where} CHANGED: offered {exc.key.get_name()} {exc.key.fingerprint}, "
+            f"pinned {exc.expected_key.fingerprint}; possible man-in-the-middle, refusing to connect"
+        ) from None
+    except paramiko.AuthenticationException:
+        client.close()
+        raise AuthenticationFailed(f"{user}@{where} refused the key {settings.key_path}") from None
+    except (OSError, paramiko.SSHException, EOFError) as exc:  # socket errors, timeouts, no SSH banner
+        client.close()
+        raise RemoteUnreachable(
+            f"cannot open an SSH session to {where}: {type(exc).__name__}: {exc}"
+        ) from None
+    return client
+
+
+def _exec(client: paramiko.SSHClient, settings: SshSettings, command: str, timeout: float) -> RemoteResult:
+    """Run one command on an open client, draining both streams until EOF, within timeout."""
+    transport = client.get_transport()
+    if transport is None:
+        raise RemoteUnreachable(f"SSH session to {settings.host} closed before the command")
+    try:
+        chan = transport.open_session(timeout=settings.connect_timeout)
+    except (paramiko.SSHException, OSError) as exc:
+        raise RemoteUnreachable(f"cannot open an SSH channel on {settings.host}: {exc}") from None
+    with chan:
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        chan.shutdown_write()  # no stdin: a command that reads it sees EOF instead of hanging
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            if chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            # Stop only at EOF with nothing buffered: the exit status can come before the last stderr bytes.
+            if (
+                chan.eof_received
+                and chan.exit_status_ready()
+                and not chan.recv_ready()
+                and not chan.recv_stderr_ready()
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise RemoteTimeout(f"{_short(command)} on {settings.host} exceeded {timeout:g} s")
+            try:
+                select.select([chan], [], [], 0.1)
+            except (OSError, ValueError):
+                time.sleep(0.01)  # the channel closed under us; the flags above end the loop
+        status = chan.recv_exit_status()
+    return RemoteResult(status, out.decode(errors="replace"), err.decode(errors="replace"))

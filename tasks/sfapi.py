@@ -1,0 +1,540 @@
+"""Allocate Perlmutter nodes through the NERSC Superfacility API: submit, wait for RUNNING, cancel.
+
+Plain code (no Prefect) over sfapi_client 0.6, which does the OAuth (client_credentials with a
+private_key_jwt) and the HTTP. What this module adds, and why:
+
+* Bounded retries. The client retries by itself up to 10 times over ~65 s and then raises
+  ``tenacity.RetryError``; here that is switched off and every API operation is retried with exponential
+  back-off bounded by ``api_retries`` attempts and ``api_timeout`` seconds, then ``SfapiUnavailable``.
+  A submission is retried only when the request provably did not reach Slurm (connect error, 429/502/503):
+  a second sbatch would hold a second realtime allocation.
+* A bounded submit. ``Compute.submit_job`` polls its sbatch task forever and restarts on any error; here
+  the task is polled until ``submit_timeout``.
+* Our own terminal states. The client's TERMINAL_STATES lacks NODE_FAIL, BOOT_FAIL, DEADLINE and REVOKED,
+  so its waits never end for them; :func:`SfapiAllocator.wait_running` fails on any state that cannot
+  turn into RUNNING, and on a timeout.
+* Token refresh after a 401: the client session is rebuilt once, which fetches a new token.
+* No secrets in messages or logs: errors carry the HTTP status and the URL path, never headers or bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import tenacity
+from authlib.common.errors import AuthlibBaseError
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from sfapi_client import Client
+from sfapi_client.compute import Machine
+from sfapi_client.exceptions import ClientKeyError, SfApiError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RUNNING = "RUNNING"
+UNKNOWN = "UNKNOWN"  # neither squeue nor sacct knows the job (yet: sacct can lag right after submit)
+# States a job never leaves (Slurm's "base states" that end a job); the client's own list misses four.
+TERMINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+# States from which a job may still start; anything else (terminal or ending) fails wait_running.
+WAITING_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESV_DEL_HOLD",
+        "RESIZING",
+        "SUSPENDED",
+        "STOPPED",
+        UNKNOWN,
+    }
+)
+_MAX_BACKOFF = 10.0
+
+
+class AllocationError(RuntimeError):
+    """Base of every allocation failure; messages never contain keys, tokens or secrets."""
+
+
+class SfapiUnavailable(AllocationError):
+    """SFAPI could not be reached or kept failing (network, 5xx, machine down); retrying later may work."""
+
+
+class SfapiCredentialsError(AllocationError):
+    """The SFAPI client credentials are missing, unreadable or refused."""
+
+
+class JobSubmitError(AllocationError):
+    """sbatch (through SFAPI) refused the job, or its outcome is unknown; do not blindly resubmit."""
+
+
+class JobFailedError(AllocationError):
+    """The job reached a state from which it will never be RUNNING (NODE_FAIL, CANCELLED, ...)."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"Slurm job {job_id} is {state}: it will not run")
+        self.job_id = job_id
+        self.state = state
+
+
+class JobStartTimeout(AllocationError):
+    """The job did not reach RUNNING within the start timeout."""
+
+    def __init__(self, job_id: str, timeout: float, last_state: str) -> None:
+        super().__init__(
+            f"Slurm job {job_id} not RUNNING after {timeout:.0f} s (last state {last_state}); "
+            "check the realtime QOS grant, the reservation and the queue"
+        )
+        self.job_id = job_id
+        self.timeout = timeout
+        self.last_state = last_state
+
+
+class SfapiSettings(BaseModel):
+    """How to reach SFAPI and how long to wait for it; the key is a secret or a 0600 key file."""
+
+    api_base_url: str = "https://api.nersc.gov/api/v1.2"
+    token_url: str = "https://oidc.nersc.gov/c2id/token"
+    client_id: str = Field("", description="SFAPI client id; may come from the key file instead")
+    key_path: Path | None = Field(
+        None,
+        description="0600 file: a PEM, a JWK JSON, sfapi's 'client_id line + PEM' or {client_id, secret} JSON",
+    )
+    secret: SecretStr | None = Field(None, description="the private key itself: a PEM or a JWK as JSON")
+    machine: str = "perlmutter"
+    poll_interval: float = Field(5.0, gt=0, description="seconds between job-state queries")
+    submit_timeout: float = Field(
+        120.0, gt=0, description="seconds for sbatch (the SFAPI task) to return a job id"
+    )
+    start_timeout: float = Field(600.0, gt=0, description="seconds for the job to reach RUNNING")
+    api_timeout: float = Field(60.0, gt=0, description="seconds one API operation may take, retries included")
+    request_timeout: float = Field(10.0, gt=0, description="seconds one HTTP request may take")
+    api_retries: int = Field(6, ge=1, description="attempts per API operation")
+    retry_backoff: float = Field(1.0, gt=0, description="first back-off in seconds; doubles, at most 10 s")
+
+    @field_validator("machine")
+    @classmethod
+    def _machine(cls, v: str) -> str:
+        try:
+            return Machine(v).value
+        except ValueError:
+            raise ValueError(f"unknown SFAPI machine {v!r}; e.g. {Machine.perlmutter.value}") from None
+
+    @field_validator("key_path")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()
+
+
+class _BoundedClient(Client):
+    """sfapi_client's Client with its own retries off (we retry, bounded) and a settable request timeout."""
+
+    get = Client.get.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
+    post = Client.post.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
+    put = Client.put.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
+    delete = Client.delete.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
+
+    request_timeout: float = 10.0
+
+    def _http_client(self) -> Any:
+        http = super()._http_client()
+        http.timeout = httpx.Timeout(self.request_timeout)  # the client hard-codes 10 s (OAuth) or 5 s
+        return http
+
+
+class _Kind(Enum):
+    TRANSIENT = "transient"  # retry with back-off
+    EXPIRED = "expired"  # 401 from the API: new token, then retry once
+    CREDENTIALS = "credentials"
+    FATAL = "fatal"
+
+
+def _classify(exc: BaseException, idempotent: bool) -> _Kind:
+    """How to react to an exception from one API request."""
+    if isinstance(exc, tenacity.RetryError):
+        last = exc.last_attempt.exception()
+        return _classify(last, idempotent) if last is not None else _Kind.TRANSIENT
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        if code == 401:
+            return _Kind.EXPIRED
+        if code == 403:
+            return _Kind.CREDENTIALS
+        if code == 429 or 500 <= code < 600:
+            # 429/502/503 mean the request never reached the API behind the gateway; others may have.
+            return _Kind.TRANSIENT if idempotent or code in (429, 502, 503) else _Kind.FATAL
+        return _Kind.FATAL
+    if isinstance(exc, httpx.TransportError):
+        # A POST that may have reached the server must not be repeated; a refused connection never did.
+        sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+        return _Kind.TRANSIENT if idempotent or not sent else _Kind.FATAL
+    if isinstance(exc, AuthlibBaseError | ClientKeyError):
+        return _Kind.CREDENTIALS
+    if isinstance(exc, json.JSONDecodeError):
+        return _Kind.TRANSIENT if idempotent else _Kind.FATAL  # e.g. an HTML maintenance page
+    return _Kind.FATAL
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free description of a failed request."""
+    if isinstance(exc, tenacity.RetryError):
+        last = exc.last_attempt.exception()
+        return _describe(last) if last is not None else "retries exhausted"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} from {exc.request.method} {exc.request.url.path}"
+    if isinstance(exc, httpx.TransportError):
+        return (
+            f"{type(exc).__name__} ({exc}) on {exc.request.url.path}"
+            if _has_request(exc)
+            else type(exc).__name__
+        )
+    if isinstance(exc, SfApiError | ClientKeyError):
+        return str(exc.message)
+    if isinstance(exc, AuthlibBaseError):
+        return f"token endpoint refused the client: {getattr(exc, 'error', type(exc).__name__)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _has_request(exc: httpx.TransportError) -> bool:
+    try:
+        exc.request  # noqa: B018 — raises RuntimeError when the error has no request attached
+    except RuntimeError:
+        return False
+    return True
+
+
+class SfapiAllocator:
+    """Submit, watch and cancel Slurm jobs through SFAPI; a context manager owning one client session."""
+
+    def __init__(self, settings: SfapiSettings) -> None:
+        self._settings = settings
+        self._client_id, self._key = _credentials(settings)
+        self._client: _BoundedClient | None = None
+
+    def __enter__(self) -> SfapiAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # ---- public API -----------------------------------------------------------------------------
+    def submit(self, script: str) -> str:
+        """Submit a batch script (its text) and return the Slurm job id."""
+        if not script.startswith("#!") or "\n" not in script:
+            raise JobSubmitError("the batch script must start with #! (SFAPI treats anything else as a path)")
+        self._check_machine()
+        machine = self._settings.machine
+        response = self._call(
+            "submit",
+            lambda c: c.post(f"compute/jobs/{machine}", data={"job": script, "isPath": False}).json(),
+            idempotent=False,
+        )
+        if str(response.get("status", "")).upper() == "ERROR" or not response.get("task_id"):
+            raise JobSubmitError(f"SFAPI refused the submission: {response.get('error')}")
+        job_id = self._wait_submit_task(str(response["task_id"]))
+        log.info("submitted Slurm job %s on %s", job_id, machine)
+        return job_id
+
+    def state(self, job_id: str) -> str:
+        """The job's Slurm state (squeue, else sacct); UNKNOWN when neither lists it."""
+        state = self._query_state(job_id, sacct=False)
+        return state if state is not None else (self._query_state(job_id, sacct=True) or UNKNOWN)
+
+    def wait_running(
+        self, job_id: str, timeout: float | None = None, *, cancel_on_failure: bool = True
+    ) -> str:
+        """Poll until the job is RUNNING; JobFailedError or JobStartTimeout (after cancelling it) otherwise."""
+        timeout = self._settings.start_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        state = UNKNOWN
+        try:
+            while True:
+                state = self.state(job_id)
+                if state == RUNNING:
+                    log.info("Slurm job %s is RUNNING", job_id)
+                    return state
+                if state not in WAITING_STATES:
+                    raise JobFailedError(job_id, state)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobStartTimeout(job_id, timeout, state)
+                log.debug("Slurm job %s is %s; %.0f s left to start", job_id, state, remaining)
+                time.sleep(min(self._settings.poll_interval, remaining))
+        except AllocationError:
+            if cancel_on_failure:
+                # A job that starts after we gave up would hold realtime nodes nobody uses.
+                _cancel_logging_errors(self, job_id)
+            raise
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel the job; a job that is already gone is fine (logged), a refused cancel of a live one raises."""
+        machine = self._settings.machine
+        response = self._call(
+            f"cancel job {job_id}", lambda c: c.delete(f"compute/jobs/{machine}/{job_id}").json()
+        )
+        if str(response.get("status", "OK")).upper() != "ERROR":
+            log.info("cancelled Slurm job %s", job_id)
+            return
+        state = self.state(job_id)
+        if state in TERMINAL_STATES or state == UNKNOWN:
+            log.info("Slurm job %s already ended (%s); nothing to cancel", job_id, state)
+            return
+        raise AllocationError(f"SFAPI could not cancel Slurm job {job_id} ({state}): {response.get('error')}")
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _check_machine(self) -> None:
+        """Refuse to submit to a machine SFAPI reports as unavailable (the job would sit in the queue)."""
+        compute = self._call("machine status", lambda c: c.compute(self._settings.machine))
+        status = getattr(compute.status, "value", compute.status)
+        if status == "unavailable":
+            raise SfapiUnavailable(
+                f"{self._settings.machine} is unavailable according to SFAPI: {compute.notes}"
+            )
+        if status != "active":
+            log.warning("%s is %s according to SFAPI; submitting anyway", self._settings.machine, status)
+
+    def _wait_submit_task(self, task_id: str) -> str:
+        """Poll the sbatch task until it yields a job id, bounded by submit_timeout."""
+        deadline = time.monotonic() + self._settings.submit_timeout
+        while True:
+            task = self._call(f"sbatch task {task_id}", lambda c: c.get(f"tasks/{task_id}").json())
+            status = str(task.get("status") or "").lower()
+            if status in ("completed", "failed", "cancelled"):
+                return _job_id_from_task(task_id, status, task.get("result"))
+            if time.monotonic() >= deadline:
+                raise JobSubmitError(
+                    f"sbatch task {task_id} gave no job id within {self._settings.submit_timeout:.0f} s; "
+                    "the job may still have been submitted: look for it in squeue before resubmitting"
+                )
+            time.sleep(min(1.0, self._settings.poll_interval))
+
+    def _query_state(self, job_id: str, *, sacct: bool) -> str | None:
+        """One squeue or sacct query through SFAPI; None when the job is not listed."""
+        # Raw request instead of Compute.jobs(): the client turns an ERROR reply into a TypeError and
+        # fails validation on state strings its enum lacks.
+        params = {"sacct": sacct, "cached": False, "kwargs": [f"jobid={job_id}"]}
+        what = f"{'sacct' if sacct else 'squeue'} job {job_id}"
+        reply = self._call(what, lambda c: c.get(f"compute/jobs/{self._settings.machine}", params).json())
+        if str(reply.get("status", "")).upper() == "ERROR":
+            raise AllocationError(f"SFAPI {what} failed: {reply.get('error')}")
+        rows = [r for r in reply.get("output") or [] if str(r.get("jobid")) == str(job_id)]
+        if not rows:
+            return None
+        state = str(rows[0].get("state") or UNKNOWN).split()[0]  # sacct says "CANCELLED by 12345"
+        return state.rstrip("+")  # sacct marks truncated states with "+"
+
+    def _session(self) -> _BoundedClient:
+        if self._client is None:
+            s = self._settings
+            self._client = _BoundedClient(
+                client_id=self._client_id,
+                secret=self._key,
+                api_base_url=s.api_base_url.rstrip("/"),
+                token_url=s.token_url,
+                wait_interval=s.poll_interval,
+            )
+        return self._client
+
+    def _reset_session(self) -> None:
+        """Drop the HTTP session, so the next request fetches a new token."""
+        self.close()
+
+    def _call(self, what: str, request: Callable[[_BoundedClient], T], *, idempotent: bool = True) -> T:
+        """Run one API operation, retrying transient failures with back-off within api_retries/api_timeout."""
+        s = self._settings
+        start = time.monotonic()
+        deadline = start + s.api_timeout
+        backoff = s.retry_backoff
+        attempt = 0
+        renewed_token = False
+        while True:
+            attempt += 1
+            client = self._session()
+            client.request_timeout = max(0.1, min(s.request_timeout, deadline - time.monotonic()))
+            try:
+                return request(client)
+            except Exception as exc:  # classified below; anything unknown becomes an AllocationError
+                kind = _classify(exc, idempotent)
+                error = exc
+            if kind is _Kind.EXPIRED and not renewed_token:
+                log.info("SFAPI refused the access token during %s; fetching a new one", what)
+                self._reset_session()
+                renewed_token = True
+                continue
+            if kind in (_Kind.EXPIRED, _Kind.CREDENTIALS):
+                raise SfapiCredentialsError(
+                    f"SFAPI {what}: credentials refused ({_describe(error)})"
+                ) from error
+            if kind is _Kind.FATAL:
+                raise _fatal(what, error, idempotent) from error
+            elapsed = time.monotonic() - start
+            if attempt >= s.api_retries or deadline - time.monotonic() <= backoff:
+                raise SfapiUnavailable(
+                    f"SFAPI {what} failed {attempt} time(s) in {elapsed:.1f} s: {_describe(error)}"
+                ) from error
+            log.warning(
+                "SFAPI %s failed (%s); retry %d/%d in %.1f s",
+                what,
+                _describe(error),
+                attempt,
+                s.api_retries,
+                backoff,
+            )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+
+def _fatal(what: str, exc: Exception, idempotent: bool) -> AllocationError:
+    """The error to raise for a failure that retrying will not fix."""
+    if not idempotent and isinstance(
+        exc, httpx.TransportError | httpx.HTTPStatusError | json.JSONDecodeError
+    ):
+        return JobSubmitError(
+            f"SFAPI {what}: {_describe(exc)}; the request may have reached Slurm, so it is not repeated: "
+            "look for the job in squeue before resubmitting"
+        )
+    if isinstance(exc, SfApiError) and "unavailable" in str(exc.message):
+        return SfapiUnavailable(f"SFAPI {what}: {_describe(exc)}")
+    return AllocationError(f"SFAPI {what} failed: {_describe(exc)}")
+
+
+def _job_id_from_task(task_id: str, status: str, result: Any) -> str:
+    """The Slurm job id from a finished sbatch task (its result is a JSON string)."""
+    try:
+        data = json.loads(result) if isinstance(result, str) else dict(result or {})
+    except (ValueError, TypeError):
+        data = {}
+    if status != "completed" or str(data.get("status", "")).lower() == "error" or not data.get("jobid"):
+        raise JobSubmitError(f"sbatch task {task_id} {status}: {data.get('error') or 'no job id returned'}")
+    return str(data["jobid"])
+
+
+def _cancel_logging_errors(allocator: SfapiAllocator, job_id: str) -> None:
+    """Cancel without masking the error being raised; a failure is logged with what to do by hand."""
+    try:
+        allocator.cancel(job_id)
+    except AllocationError as exc:
+        log.error("could not cancel Slurm job %s (%s): cancel it by hand (scancel %s)", job_id, exc, job_id)
+
+
+# ---- credentials --------------------------------------------------------------------------------
+def _credentials(settings: SfapiSettings) -> tuple[str, str | dict[str, Any]]:
+    """(client_id, private key as PEM text or JWK dict) from the settings' secret or key file."""
+    if settings.secret is not None:
+        raw, source = settings.secret.get_secret_value(), "sfapi.secret"
+    elif settings.key_path is not None:
+        raw, source = _read_key_file(settings.key_path), str(settings.key_path)
+    else:
+        raise SfapiCredentialsError(
+            "no SFAPI credentials: set sfapi.secret (PEM or JWK JSON) or sfapi.key_path"
+        )
+    client_id, key = _parse_key(raw, source)
+    client_id = settings.client_id or client_id
+    if not client_id:
+        raise SfapiCredentialsError(f"no SFAPI client id: set sfapi.client_id (none found in {source})")
+    return client_id, key
+
+
+def _read_key_file(path: Path) -> str:
+    """The key file's text; it must be private (mode 0600) like sfapi_client demands."""
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SfapiCredentialsError(f"SFAPI key file {path} is readable by others: chmod 600 {path}")
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SfapiCredentialsError(
+            f"cannot read SFAPI key file {path}: {os.strerror(exc.errno or 0)}"
+        ) from None
+
+
+def _parse_key(raw: str, source: str) -> tuple[str, str | dict[str, Any]]:
+    """Split a key text into (client id if it holds one, PEM or JWK dict); never echoes the text."""
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise SfapiCredentialsError(f"the SFAPI key in {source} is not valid JSON") from None
+        if isinstance(data.get("secret"), dict | str):  # sfapi's {"client_id": ..., "secret": <JWK>}
+            client_id, data = str(data.get("client_id") or ""), data["secret"]
+            if isinstance(data, str):
+                return client_id, _parse_key(data, source)[1]
+        else:
+            client_id = ""
+        if not isinstance(data, dict) or data.get("kty") != "RSA" or "d" not in data:
+            raise SfapiCredentialsError(f"the SFAPI key in {source} is not a private RSA JWK")
+        return client_id, data
+    client_id = ""
+    if not text.startswith("-----BEGIN"):  # sfapi's key file: the client id on the first line, then the PEM
+        client_id, _, text = text.partition("\n")
+        client_id, text = client_id.strip(), text.strip()
+    _check_pem(text, source)
+    return client_id, text + "\n"
+
+
+def _check_pem(pem: str, source: str) -> None:
+    """Fail early and clearly on a key the token request could not sign with."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise SfapiCredentialsError(
+            f"the SFAPI key in {source} is not an unencrypted PEM private key (or a JWK)"
+        ) from None
+
+
+# ---- the allocation as a context manager -----------------------------------------------------------
+@contextmanager
+def allocate(
+    settings: SfapiSettings, script: str, *, on_submitted: Callable[[str], None] | None = None
+) -> Iterator[str]:
+    """Submit the script, wait for RUNNING, yield the job id; the job is cancelled on every way out.
+
+    ``on_submitted(job_id)`` runs right after submission (e.g. to record the id where a crash handler
+    finds it). Cancelling at the end is also what releases the realtime nodes after a normal session.
+    """
+    with SfapiAllocator(settings) as allocator:
+        job_id = allocator.submit(script)
+        try:
+            if on_submitted is not None:
+                on_submitted(job_id)
+            allocator.wait_running(job_id, cancel_on_failure=False)
+            yield job_id
+        except BaseException:  # KeyboardInterrupt and GeneratorExit too: never leave nodes allocated
+            _cancel_logging_errors(allocator, job_id)
+            raise
+        allocator.cancel(job_id)

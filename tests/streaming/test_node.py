@@ -1,0 +1,145 @@
+"""Node streamers with a real aggregator on loopback: reassembly, counting, one file per scan, losses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from counting.geometry import ALL_SECTORS, SECTOR_ROWS, ScanShape
+from counting.kernel import Counter, Thresholds
+from counting.pipeline import CountingOptions, count_batches
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from streaming.assembly import FrameAssembler
+from streaming.sender import SenderFaults
+from tests.streaming.harness import start_session
+
+pytestmark = pytest.mark.timeout(120)
+FIXED = Thresholds(30.5, 600.0)
+
+
+def offline(config: SimulatorConfig, options: CountingOptions):
+    cam = SimulatedCamera(config)
+    return count_batches(cam.iter_batches(64), cam.scan, None, options)
+
+
+def assert_same_events(a, b):
+    assert a.events.shape == b.events.shape
+    for x, y in zip(a.events.ravel(), b.events.ravel(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_assembler_reassembles_byte_exact_in_any_order():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 65535, (10, 576, 576), dtype=np.uint16)
+    slots = [np.zeros((4, 576, 576), np.uint16) for _ in range(3)]
+    asm = FrameAssembler(slots)
+    asm.begin_scan(1)
+    order = [(f, m) for f in range(10) for m in range(4)]
+    # interleave frames and modules, as four receivers do
+    order = sorted(order, key=lambda fm: (fm[0] // 3, rng.random()))
+    sealed = []
+    for f, m in order:
+        sector = np.ascontiguousarray(frames[f, m * SECTOR_ROWS : (m + 1) * SECTOR_ROWS])
+        sealed += asm.add(100 + f, f, m, memoryview(sector).cast("B"))
+    sealed += asm.flush()
+    seen = {}
+    for s in sealed:
+        slot = asm.slot(s.slot)
+        for row in range(s.frames):
+            assert slot.masks[row] == ALL_SECTORS
+            seen[int(slot.frame_numbers[row])] = slot.frames[row].copy()
+    assert sorted(seen) == list(range(100, 110))
+    for f in range(10):
+        np.testing.assert_array_equal(seen[100 + f], frames[f])
+
+
+def test_assembler_marks_missing_sectors_and_drops_late_ones():
+    sector = memoryview(np.full((144, 576), 7, np.uint16)).cast("B")
+    asm = FrameAssembler([np.full((2, 576, 576), 99, np.uint16) for _ in range(2)])
+    asm.begin_scan(1)
+    for f in range(4):
+        for m in (0, 1, 3):  # module 2 never arrives
+            asm.add(f, f, m, sector)
+    assert not asm.can_accept()
+    sealed = asm.evict_oldest()
+    assert len(sealed) == 1 and sealed[0].incomplete == 2
+    slot = asm.slot(sealed[0].slot)
+    assert (slot.masks[:2] == 0b1011).all()
+    assert (slot.frames[:2, 288:432] == 0).all()  # the stale 99s are gone: missing means zero
+    assert (slot.frames[:2, :288] == 7).all()
+    assert asm.add(0, 0, 2, sector) == [] and asm.late == 1  # too late: counted, not a new frame
+
+
+@pytest.mark.parametrize("estimated", [False, True])
+def test_two_nodes_write_one_file_identical_to_offline_counting(tmp_path, estimated):
+    config = SimulatorConfig(ScanShape(16, 12), dose=150.0, seed=4)
+    session = start_session(tmp_path, 2, fixed=None if estimated else FIXED)
+    try:
+        session.send(config, scan_number=3)
+        streamed = session.counted(3)
+    finally:
+        session.close()
+    ref = offline(config, CountingOptions() if estimated else CountingOptions(fixed=FIXED))
+    assert_same_events(streamed, ref)
+    assert streamed.completeness == 1.0
+    assert streamed.metadata["electron_counting"]["background_threshold"] == pytest.approx(
+        ref.metadata["electron_counting"]["background_threshold"], rel=1e-12
+    )
+    record = json.loads(session.wait_for_file(3).with_suffix(".json").read_text())
+    assert record["status"] == "complete" and record["frames_written"] == 192 and record["sha256"]
+
+
+def test_session_of_several_scans_with_counting_processes(tmp_path):
+    session = start_session(tmp_path, 2, fixed=FIXED, workers=1)
+    configs = [SimulatorConfig(ScanShape(8, 8), dose=100.0 + 50 * i, seed=i) for i in range(3)]
+    try:
+        for i, cfg in enumerate(configs):
+            session.send(cfg, scan_number=10 + i)
+        written = [session.counted(10 + i) for i in range(3)]
+    finally:
+        session.close()
+    for cfg, got in zip(configs, written, strict=True):
+        assert_same_events(got, offline(cfg, CountingOptions(fixed=FIXED)))
+    assert sum(r.scans for r in session.results.values()) == 6
+
+
+def test_four_nodes_share_frames_equally(tmp_path):
+    config = SimulatorConfig(ScanShape(16, 16), dose=50.0, seed=2)
+    session = start_session(tmp_path, 4, fixed=FIXED)
+    try:
+        session.send(config, scan_number=1)
+        got = session.counted(1)
+    finally:
+        session.close()
+    frames = [r.frames for r in session.results.values()]
+    assert sum(frames) == 256 and max(frames) - min(frames) <= 1
+    assert_same_events(got, offline(config, CountingOptions(fixed=FIXED)))
+
+
+def test_lost_sectors_end_the_scan_by_deadline_and_are_marked(tmp_path):
+    config = SimulatorConfig(ScanShape(8, 6), dose=100.0, seed=7)
+    dropped = {(5, 2), (6, 0), (6, 1), (40, 3)}  # (frame number, module); frames start at 1
+    session = start_session(tmp_path, 2, fixed=FIXED, scan_deadline=0.5)
+    try:
+        session.send(config, scan_number=2, faults=SenderFaults(drop=frozenset(dropped)))
+        got = session.counted(2, timeout=15)
+        session.send(config, scan_number=3)  # the next scan is unaffected
+        nxt = session.counted(3)
+    finally:
+        session.close()
+    cam = SimulatedCamera(config)
+    masks = got.sector_masks.ravel()
+    for frame in (5, 6, 40):
+        position = cam.position_of(frame)
+        missing = {m for f, m in dropped if f == frame}
+        assert masks[position] == ALL_SECTORS & ~sum(1 << m for m in missing)
+    assert got.complete_frames == 48 - 3
+    # incomplete frames are counted too, with the missing rows as zeros
+    frame6 = cam.frame(6)
+    frame6[0:288] = 0
+    np.testing.assert_array_equal(got.events[cam.position_of(6), 0], Counter(None, FIXED).count_frame(frame6))
+    record = json.loads(session.wait_for_file(2).with_suffix(".json").read_text())
+    assert record["status"] == "incomplete" and "deadline" in record["reasons"]
+    assert nxt.completeness == 1.0

@@ -1,0 +1,175 @@
+"""Fixtures for tasks/: a real OpenSSH sshd on loopback, the loopback fake SFAPI, SFAPI test keys."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import authlib.deprecate
+
+# authlib warns about httpx -> httpx2 when sfapi_client imports it and forces "always" for that warning when
+# authlib.deprecate is imported; so filter after importing that and before importing sfapi_client.
+warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
+
+import pytest  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
+from tasks.fake_sfapi import FakeSfapi  # noqa: E402
+from tasks.remote import SshSettings  # noqa: E402
+from tasks.sfapi import SfapiSettings  # noqa: E402
+
+CLIENT_ID = "abcdefghijklm"  # SFAPI client ids are 13 characters
+
+
+def alive(pid: int) -> bool:
+    """Whether a local process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll a condition (bounded); True as soon as it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+# ---- SFAPI ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sfapi_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+@pytest.fixture
+def fake(tmp_path: Path, sfapi_pem: str) -> Iterator[FakeSfapi]:
+    root = tmp_path / "nersc"
+    root.mkdir()
+    with FakeSfapi(root, clients={CLIENT_ID: sfapi_pem}, kill_grace=1.0) as fake:
+        yield fake
+    for job in fake.jobs.values():  # close() must have ended every process any job started
+        assert not any(alive(pid) for pid in job.pids), f"job {job.jobid} left processes behind"
+
+
+@pytest.fixture
+def sfapi_settings(fake: FakeSfapi, sfapi_pem: str) -> SfapiSettings:
+    return SfapiSettings(
+        api_base_url=fake.base_url,
+        token_url=fake.token_url,
+        client_id=CLIENT_ID,
+        secret=SecretStr(sfapi_pem),
+        poll_interval=0.05,
+        submit_timeout=5,
+        start_timeout=5,
+        api_timeout=5,
+        request_timeout=2,
+        api_retries=5,
+        retry_backoff=0.05,
+    )
+
+
+# ---- SSH -----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"sshd exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not listen on port {port} within {timeout} s")
+
+
+def keygen(path: Path, passphrase: str = "") -> Path:
+    """A new ed25519 key pair (path, path.pub) made with ssh-keygen."""
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-a",
+            "4",
+            "-N",
+            passphrase,
+            "-C",
+            "stemstream-test",
+            "-f",
+            str(path),
+        ],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshSettings]:
+    """A real OpenSSH server on 127.0.0.1:<free port> that accepts one ed25519 user key."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd_bin) or not shutil.which("ssh-keygen"):
+        pytest.skip("openssh-server is not installed (apt-get install -y openssh-server)")
+    d = tmp_path_factory.mktemp("sshd")
+    keygen(d / "host_key")
+    keygen(d / "user_key")
+    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n"
+        "LogLevel ERROR\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # the privilege-separation directory sshd wants as root
+    # Absolute path: sshd re-executes itself. -D: stay in the foreground, -e: log to stderr.
+    log = (d / "sshd.log").open("wb")  # a file, not a pipe nobody reads that could fill up and block sshd
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
+    try:
+        _wait_port(port, proc, d / "sshd.log")
+        kind, b64 = (d / "host_key.pub").read_text().split()[:2]
+        (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {b64}\n")
+        yield SshSettings(
+            host="127.0.0.1",
+            port=port,
+            user=getpass.getuser(),
+            key_path=d / "user_key",
+            known_hosts=d / "known_hosts",
+            connect_timeout=5,
+            command_timeout=20,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
