@@ -261,7 +261,7 @@ def main() -> None:
         "--messages", type=int, default=16_000, help="sector messages per run (multiple of 4)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=2, help="runs per transport and path (medians reported)"
+        "--repeats", type=int, default=3, help="runs per transport and path (medians reported)"
     )
     parser.add_argument("--transports", default="tcp,ipc")
     parser.add_argument("--json", type=Path, default=RESULTS / "aggregator.json")

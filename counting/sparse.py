@@ -170,7 +170,14 @@ def _write_layout(f: h5py.File, scan: CountedScan) -> None:
     frames.attrs["Nx"] = FRAME_ROWS
     frames.attrs["Ny"] = FRAME_COLS
     if scan.events.size:
-        frames[...] = scan.events.ravel()
+        flat = scan.events.ravel()
+        if len({len(e) for e in flat}) == 1:
+            # h5py stacks equal-length arrays into 2-D and refuses the write (e.g. a vacuum scan with no
+            # events at all), so write them one by one; only this rare case pays for it.
+            for i, e in enumerate(flat):
+                frames[i] = e
+        else:
+            frames[...] = flat
     masks = group.create_dataset("sector_masks", data=scan.sector_masks.astype(np.uint8))
     masks.attrs["description"] = "bit m set when sector (module) m of the frame arrived; 15 = complete"
     meta = f.create_group("metadata")

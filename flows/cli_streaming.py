@@ -142,6 +142,12 @@ def node(
     writer_bind: Annotated[
         str | None, typer.Option(help="where the hosted writer listens for other nodes")
     ] = None,
+    writer_port: Annotated[
+        int | None,
+        typer.Option(
+            help="under Slurm: rank 0 hosts the writer on this port of the launch node, others connect"
+        ),
+    ] = None,
     dark: Annotated[Path | None, typer.Option(help="dark reference .npy")] = None,
     gain: Annotated[Path | None, typer.Option(help="gain .npy")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="counting processes")] = None,
@@ -161,6 +167,10 @@ def node(
     _configure_logging(verbose)
     if (background_threshold is None) != (xray_threshold is None):
         raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
+    if writer_port is not None:
+        output_dir, writer, writer_bind = slurm_writer_role(output_dir, writer_port)
+        if writer is not None:
+            background_threshold = xray_threshold = None  # the writer's host decides thresholds for all
     settings = load_settings(
         counting={
             k: v
@@ -195,6 +205,19 @@ def node(
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     counters = run_node(config, dark_arr, gain_arr)
     logging.getLogger("stemstream").info("node finished: %s", counters)
+
+
+def slurm_writer_role(output_dir: Path | None, port: int) -> tuple[Path | None, str | None, str | None]:
+    """(output_dir, writer, writer_bind) for this task: Slurm rank 0 hosts the writer, the others connect."""
+    import os
+
+    if output_dir is None:
+        raise typer.BadParameter("--writer-port needs --output-dir (used by the rank that hosts the writer)")
+    host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    address = f"tcp://{host}:{port}"
+    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+        return output_dir, None, address
+    return None, address, None
 
 
 def register(app: typer.Typer, wrap: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -16,70 +17,30 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from counting.settings import CountingSettings, SimulatorSettings
+from streaming.settings import StreamingSettings
+from tasks.remote import SshSettings
+from tasks.sfapi import SfapiSettings
+from tasks.slurm import SlurmSettings
+
 ENV_PREFIX = "STEMSTREAM_"
 CONFIG_ENV = "STEMSTREAM_CONFIG"  # path of the TOML file; default ./stemstream.toml when it exists
 
 
-class CountingSettings(BaseModel):
-    """Electron-counting parameters (production defaults from NERSC)."""
+class SessionSettings(BaseModel):
+    """How a session runs: where (backend), how many nodes, how long to wait for each stage."""
 
-    background_threshold: float | None = Field(None, description="fixed background threshold in ADU")
-    xray_threshold: float | None = Field(None, description="fixed x-ray threshold in ADU")
-    background_n_sigma: float = 4.5
-    xray_n_sigma: float = 175.0
-    number_of_samples: int = Field(1200, ge=1)
-    sample_frames: int = Field(20, ge=1, description="distinct frames the threshold samples come from")
-    seed: int = 0
-    workers: int = Field(0, ge=0, description="threads for counting; 0 = all cores")
-    batch_size: int = Field(64, ge=1, description="frames counted per batch (bounds memory)")
-
-
-class SimulatorSettings(BaseModel):
-    """The simulated 4D Camera used by the demo, tests and benchmarks."""
-
-    scan_width: int = Field(64, ge=1)
-    scan_height: int = Field(64, ge=1)
-    frames_per_position: int = Field(1, ge=1)
-    dose: float = Field(200.0, ge=0, description="mean electrons per frame")
-    seed: int = 0
-    dark_frames: int = Field(100, ge=1)
-
-
-class CurveSettings(BaseModel):
-    """CurveZMQ key files between aggregator and nodes (zmq.auth format); all unset = plain (localhost only)."""
-
-    server_secret_file: Path | None = Field(None, description="aggregator's .key_secret file")
-    server_public_file: Path | None = Field(None, description="aggregator's public .key file (for nodes)")
-    client_secret_file: Path | None = Field(None, description="this node's .key_secret file")
-    allowed_clients: list[Path] = Field(default_factory=list, description="node public .key files")
-
-    @property
-    def enabled(self) -> bool:
-        """True when any key is configured."""
-        return any([self.server_secret_file, self.server_public_file, self.client_secret_file])
-
-
-class StreamingSettings(BaseModel):
-    """Aggregator and node streamer parameters."""
-
-    receivers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:6001"])
-    nodes_bind: str = "tcp://127.0.0.1:17000"
-    monitor_bind: str | None = "tcp://127.0.0.1:17001"
-    n_nodes: int = Field(1, ge=1)
-    scan_deadline: float = Field(
-        2.0, gt=0, description="aggregator: seconds without a sector before a scan ends"
+    backend: Literal["local", "nersc"] = Field("local", description="local processes, or SFAPI + SSH")
+    nodes: int = Field(2, ge=1, description="node streamers (one per allocated node)")
+    nodes_ready_timeout: float = Field(120.0, gt=0, description="seconds for every node to report ready")
+    scan_timeout: float = Field(300.0, gt=0, description="seconds for a scan's counted file to appear")
+    min_completeness: float = Field(1.0, ge=0, le=1, description="verification threshold")
+    postprocess: bool = True
+    alert_webhook: str | None = Field(None, description="URL called when a session fails or crashes")
+    aggregator_remote_command: list[str] | None = Field(
+        None,
+        description="how to run stemstream on the aggregator host, e.g. ['/opt/stemstream/bin/stemstream']",
     )
-    node_deadline: float = Field(10.0, gt=0, description="node: seconds of aggregator silence mid-scan")
-    frame_timeout: float = Field(5.0, gt=0, description="node: seconds a full slot may wait for sectors")
-    writer_deadline: float = Field(30.0, gt=0, description="writer: seconds a scan may be silent")
-    heartbeat: float = Field(1.0, gt=0)
-    node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
-    node_batch: int = Field(32, ge=1)
-    node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
-    session_id: int = Field(0, ge=0, le=99999)
-    name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
-    send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
-    curve: CurveSettings = CurveSettings()
 
 
 class Settings(BaseSettings):
@@ -96,6 +57,10 @@ class Settings(BaseSettings):
     counting: CountingSettings = CountingSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     streaming: StreamingSettings = StreamingSettings()
+    session: SessionSettings = SessionSettings()
+    sfapi: SfapiSettings = SfapiSettings()
+    slurm: SlurmSettings = SlurmSettings()
+    ssh: SshSettings = SshSettings()
 
     @field_validator("output_dir")
     @classmethod

@@ -64,7 +64,7 @@ class AggregatorStats:
     scans: int = 0  # scans begun
     per_node: dict[str, int] = field(default_factory=dict)  # sectors forwarded, by node name
     # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest _ENDED_MEMORY of them.
-    ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=_ENDED_MEMORY))
+    ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=_ENDED_MEMORY), repr=False)
 
 
 @dataclass
@@ -94,10 +94,8 @@ class _Scan:
         self.malformed = 0
         self.unroutable = 0
         self.sent = [0] * n_nodes
-
-    def expected_frames(self, header: SectorHeader) -> int:
-        """Frames in the whole scan as far as one header tells: exact with one thread per receiver."""
-        return max(header.frames_this_thread, self.width * self.height)
+        # Frames in the whole scan as far as the first header tells: exact with one thread per receiver.
+        self.expected_frames = max(header.frames_this_thread, self.width * self.height)
 
     def add(self, header: SectorHeader) -> None:
         """Count a sector of this scan."""
@@ -180,6 +178,9 @@ class Aggregator:
         self._ended: OrderedDict[int, None] = OrderedDict()
         self._next_state = 0.0
         self._stopping = False
+        self._stop_event: threading.Event | None = None
+        self._until: Callable[[AggregatorStats], bool] | None = None
+        self._end: float | None = None
         self._sockets: list[zmq.Socket] = []
         try:
             self._bind(receivers, nodes_bind, monitor_bind, curve, node_sndhwm)
@@ -221,6 +222,12 @@ class Aggregator:
         self._data_poller.register(self._router, zmq.POLLIN)
         for sock in self._receivers:
             self._data_poller.register(sock, zmq.POLLIN)
+        # Read once: the real ports (bound to port 0) stay known after the sockets are closed.
+        self._endpoints = {
+            "receivers": [_endpoint(s) for s in self._receivers],
+            "nodes": _endpoint(self._router),
+            "monitor": None if self._monitor is None else _endpoint(self._monitor),
+        }
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self._ctx.socket(kind)
@@ -231,17 +238,17 @@ class Aggregator:
     @property
     def receiver_endpoints(self) -> list[str]:
         """The bound receiver addresses (real ports when bound to port 0)."""
-        return [_endpoint(s) for s in self._receivers]
+        return list(self._endpoints["receivers"])
 
     @property
     def nodes_endpoint(self) -> str:
         """The bound node ROUTER address."""
-        return _endpoint(self._router)
+        return self._endpoints["nodes"]
 
     @property
     def monitor_endpoint(self) -> str | None:
         """The bound monitor PUB address, if any."""
-        return None if self._monitor is None else _endpoint(self._monitor)
+        return self._endpoints["monitor"]
 
     def __enter__(self) -> Aggregator:
         return self
@@ -267,8 +274,12 @@ class Aggregator:
         until: Callable[[AggregatorStats], bool] | None = None,
         timeout: float | None = None,
     ) -> AggregatorStats:
-        """Serve until stop_event is set, until(stats) is true, or timeout seconds pass; then say bye."""
-        end = None if timeout is None else time.monotonic() + timeout
+        """Serve until stop_event is set, until(stats) is true, or timeout seconds pass; then end an open
+        scan, say bye to the nodes and close the sockets (bounded linger). Returns the counters."""
+        # Kept as attributes (not a closure over self: a reference cycle would leave the sockets and the
+        # context to the garbage collector, whose finalizer order can hang the context's term()).
+        self._stop_event, self._until = stop_event, until
+        self._end = None if timeout is None else time.monotonic() + timeout
         log.info(
             "aggregator: receivers %s, nodes %s (%d), monitor %s",
             self.receiver_endpoints,
@@ -277,22 +288,22 @@ class Aggregator:
             self.monitor_endpoint,
         )
         try:
-            while not self._should_stop(stop_event, until, end):
+            while not self._stop_requested():
                 self._step()
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self.close()
         return self.stats
 
-    def _should_stop(
-        self,
-        stop_event: threading.Event | None,
-        until: Callable[[AggregatorStats], bool] | None,
-        end: float | None,
-    ) -> bool:
+    def _stop_requested(self) -> bool:
+        """Also asked while a send blocks on a full node, so a stop never waits for stall_timeout."""
         self._stopping = (
-            (stop_event is not None and stop_event.is_set())
-            or (until is not None and until(self.stats))
-            or (end is not None and time.monotonic() >= end)
+            self._stopping
+            or (self._stop_event is not None and self._stop_event.is_set())
+            or (self._until is not None and self._until(self.stats))
+            or (self._end is not None and time.monotonic() >= self._end)
         )
         return self._stopping
 
@@ -344,6 +355,12 @@ class Aggregator:
         if scan is None or header.scan_number != scan.number:
             if header.scan_number in self._ended:
                 self.stats.late += 1
+                if self.stats.late & (self.stats.late - 1) == 0:  # powers of two: never a log flood
+                    log.warning(
+                        "late sector #%d dropped: scan %d already ended (a new scan needs a new scan number)",
+                        self.stats.late,
+                        header.scan_number,
+                    )
                 return
             if scan is not None:
                 self._end_scan("superseded")
@@ -392,21 +409,28 @@ class Aggregator:
         self.stats.scans += 1
         for node in self._by_index.values():
             node.ready = False  # the arm is used up: each node re-arms after its done
-        expected = scan.expected_frames(header)
         for node in self._by_index.values():
-            begin = p.ScanBegin(
-                scan.number, scan.width, scan.height, expected, node.index, self.n_nodes, self.session_id
-            )
-            self._send_control(node, begin)
+            self._send_control(node, self._scan_begin(scan, node))
         log.info(
             "scan %d begins: %dx%d, ~%d frames, %d nodes",
             scan.number,
             scan.width,
             scan.height,
-            expected,
+            scan.expected_frames,
             self.n_nodes,
         )
         self._publish_state()
+
+    def _scan_begin(self, scan: _Scan, node: _Node) -> p.ScanBegin:
+        return p.ScanBegin(
+            scan.number,
+            scan.width,
+            scan.height,
+            scan.expected_frames,
+            node.index,
+            self.n_nodes,
+            self.session_id,
+        )
 
     def _end_scan(self, reason: str) -> None:
         scan = self._scan
@@ -457,7 +481,7 @@ class Aggregator:
                 if node.identity == identity:
                     self._lose(node, "disconnected")
                 continue
-            if self._stopping or time.monotonic() - start >= self.stall_timeout:
+            if self._stop_requested() or time.monotonic() - start >= self.stall_timeout:
                 self._lose(node, f"stalled: its queue stayed full for {self.stall_timeout:g} s")
                 return False
             # ROUTER's POLLOUT means "some peer has room", so wait on control input for a moment instead.
@@ -554,6 +578,8 @@ class Aggregator:
         node.ready = False  # a (re)started node arms again with ready
         node.last_seen = time.monotonic()
         self._send_control(node, p.Welcome(node.index, self.n_nodes, self.session_id))
+        if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
+            self._send_control(node, self._scan_begin(self._scan, node))
         self._publish_state()
 
     def _node_for(self, identity: bytes, name: str | None) -> _Node | None:
@@ -581,20 +607,23 @@ class Aggregator:
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:
-        """A snapshot for monitors."""
+        """A snapshot for monitors; safe to call from another thread (tests, an embedding process)."""
+        # Copies first: list() and dict() of builtins run without releasing the GIL, so another thread
+        # never sees a table the loop is changing.
+        nodes = list(self._by_index.values())
+        per_node = dict(self.stats.per_node)
+        scan = self._scan
+        all_ready = len(nodes) == self.n_nodes and all(n.connected and n.ready for n in nodes)
         if self._stopping:
             name = "stopped"
-        elif self._scan is not None:
+        elif scan is not None:
             name = "streaming"
-        elif self._all_ready():
-            name = "armed"
         else:
-            name = "waiting"
-        nodes = self._by_index.values()
+            name = "armed" if all_ready else "waiting"
         s = self.stats
         return p.AggregatorState(
             state=name,
-            scan_number=self._scan.number if self._scan is not None else -1,
+            scan_number=scan.number if scan is not None else -1,
             nodes_connected=sum(n.connected for n in nodes),
             nodes_ready=sum(n.connected and n.ready for n in nodes),
             n_nodes=self.n_nodes,
@@ -602,7 +631,7 @@ class Aggregator:
             forwarded=s.forwarded,
             malformed=s.malformed,
             unroutable=s.unroutable,
-            per_node=dict(s.per_node),
+            per_node=per_node,
             time=time.time(),
             late=s.late,
         )

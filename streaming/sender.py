@@ -221,7 +221,6 @@ class _Connection:
             1  # queue only on a live connection: no silent buffering before the aggregator
         )
         self.socket.sndtimeo = -1 if send_timeout is None else int(send_timeout * 1000)
-        self.socket.linger = 0  # close() runs only after flush() confirmed delivery or gave up loudly
         self.socket.connect(address)
         self._pending: list | None = None
 
@@ -254,9 +253,9 @@ class _Connection:
                 "they would be lost (the aggregator stopped reading?)"
             ) from None
 
-    def close(self) -> None:
-        """Close the socket (anything not flushed is discarded)."""
-        self.socket.close(linger=0)
+    def close(self, linger: float) -> None:
+        """Close the socket, waiting up to linger seconds for anything still queued (0 after a failure)."""
+        self.socket.close(linger=int(linger * 1000))
 
     def _send(self, parts: list, track: bool) -> zmq.MessageTracker | None:
         try:
@@ -346,13 +345,16 @@ def run_sender(
     label = f"sender module {module}"
     conns = [_Connection(ctx, address, hwm, send_timeout, f"{label} thread {t}") for t in range(threads)]
     start = time.monotonic()
+    close_linger = 0.0  # after a failure nothing more is waited for
     try:
         sent, dropped, garbage = _send_all(info, sectors, module, conns, per_thread, rate, faults, stop_event)
+        flushed_by = time.monotonic() + linger
         for conn in conns:
-            conn.flush(linger)
+            conn.flush(max(0.0, flushed_by - time.monotonic()))
+        close_linger = max(0.0, flushed_by - time.monotonic())  # only trailing garbage can be left
     finally:
         for conn in conns:
-            conn.close()
+            conn.close(close_linger)
         if own_ctx:
             ctx.term()
     seconds = time.monotonic() - start

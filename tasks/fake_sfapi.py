@@ -18,7 +18,7 @@ Not modelled: the rest of the script (it is never run by a shell), ``$VAR`` expa
 arrays, heterogeneous jobs. Paths in ``#SBATCH -o`` map under ``root`` (the "remote" file system).
 
 Faults, as options: ``pending_polls``, ``stuck_pending``, ``fail_next_requests(n, status)``,
-``delay_responses(seconds)``, ``expire_tokens()``, ``reject_next_submit(message)``,
+``delay_responses(seconds)``, ``expire_tokens()``, ``reject_next_submit(message)``, ``error_next_queries(n)``,
 ``set_state(job_id, "NODE_FAIL")``. ``jobs`` and ``requests`` are there for assertions.
 
 CLI for manual demos: ``python -m tasks.fake_sfapi --root DIR --port 0`` prints the base URL.
@@ -189,6 +189,7 @@ class FakeSfapi:
         self._fail: list[tuple[int, str | None]] = []  # (status, route) for the next matching requests
         self._delay = 0.0
         self._submit_errors: list[str] = []
+        self._query_errors: list[str] = []
         self._ids = itertools.count(50_000_001)
         self._lock = threading.RLock()
         self._closed = False
@@ -242,6 +243,13 @@ class FakeSfapi:
         """Revoke every token issued so far: the next call with one gets 401."""
         with self._lock:
             self._tokens.clear()
+
+    def error_next_queries(
+        self, n: int, message: str = "slurm_load_jobs error: Socket timed out on send/recv operation"
+    ) -> None:
+        """Answer the next n squeue/sacct queries with status ERROR (what a busy slurmctld causes)."""
+        with self._lock:
+            self._query_errors.extend([message] * n)
 
     def reject_next_submit(
         self, message: str = "sbatch: error: Batch job submission failed: Invalid qos"
@@ -405,6 +413,10 @@ class FakeSfapi:
 
     def _query(self, h: _Handler, query: dict[str, list[str]]) -> None:
         """squeue (live jobs) or sacct (all jobs); each query of a job advances PENDING towards RUNNING."""
+        with self._lock:
+            error = self._query_errors.pop(0) if self._query_errors else None
+        if error:
+            return h.send_json(200, {"status": "ERROR", "output": None, "error": error})
         sacct = (query.get("sacct") or ["false"])[0].lower() == "true"
         kwargs = dict(kv.split("=", 1) for kv in query.get("kwargs", []) if "=" in kv)
         ids = kwargs["jobid"].split(",") if "jobid" in kwargs else list(self.jobs)
@@ -489,10 +501,14 @@ class FakeSfapi:
         with open(job.output, "ab") as out:
             final = self._run_steps(job, out, deadline) if job.steps else self._hold(job, deadline)
         with self._lock:
-            if job.state == "RUNNING" and not job.pinned:
+            ending = job.state == "RUNNING" and not job.pinned
+            if ending:
+                job.state = "COMPLETING"  # as in Slurm: the final state shows once every process is gone
+        self._stop_job(job)  # leftover tasks (kill-on-bad-exit, walltime) and any children they left
+        with self._lock:
+            if ending and job.state == "COMPLETING" and not job.pinned:
                 job.state = final
                 job.ended_at = time.monotonic()
-        self._stop_job(job)  # as Slurm does at the end of a job: its leftover processes are killed
         log.info("fake SFAPI: job %s ended %s, exit codes %s", job.jobid, job.state, job.exit_codes)
 
     def _run_steps(self, job: FakeJob, out: IO[bytes], deadline: float | None) -> str:

@@ -66,10 +66,14 @@ class SshSettings(BaseModel):
     host: str = "localhost"
     port: int = Field(22, ge=1, le=65535)
     user: str = Field("", description="login name; empty means the local user")
-    key_path: Path = Field(Path("~/.ssh/id_ed25519"), description="private key for the login")
+    key_path: Path = Field(
+        Path("~/.ssh/id_ed25519"), validate_default=True, description="private key for the login"
+    )
     key_passphrase: SecretStr | None = None
     known_hosts: Path = Field(
-        Path("~/.ssh/known_hosts"), description="pinned host keys; unknown hosts are refused"
+        Path("~/.ssh/known_hosts"),
+        validate_default=True,
+        description="pinned host keys; unknown hosts are refused",
     )
     connect_timeout: float = Field(10.0, gt=0)
     command_timeout: float = Field(60.0, gt=0)
@@ -116,7 +120,7 @@ def run_remote(
 def start_remote_process(
     settings: SshSettings, command: list[str] | str, log_path: str, *, settle: float = 0.2
 ) -> int:
-    """Start a detached process on the host (output to log_path) and return its PID.
+    """Start a detached process on the host (output appended to log_path) and return its PID.
 
     The process gets its own session, so ``stop_remote_process`` can end it with all its children. If it
     is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log.
@@ -124,15 +128,15 @@ def start_remote_process(
     text = command if isinstance(command, str) else shlex.join(command)
     log_q = shlex.quote(log_path)
     # The inner subshell exits at once, so the process is re-parented and the SSH channel is not held open.
-    script = (
-        f"{_ALIVE}\n"
-        f"pid=$(nohup setsid {text} >>{log_q} 2>&1 </dev/null & echo $!)\n"
-        f"sleep {settle:.3f}\n"
-        f'if alive "$pid"; then echo "$pid"; exit 0; fi\n'
-        f"tail -c {_STDERR_TAIL} {log_q} >&2\n"
-        f"exit {_START_FAILED}\n"
-    )
-    result = run_remote(settings, ["sh", "-c", script], check=False)
+    script = [
+        _ALIVE,
+        f"pid=$(nohup setsid {text} >>{log_q} 2>&1 </dev/null & echo $!)",
+        f"sleep {settle:.3f}",
+        'if alive "$pid"; then echo "$pid"; exit 0; fi',
+        f"tail -c {_STDERR_TAIL} {log_q} >&2",
+        f"exit {_START_FAILED}",
+    ]
+    result = run_remote(settings, _sh(script), check=False)
     if result.exit_status != 0:
         raise RemoteCommandFailed(text, result.exit_status, result.stderr[-_STDERR_TAIL:])
     pid = int(result.stdout.split()[-1])
@@ -145,19 +149,20 @@ def stop_remote_process(
 ) -> Literal["not-running", "terminated", "killed"]:
     """End a process started by start_remote_process (SIGTERM to its group, SIGKILL after grace)."""
     if pid < 2:
-        raise ValueError(f"refusing to signal PID {pid}")  # kill -- -1 would hit every process of the user
+        raise ValueError(f"refusing to signal PID {pid}")  # kill -TERM -1 would hit every process of the user
     steps = max(1, int(grace / 0.1))
-    script = (
-        f"{_ALIVE}\n"
-        f"pid={pid}\n"
-        'alive "$pid" || { echo not-running; exit 0; }\n'
-        'kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null\n'
-        f'i=0; while alive "$pid" && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done\n'
-        'alive "$pid" || { kill -KILL -- "-$pid" 2>/dev/null; echo terminated; exit 0; }\n'
-        'kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"\n'
-        "echo killed\n"
-    )
-    result = run_remote(settings, ["sh", "-c", script], timeout=grace + settings.command_timeout)
+    # "kill -TERM -PID" signals the process group; dash's kill does not take "--".
+    script = [
+        _ALIVE,
+        f"pid={pid}",
+        'alive "$pid" || { echo not-running; exit 0; }',
+        'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null',
+        f'i=0; while alive "$pid" && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done',
+        'alive "$pid" || { kill -KILL "-$pid" 2>/dev/null; echo terminated; exit 0; }',
+        'kill -KILL "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null',
+        "echo killed",
+    ]
+    result = run_remote(settings, _sh(script), timeout=grace + settings.command_timeout)
     outcome = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     if outcome not in ("not-running", "terminated", "killed"):
         raise RemoteCommandFailed(f"stop PID {pid}", result.exit_status, result.stderr or result.stdout)
@@ -171,6 +176,11 @@ _ALIVE = (
     "[ -r /proc/$1/stat ] || return 0; "
     "[ \"$(sed 's/.*) //' /proc/$1/stat | cut -c1)\" != Z ]; }"
 )
+
+
+def _sh(lines: list[str]) -> list[str]:
+    """Run these lines with sh whatever the login shell is; one line, as csh can't quote newlines."""
+    return ["sh", "-c", "; ".join(lines)]
 
 
 def _short(command: str, limit: int = 200) -> str:
@@ -248,12 +258,12 @@ def _exec(client: paramiko.SSHClient, settings: SshSettings, command: str, timeo
         raise RemoteUnreachable(f"SSH session to {settings.host} closed before the command")
     try:
         chan = transport.open_session(timeout=settings.connect_timeout)
-    except (paramiko.SSHException, OSError) as exc:
-        raise RemoteUnreachable(f"cannot open an SSH channel on {settings.host}: {exc}") from None
-    with chan:
         chan.settimeout(timeout)
         chan.exec_command(command)
         chan.shutdown_write()  # no stdin: a command that reads it sees EOF instead of hanging
+    except (paramiko.SSHException, OSError) as exc:
+        raise RemoteUnreachable(f"cannot run a command over SSH on {settings.host}: {exc}") from None
+    with chan:
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         while True:

@@ -163,9 +163,14 @@ class _BoundedClient(Client):
     request_timeout: float = 10.0
 
     def _http_client(self) -> Any:
+        # Overrides a private method of sfapi_client 0.6; if it is renamed, only the 5/10 s defaults remain.
         http = super()._http_client()
         http.timeout = httpx.Timeout(self.request_timeout)  # the client hard-codes 10 s (OAuth) or 5 s
         return http
+
+
+class _ErrorReply(Exception):
+    """SFAPI answered with status ERROR, e.g. squeue timing out on a busy slurmctld."""
 
 
 class _Kind(Enum):
@@ -196,6 +201,8 @@ def _classify(exc: BaseException, idempotent: bool) -> _Kind:
         return _Kind.TRANSIENT if idempotent or not sent else _Kind.FATAL
     if isinstance(exc, AuthlibBaseError | ClientKeyError):
         return _Kind.CREDENTIALS
+    if isinstance(exc, _ErrorReply):
+        return _Kind.TRANSIENT if idempotent else _Kind.FATAL
     if isinstance(exc, json.JSONDecodeError):
         return _Kind.TRANSIENT if idempotent else _Kind.FATAL  # e.g. an HTML maintenance page
     return _Kind.FATAL
@@ -214,10 +221,16 @@ def _describe(exc: BaseException) -> str:
             if _has_request(exc)
             else type(exc).__name__
         )
+    if isinstance(exc, _ErrorReply):
+        return f"SFAPI error: {exc}"
     if isinstance(exc, SfApiError | ClientKeyError):
         return str(exc.message)
     if isinstance(exc, AuthlibBaseError):
-        return f"token endpoint refused the client: {getattr(exc, 'error', type(exc).__name__)}"
+        error = getattr(exc, "error", None) or type(exc).__name__
+        description = getattr(
+            exc, "description", None
+        )  # the server's words, e.g. "signature does not verify"
+        return f"token endpoint refused the client: {error}" + (f" ({description})" if description else "")
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -346,9 +359,14 @@ class SfapiAllocator:
         # fails validation on state strings its enum lacks.
         params = {"sacct": sacct, "cached": False, "kwargs": [f"jobid={job_id}"]}
         what = f"{'sacct' if sacct else 'squeue'} job {job_id}"
-        reply = self._call(what, lambda c: c.get(f"compute/jobs/{self._settings.machine}", params).json())
-        if str(reply.get("status", "")).upper() == "ERROR":
-            raise AllocationError(f"SFAPI {what} failed: {reply.get('error')}")
+
+        def query(c: _BoundedClient) -> dict[str, Any]:
+            reply = c.get(f"compute/jobs/{self._settings.machine}", params).json()
+            if str(reply.get("status", "")).upper() == "ERROR":
+                raise _ErrorReply(str(reply.get("error")))  # e.g. slurmctld busy: retried
+            return reply
+
+        reply = self._call(what, query)
         rows = [r for r in reply.get("output") or [] if str(r.get("jobid")) == str(job_id)]
         if not rows:
             return None

@@ -134,3 +134,24 @@ def test_unreadable_files_give_clear_errors(tmp_path):
         f.attrs["version"] = 3
     with pytest.raises(SparseFormatError, match="not a stempy-format"):
         read_counted_scan(tmp_path / "empty.h5")
+
+
+@pytest.mark.parametrize("n_events", [0, 3])
+def test_frames_of_equal_length_are_written(tmp_path, n_events):
+    """A vacuum scan (no events) or equal-length frames must not confuse numpy's object arrays."""
+    scan = ScanShape(3, 2)
+    acc = ScanAccumulator(scan)
+    idx = np.tile(np.arange(n_events, dtype=np.uint32), 6)
+    acc.add(
+        np.arange(6),
+        np.arange(6),
+        np.full(6, ALL_SECTORS, np.uint8),
+        EventList(
+            idx,
+            np.arange(0, 6 * n_events + 1, max(n_events, 1))[:7].astype(np.int64)
+            if n_events
+            else np.zeros(7, np.int64),
+        ),
+    )
+    back = read_counted_scan(write_counted_scan(tmp_path / "s.h5", acc.finish()))
+    assert all(len(e) == n_events for e in back.events.ravel())

@@ -486,6 +486,26 @@ def test_back_pressure_blocks_without_loss(start_aggregator, make_node, pool) ->
         sub.close(linger=0)
 
 
+def test_stop_while_blocked_on_a_full_node(make_node, pool) -> None:
+    """A stop request ends a send that waits on a full node at once, not after stall_timeout."""
+    agg = Aggregator([LOOPBACK] * N_SECTORS, LOOPBACK, 1, None, stall_timeout=30.0, node_sndhwm=4)
+    running = Running(agg)
+    try:
+        a = make_node(agg.nodes_endpoint, "a", rcvhwm=4)
+        joined([a])
+        a.paused.set()
+        futures = send(pool, MEDIUM, agg.receiver_endpoints, scan_number=9, send_timeout=2.0)
+        assert wait_for(lambda: agg.stats.forwarded > 0)
+        time.sleep(0.3)
+    finally:
+        start = time.monotonic()
+        running.shutdown()
+    assert time.monotonic() - start < 3
+    assert agg.stats.ended[-1].reason == "shutdown"
+    for future in futures:
+        future.exception(timeout=10)  # the senders give up by their own timeout; no thread is left behind
+
+
 def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> None:
     agg = start_aggregator(2, heartbeat=0.1)
     sub = zmq.Context.instance().socket(zmq.SUB)

@@ -27,26 +27,7 @@ from tasks.fake_sfapi import FakeSfapi  # noqa: E402
 from tasks.remote import SshSettings  # noqa: E402
 from tasks.sfapi import SfapiSettings  # noqa: E402
 
-CLIENT_ID = "abcdefghijklm"  # SFAPI client ids are 13 characters
-
-
-def alive(pid: int) -> bool:
-    """Whether a local process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    """Poll a condition (bounded); True as soon as it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
+from .helpers import CLIENT_ID, alive, free_port, keygen  # noqa: E402
 
 
 # ---- SFAPI ---------------------------------------------------------------------------------------
@@ -86,47 +67,17 @@ def sfapi_settings(fake: FakeSfapi, sfapi_pem: str) -> SfapiSettings:
 
 
 # ---- SSH -----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"sshd exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
             return
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"sshd did not listen on port {port} within {timeout} s")
-
-
-def keygen(path: Path, passphrase: str = "") -> Path:
-    """A new ed25519 key pair (path, path.pub) made with ssh-keygen."""
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-a",
-            "4",
-            "-N",
-            passphrase,
-            "-C",
-            "stemstream-test",
-            "-f",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +91,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshSettings]:
     keygen(d / "user_key")
     (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
     os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n"

@@ -1,0 +1,30 @@
+"""Settings sections for counting and the simulated camera; composed into the one Settings object in flows/settings.py."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class CountingSettings(BaseModel):
+    """Electron-counting parameters (production defaults from NERSC)."""
+
+    background_threshold: float | None = Field(None, description="fixed background threshold in ADU")
+    xray_threshold: float | None = Field(None, description="fixed x-ray threshold in ADU")
+    background_n_sigma: float = 4.5
+    xray_n_sigma: float = 175.0
+    number_of_samples: int = Field(1200, ge=1)
+    sample_frames: int = Field(20, ge=1, description="distinct frames the threshold samples come from")
+    seed: int = 0
+    workers: int = Field(0, ge=0, description="threads for counting; 0 = all cores")
+    batch_size: int = Field(64, ge=1, description="frames counted per batch (bounds memory)")
+
+
+class SimulatorSettings(BaseModel):
+    """The simulated 4D Camera used by the demo, tests and benchmarks."""
+
+    scan_width: int = Field(64, ge=1)
+    scan_height: int = Field(64, ge=1)
+    frames_per_position: int = Field(1, ge=1)
+    dose: float = Field(200.0, ge=0, description="mean electrons per frame")
+    seed: int = 0
+    dark_frames: int = Field(100, ge=1)

@@ -1,0 +1,235 @@
+"""The session flow: allocate nodes, launch node streamers, arm the aggregator, acquire N scans, verify and
+analyse each, release everything on every way out. Also the multi-scan experiment flow."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as current_run
+from prefect.states import Completed, Failed
+
+from counting.dark import dark_reference
+from counting.geometry import ScanShape
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from flows.settings import Settings, load_settings
+from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
+from tasks.plan import SessionPlan, local_plan
+from tasks.steps import (
+    acquire_scan,
+    allocate_nodes,
+    arm_aggregator,
+    postprocess_scan,
+    release,
+    summarise,
+    verify_scan_file,
+    wait_nodes_ready,
+)
+
+
+def make_backends(settings: Settings):
+    """The node and aggregator backends the settings ask for (the one place the choice is made)."""
+    if settings.session.backend == "local":
+        return LocalNodes(settings.streaming, settings.counting), LocalAggregator(settings.streaming)
+    return (
+        SlurmNodes(settings.sfapi, settings.slurm, settings.streaming, settings.counting),
+        SshAggregator(settings.ssh, settings.streaming, settings.session.aggregator_remote_command),
+    )
+
+
+def _session_id() -> int:
+    run_id = str(current_run.get_id() or os.getpid())
+    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 100000
+
+
+def _plan(
+    settings: Settings, session_dir: Path, dark: Path | None, nodes: int, session_id: int
+) -> SessionPlan:
+    if settings.session.backend == "local":
+        return local_plan(session_dir, session_dir / "scans", nodes, session_id, dark)
+    st = settings.streaming
+    return SessionPlan(
+        session_id,
+        session_dir,
+        session_dir / "scans",
+        nodes,
+        st.receivers,
+        st.nodes_bind,
+        st.nodes_bind,
+        st.monitor_bind or "",
+        st.monitor_bind or "",
+        17500,
+        dark,
+    )
+
+
+def _simulated_dark(session_dir: Path, seed: int) -> Path:
+    """The simulated camera's dark reference, from dark frames, as on the instrument before a session."""
+    cam = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=seed))
+    path = session_dir / "dark.npy"
+    np.save(path, dark_reference(cam.dark_frames(100)))
+    return path
+
+
+def _cleanup_hook(flow, flow_run, state) -> None:
+    """On failure, crash or cancellation: stop whatever the state file says is still running."""
+    settings = load_settings()
+    session_dir = settings.output_dir / "sessions" / str(flow_run.id)
+    info = read_state(session_dir)
+    for pid in info.get("local_pids", []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    if info.get("job_id") and info.get("backend") == "nersc":
+        from tasks.sfapi import SfapiAllocator
+
+        with SfapiAllocator(settings.sfapi) as allocator:
+            allocator.cancel(info["job_id"])
+
+
+@flow(
+    name="stemstream-session",
+    on_failure=[_cleanup_hook],
+    on_crashed=[_cleanup_hook],
+    on_cancellation=[_cleanup_hook],
+)
+def session(
+    n_scans: int = 3,
+    scan_width: int = 64,
+    scan_height: int = 64,
+    dose: float = 200.0,
+    nodes: int | None = None,
+    backend: Literal["local", "nersc"] | None = None,
+    first_scan: int = 1,
+    simulate: bool = True,
+    postprocess: bool | None = None,
+    min_completeness: float | None = None,
+):
+    """One streaming session: N scans counted, written, verified and analysed while it runs."""
+    logger = get_run_logger()
+    overrides = {
+        k: v
+        for k, v in dict(
+            backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
+        ).items()
+        if v is not None
+    }
+    settings = load_settings(session=overrides) if overrides else load_settings()
+    s = settings.session
+    run_id = str(current_run.get_id() or f"local-{os.getpid()}")
+    session_dir = (settings.output_dir / "sessions" / run_id).resolve()
+    session_dir.mkdir(parents=True, exist_ok=True)
+    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulate else None
+    plan = _plan(settings, session_dir, dark, s.nodes, _session_id())
+    node_backend, aggregator = make_backends(settings)
+    record_state(plan, backend=s.backend, flow_run=run_id)
+    logger.info(
+        "session %05d: %d scan(s) of %dx%d on %d node(s), backend %s; files in %s",
+        plan.session_id,
+        n_scans,
+        scan_width,
+        scan_height,
+        s.nodes,
+        s.backend,
+        plan.output_dir,
+    )
+    rows: list[dict] = []
+    failures: list[str] = []
+    analyses = []
+    try:
+        allocate_nodes(node_backend, plan)
+        if isinstance(node_backend, LocalNodes) and node_backend.group is not None:
+            record_state(plan, local_pids=[c.pid for c in node_backend.group.children])
+        arm_aggregator(aggregator, plan)
+        wait_nodes_ready(plan, node_backend, aggregator, s.nodes_ready_timeout)
+        for k in range(n_scans):
+            number = first_scan + k
+            record = acquire_scan(
+                plan,
+                node_backend,
+                aggregator,
+                number,
+                scan_width,
+                scan_height,
+                dose,
+                settings.simulator.seed,
+                s.scan_timeout,
+                simulate,
+            )
+            verified = verify_scan_file(
+                record["path"], scan_width, scan_height, s.min_completeness, return_state=True
+            )
+            v = verified.data if hasattr(verified, "data") else None
+            if verified.is_failed():
+                failures.append(verified.message)
+            rows.append(_row(number, record, v, verified.is_completed()))
+            if s.postprocess and verified.is_completed():
+                analyses.append(postprocess_scan.submit(record["path"], str(session_dir / "analysis")))
+        for fut in analyses:
+            fut.wait()
+    finally:
+        release(node_backend, aggregator)
+    summarise(rows)
+    failed_analyses = [f for f in analyses if f.state.is_failed()]
+    if failures or failed_analyses:
+        return Failed(
+            message=f"{len(failures)} of {n_scans} scan(s) failed verification"
+            + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
+            + (": " + " | ".join(failures) if failures else "")
+        )
+    return Completed(message=f"{n_scans} scan(s) counted, verified and analysed", data=rows)
+
+
+def _row(number: int, record: dict, verified, ok: bool) -> dict:
+    frames = max(record.get("frames_written", 0), 1)
+    return {
+        "scan": number,
+        "file": Path(record["path"]).name if record.get("path") else "",
+        "status": record["status"],
+        "verified": "passed" if ok else "FAILED",
+        "frames": record["frames_written"],
+        "events per frame": round(record["events"] / frames, 1),
+        "completeness %": round(100 * record["completeness"], 3),
+        "sectors lost": record.get("sectors_lost_in_transit", 0),
+        "counted frames/s": round(
+            record["frames_written"] / max(record["written_time"] - record["first_data_time"], 1e-9)
+        ),
+        "seconds to counted file": round(record["written_time"] - record["last_data_time"], 3),
+        "sha256": (getattr(verified, "sha256", None) or record.get("sha256") or "")[:16],
+    }
+
+
+@flow(name="stemstream-experiment")
+def experiment(
+    doses: list[float] = (100.0, 200.0, 400.0),  # a tuple: defaults must not be shared mutable lists
+    scans_per_dose: int = 2,
+    scan_width: int = 64,
+    scan_height: int = 64,
+    backend: Literal["local", "nersc"] | None = None,
+):
+    """A multi-scan experiment: a dose series, one session (allocation) per dose, scans numbered on."""
+    states = []
+    for i, dose in enumerate(doses):
+        states.append(
+            session(
+                n_scans=scans_per_dose,
+                scan_width=scan_width,
+                scan_height=scan_height,
+                dose=dose,
+                backend=backend,
+                first_scan=1 + i * scans_per_dose,
+                return_state=True,
+            )
+        )
+    failed = [s for s in states if not s.is_completed()]
+    if failed:
+        return Failed(
+            message=f"{len(failed)} of {len(states)} session(s) failed: "
+            + " | ".join(str(s.message) for s in failed)
+        )
+    return Completed(message=f"{len(states)} session(s), {len(states) * scans_per_dose} scan(s)")

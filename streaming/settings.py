@@ -1,0 +1,44 @@
+"""Settings sections for the aggregator, node streamers and senders; composed into the one Settings object in flows/settings.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+class CurveSettings(BaseModel):
+    """CurveZMQ key files between aggregator and nodes (zmq.auth format); all unset = plain (localhost only)."""
+
+    server_secret_file: Path | None = Field(None, description="aggregator's .key_secret file")
+    server_public_file: Path | None = Field(None, description="aggregator's public .key file (for nodes)")
+    client_secret_file: Path | None = Field(None, description="this node's .key_secret file")
+    allowed_clients: list[Path] = Field(default_factory=list, description="node public .key files")
+
+    @property
+    def enabled(self) -> bool:
+        """True when any key is configured."""
+        return any([self.server_secret_file, self.server_public_file, self.client_secret_file])
+
+
+class StreamingSettings(BaseModel):
+    """Aggregator and node streamer parameters."""
+
+    receivers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:6001"])
+    nodes_bind: str = "tcp://127.0.0.1:17000"
+    monitor_bind: str | None = "tcp://127.0.0.1:17001"
+    n_nodes: int = Field(1, ge=1)
+    scan_deadline: float = Field(
+        2.0, gt=0, description="aggregator: seconds without a sector before a scan ends"
+    )
+    node_deadline: float = Field(10.0, gt=0, description="node: seconds of aggregator silence mid-scan")
+    frame_timeout: float = Field(5.0, gt=0, description="node: seconds a full slot may wait for sectors")
+    writer_deadline: float = Field(30.0, gt=0, description="writer: seconds a scan may be silent")
+    heartbeat: float = Field(1.0, gt=0)
+    node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
+    node_batch: int = Field(32, ge=1)
+    node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
+    session_id: int = Field(0, ge=0, le=99999)
+    name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
+    send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
+    curve: CurveSettings = CurveSettings()

@@ -1,0 +1,61 @@
+"""Acquiring a scan: trigger the (simulated) camera, follow it, and wait for its counted file."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from counting.geometry import N_SECTORS, ScanShape
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from streaming.sender import run_sender
+
+
+class ScanTimeout(TimeoutError):
+    """A scan's file did not appear in time."""
+
+
+def trigger_simulated_scan(
+    receivers: list[str],
+    scan_number: int,
+    width: int,
+    height: int,
+    dose: float,
+    seed: int,
+    rate: float | None = None,
+    timeout: float = 600.0,
+) -> dict[str, int]:
+    """Play a simulated scan into the aggregator, as the four receiving servers would; returns counts.
+
+    The four module senders are threads of this process sharing one simulated camera: starting them takes
+    milliseconds, where four fresh processes (``stemstream send``) take seconds to import.
+    """
+    camera = SimulatedCamera(SimulatorConfig(ScanShape(width, height), dose=dose, seed=seed))
+    with ThreadPoolExecutor(N_SECTORS, thread_name_prefix="camera") as pool:
+        results = list(
+            pool.map(
+                lambda m: run_sender(
+                    camera, receivers, m, rate, scan_number=scan_number, send_timeout=timeout
+                ),
+                range(N_SECTORS),
+            )
+        )
+    return {"sectors_sent": sum(r.sent for r in results), "sectors_dropped": sum(r.dropped for r in results)}
+
+
+def wait_for_scan(
+    output_dir: Path, scan_number: int, timeout: float, check: Callable[[], None] | None = None
+) -> dict:
+    """The stop record of a scan once the writer has written it (its HDF5 is then on disk)."""
+    deadline = time.monotonic() + timeout
+    pattern = f"*_{scan_number:05d}.json"
+    while time.monotonic() < deadline:
+        found = sorted(output_dir.glob(pattern)) if output_dir.exists() else []
+        if found:
+            return json.loads(found[-1].read_text())
+        if check is not None:
+            check()
+        time.sleep(0.05)
+    raise ScanTimeout(f"scan {scan_number}: no counted file in {output_dir} after {timeout:.0f} s")

@@ -1,0 +1,225 @@
+"""Where a session's node streamers and aggregator run: chosen once, at the session's entry point.
+
+* ``local`` (the embedded default): the node command runs as N local processes with the environment srun
+  would give them, and the aggregator as a local process.
+* ``nersc``: the node command runs under srun in a realtime Slurm job submitted through SFAPI, and the
+  aggregator is started over SSH on the aggregator host (pinned host key).
+
+Both sides have the same contract (start, check, stop), and both are strict: a node that dies is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from counting.settings import CountingSettings
+from streaming.settings import StreamingSettings
+from tasks.plan import SessionPlan, aggregator_command, node_command, node_env, shell
+from tasks.processes import ProcessGroup
+from tasks.remote import SshSettings, start_remote_process, stop_remote_process
+from tasks.sfapi import SfapiAllocator, SfapiSettings
+from tasks.slurm import SlurmSettings, render_batch_script
+
+log = logging.getLogger(__name__)
+
+
+class NodeFailure(RuntimeError):
+    """A node streamer (or its job) stopped while the session needed it."""
+
+
+class Nodes(Protocol):
+    """Node streamers of a session."""
+
+    job_id: str | None
+
+    def start(self, plan: SessionPlan) -> str:
+        """Start (or submit) the node streamers; returns a job id."""
+
+    def wait_started(self) -> None:
+        """Block until they run (a Slurm job RUNNING); raise if they cannot."""
+
+    def check(self) -> None:
+        """Raise NodeFailure if a node streamer has stopped."""
+
+    def stop(self) -> None:
+        """Stop them (cancel the job); safe to call more than once."""
+
+
+class Aggregator(Protocol):
+    """The session's aggregator."""
+
+    def start(self, plan: SessionPlan) -> None:
+        """Start (or reconfigure) the aggregator for this session."""
+
+    def check(self) -> None:
+        """Raise if it stopped."""
+
+    def stop(self) -> None:
+        """Stop it; safe to call more than once."""
+
+
+@dataclass
+class LocalNodes:
+    """N node streamer processes on this machine, launched exactly as srun launches them."""
+
+    streaming: StreamingSettings
+    counting: CountingSettings
+    group: ProcessGroup | None = None
+    job_id: str | None = None
+
+    def start(self, plan: SessionPlan) -> str:
+        """Start the node processes (rank i gets SLURM_PROCID=i)."""
+        self.group = ProcessGroup(plan.session_dir / "logs")
+        self.job_id = f"local-{os.getpid()}-{plan.session_id}"
+        argv, env = node_command(plan, self.counting), node_env(plan, self.streaming, self.counting)
+        log.info("node command: %s", shell(argv))
+        for rank in range(plan.n_nodes):
+            self.group.start(
+                f"node{rank}",
+                argv,
+                {
+                    **env,
+                    "SLURM_PROCID": str(rank),
+                    "SLURM_NODEID": str(rank),
+                    "SLURM_JOB_ID": self.job_id,
+                    "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1",
+                },
+            )
+        return self.job_id
+
+    def wait_started(self) -> None:
+        """Local processes run at once; fail if one already died."""
+        self.check()
+
+    def check(self) -> None:
+        """Raise NodeFailure with the end of its log if a node process exited."""
+        if self.group is None:
+            return
+        dead = self.group.dead()
+        if dead:
+            c = dead[0]
+            raise NodeFailure(f"node streamer {c.name} exited with code {c.popen.returncode}:\n{c.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL, every node process and its counting workers."""
+        if self.group is not None:
+            self.group.stop()
+            self.group = None
+
+
+@dataclass
+class SlurmNodes:
+    """Node streamers in a realtime Slurm job submitted through SFAPI."""
+
+    sfapi: SfapiSettings
+    slurm: SlurmSettings
+    streaming: StreamingSettings
+    counting: CountingSettings
+    job_id: str | None = None
+    _allocator: SfapiAllocator | None = field(default=None, repr=False)
+
+    def start(self, plan: SessionPlan) -> str:
+        """Render the batch script and submit it; the job id is returned at once."""
+        slurm = self.slurm.model_copy(update={"nodes": plan.n_nodes})
+        script = render_batch_script(
+            slurm, node_command(plan, self.counting), node_env(plan, self.streaming, self.counting)
+        )
+        (plan.session_dir / "node_streamers.sh").write_text(script)
+        self._allocator = SfapiAllocator(self.sfapi)
+        self.job_id = self._allocator.submit(script)
+        return self.job_id
+
+    def wait_started(self) -> None:
+        """Wait for RUNNING (the realtime queue usually starts within a minute); cancels on failure."""
+        self._allocator.wait_running(self.job_id)
+
+    def check(self) -> None:
+        """Raise NodeFailure if the job is no longer RUNNING."""
+        state = self._allocator.state(self.job_id)
+        if state != "RUNNING":
+            raise NodeFailure(f"Slurm job {self.job_id} is {state}, not RUNNING")
+
+    def stop(self) -> None:
+        """Cancel the job (idempotent) and close the API session."""
+        if self._allocator is None:
+            return
+        try:
+            if self.job_id is not None:
+                self._allocator.cancel(self.job_id)
+        finally:
+            self._allocator.close()
+            self._allocator = None
+
+
+@dataclass
+class LocalAggregator:
+    """The aggregator as a local process."""
+
+    streaming: StreamingSettings
+    group: ProcessGroup | None = None
+
+    def start(self, plan: SessionPlan) -> None:
+        """Start it on the plan's addresses."""
+        self.group = ProcessGroup(plan.session_dir / "logs")
+        self.group.start("aggregator", aggregator_command(plan, self.streaming))
+
+    def check(self) -> None:
+        """Raise if the aggregator process exited."""
+        if self.group is not None and self.group.dead():
+            c = self.group.dead()[0]
+            raise RuntimeError(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
+
+    def stop(self) -> None:
+        """Stop the process."""
+        if self.group is not None:
+            self.group.stop()
+            self.group = None
+
+
+@dataclass
+class SshAggregator:
+    """The aggregator on the aggregator host, started and stopped over SSH."""
+
+    ssh: SshSettings
+    streaming: StreamingSettings
+    remote_command: list[str] | None = None  # how to run stemstream there (default: the local CLI path)
+    pid: int | None = None
+
+    def start(self, plan: SessionPlan) -> None:
+        """Start the aggregator for this session on the remote host; reads back its PID."""
+        argv = aggregator_command(plan, self.streaming)
+        if self.remote_command is not None:
+            argv = [*self.remote_command, *argv[3:]]
+        self.pid = start_remote_process(
+            self.ssh, argv, str(plan.session_dir / "logs" / "aggregator-remote.log")
+        )
+
+    def check(self) -> None:
+        """Nothing cheap to check remotely; the monitor heartbeat shows it is alive."""
+
+    def stop(self) -> None:
+        """Stop the remote aggregator (its whole process group)."""
+        if self.pid is not None:
+            stop_remote_process(self.ssh, self.pid)
+            self.pid = None
+
+
+def record_state(plan: SessionPlan, **fields: object) -> None:
+    """Merge fields into the session's state file (job id, PIDs): what cleanup needs after a crash."""
+    plan.session_dir.mkdir(parents=True, exist_ok=True)
+    state = json.loads(plan.state_file.read_text()) if plan.state_file.exists() else {}
+    state.update(fields)
+    tmp = plan.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(plan.state_file)
+
+
+def read_state(session_dir: Path) -> dict:
+    """The session state file, or {} when there is none."""
+    path = session_dir / "session.json"
+    return json.loads(path.read_text()) if path.exists() else {}

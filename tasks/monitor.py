@@ -1,0 +1,54 @@
+"""Watching the aggregator's monitor channel: readiness and scan progress, always with a deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import zmq
+
+from streaming import protocol as p
+
+
+class MonitorTimeout(TimeoutError):
+    """The aggregator did not reach the awaited state in time."""
+
+
+def wait_for_state(
+    address: str,
+    until: Callable[[p.AggregatorState], bool],
+    timeout: float,
+    on_state: Callable[[p.AggregatorState], None] | None = None,
+    check: Callable[[], None] | None = None,
+    what: str = "the awaited state",
+) -> p.AggregatorState:
+    """Read monitor states until ``until(state)``; ``check()`` runs between polls (raise to abort)."""
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, p.STATE)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(address)
+    last: p.AggregatorState | None = None
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check is not None:
+                check()
+            if sub.poll(200):
+                kind, body = sub.recv_multipart()
+                try:
+                    last = p.decode(kind, body, p.AggregatorState)
+                except p.ProtocolError:
+                    continue
+                if on_state is not None:
+                    on_state(last)
+                if until(last):
+                    return last
+        seen = (
+            "no state from the aggregator"
+            if last is None
+            else f"last state: {last.state}, {last.nodes_ready}/{last.n_nodes} nodes ready"
+        )
+        raise MonitorTimeout(f"timed out after {timeout:.0f} s waiting for {what} ({seen})")
+    finally:
+        sub.close()

@@ -1,0 +1,471 @@
+"""Analyse a counted scan with py4DSTEM: probe, virtual BF/ADF, centre of mass, DPC phase, parallax; PNGs.
+
+Plain code (no Prefect). Follows the Welborn 2024 paper's processing (swelborn/welborn-microscopy-streaming-
+paper-with-code): frames binned by 16 (576² -> 36²), a dense ``py4DSTEM.DataCube`` calibrated with the 0.36 Å
+step and Q = 17.1 mrad / probe radius, DPC with a forced CoM rotation and q_highpass 0.03, parallax with
+edge blending and a threshold of 0.8, then an aberration fit. Iterations and padding are scaled down so a
+64x64 scan takes seconds on two cores. Every step after the DataCube is optional: a failure becomes a
+warning in the result and the other images are still produced.
+
+py4DSTEM (1.5-5 s to import) is imported only when an analysis runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from counting.geometry import ALL_SECTORS, FRAME_COLS
+from counting.sparse import CountedScan, read_counted_scan
+
+if TYPE_CHECKING:
+    from py4DSTEM import DataCube
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAMES = ("bf", "adf", "com", "dpc", "parallax", "dp_mean")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What to compute and with which parameters; defaults follow the paper, scaled for small scans."""
+
+    energy_ev: float = 300e3
+    convergence_semiangle_mrad: float = 17.1  # Q calibration = this / measured probe radius (paper)
+    r_pixel_size_angstrom: float = 0.36  # scan step (paper: 0.03615877 nm)
+    bin_frames: int = 16  # 576² -> 36² patterns, as the paper
+    fill_incomplete: bool = True  # positions without all their frames get the mean of their neighbours
+    probe_thresh_upper: float = 0.95  # get_probe_size threshold (paper)
+    # virtual detectors, in units of the measured probe radius
+    virtual: bool = True
+    bf_radius_factor: float = 1.0
+    adf_inner_factor: float = 1.2  # outside the disk, and its deflection
+    adf_outer_factor: float | None = None  # None: out to the detector edge
+    # centre of mass and DPC
+    dpc: bool = True
+    com_rotation_deg: float | None = 256.0  # scan-to-detector rotation (paper's instrument); None: fitted
+    com_transpose: bool | None = False
+    dpc_q_highpass: float = 0.03
+    dpc_max_iter: int = 16
+    # parallax
+    parallax: bool = True
+    parallax_padding_px: int = 8  # paper 16 on a 400² scan
+    parallax_edge_blend: int = 4  # paper 8
+    parallax_threshold_intensity: float = 0.8
+    parallax_defocus_guess_angstrom: float = 50.0  # paper; pre-shifts the BF images before alignment
+    parallax_min_alignment_bin: int = 4
+    parallax_iter_at_min_bin: int = 2  # paper 12; cost grows linearly
+    parallax_aberration_fit: bool = True
+    parallax_aberration_correct: bool = True
+    parallax_max_positions: int = 256 * 256  # beyond this parallax is skipped (time and memory grow with it)
+    png_dpi: int = 100
+
+    def __post_init__(self) -> None:
+        if self.bin_frames < 1 or FRAME_COLS % self.bin_frames:
+            raise ValueError(f"bin_frames must divide {FRAME_COLS}, got {self.bin_frames}")
+        if self.energy_ev <= 0 or self.convergence_semiangle_mrad <= 0 or self.r_pixel_size_angstrom <= 0:
+            raise ValueError("energy, convergence semiangle and R pixel size must be positive")
+
+    @classmethod
+    def simulated(cls, **overrides: Any) -> AnalysisConfig:
+        """Defaults for the project's simulated camera: no scan/detector rotation and no defocus."""
+        base = cls(com_rotation_deg=0.0, com_transpose=False, parallax_defocus_guess_angstrom=0.0)
+        return replace(base, **overrides)
+
+
+@dataclass
+class AnalysisResult:
+    """PNG paths by name (bf, adf, com, dpc, parallax, dp_mean), calibration, step timings and warnings."""
+
+    images: dict[str, Path]
+    probe_radius_px: float
+    q_pixel_mrad: float
+    timings: dict[str, float]
+    warnings: list[str]
+    summary: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the scan-sized maps
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Bright-field disk in the binned pattern: radius and centre (qx = row, qy = column), pixels."""
+
+    radius: float
+    qx0: float
+    qy0: float
+
+
+# ------------------------------------------------------------------------------------------- pure helpers
+def virtual_images(
+    counted: CountedScan, inner: float, outer: float, center: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(BF, ADF) event counts per position straight from the sparse events, each (height, width).
+
+    BF counts events closer than ``inner`` detector pixels to ``center`` (row, col); ADF those with
+    ``inner <= r < outer``. ``center`` defaults to the centroid of all events."""
+    flat = list(counted.events.ravel())
+    sizes = np.fromiter((len(e) for e in flat), np.int64, len(flat))
+    positions = counted.scan.positions
+    if not sizes.sum():
+        empty = np.zeros((counted.scan.height, counted.scan.width))
+        return empty, empty.copy()
+    idx = np.concatenate(flat).astype(np.int64)
+    pos = np.repeat(np.arange(len(flat)) // counted.frames_per_position, sizes)
+    row, col = np.divmod(idx, FRAME_COLS)
+    cy, cx = center if center is not None else (row.mean(), col.mean())
+    r2 = (row - cy) ** 2 + (col - cx) ** 2
+    in_bf = r2 < inner**2
+    in_adf = ~in_bf & (r2 < outer**2)
+    shape = (counted.scan.height, counted.scan.width)
+    bf = np.bincount(pos[in_bf], minlength=positions).astype(np.float64).reshape(shape)
+    adf = np.bincount(pos[in_adf], minlength=positions).astype(np.float64).reshape(shape)
+    return bf, adf
+
+
+def fill_missing_positions(dense: np.ndarray, valid: np.ndarray) -> int:
+    """Replace patterns at positions where ``valid`` is False by the mean of their valid 4-neighbours.
+
+    Works outwards in passes (a pass uses only positions known before it), so holes larger than one position
+    fill from their rim inwards. Modifies ``dense`` (h, w, qx, qy) in place; returns positions filled."""
+    h, w = valid.shape
+    known = valid.copy()
+    filled = 0
+    while True:
+        todo = np.argwhere(~known)
+        if not len(todo):
+            return filled
+        done = []
+        for y, x in todo:
+            nbrs = [
+                (y + dy, x + dx)
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                if 0 <= y + dy < h and 0 <= x + dx < w and known[y + dy, x + dx]
+            ]
+            if nbrs:
+                dense[y, x] = np.mean([dense[p] for p in nbrs], axis=0)
+                done.append((y, x))
+        if not done:  # nothing valid anywhere: leave the data as it is
+            return filled
+        for y, x in done:
+            known[y, x] = True
+        filled += len(done)
+
+
+def densify(counted: CountedScan, bin_frames: int, fill_incomplete: bool = True) -> tuple[np.ndarray, int]:
+    """Binned dense float32 patterns (h, w, 576/bin, 576/bin), frames of a position summed; and positions filled.
+
+    Positions with no frame at all are always filled from their neighbours (as the paper's utils replace
+    all-zero patterns); with ``fill_incomplete`` so are positions missing a frame or a sector, since a
+    missing 144-row sector moves the centre of mass far more than any sample does."""
+    dense = counted.to_dense(bin_frames, np.float32)
+    masks = counted.sector_masks.reshape(counted.scan.height, counted.scan.width, -1)
+    valid = (masks == ALL_SECTORS).all(axis=-1) if fill_incomplete else (masks != 0).any(axis=-1)
+    if valid.all():
+        return dense, 0
+    return dense, fill_missing_positions(dense, valid)
+
+
+def build_datacube(dense: np.ndarray, config: AnalysisConfig) -> tuple[DataCube, Probe]:
+    """A calibrated py4DSTEM DataCube and the probe measured on its mean pattern (Q = semiangle / radius)."""
+    import py4DSTEM
+
+    dc = py4DSTEM.DataCube(data=dense)
+    dc.calibration.set_R_pixel_size(config.r_pixel_size_angstrom)
+    dc.calibration.set_R_pixel_units("A")
+    probe = _measure_probe(dc, config)
+    dc.calibration.set_Q_pixel_size(config.convergence_semiangle_mrad / probe.radius)
+    dc.calibration.set_Q_pixel_units("mrad")
+    return dc, probe
+
+
+def _measure_probe(dc: DataCube, config: AnalysisConfig) -> Probe:
+    dp_mean = np.asarray(dc.get_dp_mean().data, np.float64)
+    if not np.isfinite(dp_mean).all() or dp_mean.max() <= 0:
+        raise ValueError("the scan holds no electrons: the mean diffraction pattern is empty")
+    try:
+        r, qx0, qy0 = dc.get_probe_size(dp_mean, thresh_upper=config.probe_thresh_upper, plot=False)
+        if np.isfinite([r, qx0, qy0]).all() and r > 0:
+            return Probe(float(r), float(qx0), float(qy0))
+        reason = f"non-finite result {r, qx0, qy0}"
+    except Exception as exc:  # py4DSTEM fails on patterns without a clear disk; fall back, below
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning("get_probe_size failed (%s); using the half-maximum area and centroid", reason)
+    disk = dp_mean > 0.5 * dp_mean.max()
+    rows, cols = np.nonzero(disk)
+    return Probe(float(np.sqrt(disk.sum() / np.pi)), float(rows.mean()), float(cols.mean()))
+
+
+# ------------------------------------------------------------------------------------------- analysis
+def analyse_scan(
+    h5_path: str | os.PathLike, out_dir: str | os.PathLike, config: AnalysisConfig = AnalysisConfig()
+) -> AnalysisResult:
+    """Analyse one counted scan file and write ``<stem>_{bf,adf,com,dpc,parallax,dp_mean}.png`` to out_dir.
+
+    Raises ``counting.sparse.SparseFormatError`` for an unreadable file and ValueError for a scan without
+    electrons; any later step that fails is reported in ``warnings`` instead."""
+    _use_agg()
+    h5_path, out_dir = Path(h5_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(config)
+    t_total = time.perf_counter()
+
+    counted = run.timed("read", read_counted_scan, h5_path)
+    dense, filled = run.timed("densify", densify, counted, config.bin_frames, config.fill_incomplete)
+    if filled:
+        run.warn(f"{filled} positions without complete frames were filled with their neighbours' mean")
+    run.timed("import", _import_py4dstem)
+    # py4DSTEM divides by empty sums on sparse, low-dose patterns: the NaNs are handled, the console noise
+    # is not wanted.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        summary = _reconstruct(run, counted, dense, filled, config)
+    images = run.timed("plots", _save_pngs, run.arrays, out_dir, h5_path.stem, config, run)
+    run.timings["total"] = time.perf_counter() - t_total
+    log.info("analysed %s in %.1f s (%d warnings)", h5_path.name, run.timings["total"], len(run.warnings))
+    return AnalysisResult(
+        images=images,
+        probe_radius_px=summary["probe_radius_px"],
+        q_pixel_mrad=summary["q_pixel_mrad"],
+        timings={k: round(v, 4) for k, v in run.timings.items()},
+        warnings=run.warnings,
+        summary=summary,
+        arrays=run.arrays,
+    )
+
+
+def _reconstruct(
+    run: _Run, counted: CountedScan, dense: np.ndarray, filled: int, config: AnalysisConfig
+) -> dict:
+    """DataCube and probe (required), then the optional reconstructions; returns the summary."""
+    dc, probe = run.timed("datacube", build_datacube, dense, config)
+    q_mrad = config.convergence_semiangle_mrad / probe.radius
+    run.arrays["dp_mean"] = dense.mean(axis=(0, 1), dtype=np.float64)
+    summary = _base_summary(counted, dense, filled, probe, config)
+
+    if config.virtual:
+        summary["virtual"] = run.optional("virtual", _virtual, dc, probe, config)
+    if config.dpc:
+        summary["dpc"] = run.optional("dpc", _dpc, dc, config, q_mrad)
+    if config.parallax:
+        summary["parallax"] = run.optional("parallax", _parallax, dc, config)
+
+    return summary
+
+
+class _Run:
+    """Timings, warnings and result arrays of one analysis."""
+
+    def __init__(self, config: AnalysisConfig):
+        self.config = config
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def timed(self, step: str, fn: Callable, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timings[step] = time.perf_counter() - t0
+
+    def optional(self, step: str, fn: Callable, *args: Any) -> dict:
+        """Run a step that may fail; its arrays go to ``self.arrays``, its facts are returned."""
+        try:
+            arrays, info = self.timed(step, fn, *args)
+        except Exception as exc:  # one failed reconstruction must not cost the others
+            log.debug("%s failed", step, exc_info=True)
+            self.warn(f"{step} failed: {type(exc).__name__}: {exc}")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        self.arrays.update(arrays)
+        return {**info, "error": None}
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        self.warnings.append(message)
+
+
+def _use_agg() -> None:
+    """Non-interactive plotting: py4DSTEM imports pyplot, and this runs on nodes without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _import_py4dstem() -> None:
+    import py4DSTEM  # noqa: F401  (timed separately: the import alone takes seconds)
+
+
+def _base_summary(
+    counted: CountedScan, dense: np.ndarray, filled: int, probe: Probe, config: AnalysisConfig
+) -> dict:
+    return {
+        "scan_width": counted.scan.width,
+        "scan_height": counted.scan.height,
+        "frames_per_position": counted.frames_per_position,
+        "completeness": counted.completeness,
+        "events_per_position": counted.num_events / counted.scan.positions,
+        "positions_filled": filled,
+        "bin_frames": config.bin_frames,
+        "pattern_shape": [int(dense.shape[2]), int(dense.shape[3])],
+        "probe_radius_px": probe.radius,
+        "probe_center_px": [probe.qx0, probe.qy0],
+        "q_pixel_mrad": config.convergence_semiangle_mrad / probe.radius,
+        "r_pixel_angstrom": config.r_pixel_size_angstrom,
+        "energy_ev": config.energy_ev,
+    }
+
+
+def _virtual(dc: DataCube, probe: Probe, config: AnalysisConfig) -> tuple[dict, dict]:
+    centre = (probe.qx0, probe.qy0)
+    r_bf = config.bf_radius_factor * probe.radius
+    r_in = config.adf_inner_factor * probe.radius
+    edge = min(dc.data.shape[2], dc.data.shape[3]) / 2
+    r_out = edge if config.adf_outer_factor is None else config.adf_outer_factor * probe.radius
+    bf = dc.get_virtual_image(mode="circle", geometry=(centre, r_bf), name="bf", verbose=False)
+    adf = dc.get_virtual_image(mode="annulus", geometry=(centre, (r_in, r_out)), name="adf", verbose=False)
+    arrays = {"bf": np.asarray(bf.data, np.float64), "adf": np.asarray(adf.data, np.float64)}
+    return arrays, {"bf_radius_px": r_bf, "adf_radii_px": [r_in, r_out]}
+
+
+def _dpc(dc: DataCube, config: AnalysisConfig, q_mrad: float) -> tuple[dict, dict]:
+    from py4DSTEM.process.phase import DPC
+
+    dpc = DPC(datacube=dc, energy=config.energy_ev, device="cpu", verbose=False)
+    dpc.preprocess(
+        force_com_rotation=config.com_rotation_deg,
+        force_com_transpose=config.com_transpose,
+        plot_center_of_mass=False,
+        plot_rotation=False,
+    )
+    # Measured CoM relative to its scan mean, in mrad: the beam deflection, in the detector frame.
+    com_x = np.asarray(dpc._com_measured_x, np.float64)
+    com_y = np.asarray(dpc._com_measured_y, np.float64)
+    arrays = {"com_x": (com_x - com_x.mean()) * q_mrad, "com_y": (com_y - com_y.mean()) * q_mrad}
+    dpc.reconstruct(
+        max_iter=config.dpc_max_iter, q_highpass=config.dpc_q_highpass, reset=True, progress_bar=False
+    )
+    arrays["dpc_phase"] = np.asarray(dpc.object_phase, np.float64)
+    info = {
+        "rotation_deg": float(np.rad2deg(dpc._rotation_best_rad)),
+        "transpose": bool(dpc._rotation_best_transpose),
+        "iterations": len(getattr(dpc, "error_iterations", []) or []),
+    }
+    return arrays, info
+
+
+def _parallax(dc: DataCube, config: AnalysisConfig) -> tuple[dict, dict]:
+    from py4DSTEM.process.phase import Parallax
+
+    h, w = dc.data.shape[:2]
+    if h * w > config.parallax_max_positions:
+        raise ValueError(f"{h * w} positions exceed parallax_max_positions={config.parallax_max_positions}")
+    rotation = config.com_rotation_deg or 0.0
+    pad = config.parallax_padding_px
+    par = Parallax(
+        energy=config.energy_ev,
+        datacube=dc,
+        device="cpu",
+        verbose=False,
+        object_padding_px=(pad, pad),
+        defocus=config.parallax_defocus_guess_angstrom,
+    )
+    par.preprocess(
+        edge_blend=config.parallax_edge_blend,
+        threshold_intensity=config.parallax_threshold_intensity,
+        force_rotation_angle_deg=rotation,
+        force_transpose=bool(config.com_transpose),
+        plot_average_bf=False,
+    )
+    par.reconstruct(
+        min_alignment_bin=config.parallax_min_alignment_bin,
+        num_iter_at_min_bin=config.parallax_iter_at_min_bin,
+        plot_aligned_bf=False,
+        plot_convergence=False,
+        progress_bar=False,
+    )
+    arrays = {"parallax_bf": _crop(par.recon_BF, h, w, pad)}
+    info: dict = {"bf_pixels": int(par._num_bf_images)}
+    if config.parallax_aberration_fit:
+        par.aberration_fit(plot_CTF_comparison=False)
+        info["rotation_deg"] = float(np.rad2deg(par.rotation_Q_to_R_rads))
+        info["C1_angstrom"] = float(par.aberrations_C1)
+        info["aberrations_polar"] = {k: float(v) for k, v in par.aberrations_dict_polar.items()}
+        if config.parallax_aberration_correct:
+            par.aberration_correct(plot_corrected_phase=False, upsampled=False)
+            arrays["parallax_phase"] = _crop(par.recon_phase_corrected, h, w, pad)
+    return arrays, info
+
+
+def _crop(image: np.ndarray, h: int, w: int, pad: int) -> np.ndarray:
+    """The scan field of view of a padded parallax image (py4DSTEM centres it, pad // 2 on each side)."""
+    image = np.asarray(image, np.float64)
+    if image.shape == (h, w):
+        return image
+    return image[pad // 2 : pad // 2 + h, pad // 2 : pad // 2 + w]
+
+
+# ------------------------------------------------------------------------------------------- images
+_PANELS: dict[str, list[tuple[str, str, str]]] = {
+    # image name: [(array, title, colormap)]
+    "bf": [("bf", "virtual bright field", "gray")],
+    "adf": [("adf", "virtual annular dark field", "gray")],
+    "com": [("com_x", "CoM x (rows), mrad", "RdBu_r"), ("com_y", "CoM y (columns), mrad", "RdBu_r")],
+    "dpc": [("dpc_phase", "DPC phase, rad", "magma")],
+    "parallax": [
+        ("parallax_bf", "parallax aligned BF", "gray"),
+        ("parallax_phase", "CTF-corrected", "magma"),
+    ],
+    "dp_mean": [("dp_mean", "mean diffraction pattern (log)", "inferno")],
+}
+
+
+def _save_pngs(arrays: dict, out_dir: Path, stem: str, config: AnalysisConfig, run: _Run) -> dict[str, Path]:
+    images: dict[str, Path] = {}
+    for name, panels in _PANELS.items():
+        present = [p for p in panels if p[0] in arrays]
+        if not present:
+            continue
+        path = out_dir / f"{stem}_{name}.png"
+        try:
+            _save_figure(path, [(arrays[key], title, cmap) for key, title, cmap in present], config.png_dpi)
+        except Exception as exc:  # a plotting failure costs one image, not the analysis
+            run.warn(f"{name} image failed: {type(exc).__name__}: {exc}")
+            continue
+        images[name] = path
+    return images
+
+
+def _save_figure(path: Path, panels: list[tuple[np.ndarray, str, str]], dpi: int) -> None:
+    # A bare Figure (no pyplot): no global figure registry, safe from worker threads.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
+    for k, (data, title, cmap) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        shown = np.log1p(np.clip(data, 0, None)) if "log" in title else data
+        lo, hi = _limits(shown, symmetric=cmap == "RdBu_r")
+        im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    tmp = path.with_name(f".{path.name}.partial")
+    fig.savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, path)  # a reader never sees half a PNG
+
+
+def _limits(data: np.ndarray, symmetric: bool) -> tuple[float, float]:
+    """Display range from the 1st-99th percentiles, so a few hot or dead positions do not wash out contrast."""
+    finite = data[np.isfinite(data)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1, 99])
+    if symmetric:
+        m = max(abs(lo), abs(hi)) or 1.0
+        return -m, m
+    return (float(lo), float(hi)) if hi > lo else (float(lo) - 0.5, float(lo) + 0.5)

@@ -1,0 +1,96 @@
+"""Local child processes that are always stopped: the local backend's node streamers and aggregator."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    """One started process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """True while it runs."""
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        """The end of its log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class ProcessGroup:
+    """Starts processes in their own sessions and stops every one of them, children included."""
+
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def start(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Child:
+        """Start a process; its stdout and stderr go to <log_dir>/<name>.log."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+            )
+        child = Child(name, popen, log_path)
+        self.children.append(child)
+        log.info("started %s (pid %d), log %s", name, popen.pid, log_path)
+        return child
+
+    def dead(self) -> list[Child]:
+        """Children that exited."""
+        return [c for c in self.children if not c.alive()]
+
+    def stop(self, grace: float = 10.0) -> dict[str, int | None]:
+        """SIGTERM every process group, wait up to grace seconds, then SIGKILL; returns exit codes."""
+        for c in self.children:
+            _signal_group(c.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for c in self.children:
+            try:
+                c.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", c.name, c.pid, grace)
+                _signal_group(c.popen, signal.SIGKILL)
+                c.popen.wait(5)
+        for c in self.children:
+            _signal_group(c.popen, signal.SIGKILL)  # grandchildren (counting workers) of a finished child
+        codes = {c.name: c.popen.returncode for c in self.children}
+        self.children = []
+        return codes
+
+
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, sig)

@@ -1,0 +1,178 @@
+"""Prefect tasks of a session: thin wrappers around the plain code in this package.
+
+Network-touching steps retry transient failures; every step has a timeout; nothing here holds state:
+the flow owns the backends and passes them in.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+
+from tasks.acquire import trigger_simulated_scan, wait_for_scan
+from tasks.backends import Aggregator, Nodes, record_state
+from tasks.monitor import wait_for_state
+from tasks.plan import SessionPlan
+from tasks.sfapi import JobFailedError, JobStartTimeout, SfapiCredentialsError
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry API hiccups, not a job that failed or a bad key (retrying those only delays the error)."""
+    try:
+        state.result()
+    except (JobFailedError, JobStartTimeout, SfapiCredentialsError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(
+    name="allocate-nodes",
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+    timeout_seconds=1800,
+)
+def allocate_nodes(nodes: Nodes, plan: SessionPlan) -> str:
+    """Start the node streamers (local processes or a realtime Slurm job) and wait until they run."""
+    logger = get_run_logger()
+    job_id = nodes.start(plan)
+    record_state(plan, job_id=job_id)  # first, so cleanup finds the job whatever happens next
+    logger.info("node streamers: job %s submitted for %d node(s)", job_id, plan.n_nodes)
+    nodes.wait_started()
+    logger.info("job %s is running", job_id)
+    return job_id
+
+
+@task(name="arm-aggregator", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, timeout_seconds=120)
+def arm_aggregator(aggregator: Aggregator, plan: SessionPlan) -> None:
+    """Start the aggregator for this session (node count, addresses, keys)."""
+    aggregator.start(plan)
+    record_state(plan, aggregator=type(aggregator).__name__, aggregator_pid=getattr(aggregator, "pid", None))
+    get_run_logger().info("aggregator armed for %d node(s) on %s", plan.n_nodes, plan.nodes_bind)
+
+
+@task(name="wait-nodes-ready", cache_policy=NO_CACHE)
+def wait_nodes_ready(plan: SessionPlan, nodes: Nodes, aggregator: Aggregator, timeout: float) -> int:
+    """Block until every node streamer has connected to the aggregator and reported ready."""
+
+    def check() -> None:
+        nodes.check()
+        aggregator.check()
+
+    state = wait_for_state(
+        plan.monitor_connect,
+        lambda s: s.nodes_ready >= plan.n_nodes,
+        timeout,
+        check=check,
+        what=f"{plan.n_nodes} node streamer(s) to report ready",
+    )
+    get_run_logger().info("%d node streamer(s) ready", state.nodes_ready)
+    return state.nodes_ready
+
+
+@task(name="acquire-scan", cache_policy=NO_CACHE)
+def acquire_scan(
+    plan: SessionPlan,
+    nodes: Nodes,
+    aggregator: Aggregator,
+    scan_number: int,
+    width: int,
+    height: int,
+    dose: float,
+    seed: int,
+    timeout: float,
+    simulate: bool = True,
+) -> dict:
+    """Acquire one scan (in the demo: trigger the simulated camera) and wait for its counted file."""
+    logger = get_run_logger()
+
+    def check() -> None:
+        nodes.check()
+        aggregator.check()
+
+    sent = {}
+    if simulate:
+        sent = trigger_simulated_scan(plan.receivers, scan_number, width, height, dose, seed, timeout=timeout)
+        logger.info("scan %d: %d sectors sent by the simulated camera", scan_number, sent["sectors_sent"])
+    record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
+    record.update(sent)
+    logger.info(
+        "scan %d: %s, %d frames, %.2f %% complete, file on disk %.2f s after the last data",
+        scan_number,
+        record["status"],
+        record["frames_written"],
+        100 * record["completeness"],
+        record["written_time"] - record["last_data_time"],
+    )
+    return record
+
+
+@task(name="verify-scan", cache_policy=NO_CACHE)
+def verify_scan_file(path: str, width: int, height: int, min_completeness: float):
+    """Verify a counted file; a problem is a clear Failed state with the reasons, not a traceback."""
+    from tasks.verify import verify_scan
+
+    result = verify_scan(Path(path), width, height, min_completeness)
+    if not result.ok:
+        return Failed(message=f"{Path(path).name}: " + "; ".join(result.problems), data=result)
+    return Completed(message=f"{Path(path).name} verified", data=result)
+
+
+@task(name="postprocess-scan", cache_policy=NO_CACHE)
+def postprocess_scan(path: str, out_dir: str) -> dict:
+    """py4DSTEM analysis of a counted scan; images become artifacts in the Prefect UI."""
+    from tasks.postprocess import AnalysisConfig, analyse_scan
+
+    result = analyse_scan(Path(path), Path(out_dir), AnalysisConfig())
+    name = Path(path).stem
+    images = "\n".join(
+        f"### {label}\n![{label}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
+        for label, p in result.images.items()
+    )
+    create_markdown_artifact(
+        key=f"analysis-{_key(name)}",
+        markdown=f"# {name}\n\n{images}",
+        description=f"py4DSTEM analysis of {name}",
+    )
+    for warning in result.warnings:
+        get_run_logger().warning("%s: %s", name, warning)
+    return {
+        "images": {k: str(v) for k, v in result.images.items()},
+        "timings": result.timings,
+        "warnings": result.warnings,
+    }
+
+
+@task(name="session-summary", cache_policy=NO_CACHE)
+def summarise(rows: list[dict]) -> None:
+    """The per-scan summary table, as an artifact."""
+    create_table_artifact(
+        key="session-summary", table=rows, description="stemstream session: one row per scan"
+    )
+
+
+@task(name="release-resources", cache_policy=NO_CACHE)
+def release(nodes: Nodes, aggregator: Aggregator) -> None:
+    """Stop the aggregator and release the nodes (cancel the job); always runs."""
+    logger = get_run_logger()
+    errors = []
+    for what, thing in (("aggregator", aggregator), ("nodes", nodes)):
+        try:
+            thing.stop()
+        except Exception as exc:  # keep releasing the rest; report every failure
+            errors.append(f"{what}: {exc}")
+    if errors:
+        raise RuntimeError("could not release everything: " + "; ".join(errors))
+    logger.info("released the aggregator and the nodes")
+
+
+def _key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100]
