@@ -251,47 +251,82 @@ def info(path: Annotated[Path, typer.Argument(help="a counted sparse HDF5 file")
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory")] = None,
+    scans: Annotated[int, typer.Option(min=1, help="scans in the session")] = 3,
     scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
     dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
+    nodes: Annotated[int, typer.Option(min=1, help="node streamers")] = 2,
+    postprocess: Annotated[bool, typer.Option(help="py4DSTEM analysis of every scan")] = True,
 ) -> None:
-    """Simulate a scan with the virtual 4D Camera, count it, and summarise the result."""
-    from counting.dark import load_dark
-    from counting.offline import count_raw_scan
-    from counting.raw import open_raw_scan
-    from counting.simulate_files import write_simulated_scan
-    from counting.sparse import write_counted_scan
+    """A complete local session on Prefect's embedded server: node streamers, aggregator, simulated camera,
+    counting, verification and py4DSTEM analysis of every scan."""
+    import os
 
-    settings = load_settings()
     width, height = _parse_scan(scan)
-    root = out or settings.output_dir / "demo"
-    raw_dir = root / "raw"
-    console.print(f"[bold]stemstream demo[/]: simulating a {width}x{height} scan into {raw_dir}")
-    t0 = time.perf_counter()
-    sim = write_simulated_scan(
-        raw_dir,
-        1,
-        width,
-        height,
-        dose if dose is not None else settings.simulator.dose,
-        settings.simulator.seed,
-    )
+    settings = load_settings()
+    # Keep the demo's Prefect database beside its output, quiet and offline (set before Prefect loads).
+    os.environ.setdefault("PREFECT_HOME", str((settings.output_dir / ".prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ["STEMSTREAM_SESSION__NODES"] = str(nodes)
+    from flows.session import session
+
     console.print(
-        f"  {sim.frames} frames, {sim.electrons / sim.frames:.1f} electrons/frame, {time.perf_counter() - t0:.1f} s"
+        f"[bold]stemstream demo[/]: {scans} scan(s) of {width}x{height} through {nodes} node streamer(s), "
+        f"Prefect server in {os.environ['PREFECT_HOME']}"
     )
-    raw = open_raw_scan(sorted(raw_dir.glob("*.data")))
-    t1 = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("counting", total=raw.num_frames)
-        counted = count_raw_scan(
-            raw,
-            load_dark(str(sim.dark)),
-            counting_options(settings.counting),
-            progress=lambda n: progress.advance(task, n),
-        )
-    elapsed = time.perf_counter() - t1
-    out_file = write_counted_scan(root / "scan_00001.h5", counted)
-    _print_summary(out_file, counted, elapsed)
+    t0 = time.perf_counter()
+    state = session(
+        n_scans=scans,
+        scan_width=width,
+        scan_height=height,
+        dose=dose if dose is not None else settings.simulator.dose,
+        backend="local",
+        postprocess=postprocess,
+        return_state=True,
+    )
+    elapsed = time.perf_counter() - t0
+    rows = state.result(raise_on_failure=False) if state.is_completed() else None
+    if isinstance(rows, list) and rows:
+        shown = [
+            "scan",
+            "verified",
+            "frames",
+            "events per frame",
+            "completeness %",
+            "seconds to counted file",
+        ]
+        table = Table(title="session summary")
+        for key in shown:
+            table.add_column(key, justify="right")
+        for row in rows:
+            table.add_row(*(str(row[k]) for k in shown))
+        console.print(table)
+    sessions = sorted((settings.output_dir / "sessions").glob("*"), key=lambda p: p.stat().st_mtime)
+    if sessions:
+        console.print(f"HDF5 files: {sessions[-1] / 'scans'}")
+        if postprocess:
+            console.print(f"py4DSTEM images (PNG): {sessions[-1] / 'analysis'}")
+        console.print(f"logs: {sessions[-1] / 'logs'}")
+    if not state.is_completed():
+        raise RuntimeError(f"the session failed: {state.message}")
+    console.print(f"[green]session completed in {elapsed:.1f} s[/]")
+
+
+@app.command()
+@user_errors
+def alerts(
+    webhook: Annotated[str, typer.Option(help="URL that gets a JSON POST {subject, body} on each failure")],
+) -> None:
+    """Alert a webhook when a session or experiment run fails, crashes or times out (needs a server)."""
+    from flows.alerts import BLOCK_NAME, FAILURE_EVENTS, FLOW_NAMES, check_server, redact_url, setup_alerts
+
+    api = check_server()
+    automation = setup_alerts(webhook, FLOW_NAMES)
+    console.print(f"server {redact_url(api)}: webhook block {BLOCK_NAME!r} -> {redact_url(webhook)}")
+    console.print(f"automation {automation.name!r} ({automation.id}): on {', '.join(FAILURE_EVENTS)}")
+    console.print(f"  of flows {', '.join(FLOW_NAMES)}")
 
 
 def _register_streaming() -> None:

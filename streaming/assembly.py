@@ -95,6 +95,10 @@ class FrameAssembler:
         """False when a new frame would need a slot and none is free: stop reading until one is."""
         return self._open is not None and self._open.used < self._open.frames.shape[0] or bool(self._free)
 
+    def has_room_for(self, frame_number: int) -> bool:
+        """True if a sector of this frame can be taken now (its frame is in flight, or a row is free)."""
+        return frame_number in self._where or frame_number in self._sealed_frames or self.can_accept()
+
     def begin_scan(self, scan_number: int) -> list[Sealed]:
         """Start a scan; anything left of the previous one is sealed first."""
         sealed = self.flush() if self.scan_number != scan_number else []

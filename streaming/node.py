@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,8 @@ class NodeConfig:
     session_id: int = 0
     name_template: str = DEFAULT_NAME_TEMPLATE
     scan_deadline: float = 10.0  # aggregator silent this long while a scan is open: end it
-    frame_timeout: float = 2.0  # all slots full and the oldest waited this long for sectors: seal it
+    frame_timeout: float = 5.0  # slots and hold queue full, oldest frame waited this long: seal it
+    hold_limit: int = 1024  # sectors held while no slot is free (memory bound: hold_limit * 166 kB)
     writer_deadline: float = 30.0
     heartbeat: float = 1.0
     curve: CurveClientConfig | None = None
@@ -127,6 +129,8 @@ class NodeStreamer:
         self._agg = self._dealer(config.aggregator, config.curve)
         self._out = self._dealer(writer_addr, None)
         self._scan: _NodeScan | None = None
+        self._held: deque = deque()  # (kind, parts) read while no slot was free, in arrival order
+        self._held_controls = 0
         self._node_index = -1
         self._welcomed = False
         self._last_agg = time.monotonic()
@@ -165,7 +169,7 @@ class NodeStreamer:
                     for conn in registered:
                         poller.register(conn, zmq.POLLIN)
                     generation = self.pool.generation
-                want = self.assembler.can_accept()
+                want = self._can_read()
                 if want != reading:
                     if want:
                         poller.register(self._agg, zmq.POLLIN)
@@ -205,15 +209,43 @@ class NodeStreamer:
     def _drain_aggregator(self) -> None:
         # Bounded batch per poll so writer messages and worker results are never starved.
         for _ in range(256):
-            if not self.assembler.can_accept() or not self._agg.poll(0):
+            if not self._can_read() or not self._agg.poll(0):
                 return
             parts = self._agg.recv_multipart(copy=False)
             self._last_agg = time.monotonic()
             kind = parts[0].bytes
-            if kind == p.DATA:
+            if self._held_controls or (self._held and kind != p.DATA):
+                # A control message (a scan's end, the next scan) must not overtake held sectors, and
+                # everything after a held control message waits too, in order.
+                self._held.append((kind, parts))
+                self._held_controls += kind != p.DATA
+            elif kind == p.DATA:
                 self._on_data(parts)
             else:
                 self._on_control(kind, parts)
+
+    def _can_read(self) -> bool:
+        """Read on while a slot is free, or while the hold queue for frames needing a slot has room."""
+        return self.assembler.can_accept() or len(self._held) < self.config.hold_limit
+
+    def _replay_held(self) -> None:
+        """Place held sectors that now fit, and run held control messages once nothing before them waits."""
+        if not self._held:
+            return
+        waiting: deque = deque()
+        blocked = False
+        while self._held:
+            kind, parts = self._held.popleft()
+            if kind != p.DATA:
+                if blocked:
+                    waiting.append((kind, parts))
+                    continue
+                self._held_controls -= 1
+                self._on_control(kind, parts)
+            elif not self._on_data(parts, hold=True):
+                blocked = True
+                waiting.append((kind, parts))
+        self._held = waiting
 
     def _on_control(self, kind: bytes, parts: list) -> None:
         try:
@@ -236,10 +268,11 @@ class NodeStreamer:
             self.counters.malformed += 1
             log.warning("%s: dropped a malformed control message: %s", self.config.name, exc)
 
-    def _on_data(self, parts: list) -> None:
+    def _on_data(self, parts: list, hold: bool = False) -> bool:
+        """Place a sector; returns False when it needs a slot and none is free (it is then held)."""
         if len(parts) != 3:
             self.counters.malformed += 1
-            return
+            return True
         try:
             header = decode_header(parts[1].buffer)
             payload = parts[2].buffer
@@ -247,19 +280,25 @@ class NodeStreamer:
                 raise WireError("sector payload has the wrong size")
         except WireError:
             self.counters.malformed += 1
-            return
+            return True
         scan = self._scan
         if scan is None or scan.end is not None or header.scan_number != scan.begin.scan_number:
             self.counters.stray += 1
-            return
+            return True
         if header.scan_width != scan.begin.scan_width or header.scan_height != scan.begin.scan_height:
             self.counters.malformed += 1
-            return
+            return True
+        if not self.assembler.has_room_for(header.frame_number):
+            # Sectors of frames already in flight may still arrive behind this one: keep reading.
+            if not hold:
+                self._held.append((p.DATA, parts))
+            return False
         scan.sectors += 1
         self.counters.sectors += 1
         sealed = self.assembler.add(header.frame_number, header.position, header.module, payload)
         for s in sealed:
             self._sealed(s)
+        return True
 
     def _begin_scan(self, begin: p.ScanBegin) -> None:
         if self._scan is not None and self._scan.end is None:
@@ -372,6 +411,8 @@ class NodeStreamer:
                 self.counters.frames += n
                 self.counters.incomplete_frames += int(np.count_nonzero(slot.masks[:n] != ALL_SECTORS))
             self.assembler.release(r.slot)
+        if results:
+            self._replay_held()
         self._maybe_done()
 
     def _drain_writer(self) -> None:
@@ -455,7 +496,7 @@ class NodeStreamer:
     # ------------------------------------------------------------------------------------------- timers
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if not self.assembler.can_accept():
+        if not self._can_read():
             oldest = self.assembler.oldest_waiting()
             if oldest is not None and now - oldest > self.config.frame_timeout:
                 # Never wedge on frames whose sectors are lost or far behind: count what we have, mark it.
@@ -466,6 +507,7 @@ class NodeStreamer:
                 )
                 for s in self.assembler.evict_oldest():
                     self._sealed(s)
+                self._replay_held()
         scan = self._scan
         if scan is not None and scan.end is None and now - self._last_agg > self.config.scan_deadline:
             log.warning(

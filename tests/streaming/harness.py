@@ -98,11 +98,7 @@ def start_session(
         heartbeat=0.2,
     )
     out = tmp / "out"
-    base = NodeConfig(
-        agg.nodes_endpoint,
-        name="node0",
-        output_dir=out,
-        writer_bind="tcp://127.0.0.1:0",
+    options = dict(
         workers=workers,
         batch_size=8,
         slots=64,
@@ -111,7 +107,10 @@ def start_session(
         frame_timeout=5.0,
         heartbeat=0.2,
         writer_deadline=10.0,
-        **(node_overrides or {}),
+    )
+    options.update(node_overrides or {})
+    base = NodeConfig(
+        agg.nodes_endpoint, name="node0", output_dir=out, writer_bind="tcp://127.0.0.1:0", **options
     )
     head = NodeStreamer(base, None)
     nodes = [head]

@@ -143,3 +143,26 @@ def test_lost_sectors_end_the_scan_by_deadline_and_are_marked(tmp_path):
     record = json.loads(session.wait_for_file(2).with_suffix(".json").read_text())
     assert record["status"] == "incomplete" and "deadline" in record["reasons"]
     assert nxt.completeness == 1.0
+
+
+def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
+    """Module 0 sends its whole scan before module 1 starts: slots (8 frames) fill with one-sector frames,
+    the node keeps reading into its hold queue, and the scan still completes exactly."""
+    from streaming.sender import run_sender
+
+    config = SimulatorConfig(ScanShape(8, 8), dose=100.0, seed=11)
+    session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"slots": 2, "batch_size": 4})
+    try:
+        for m in range(4):  # one receiver after another: the worst possible skew
+            run_sender(
+                SimulatedCamera(config),
+                session.aggregator.receiver_endpoints,
+                m,
+                scan_number=4,
+                send_timeout=30,
+            )
+        got = session.counted(4)
+    finally:
+        session.close()
+    assert got.completeness == 1.0
+    assert_same_events(got, offline(config, CountingOptions(fixed=FIXED)))
