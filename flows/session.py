@@ -64,7 +64,7 @@ def _plan(
         st.nodes_bind,
         st.monitor_bind or "",
         st.monitor_bind or "",
-        17500,
+        st.writer_port,
         dark,
     )
 

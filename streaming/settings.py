@@ -38,6 +38,7 @@ class StreamingSettings(BaseModel):
     node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
     node_batch: int = Field(32, ge=1)
     node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
+    writer_port: int = Field(17500, ge=1, le=65535, description="scan writer port on the first node (NERSC)")
     session_id: int = Field(0, ge=0, le=99999)
     name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
     send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")

@@ -24,19 +24,26 @@ import logging
 import os
 import stat
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import authlib.deprecate  # loaded first, so the filter below can override its "always"
 import httpx
 import tenacity
-from authlib.common.errors import AuthlibBaseError
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from sfapi_client import Client
-from sfapi_client.compute import Machine
-from sfapi_client.exceptions import ClientKeyError, SfApiError
+
+# Authlib 1.9 warns at import that its httpx module is deprecated in favour of httpx2 and forces that
+# warning to "always"; sfapi_client still uses httpx, so it is noise on every command (notes/deps.md).
+warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
+
+from authlib.common.errors import AuthlibBaseError  # noqa: E402
+from sfapi_client import Client  # noqa: E402
+from sfapi_client.compute import Machine  # noqa: E402
+from sfapi_client.exceptions import ClientKeyError, SfApiError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
