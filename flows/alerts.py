@@ -33,13 +33,16 @@ def redact_url(url: str) -> str:
     """The URL without credentials, query or fragment: safe for logs and terminal output."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     tail = "?..." if parts.query else ""
     return f"{parts.scheme}://{host}{parts.path}{tail}"
 
 
-def _check_webhook(url: str) -> None:
+def check_webhook(url: str) -> None:
+    """ValueError unless the URL is http(s) with a host."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"the webhook must be an http(s) URL with a host, got {redact_url(url)!r}")
@@ -72,6 +75,7 @@ def alert_automation(block_document_id: object, flow_names: Sequence[str] = FLOW
         name=AUTOMATION_NAME,
         description="Alert when a stemstream session or experiment run fails, crashes or times out",
         enabled=True,
+        tags=["stemstream"],
         trigger=EventTrigger(
             expect=set(FAILURE_EVENTS),
             match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -81,12 +85,16 @@ def alert_automation(block_document_id: object, flow_names: Sequence[str] = FLOW
             within=timedelta(0),
         ),
         actions=[SendNotification(block_document_id=block_document_id, subject=SUBJECT, body=BODY)],
+        actions_on_trigger=[],  # all fields set: an update replaces whatever was edited in the UI
+        actions_on_resolve=[],
     )
 
 
 def setup_alerts(webhook_url: str, flow_names: Sequence[str] = FLOW_NAMES) -> Automation:
     """Create or replace the webhook block and the failure automation on the current Prefect server."""
-    _check_webhook(webhook_url)
+    check_webhook(webhook_url)
+    if isinstance(flow_names, str):
+        flow_names = (flow_names,)
     if not flow_names:
         raise ValueError("give at least one flow name to watch")
     block = CustomWebhookNotificationBlock(

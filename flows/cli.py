@@ -320,8 +320,17 @@ def alerts(
     webhook: Annotated[str, typer.Option(help="URL that gets a JSON POST {subject, body} on each failure")],
 ) -> None:
     """Alert a webhook when a session or experiment run fails, crashes or times out (needs a server)."""
-    from flows.alerts import BLOCK_NAME, FAILURE_EVENTS, FLOW_NAMES, check_server, redact_url, setup_alerts
+    from flows.alerts import (
+        BLOCK_NAME,
+        FAILURE_EVENTS,
+        FLOW_NAMES,
+        check_server,
+        check_webhook,
+        redact_url,
+        setup_alerts,
+    )
 
+    check_webhook(webhook)
     api = check_server()
     automation = setup_alerts(webhook, FLOW_NAMES)
     console.print(f"server {redact_url(api)}: webhook block {BLOCK_NAME!r} -> {redact_url(webhook)}")

@@ -8,12 +8,13 @@ import hashlib
 import os
 import signal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
 from prefect.states import Completed, Failed
+from pydantic import Field
 
 from counting.dark import dark_reference
 from counting.geometry import ScanShape
@@ -99,10 +100,10 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     on_cancellation=[_cleanup_hook],
 )
 def session(
-    n_scans: int = 3,
-    scan_width: int = 64,
-    scan_height: int = 64,
-    dose: float = 200.0,
+    n_scans: Annotated[int, Field(ge=1, le=10000)] = 3,
+    scan_width: Annotated[int, Field(ge=1, le=4096)] = 64,
+    scan_height: Annotated[int, Field(ge=1, le=4096)] = 64,
+    dose: Annotated[float, Field(ge=0, le=20000)] = 200.0,
     nodes: int | None = None,
     backend: Literal["local", "nersc"] | None = None,
     first_scan: int = 1,
@@ -182,7 +183,8 @@ def session(
             + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
             + (": " + " | ".join(failures) if failures else "")
         )
-    return Completed(message=f"{n_scans} scan(s) counted, verified and analysed", data=rows)
+    done = "counted, verified and analysed" if s.postprocess else "counted and verified"
+    return Completed(message=f"{n_scans} scan(s) {done}", data=rows)
 
 
 def _row(number: int, record: dict, verified, ok: bool) -> dict:

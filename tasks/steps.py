@@ -19,13 +19,14 @@ from tasks.backends import Aggregator, Nodes, record_state
 from tasks.monitor import wait_for_state
 from tasks.plan import SessionPlan
 from tasks.sfapi import JobFailedError, JobStartTimeout, SfapiCredentialsError
+from tasks.slurm import SlurmConfigError
 
 
 def _retry_transient(task, task_run, state) -> bool:
     """Retry API hiccups, not a job that failed or a bad key (retrying those only delays the error)."""
     try:
         state.result()
-    except (JobFailedError, JobStartTimeout, SfapiCredentialsError):
+    except (JobFailedError, JobStartTimeout, SfapiCredentialsError, SlurmConfigError, ValueError):
         return False
     except Exception:
         return True
