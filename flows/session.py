@@ -62,9 +62,9 @@ def _plan(
         nodes,
         st.receivers,
         st.nodes_bind,
-        st.nodes_bind,
+        st.nodes_connect or st.nodes_bind,
         st.monitor_bind or "",
-        st.monitor_bind or "",
+        st.monitor_connect or st.monitor_bind or "",
         st.writer_port,
         dark,
     )
@@ -83,9 +83,17 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     settings = load_settings()
     session_dir = settings.output_dir / "sessions" / str(flow_run.id)
     info = read_state(session_dir)
-    for pid in info.get("local_pids", []):
+    local = list(info.get("local_pids", []))
+    if info.get("aggregator") == "LocalAggregator" and info.get("aggregator_pid"):
+        local.append(info["aggregator_pid"])
+    for pid in local:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
+    if info.get("aggregator") == "SshAggregator" and info.get("aggregator_pid"):
+        from tasks.remote import stop_remote_process
+
+        with contextlib.suppress(Exception):  # best effort: the hook must not hide the run's own failure
+            stop_remote_process(settings.ssh, int(info["aggregator_pid"]))
     if info.get("job_id") and info.get("backend") == "nersc":
         from tasks.sfapi import SfapiAllocator
 

@@ -115,6 +115,7 @@ class CountingPool:
         self._next_id = 0
         self._rr = 0
         self.restarts = 0
+        self.closing = False
         self.generation = 0  # bumped when a worker pipe is replaced, so pollers can re-register
         if workers and memory.name is None:
             raise ValueError("worker processes need shared slot memory")
@@ -192,6 +193,8 @@ class CountingPool:
         return results
 
     def _restart(self, i: int) -> None:
+        if self.closing:  # shutting down: a worker ended by the same SIGTERM is not a failure
+            return
         proc = self._procs[i]
         if proc is not None:
             proc.join(timeout=1)
@@ -218,6 +221,7 @@ class CountingPool:
 
     def close(self) -> None:
         """Stop the workers (politely, then by force) and drop their pipes."""
+        self.closing = True
         for conn in self._conns:
             if conn is not None:
                 with contextlib.suppress(BrokenPipeError, OSError):

@@ -150,6 +150,7 @@ class NodeStreamer:
     # ------------------------------------------------------------------------------------------- running
     def stop(self) -> None:
         """Ask the loop to end (safe from signal handlers and other threads)."""
+        self.pool.closing = True  # workers ended by the same signal are not restarted
         self._stop.set()
 
     def run(self) -> NodeCounters:

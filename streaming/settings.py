@@ -27,6 +27,10 @@ class StreamingSettings(BaseModel):
     receivers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:6001"])
     nodes_bind: str = "tcp://127.0.0.1:17000"
     monitor_bind: str | None = "tcp://127.0.0.1:17001"
+    nodes_connect: str | None = Field(
+        None, description="the aggregator's node address as nodes reach it (when it binds tcp://*:PORT)"
+    )
+    monitor_connect: str | None = Field(None, description="the monitor address as the session reaches it")
     n_nodes: int = Field(1, ge=1)
     scan_deadline: float = Field(
         2.0, gt=0, description="aggregator: seconds without a sector before a scan ends"

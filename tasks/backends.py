@@ -53,6 +53,8 @@ class Nodes(Protocol):
 class Aggregator(Protocol):
     """The session's aggregator."""
 
+    pid: int | None
+
     def start(self, plan: SessionPlan) -> None:
         """Start (or reconfigure) the aggregator for this session."""
 
@@ -162,6 +164,11 @@ class LocalAggregator:
 
     streaming: StreamingSettings
     group: ProcessGroup | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The aggregator process (its process group) while it runs."""
+        return self.group.children[0].pid if self.group is not None and self.group.children else None
 
     def start(self, plan: SessionPlan) -> None:
         """Start it on the plan's addresses."""

@@ -610,6 +610,7 @@ def _slurm_env(job: FakeJob, step: SrunStep, task: int) -> dict[str, str]:
         "SLURM_NODEID": str(node),
         "SLURM_LOCALID": str(task - node * per_node),
         "SLURMD_NODENAME": f"nid{node + 1:06d}",
+        "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1",  # every fake node is this machine
     }
 
 

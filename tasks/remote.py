@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import posixpath
 import select
 import shlex
 import time
@@ -130,6 +131,7 @@ def start_remote_process(
     # The inner subshell exits at once, so the process is re-parented and the SSH channel is not held open.
     script = [
         _ALIVE,
+        f"mkdir -p {shlex.quote(posixpath.dirname(log_path) or '.')} || exit {_START_FAILED}",
         f"pid=$(nohup setsid {text} >>{log_q} 2>&1 </dev/null & echo $!)",
         f"sleep {settle:.3f}",
         'if alive "$pid"; then echo "$pid"; exit 0; fi',

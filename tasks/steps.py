@@ -18,6 +18,7 @@ from tasks.acquire import trigger_simulated_scan, wait_for_scan
 from tasks.backends import Aggregator, Nodes, record_state
 from tasks.monitor import wait_for_state
 from tasks.plan import SessionPlan
+from tasks.remote import AuthenticationFailed, HostKeyRejected
 from tasks.sfapi import JobFailedError, JobStartTimeout, SfapiCredentialsError
 from tasks.slurm import SlurmConfigError
 
@@ -26,7 +27,15 @@ def _retry_transient(task, task_run, state) -> bool:
     """Retry API hiccups, not a job that failed or a bad key (retrying those only delays the error)."""
     try:
         state.result()
-    except (JobFailedError, JobStartTimeout, SfapiCredentialsError, SlurmConfigError, ValueError):
+    except (
+        JobFailedError,
+        JobStartTimeout,
+        SfapiCredentialsError,
+        SlurmConfigError,
+        ValueError,
+        HostKeyRejected,
+        AuthenticationFailed,
+    ):
         return False
     except Exception:
         return True
@@ -44,6 +53,8 @@ def _retry_transient(task, task_run, state) -> bool:
 def allocate_nodes(nodes: Nodes, plan: SessionPlan) -> str:
     """Start the node streamers (local processes or a realtime Slurm job) and wait until they run."""
     logger = get_run_logger()
+    if nodes.job_id is not None:  # a retry: the previous attempt's job must not outlive it
+        nodes.stop()
     job_id = nodes.start(plan)
     record_state(plan, job_id=job_id)  # first, so cleanup finds the job whatever happens next
     logger.info("node streamers: job %s submitted for %d node(s)", job_id, plan.n_nodes)
@@ -52,11 +63,18 @@ def allocate_nodes(nodes: Nodes, plan: SessionPlan) -> str:
     return job_id
 
 
-@task(name="arm-aggregator", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, timeout_seconds=120)
+@task(
+    name="arm-aggregator",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+    timeout_seconds=120,
+)
 def arm_aggregator(aggregator: Aggregator, plan: SessionPlan) -> None:
     """Start the aggregator for this session (node count, addresses, keys)."""
     aggregator.start(plan)
-    record_state(plan, aggregator=type(aggregator).__name__, aggregator_pid=getattr(aggregator, "pid", None))
+    record_state(plan, aggregator=type(aggregator).__name__, aggregator_pid=aggregator.pid)
     get_run_logger().info("aggregator armed for %d node(s) on %s", plan.n_nodes, plan.nodes_bind)
 
 

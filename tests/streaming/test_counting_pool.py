@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,4 +57,5 @@ def test_worker_processes_count_like_the_kernel_and_survive_a_killed_worker():
         pool.close()
         memory.close()
     for pid in pids:  # no worker outlives the pool
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z"

@@ -1,0 +1,428 @@
+"""The session flow end to end, under one Prefect test harness: real node streamers, aggregator and writer.
+
+* local backend: every process on this machine (what `stemstream` does out of the box);
+* nersc backend: the real sfapi_client talks to the loopback fake SFAPI, whose job really starts the srun
+  line's node streamers as local processes, and the aggregator is started over SSH on a real loopback sshd
+  (pinned host key);
+* failure paths: each ends FAILED with a message that says why, the Slurm job cancelled and no process left;
+* alerts: a failed session reaches a webhook through the Prefect automation of flows/alerts.py (the harness
+  server runs the trigger and action services).
+
+Scans are tiny (8x8, 16x16) and py4DSTEM runs in one test only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.states import State
+
+from flows.session import session
+from flows.settings import load_settings
+from tasks.fake_sfapi import FakeJob
+from tasks.verify import verify_scan
+from tests.flows.conftest import NerscSetup, set_env
+from tests.tasks.helpers import alive, keygen, wait_until
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+API = "/api/v1.2/compute/jobs/perlmutter"
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+def run_session(output_dir: Path, **kwargs: Any) -> tuple[State, Path]:
+    """Run the session flow to its final state; returns the state and the session's directory."""
+    kwargs.setdefault("postprocess", False)
+    state = session(return_state=True, **kwargs)
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    return state, output_dir / "sessions" / str(flow_run_id)
+
+
+def message(state: State) -> str:
+    """The state's message and, for a raised exception, its text (what an operator sees in the UI)."""
+    text = str(state.message or "")
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # the flow's own exception, re-raised from its result
+        text += f"\n{type(exc).__name__}: {exc}"
+    return text
+
+
+def read_state_file(session_dir: Path) -> dict[str, Any]:
+    """The session's session.json (what the cleanup hooks read)."""
+    return json.loads((session_dir / "session.json").read_text())
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1], pgid [2])."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    """The process's command line, words joined by spaces ('' when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def leftovers(session_dir: Path, groups: Iterable[int] = ()) -> list[str]:
+    """Live processes of this session: in a recorded process group, started by this test process as
+    `flows.cli`, or naming the session's directory on their command line."""
+    info = read_state_file(session_dir) if (session_dir / "session.json").exists() else {}
+    pgids = {int(p) for p in [*groups, *info.get("local_pids", []), info.get("aggregator_pid")] if p}
+    me, found = str(os.getpid()), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        stat = _stat(int(entry.name))
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        cmd = _cmdline(int(entry.name))
+        if int(stat[2]) in pgids or (stat[1] == me and "flows.cli" in cmd) or str(session_dir) in cmd:
+            found.append(f"{entry.name}: {cmd[:200]}")
+    return found
+
+
+def assert_nothing_left(session_dir: Path, groups: Iterable[int] = ()) -> None:
+    """No node streamer, counting worker or aggregator of the session is alive (a few seconds' grace)."""
+    groups = list(groups)
+    wait_until(lambda: not leftovers(session_dir, groups), timeout=10)
+    left = leftovers(session_dir, groups)
+    assert not left, f"processes left behind: {left}"
+
+
+def only_job(fake_jobs: dict[str, FakeJob]) -> FakeJob:
+    """The one job the session submitted."""
+    assert len(fake_jobs) == 1, f"expected one Slurm job, got {list(fake_jobs)}"
+    return next(iter(fake_jobs.values()))
+
+
+def assert_job_released(nersc: NerscSetup, job: FakeJob) -> None:
+    """The job was cancelled through SFAPI and every process it started is gone."""
+    assert job.state == "CANCELLED"
+    assert ("DELETE", f"{API}/{job.jobid}") in nersc.fake.requests
+    assert not any(alive(pid) for pid in job.pids)
+
+
+def assert_scans(session_dir: Path, n: int, width: int, height: int) -> list[dict[str, Any]]:
+    """n counted files that verify, each with all its frames; returns their stop records."""
+    files = sorted((session_dir / "scans").glob("*.h5"))
+    assert len(files) == n, files
+    records = []
+    for path in files:
+        result = verify_scan(path, width, height, 1.0)
+        assert result.ok, result.problems
+        assert (result.scan_width, result.scan_height) == (width, height)
+        assert result.frames == width * height and result.completeness == 1.0
+        assert result.checksum_matches_record is True
+        record = json.loads(path.with_suffix(".json").read_text())
+        assert record["status"] == "complete" and record["reasons"] == ["complete"]
+        assert record["frames_written"] == width * height and record["completeness"] == 1.0
+        records.append(record)
+    return records
+
+
+def artifacts_of(flow_run_id: uuid.UUID) -> dict[str, Any]:
+    """The flow run's artifacts by key, read back from the Prefect API."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def task_runs_of(flow_run_id: uuid.UUID) -> dict[str, list[Any]]:
+    """The flow run's task runs by task name (retries show as run_count > 1)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_name: dict[str, list[Any]] = {}
+    for run in runs:
+        by_name.setdefault(run.name.rsplit("-", 1)[0], []).append(run)
+    return by_name
+
+
+@contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A loopback HTTP endpoint that records the JSON of every POST; yields (url, received)."""
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            received.append({"path": self.path, "json": json.loads(body or b"null")})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/stemstream-alerts", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def in_background(target: Callable[[], None]) -> threading.Thread:
+    """Run target in a daemon thread (a saboteur); join it with a timeout."""
+    thread = threading.Thread(target=target, name="saboteur", daemon=True)
+    thread.start()
+    return thread
+
+
+# ---- local backend ------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_env: Path) -> None:
+    state, session_dir = run_session(
+        stemstream_env, n_scans=2, scan_width=16, scan_height=16, postprocess=True
+    )
+    assert state.is_completed(), message(state)
+    assert "2 scan(s) counted, verified and analysed" in str(state.message)
+
+    records = assert_scans(session_dir, 2, 16, 16)
+    assert [r["scan_number"] for r in records] == [1, 2]
+    rows = state.result()
+    assert [(r["scan"], r["status"], r["verified"], r["frames"]) for r in rows] == [
+        (1, "complete", "passed", 256),
+        (2, "complete", "passed", 256),
+    ]
+    assert all(r["completeness %"] == 100.0 for r in rows)
+
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    summary = artifacts["session-summary"]
+    assert summary.type == "table"
+    table = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    assert [row["scan"] for row in table] == [1, 2] and {row["verified"] for row in table} == {"passed"}
+    analyses = [a for key, a in artifacts.items() if key and key.startswith("analysis-")]
+    assert len(analyses) == 2 and all(a.type == "markdown" for a in analyses)
+    assert all("data:image/png;base64," in str(a.data) for a in analyses)
+    assert list((session_dir / "analysis").glob("*.png"))
+
+    info = read_state_file(session_dir)
+    assert info["backend"] == "local" and len(info["local_pids"]) == 2
+    assert {p.name for p in (session_dir / "logs").glob("*.log")} == {
+        "node0.log",
+        "node1.log",
+        "aggregator.log",
+    }
+    assert_nothing_left(session_dir)
+
+
+@pytest.mark.timeout(90)
+def test_local_node_dying_mid_session_fails_the_session_and_stops_everything(
+    stemstream_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_env(monkeypatch, "session", scan_timeout=30, nodes_ready_timeout=60)
+    killed: list[int] = []
+
+    def kill_node1_after_scan_1() -> None:
+        """Once scan 1 is written, SIGKILL node 1 alone (its counting worker is orphaned)."""
+        sessions = stemstream_env / "sessions"
+        if not wait_until(lambda: list(sessions.glob("*/scans/*_00001.json")), timeout=60):
+            return
+        session_dir = next(sessions.iterdir())
+        pids = read_state_file(session_dir)["local_pids"]
+        os.kill(pids[1], signal.SIGKILL)
+        killed.append(pids[1])
+
+    saboteur = in_background(kill_node1_after_scan_1)
+    state, session_dir = run_session(stemstream_env, n_scans=3, scan_width=8, scan_height=8)
+    saboteur.join(5)
+    assert killed, "scan 1 never completed, so no node was killed"
+    assert state.is_failed()
+    text = message(state)
+    assert "node streamer node1 exited with code -9" in text, text
+    assert len(list((session_dir / "scans").glob("*.h5"))) == 1  # scan 1 only
+    assert_nothing_left(session_dir, groups=killed)
+
+
+# ---- nersc backend: sfapi_client -> fake SFAPI, aggregator over SSH -----------------------------------
+def expected_writer_port() -> int:
+    """The free writer port the nersc fixture chose."""
+    return int(os.environ["STEMSTREAM_STREAMING__WRITER_PORT"])
+
+
+@pytest.mark.timeout(120)
+def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
+    state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    assert state.is_completed(), message(state)
+    assert_scans(session_dir, 1, 8, 8)
+
+    job = only_job(nersc.fake.jobs)
+    d = job.directives
+    assert (d["qos"], d["account"], d["constraint"], d["nodes"], d["time"]) == (
+        "realtime",
+        "m1234",
+        "cpu",
+        "1",
+        "00:10:00",
+    )
+    assert d["exclusive"] == "1" and d["job_name"] == "stemstream-nodes"
+    assert d["output"] == "/pscratch/logs/%x_%j.out"
+    assert job.script == (session_dir / "node_streamers.sh").read_text()
+    [step] = job.steps
+    argv = step.argv
+    assert argv[argv.index("node") - 2 :][:3] == ["-m", "flows.cli", "node"]
+    assert argv[argv.index("--aggregator") + 1] == nersc.nodes_bind
+    assert argv[argv.index("--writer-port") + 1] == str(expected_writer_port())
+    assert job.env["STEMSTREAM_STREAMING__SESSION_ID"].isdigit()
+    assert job.task_ids == [0]  # one srun task per node, SLURM_PROCID 0 hosts the writer
+    node_log = nersc.fake.root / f"pscratch/logs/stemstream-nodes_{job.jobid}.out"
+    assert "welcomed as node 0 of 1" in node_log.read_text()
+
+    info = read_state_file(session_dir)
+    assert info["backend"] == "nersc" and info["job_id"] == job.jobid
+    assert info["aggregator"] == "SshAggregator" and isinstance(info["aggregator_pid"], int)
+    remote_log = (session_dir / "logs" / "aggregator-remote.log").read_text()
+    assert "scan 1 ends (complete)" in remote_log  # the aggregator really ran, started over SSH
+
+    assert_job_released(nersc, job)
+    assert not alive(info["aggregator_pid"])
+    assert_nothing_left(session_dir, groups=job.pids)
+
+
+@pytest.mark.timeout(120)
+def test_nersc_transient_sfapi_errors_are_retried(
+    nersc: NerscSetup, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasks.sfapi")
+    nersc.fake.fail_next_requests(3, 503)  # the token request and the first API calls
+    nersc.fake.fail_next_requests(2, 502, route="compute/jobs")  # then the submission itself
+    state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    assert state.is_completed(), message(state)
+    assert_scans(session_dir, 1, 8, 8)
+    job = only_job(nersc.fake.jobs)  # a refused submission was repeated, never doubled
+    retries = [r for r in caplog.records if r.name == "tasks.sfapi" and "retry" in r.getMessage()]
+    assert len(retries) >= 5, [r.getMessage() for r in retries]
+    assert_job_released(nersc, job)
+    assert_nothing_left(session_dir, groups=job.pids)
+
+
+@pytest.mark.timeout(90)
+def test_nersc_sfapi_outage_while_the_job_starts_leaves_no_job_behind(nersc: NerscSetup) -> None:
+    fake = nersc.fake
+    fake.pending_polls = 3  # the outage begins while the first job is still PENDING
+    retries = load_settings().sfapi.api_retries
+
+    def outage_after_submission() -> None:
+        """Once the job is submitted, fail every job query and the cancel: one whole allocate attempt."""
+        if wait_until(lambda: fake.jobs, timeout=30):
+            fake.fail_next_requests(2 * retries, 503, route="compute/jobs")
+
+    saboteur = in_background(outage_after_submission)
+    state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    saboteur.join(5)
+    assert state.is_completed(), message(state)  # allocate-nodes was retried with a second job
+    assert len(fake.jobs) == 2
+    first, second = fake.jobs.values()
+    assert read_state_file(session_dir)["job_id"] == second.jobid
+    assert_job_released(nersc, second)
+    # The first job could not be cancelled during the outage; it would start later and hold realtime nodes
+    # until its walltime. The retry (or the end of the session) must cancel it once SFAPI answers again.
+    assert first.state == "CANCELLED", f"job {first.jobid} left {first.state} after the session"
+    assert_nothing_left(session_dir, groups=first.pids + second.pids)
+
+
+@pytest.mark.timeout(60)
+def test_nersc_job_that_never_starts_fails_the_session_and_is_cancelled(
+    nersc: NerscSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_env(monkeypatch, "sfapi", start_timeout=1)
+    nersc.fake.stuck_pending = True
+    t = time.monotonic()
+    state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    assert state.is_failed()
+    text = message(state)
+    assert "not RUNNING after 1 s (last state PENDING)" in text, text
+    job = only_job(nersc.fake.jobs)  # a start timeout is not retried with a second job
+    assert job.state == "CANCELLED" and not job.pids
+    assert ("DELETE", f"{API}/{job.jobid}") in nersc.fake.requests
+    info = read_state_file(session_dir)
+    assert info["job_id"] == job.jobid and "aggregator_pid" not in info  # never armed
+    assert time.monotonic() - t < 30
+    [allocate] = task_runs_of(state.state_details.flow_run_id)["allocate-nodes"]
+    assert allocate.run_count == 1  # not retried: waiting longer is the start timeout's job
+    assert_nothing_left(session_dir)
+
+
+@pytest.mark.timeout(60)
+def test_nersc_wrong_ssh_host_key_fails_the_session_and_cancels_the_job(
+    nersc: NerscSetup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    other = keygen(tmp_path / "other_host_key")
+    kind, b64 = Path(f"{other}.pub").read_text().split()[:2]
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{nersc.ssh.host}]:{nersc.ssh.port} {kind} {b64}\n")
+    set_env(monkeypatch, "ssh", known_hosts=known_hosts)
+
+    state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    assert state.is_failed()
+    text = message(state)
+    assert "HostKeyRejected" in text and "CHANGED" in text, text
+    job = only_job(nersc.fake.jobs)
+    assert job.pids, "the job had started its node streamer before the aggregator was armed"
+    assert_job_released(nersc, job)
+    assert "aggregator_pid" not in read_state_file(session_dir)
+    assert_nothing_left(session_dir, groups=job.pids)
+    # A pinned key that does not match will not match five seconds later: the step must not be retried.
+    [arm] = task_runs_of(state.state_details.flow_run_id)["arm-aggregator"]
+    assert arm.run_count == 1, f"arm-aggregator ran {arm.run_count} times on a host-key mismatch"
+
+
+# ---- alerts --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_failed_session_alerts_the_webhook(stemstream_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.alerts import setup_alerts
+
+    # A quick, real failure: one node streamer that cannot report ready within 0.5 s.
+    set_env(monkeypatch, "session", nodes=1, nodes_ready_timeout=0.5)
+    with webhook_receiver() as (url, received):
+        automation = setup_alerts(url, ["stemstream-session"])
+        try:
+            state, session_dir = run_session(stemstream_env, n_scans=1, scan_width=8, scan_height=8)
+            assert state.is_failed()
+            assert "waiting for 1 node streamer(s) to report ready" in message(state)
+            # Event -> trigger -> action -> webhook runs in the harness server's services (bounded wait).
+            assert wait_until(lambda: received, timeout=30), "no alert reached the webhook within 30 s"
+        finally:
+            with get_client(sync_client=True) as client:  # later tests' failures must not alert a dead URL
+                client.delete_automation(automation.id)
+    [alert] = received
+    assert alert["path"] == "/stemstream-alerts"
+    subject, body = alert["json"]["subject"], alert["json"]["body"]
+    # MonitorTimeout is a TimeoutError, which Prefect names TimedOut (a Failed type, and an alerting event).
+    assert state.name in ("Failed", "TimedOut")
+    with get_client(sync_client=True) as client:
+        run_name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert subject == f"stemstream: stemstream-session run {run_name} {state.name}"
+    assert str(state.state_details.flow_run_id) in body
+    assert "waiting for 1 node streamer(s) to report ready" in body
+    assert_nothing_left(session_dir)
