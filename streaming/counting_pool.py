@@ -215,6 +215,19 @@ class CountingPool:
         for task in list(self._held[i].values()):
             self._dispatch(i, task)
 
+    def recalibrate(self, dark: np.ndarray | None, gain: np.ndarray | None) -> None:
+        """Count with another dark and gain from now on (restarts the workers; none may hold a slot)."""
+        if self.outstanding:
+            raise RuntimeError("cannot change the calibration while slots are being counted")
+        self.dark, self.gain = dark, gain
+        self._inline_counter = {}
+        if self.workers:
+            self.close()
+            self.closing = False
+            for i in range(self.workers):
+                self._start(i)
+            self.generation += 1
+
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes (for monitoring and fault-injection tests)."""
         return [p.pid for p in self._procs if p is not None and p.pid is not None]

@@ -29,7 +29,13 @@ from streaming.assembly import FrameAssembler, Sealed
 from streaming.counting_pool import CountingPool, CountResult, SlotMemory
 from streaming.security import CurveClientConfig, apply_client
 from streaming.wire import WireError, decode_header
-from streaming.writer import DEFAULT_NAME_TEMPLATE, ScanWriter, WriterConfig
+from streaming.writer import (
+    DEFAULT_NAME_TEMPLATE,
+    ScanWriter,
+    WriterConfig,
+    calibration_digest,
+    calibration_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +129,7 @@ class NodeStreamer:
                 config.writer_bind or f"inproc://writer-{id(self)}", wcfg, dark, gain, self._ctx
             ).start()
             writer_addr = self._writer.endpoint
+        self._calibration = calibration_digest(*calibration_parts(dark, gain))
         self.memory = SlotMemory(config.slots, config.batch_size, shared=config.workers > 0)
         self.assembler = FrameAssembler(self.memory.slots())
         self.pool = CountingPool(self.memory, dark, gain, config.workers)
@@ -421,7 +428,9 @@ class NodeStreamer:
             parts = self._out.recv_multipart()
             try:
                 t = p.decode(parts[0], parts[1], p.ScanThresholds)
-            except (p.ProtocolError, IndexError) as exc:
+                if t.calibration and t.calibration != self._calibration:
+                    self._adopt_calibration(t.calibration, parts[2], parts[3])
+            except (p.ProtocolError, IndexError, ValueError) as exc:
                 self.counters.malformed += 1
                 log.warning("%s: dropped a malformed writer message: %s", self.config.name, exc)
                 continue
@@ -446,6 +455,19 @@ class NodeStreamer:
                     self._submit(scan, s)
                 scan.pending.clear()
             self._maybe_done()
+
+    def _adopt_calibration(self, digest: str, dark_bytes: bytes, gain_bytes: bytes) -> None:
+        """Count with the writer's dark and gain, so every node and the thresholds agree."""
+        from counting.geometry import FRAME_SHAPE
+
+        def array(raw: bytes) -> np.ndarray | None:
+            return np.frombuffer(raw, np.float32).reshape(FRAME_SHAPE).copy() if raw else None
+
+        self.pool.recalibrate(array(dark_bytes), array(gain_bytes))
+        self._calibration = digest
+        log.info(
+            "%s: counting with the scan writer's dark reference and gain (%s)", self.config.name, digest[:8]
+        )
 
     def _maybe_done(self) -> None:
         scan = self._scan

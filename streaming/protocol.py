@@ -213,6 +213,7 @@ class ScanThresholds:
     background: float
     xray: float
     metadata: dict = field(default_factory=dict)
+    calibration: str = ""  # digest of the dark and gain that follow as two binary parts (empty: none)
 
 
 _KIND = {

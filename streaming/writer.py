@@ -115,6 +115,8 @@ class ScanWriter:
     ):
         self.config = config
         self.dark, self.gain = dark, gain
+        self._calibration_parts = calibration_parts(dark, gain)
+        self._calibration = calibration_digest(*self._calibration_parts)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
@@ -195,7 +197,7 @@ class ScanWriter:
             if self.config.fixed is not None:
                 t = self.config.fixed
                 scan.thresholds = p.ScanThresholds(
-                    begin.scan_number, t.background, t.xray, fixed_threshold_metadata(t)
+                    begin.scan_number, t.background, t.xray, fixed_threshold_metadata(t), self._calibration
                 )
         scan.nodes[identity] = begin.name
         if scan.thresholds is not None:
@@ -203,6 +205,8 @@ class ScanWriter:
 
     def _on_samples(self, header: p.SampleHeader, parts: list) -> None:
         scan = self._scan(header.scan_number)
+        if scan.thresholds is not None:
+            return  # fixed or already estimated: samples are not needed
         if len(parts) != len(header.frame_numbers):
             raise p.ProtocolError("sample frame count does not match its header")
         for number, part in zip(header.frame_numbers, parts, strict=True):
@@ -221,7 +225,11 @@ class ScanWriter:
                 raise ThresholdError("no complete frame arrived, so thresholds cannot be estimated")
             est = estimate_thresholds(np.stack([scan.samples[n] for n in numbers]), self.dark, cfg, self.gain)
             scan.thresholds = p.ScanThresholds(
-                scan.begin.scan_number, est.background_threshold, est.x_ray_threshold, est.metadata()
+                scan.begin.scan_number,
+                est.background_threshold,
+                est.x_ray_threshold,
+                est.metadata(),
+                self._calibration,
             )
         except ThresholdError as exc:
             log.error("scan %d: %s", scan.begin.scan_number, exc)
@@ -268,8 +276,11 @@ class ScanWriter:
         return scan
 
     def _send(self, identity: bytes, message: object) -> None:
+        parts = [identity, *p.encode(message)]
+        if isinstance(message, p.ScanThresholds):
+            parts += list(self._calibration_parts)  # every node counts with the writer's dark and gain
         try:
-            self._sock.send_multipart([identity, *p.encode(message)], flags=zmq.NOBLOCK)
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not send %s to a node: %s", type(message).__name__, exc)
 
@@ -384,6 +395,16 @@ class ScanWriter:
             else:
                 still.append(fut)
         self._pending = still
+
+
+def calibration_parts(dark: np.ndarray | None, gain: np.ndarray | None) -> tuple[bytes, bytes]:
+    """The dark and gain as float32 bytes (empty when absent), as sent with thresholds."""
+    return tuple(b"" if a is None else np.ascontiguousarray(a, np.float32).tobytes() for a in (dark, gain))
+
+
+def calibration_digest(dark_bytes: bytes, gain_bytes: bytes) -> str:
+    """Identifies a dark+gain pair, so a node knows whether it already counts with it."""
+    return hashlib.sha256(b"dark" + dark_bytes + b"gain" + gain_bytes).hexdigest()[:32]
 
 
 def _sha256(path: Path) -> str:

@@ -52,3 +52,28 @@ def wait_for_state(
         raise MonitorTimeout(f"timed out after {timeout:.0f} s waiting for {what} ({seen})")
     finally:
         sub.close()
+
+
+class MonitorFollower:
+    """Keeps the latest aggregator state without blocking (for progress while something else waits)."""
+
+    def __init__(self, address: str):
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, p.STATE)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self.state: p.AggregatorState | None = None
+
+    def latest(self) -> p.AggregatorState | None:
+        """Drain what has arrived and return the newest state (None before the first one)."""
+        while self._sock.poll(0):
+            kind, body = self._sock.recv_multipart()
+            try:
+                self.state = p.decode(kind, body, p.AggregatorState)
+            except p.ProtocolError:
+                continue
+        return self.state
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()

@@ -7,16 +7,23 @@ the flow owns the backends and passes them in.
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
+from counting.geometry import N_SECTORS
 from tasks.acquire import trigger_simulated_scan, wait_for_scan
 from tasks.backends import Aggregator, Nodes, record_state
-from tasks.monitor import wait_for_state
+from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
 from tasks.remote import AuthenticationFailed, HostKeyRejected
 from tasks.sfapi import JobFailedError, JobStartTimeout, SfapiCredentialsError
@@ -110,18 +117,51 @@ def acquire_scan(
     timeout: float,
     simulate: bool = True,
 ) -> dict:
-    """Acquire one scan (in the demo: trigger the simulated camera) and wait for its counted file."""
+    """Acquire one scan (in the demo: trigger the simulated camera), follow it, wait for its counted file."""
     logger = get_run_logger()
+    follower = MonitorFollower(plan.monitor_connect)
+    progress_id = create_progress_artifact(progress=0.0, description=f"scan {scan_number}: sectors forwarded")
+    expected = width * height * N_SECTORS
+    state = follower.latest()
+    base = state.forwarded if state is not None else 0
+    shown = [0.0]
 
-    def check() -> None:
-        nodes.check()
-        aggregator.check()
+    with ThreadPoolExecutor(1, thread_name_prefix="acquire") as pool:
+        camera = (
+            pool.submit(
+                trigger_simulated_scan,
+                plan.receivers,
+                scan_number,
+                width,
+                height,
+                dose,
+                seed,
+                timeout=timeout,
+            )
+            if simulate
+            else None
+        )
 
-    sent = {}
-    if simulate:
-        sent = trigger_simulated_scan(plan.receivers, scan_number, width, height, dose, seed, timeout=timeout)
+        def check() -> None:
+            nodes.check()
+            aggregator.check()
+            if camera is not None and camera.done():
+                camera.result()  # a sender failure surfaces here, not as a silent timeout
+            st = follower.latest()
+            if st is not None and st.scan_number == scan_number:
+                done = min(100.0, 100.0 * (st.forwarded - base) / expected)
+                if done - shown[0] >= 5:
+                    update_progress_artifact(progress_id, done)
+                    shown[0] = done
+
+        try:
+            record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
+            sent = camera.result() if camera is not None else {}
+        finally:
+            follower.close()
+    update_progress_artifact(progress_id, 100.0)
+    if sent:
         logger.info("scan %d: %d sectors sent by the simulated camera", scan_number, sent["sectors_sent"])
-    record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
     record.update(sent)
     logger.info(
         "scan %d: %s, %d frames, %.2f %% complete, file on disk %.2f s after the last data",
