@@ -55,6 +55,8 @@ API_PREFIX = "/api/v1.2"
 TOKEN_PATH = "/token"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
+# Spelled out here rather than imported from tasks.sfapi on purpose: the fake models the server on its own,
+# so a wrong state set in the client is caught by the tests instead of being mirrored by the fake.
 QUEUED_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED"})
 TERMINAL_STATES = frozenset(
     {
