@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,7 +40,6 @@ def test_golden_file() -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_rendered_script_is_valid_bash() -> None:
     script = render_batch_script(*_golden_inputs())
     subprocess.run(["bash", "-n"], input=script.encode(), check=True)
