@@ -317,7 +317,12 @@ def demo(
 @app.command()
 @user_errors
 def alerts(
-    webhook: Annotated[str, typer.Option(help="URL that gets a JSON POST {subject, body} on each failure")],
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            help="URL that gets a JSON POST {subject, body} on each failure (default: session.alert_webhook)"
+        ),
+    ] = None,
 ) -> None:
     """Alert a webhook when a session or experiment run fails, crashes or times out (needs a server)."""
     from flows.alerts import (
@@ -330,6 +335,9 @@ def alerts(
         setup_alerts,
     )
 
+    webhook = webhook or load_settings().session.alert_webhook
+    if not webhook:
+        raise typer.BadParameter("give --webhook URL or set session.alert_webhook in the settings")
     check_webhook(webhook)
     api = check_server()
     automation = setup_alerts(webhook, FLOW_NAMES)
