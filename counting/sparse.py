@@ -16,6 +16,7 @@ fewer frames get empty event lists (and mask 0) in the remaining slots, exactly 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -208,6 +209,15 @@ def _plain(value):
     if isinstance(value, bytes):
         return value.decode()
     return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (constant memory for files of any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_counted_scan(path: str | os.PathLike) -> CountedScan:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.settings import load_settings
+from flows.settings import given, load_settings
 
 app = typer.Typer(
     name="stemstream",
@@ -76,18 +76,14 @@ def simulate(
     width, height = _parse_scan(scan)
     settings = load_settings()
     sim = settings.simulator.model_copy(
-        update={
-            k: v
-            for k, v in dict(
-                scan_width=width,
-                scan_height=height,
-                dose=dose,
-                seed=seed,
-                frames_per_position=frames_per_position,
-                dark_frames=dark_frames,
-            ).items()
-            if v is not None
-        }
+        update=given(
+            scan_width=width,
+            scan_height=height,
+            dose=dose,
+            seed=seed,
+            frames_per_position=frames_per_position,
+            dark_frames=dark_frames,
+        )
     )
     t0 = time.perf_counter()
     result = write_simulated_scan(
@@ -134,21 +130,16 @@ def count(
     from counting.raw import open_raw_scan
     from counting.sparse import write_counted_scan
 
-    if (background_threshold is None) != (xray_threshold is None):
-        raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
+    check_threshold_pair(background_threshold, xray_threshold)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     settings = load_settings(
-        counting={
-            k: v
-            for k, v in dict(
-                background_threshold=background_threshold,
-                xray_threshold=xray_threshold,
-                workers=workers,
-                batch_size=batch_size,
-            ).items()
-            if v is not None
-        }
+        counting=given(
+            background_threshold=background_threshold,
+            xray_threshold=xray_threshold,
+            workers=workers,
+            batch_size=batch_size,
+        )
     )
     scan = open_raw_scan(raw_paths(raw), version=file_version)
     dark_arr = load_dark(str(dark)) if dark is not None else None
@@ -174,6 +165,12 @@ def count(
     elapsed = time.perf_counter() - t0
     write_counted_scan(out, counted)
     _print_summary(out, counted, elapsed)
+
+
+def check_threshold_pair(background: float | None, xray: float | None) -> None:
+    """Fixed thresholds come as a pair or not at all."""
+    if (background is None) != (xray is None):
+        raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
 
 
 def counting_options(cfg: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.settings import Settings, load_settings
+from flows.settings import Settings, given, load_settings
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -19,7 +19,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _streaming_settings(**overrides: Any) -> Settings:
-    return load_settings(streaming={k: v for k, v in overrides.items() if v is not None})
+    return load_settings(streaming=given(**overrides))
 
 
 def server_curve(settings: Settings) -> Any:
@@ -161,22 +161,17 @@ def node(
 ) -> None:
     """Run a node streamer: reassemble, count in worker processes, send events to the scan writer."""
     from counting.dark import load_dark, load_frame_array
-    from flows.cli import counting_options
+    from flows.cli import check_threshold_pair, counting_options
     from streaming.node import NodeConfig, run_node
 
     _configure_logging(verbose)
-    if (background_threshold is None) != (xray_threshold is None):
-        raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
+    check_threshold_pair(background_threshold, xray_threshold)
     if writer_port is not None:
         output_dir, writer, writer_bind = slurm_writer_role(output_dir, writer_port)
         if writer is not None:
             background_threshold = xray_threshold = None  # the writer's host decides thresholds for all
     settings = load_settings(
-        counting={
-            k: v
-            for k, v in dict(background_threshold=background_threshold, xray_threshold=xray_threshold).items()
-            if v is not None
-        }
+        counting=given(background_threshold=background_threshold, xray_threshold=xray_threshold)
     )
     st = settings.streaming
     opts = counting_options(settings.counting)

@@ -19,7 +19,7 @@ from pydantic import Field
 from counting.dark import dark_reference
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from flows.settings import Settings, load_settings
+from flows.settings import Settings, given, load_settings
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
 from tasks.plan import SessionPlan, local_plan
 from tasks.steps import (
@@ -121,13 +121,9 @@ def session(
 ):
     """One streaming session: N scans counted, written, verified and analysed while it runs."""
     logger = get_run_logger()
-    overrides = {
-        k: v
-        for k, v in dict(
-            backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
-        ).items()
-        if v is not None
-    }
+    overrides = given(
+        backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
+    )
     settings = load_settings(session=overrides) if overrides else load_settings()
     s = settings.session
     run_id = str(current_run.get_id() or f"local-{os.getpid()}")

@@ -92,6 +92,11 @@ def config_path() -> Path | None:
     return local if local.is_file() else None
 
 
+def given(**values: object) -> dict:
+    """The options a user actually gave (None means not given): overrides for a settings section."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings from defaults, TOML, environment and explicit overrides (the CLI's values)."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings(**given(**overrides))

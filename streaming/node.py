@@ -28,7 +28,7 @@ from streaming import protocol as p
 from streaming.assembly import FrameAssembler, Sealed
 from streaming.counting_pool import CountingPool, CountResult, SlotMemory
 from streaming.security import CurveClientConfig, apply_client
-from streaming.wire import WireError, decode_header
+from streaming.wire import WireError, decode_message
 from streaming.writer import (
     DEFAULT_NAME_TEMPLATE,
     ScanWriter,
@@ -282,10 +282,7 @@ class NodeStreamer:
             self.counters.malformed += 1
             return True
         try:
-            header = decode_header(parts[1].buffer)
-            payload = parts[2].buffer
-            if payload.nbytes != 144 * 576 * 2:
-                raise WireError("sector payload has the wrong size")
+            header, payload = decode_message(parts[1:])
         except WireError:
             self.counters.malformed += 1
             return True
@@ -404,12 +401,13 @@ class NodeStreamer:
             slot = self.assembler.slot(r.slot)
             if scan is not None and slot.scan_number == scan.begin.scan_number:
                 n = len(r.events)
+                # send_multipart copies each part (copy=True), so slot views are safe to reuse at once.
                 self._out.send_multipart(
                     [
                         *p.encode(p.EventsHeader(self.config.name, scan.begin.scan_number, n)),
-                        slot.positions[:n].copy(),
-                        slot.frame_numbers[:n].copy(),
-                        slot.masks[:n].copy(),
+                        slot.positions[:n],
+                        slot.frame_numbers[:n],
+                        slot.masks[:n],
                         r.events.offsets,
                         r.events.indices,
                     ]

@@ -29,7 +29,7 @@ import zmq
 
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.kernel import EventList, Thresholds
-from counting.sparse import CountedScan, ScanAccumulator, write_counted_scan
+from counting.sparse import CountedScan, ScanAccumulator, file_sha256, write_counted_scan
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
 from streaming import protocol as p
 
@@ -332,7 +332,7 @@ class ScanWriter:
         record = self._record(scan, counted, path, reasons, thresholds, last_data)
         try:
             write_counted_scan(path, counted)
-            record.sha256 = _sha256(path)
+            record.sha256 = file_sha256(path)
         except OSError as exc:
             record.status, record.path, record.error = "failed", None, f"cannot write {path}: {exc}"
             log.error("scan %d: %s", b.scan_number, record.error)
@@ -405,14 +405,6 @@ def calibration_parts(dark: np.ndarray | None, gain: np.ndarray | None) -> tuple
 def calibration_digest(dark_bytes: bytes, gain_bytes: bytes) -> str:
     """Identifies a dark+gain pair, so a node knows whether it already counts with it."""
     return hashlib.sha256(b"dark" + dark_bytes + b"gain" + gain_bytes).hexdigest()[:32]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:

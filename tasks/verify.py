@@ -7,7 +7,6 @@ beside the file (``<name>.json``, ``streaming.writer.ScanRecord``) when there is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,12 +18,11 @@ import h5py
 import numpy as np
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS
-from counting.sparse import FORMAT_VERSION
+from counting.sparse import FORMAT_VERSION, file_sha256
 from streaming.writer import record_path
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20  # sha256 is streamed in 1 MiB reads: constant memory for files of any size
 _FRAME_PIXELS = FRAME_ROWS * FRAME_COLS
 _FRAMES_PER_READ = 65536  # event lists read at a time when checking indices
 
@@ -107,15 +105,6 @@ def verify_scans(
 ) -> list[VerifyResult]:
     """Verify several files with the same expectations, in order."""
     return [verify_scan(p, expected_width, expected_height, min_completeness) for p in paths]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- stop record

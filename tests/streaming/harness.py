@@ -133,16 +133,9 @@ def start_session(
     for t in session.threads:
         t.start()
     deadline = time.monotonic() + 10
-    while _ready(agg) < n_nodes:
+    while agg.state().nodes_ready < n_nodes:
         if time.monotonic() > deadline:
             session.close()
             raise TimeoutError("nodes did not become ready")
         time.sleep(0.02)
     return session
-
-
-def _ready(agg: Aggregator) -> int:
-    try:
-        return agg.state().nodes_ready
-    except RuntimeError:  # the aggregator thread changed its node table mid-read: ask again
-        return 0
