@@ -16,9 +16,11 @@ fewer frames get empty event lists (and mask 0) in the remaining slots, exactly 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,22 +145,40 @@ class ScanAccumulator:
 
 
 def write_counted_scan(path: str | os.PathLike, scan: CountedScan) -> Path:
-    """Write a counted scan atomically: to a temporary name in the same directory, then rename."""
+    """Write a counted scan atomically; a storage failure raises OSError and leaves no file behind."""
     path = Path(path)
+    write_file_atomically(path, counted_scan_image(scan))
+    return path
+
+
+def counted_scan_image(scan: CountedScan) -> bytes:
+    """The scan's HDF5 file, built in memory (only programming errors can fail here, never the disk)."""
+    # HDF5 never writes to disk itself: when a write fails (disk full, quota, EFBIG) HDF5 2.x raises
+    # RuntimeError or OSError at random points, cannot close the file, and can crash the process at exit
+    # (seen with h5py 3.16, HDF5 2.0).
+    # Built in memory and written by Python, a full disk is one plain OSError and nothing is left open.
+    name = f"stemstream-image-{uuid.uuid4().hex}"  # the core driver tells open files apart by name
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
+        _write_layout(f, scan)
+        f.flush()
+        return f.id.get_file_image()
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, rename; on any failure remove the temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with h5py.File(tmp, "w") as f:
-            _write_layout(f, scan)
-        with open(tmp, "rb+") as fh:
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
+            tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def _write_layout(f: h5py.File, scan: CountedScan) -> None:

@@ -9,14 +9,21 @@ DEALER sockets (protocol.W_*). Per scan it
   * when every node reports the scan done (or nothing arrived for ``scan_deadline`` seconds), writes the
     HDF5 atomically in a background thread, so the next scan can stream meanwhile, then a JSON stop
     record beside it saying what exists: status, expected and written frames, completeness, checksum.
+
+Storage failures are fatal: the output directory is probed before serving (ScanWriterError if it is not
+writable), and when a scan cannot be written (disk full, quota, read-only) its file is not left behind, its
+stop record says "failed" with the OS reason, and ``error`` is set so the host stops. Every later scan would
+fail the same way, so the writer's host fails loudly at once rather than streaming scans it cannot store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,13 +36,17 @@ import zmq
 
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.kernel import EventList, Thresholds
-from counting.sparse import CountedScan, ScanAccumulator, file_sha256, write_counted_scan
+from counting.sparse import CountedScan, ScanAccumulator, counted_scan_image, write_file_atomically
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
 from streaming import protocol as p
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME_TEMPLATE = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
+
+
+class ScanWriterError(RuntimeError):
+    """The scan writer cannot store scans: its output directory is unusable or a scan failed to write."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class ScanWriter:
         gain: np.ndarray | None = None,
         context: zmq.Context | None = None,
     ):
+        check_output_dir(config.output_dir)  # before binding anything: nothing to undo when it fails
         self.config = config
         self.dark, self.gain = dark, gain
         self._calibration_parts = calibration_parts(dark, gain)
@@ -128,9 +140,9 @@ class ScanWriter:
         self._pending: list[Future] = []
         self.records: list[ScanRecord] = []
         self.malformed = 0
+        self.error: str | None = None  # set (once) when a scan or its stop record could not be written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        config.output_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------------- running
     def start(self) -> ScanWriter:
@@ -330,14 +342,27 @@ class ScanWriter:
             scan=b.scan_number,
         )
         record = self._record(scan, counted, path, reasons, thresholds, last_data)
+        image = counted_scan_image(counted)  # in memory: an error here is a bug, reported by _reap
+        written = False
         try:
-            write_counted_scan(path, counted)
-            record.sha256 = file_sha256(path)
-        except OSError as exc:
-            record.status, record.path, record.error = "failed", None, f"cannot write {path}: {exc}"
+            write_file_atomically(path, image)
+            record.sha256 = hashlib.sha256(image).hexdigest()
+            written = True
+        except OSError as exc:  # only the disk: full, quota, EFBIG, read-only, gone
+            record.status, record.path = "failed", None
+            record.error = f"cannot write scan {b.scan_number} to {self.config.output_dir}: {exc}"
             log.error("scan %d: %s", b.scan_number, record.error)
+            self._fail(record.error)
+        del image
         record.written_time = time.time()
-        _write_json(record_path(path), asdict(record))
+        try:
+            _write_json(record_path(path), asdict(record))
+        except OSError as exc:  # best effort when the scan failed; a lost record is fatal all the same
+            msg = f"cannot write the stop record of scan {b.scan_number} to {self.config.output_dir}: {exc}"
+            log.error("scan %d: %s", b.scan_number, msg)
+            self._fail(msg)
+        if not written:
+            return record
         log.info(
             "scan %d written: %s (%d frames, %.2f %% complete, %s)",
             b.scan_number,
@@ -347,6 +372,11 @@ class ScanWriter:
             record.status,
         )
         return record
+
+    def _fail(self, message: str) -> None:
+        # Only the first failure is reported: later ones are its consequences.
+        if self.error is None:
+            self.error = message
 
     def _record(
         self,
@@ -407,7 +437,27 @@ def calibration_digest(dark_bytes: bytes, gain_bytes: bytes) -> str:
     return hashlib.sha256(b"dark" + dark_bytes + b"gain" + gain_bytes).hexdigest()[:32]
 
 
+def check_output_dir(directory: Path) -> None:
+    """Create the directory and a probe file in it; ScanWriterError naming the directory and the OS reason."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".stemstream-probe-", dir=directory)
+        try:
+            os.write(fd, b"probe")  # a full disk may still create an empty file, but not store a byte
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ScanWriterError(f"scan output directory {directory} is not writable: {exc}") from exc
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
+            tmp.unlink(missing_ok=True)
+        raise
