@@ -4,6 +4,10 @@ and sends the events to the session's scan writer (which it may host itself).
 One loop, one thread, everything polled together: the aggregator socket (read only while a slot is free,
 which is the back-pressure), the writer socket, and the counting workers' pipes. Nothing waits without a
 deadline: a scan ends when the aggregator says so, or when it has been silent for ``scan_deadline``.
+
+A hosted writer that cannot store a scan (disk full, quota, read-only) stops the node at once, and ``run``
+raises ScanWriterError: every later scan would fail the same way, so the writer's host fails loudly rather
+than go on streaming scans it cannot store.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from streaming.wire import WireError, decode_message
 from streaming.writer import (
     DEFAULT_NAME_TEMPLATE,
     ScanWriter,
+    ScanWriterError,
     WriterConfig,
     calibration_digest,
     calibration_parts,
@@ -115,6 +120,7 @@ class NodeStreamer:
         self._ctx = zmq.Context()
         self._stop = threading.Event()
         self._writer: ScanWriter | None = None
+        self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
         writer_addr = config.writer
         if config.output_dir is not None:
             wcfg = WriterConfig(
@@ -125,9 +131,13 @@ class NodeStreamer:
                 config.estimate,
                 config.writer_deadline,
             )
-            self._writer = ScanWriter(
-                config.writer_bind or f"inproc://writer-{id(self)}", wcfg, dark, gain, self._ctx
-            ).start()
+            try:
+                self._writer = ScanWriter(
+                    config.writer_bind or f"inproc://writer-{id(self)}", wcfg, dark, gain, self._ctx
+                ).start()
+            except BaseException:  # e.g. an unwritable output directory: no workers exist yet
+                self._ctx.destroy(linger=0)  # closes a socket a failed bind left open, then terms
+                raise
             writer_addr = self._writer.endpoint
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
         self.memory = SlotMemory(config.slots, config.batch_size, shared=config.workers > 0)
@@ -161,52 +171,69 @@ class NodeStreamer:
         self._stop.set()
 
     def run(self) -> NodeCounters:
-        """Serve scans until stopped or max_scans are done; always releases every resource."""
+        """Serve scans until stopped or max_scans are done; always releases every resource.
+
+        Raises ScanWriterError (after releasing everything) when the hosted writer could not store a scan.
+        """
         try:
-            self._hello()
-            poller = zmq.Poller()
-            poller.register(self._out, zmq.POLLIN)
-            registered: list = []
-            generation = -1
-            reading = False
-            while not self._stop.is_set():
-                if generation != self.pool.generation:  # a restarted worker has a new pipe
-                    for conn in registered:
-                        poller.unregister(conn)
-                    registered = self.pool.connections()
-                    for conn in registered:
-                        poller.register(conn, zmq.POLLIN)
-                    generation = self.pool.generation
-                want = self._can_read()
-                if want != reading:
-                    if want:
-                        poller.register(self._agg, zmq.POLLIN)
-                    else:
-                        poller.unregister(self._agg)
-                    reading = want
-                events = dict(poller.poll(50))
-                if self._agg in events:
-                    self._drain_aggregator()
-                if self._out in events:
-                    self._drain_writer()
-                self._take_results(self.pool.collect(0))
-                self._housekeeping()
-                if self.config.max_scans is not None and self.counters.scans >= self.config.max_scans:
-                    break
-            return self.counters
+            self._serve()
         finally:
             self.close()
+        if self.writer_error is not None:
+            raise ScanWriterError(f"scan writer failed: {self.writer_error}")
+        return self.counters
+
+    def _serve(self) -> None:
+        self._hello()
+        poller = zmq.Poller()
+        poller.register(self._out, zmq.POLLIN)
+        registered: list = []
+        generation = -1
+        reading = False
+        while not self._stop.is_set():
+            if generation != self.pool.generation:  # a restarted worker has a new pipe
+                for conn in registered:
+                    poller.unregister(conn)
+                registered = self.pool.connections()
+                for conn in registered:
+                    poller.register(conn, zmq.POLLIN)
+                generation = self.pool.generation
+            want = self._can_read()
+            if want != reading:
+                if want:
+                    poller.register(self._agg, zmq.POLLIN)
+                else:
+                    poller.unregister(self._agg)
+                reading = want
+            events = dict(poller.poll(50))
+            if self._agg in events:
+                self._drain_aggregator()
+            if self._out in events:
+                self._drain_writer()
+            self._take_results(self.pool.collect(0))
+            self._housekeeping()
+            if self._writer is not None and self._writer.error is not None:
+                log.error("%s: scan writer failed, stopping: %s", self.config.name, self._writer.error)
+                break
+            if self.config.max_scans is not None and self.counters.scans >= self.config.max_scans:
+                break
 
     def close(self) -> None:
         """Stop workers and the hosted writer (after it has written what it has), close sockets."""
         self.pool.close()
-        if self._writer is not None:
-            self._writer.stop()
-            self._writer = None
-        for sock in (self._agg, self._out):
-            sock.close(linger=2000)
-        self._ctx.term()
-        self.memory.close()
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                try:
+                    writer.stop()  # waits for pending writes, which may fail too (a last scan, max_scans)
+                finally:
+                    self.writer_error = writer.error
+        finally:  # sockets and shared memory are released even if the writer's stop raised
+            for sock in (self._agg, self._out):
+                # Nothing queued for a writer that failed is worth waiting for.
+                sock.close(linger=0 if self.writer_error and sock is self._out else 2000)
+            self._ctx.term()
+            self.memory.close()
 
     def _hello(self) -> None:
         self._agg.send_multipart(p.encode(p.Hello(self.config.name, os.getpid())))
@@ -517,7 +544,9 @@ class NodeStreamer:
     # ------------------------------------------------------------------------------------------- timers
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if not self._can_read():
+        # Also with a control message held: after a lossy scan the aggregator's end waits behind sectors
+        # that need slots, and no further data will come to fill the hold queue and trigger the eviction.
+        if not self._can_read() or self._held_controls:
             oldest = self.assembler.oldest_waiting()
             if oldest is not None and now - oldest > self.config.frame_timeout:
                 # Never wedge on frames whose sectors are lost or far behind: count what we have, mark it.
