@@ -58,6 +58,14 @@ def send(
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="receiver threads per module")] = 1,
     timeout: Annotated[float | None, typer.Option(help="give up after this many seconds")] = None,
+    realtime: Annotated[
+        bool,
+        typer.Option(
+            "--realtime",
+            help="run as the camera does, at --rate: never wait for the aggregator, drop (and count) "
+            "sectors it cannot take in time",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Emulate the four receiving servers: one process per module sends its sectors to the aggregator."""
@@ -82,17 +90,23 @@ def send(
         )
     else:
         source = raw_paths(raw)
+    rate = rate if rate is not None else settings.streaming.send_rate
+    if realtime and rate is None:
+        raise typer.BadParameter("--realtime needs --rate (or streaming.send_rate): the camera's frames/s")
     results = send_scan(
         source,
         aggregator,
-        rate if rate is not None else settings.streaming.send_rate,
+        rate,
         threads,
         scan_number=scan_number,
         timeout=timeout,
+        realtime=realtime,
     )
     total = sum(r.sent for r in results.values())
     dropped = sum(r.dropped for r in results.values())
-    console.print(f"sent {total} sectors from {len(results)} modules ({dropped} dropped)")
+    overflowed = sum(r.overflowed for r in results.values())
+    lost = f", {overflowed} lost: the aggregator did not take them in time" if overflowed else ""
+    console.print(f"sent {total} sectors from {len(results)} modules ({dropped} dropped{lost})")
 
 
 def aggregator(
@@ -106,6 +120,12 @@ def aggregator(
         float | None, typer.Option(help="seconds without a sector before a scan ends")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    receiver_hwm: Annotated[
+        int | None, typer.Option(min=1, help="sectors queued per receiver connection (x 166 kB: memory)")
+    ] = None,
+    node_hwm: Annotated[
+        int | None, typer.Option(min=1, help="sectors queued per node (x 166 kB: memory)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
@@ -118,6 +138,8 @@ def aggregator(
         n_nodes=nodes,
         monitor_bind=monitor_bind,
         scan_deadline=scan_deadline,
+        aggregator_receiver_hwm=receiver_hwm,
+        aggregator_node_hwm=node_hwm,
     )
     st = settings.streaming
     stats = run_aggregator(
@@ -129,6 +151,8 @@ def aggregator(
         st.heartbeat,
         server_curve(settings),
         timeout=timeout,
+        receiver_hwm=st.aggregator_receiver_hwm,
+        node_hwm=st.aggregator_node_hwm,
     )
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
 
@@ -190,6 +214,7 @@ def node(
         name_template=st.name_template,
         scan_deadline=st.node_deadline,
         frame_timeout=st.frame_timeout,
+        hold_limit=st.node_hold_limit,
         writer_deadline=st.writer_deadline,
         heartbeat=st.heartbeat,
         curve=client_curve(settings),

@@ -40,7 +40,7 @@ from streaming.wire import SectorHeader, WireError, decode_message
 log = logging.getLogger(__name__)
 
 NODE_SNDHWM = 2000  # messages queued per node before the aggregator blocks (about 330 MB of sectors)
-RECEIVER_RCVHWM = 1000
+RECEIVER_RCVHWM = 1000  # messages queued per receiver connection before it stops reading (about 166 MB)
 _DRAIN_BATCH = 256  # sectors taken from one receiver before looking at control messages and timers
 _CONTROL_BATCH = 64
 _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between send attempts
@@ -138,7 +138,9 @@ class Aggregator:
     heartbeat: seconds between state messages on the monitor. curve: CURVE server keys and allowed
     client keys for the node and monitor sockets (None: plain, for localhost). stall_timeout: seconds a
     node's full queue may block forwarding before that node is marked stalled (its sectors then count as
-    unroutable until it talks again). context: a zmq.Context to use (default: a private one).
+    unroutable until it talks again). node_sndhwm, receiver_rcvhwm: messages queued per node and per
+    receiver connection (each sector ~166 kB: together they bound this process's memory). context: a
+    zmq.Context to use (default: a private one).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class Aggregator:
         *,
         stall_timeout: float = 30.0,
         node_sndhwm: int = NODE_SNDHWM,
+        receiver_rcvhwm: int = RECEIVER_RCVHWM,
         context: zmq.Context | None = None,
     ) -> None:
         if n_nodes < 1:
@@ -161,11 +164,18 @@ class Aggregator:
             raise ValueError("give at least one receiver address")
         if scan_deadline <= 0 or heartbeat <= 0 or stall_timeout <= 0:
             raise ValueError("scan_deadline, heartbeat and stall_timeout must be > 0")
+        if node_sndhwm < 1 or receiver_rcvhwm < 1:
+            raise ValueError("node_sndhwm and receiver_rcvhwm must be >= 1 (0 would mean unbounded memory)")
         self.n_nodes = n_nodes
         self.scan_deadline = scan_deadline
         self.heartbeat = heartbeat
         self.stall_timeout = stall_timeout
         self.session_id = int.from_bytes(os.urandom(4), "little")
+        self.security = (
+            f"CURVE, {len(curve.allowed_clients)} allowed client key(s)"
+            if curve is not None
+            else "plain (no CURVE: for loopback or a trusted network only)"
+        )
         self.stats = AggregatorStats()
         self._own_ctx = context is None
         self._ctx = zmq.Context() if context is None else context
@@ -183,7 +193,7 @@ class Aggregator:
         self._end: float | None = None
         self._sockets: list[zmq.Socket] = []
         try:
-            self._bind(receivers, nodes_bind, monitor_bind, curve, node_sndhwm)
+            self._bind(receivers, nodes_bind, monitor_bind, curve, node_sndhwm, receiver_rcvhwm)
         except BaseException:
             self.close()
             raise
@@ -196,11 +206,12 @@ class Aggregator:
         monitor_bind: str | None,
         curve: CurveServerConfig | None,
         node_sndhwm: int,
+        receiver_rcvhwm: int,
     ) -> None:
         self._receivers = []
         for address in receivers:
             sock = self._socket(zmq.PULL)
-            sock.rcvhwm = RECEIVER_RCVHWM
+            sock.rcvhwm = receiver_rcvhwm
             sock.bind(address)
             self._receivers.append(sock)
         self._router = self._socket(zmq.ROUTER)
@@ -281,11 +292,12 @@ class Aggregator:
         self._stop_event, self._until = stop_event, until
         self._end = None if timeout is None else time.monotonic() + timeout
         log.info(
-            "aggregator: receivers %s, nodes %s (%d), monitor %s",
+            "aggregator: receivers %s, nodes %s (%d), monitor %s; node and monitor sockets %s",
             self.receiver_endpoints,
             self.nodes_endpoint,
             self.n_nodes,
             self.monitor_endpoint,
+            self.security,
         )
         try:
             while not self._stop_requested():
@@ -690,6 +702,9 @@ def run_aggregator(
     curve: CurveServerConfig | None = None,
     stop_event: threading.Event | None = None,
     timeout: float | None = None,
+    *,
+    receiver_hwm: int = RECEIVER_RCVHWM,
+    node_hwm: int = NODE_SNDHWM,
 ) -> AggregatorStats:
     """Run an aggregator until SIGTERM/SIGINT, stop_event, or timeout seconds; returns its counters.
 
@@ -697,10 +712,21 @@ def run_aggregator(
     nodes_bind: ROUTER address for the nodes (e.g. tcp://*:17000). n_nodes: nodes per scan.
     monitor_bind: PUB address for monitors (None: none). scan_deadline: seconds without a sector before
     an open scan ends. heartbeat: seconds between monitor states. curve: CURVE server config (None: plain).
+    receiver_hwm, node_hwm: sectors queued per receiver connection and per node (the memory bound).
     """
     stop = stop_event or threading.Event()
     with (
         _stop_on_signals(stop),
-        Aggregator(receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline, heartbeat, curve) as agg,
+        Aggregator(
+            receivers,
+            nodes_bind,
+            n_nodes,
+            monitor_bind,
+            scan_deadline,
+            heartbeat,
+            curve,
+            node_sndhwm=node_hwm,
+            receiver_rcvhwm=receiver_hwm,
+        ) as agg,
     ):
         return agg.run(stop_event=stop, timeout=timeout)

@@ -8,12 +8,17 @@ Sockets follow production (interactEM's detstream-producer): SNDHWM 1000, a send
 IMMEDIATE so nothing queues before the aggregator is there. A send that times out raises SenderError:
 the aggregator is down, or not polling because its nodes are not all ready (the arm handshake).
 
+Real time (``realtime=True``): the camera cannot wait. A receiver paces at ``rate`` and never blocks on the
+aggregator: a sector its socket cannot take at once (HWM full) is dropped and counted (``overflowed``), as a
+real receiver's full buffer loses frames. It starts once its connection is up (receivers connect before
+a scan); only the end-of-scan flush may wait (the camera has stopped by then).
+
 ``threads > 1`` emulates a receiver with several sending threads: each has its own PUSH connection and
 thread_id, and its header's frames_this_thread counts only its frames. They are driven from one loop
 (the GIL makes OS threads useless here), which keeps sends in frame order per connection.
 
 Fault injection for tests (options, never patches): drop chosen (frame_number, module) sectors, and
-interleave garbage messages of every malformed kind (see GARBAGE_KINDS).
+interleave garbage messages of every malformed kind (see GARBAGE_KINDS; sent blocking even in real time).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ GARBAGE_KINDS = (
     "position",  # x outside the scan width
 )
 _MIN_SLEEP = 0.001  # the pacer sleeps at least this long, so high rates do not sleep per frame
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost more per message than the check
 
 PathLike = str | os.PathLike[str]
 Source = RawScan | SimulatedCamera
@@ -81,11 +87,12 @@ class SendResult:
 
     module: int
     scan_number: int
-    sent: int  # sectors sent
+    sent: int  # sectors handed to the aggregator's socket
     dropped: int  # sectors skipped by fault injection
     garbage: int  # malformed messages sent
     frames_this_thread: tuple[int, ...]  # the header value of each sending thread
     seconds: float
+    overflowed: int = 0  # real time only: sectors dropped because the aggregator did not take them in time
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,26 @@ class _Pacer:
         self._last = now
 
 
+class _Clock:
+    """Real time: frame k is due at start + k / rate, as on the camera's frame clock. A sender that fell
+    behind (CPU) catches up at once: the camera does not slow down, its frames already exist."""
+
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0 frames/s, got {rate}")
+        self._period = 1.0 / rate
+        self._due: float | None = None
+
+    def take(self) -> None:
+        """Wait until the next frame is due (not at all when late)."""
+        now = time.monotonic()
+        if self._due is None:
+            self._due = now
+        elif self._due - now >= _MIN_SLEEP:
+            time.sleep(self._due - now)
+        self._due += self._period
+
+
 class _Connection:
     """One emulated receiver thread: a PUSH socket; keeps the latest message back so it can be tracked."""
 
@@ -229,6 +256,34 @@ class _Connection:
         if self._pending is not None:
             self._send(self._pending, track=False)
         self._pending = parts
+
+    def offer(self, parts: list) -> bool:
+        """Real time: as send, but the held message goes out only if the queue has room now.
+
+        Returns False when it had none: that message is dropped (a full receiver buffer loses data).
+        """
+        ok = True
+        if self._pending is not None:
+            try:
+                # NOBLOCK fails only on the first part (HWM full); once accepted, the rest always is.
+                self.socket.send_multipart(self._pending, _NOBLOCK, copy=False)
+            except zmq.Again:
+                ok = False
+        self._pending = parts
+        return ok
+
+    def wait_connected(self) -> None:
+        """Wait (up to the send timeout) until a connection can take data: IMMEDIATE queues nothing before.
+
+        A camera's receivers are connected before a scan starts; without this the first sectors of a
+        real-time scan would all overflow while TCP connects.
+        """
+        timeout = -1 if self._send_timeout is None else int(self._send_timeout * 1000)
+        if not self.socket.poll(timeout, zmq.POLLOUT):
+            raise SenderError(
+                f"{self.label}: no connection to the aggregator at {self.address} after "
+                f"{self._send_timeout:g} s (is it running?)"
+            )
 
     def send_now(self, parts: list) -> None:
         """Send after the held message, untracked (garbage messages), keeping the order."""
@@ -320,6 +375,7 @@ def run_sender(
     hwm: int = DEFAULT_HWM,
     context: zmq.Context | None = None,
     stop_event: threading.Event | None = None,
+    realtime: bool = False,
 ) -> SendResult:
     """Send every sector of one module of a scan to the aggregator, as one receiving server does.
 
@@ -328,12 +384,16 @@ def run_sender(
     (None: as fast as possible). threads: emulated receiver threads (connections, thread ids).
     scan_number: override the source's scan number (a simulator's is 0). faults: drops and garbage.
     send_timeout: seconds a send may block before SenderError (None: forever). linger: seconds to wait
-    at the end for queued sectors to leave. stop_event: stop early when set. Returns what was sent.
+    at the end for queued sectors to leave. stop_event: stop early when set. realtime: the camera does
+    not wait: pace at `rate` (required) and drop, and count as overflowed, every sector the socket cannot
+    take at once (its HWM is full); only the end-of-scan flush waits. Returns what was sent.
     """
     if not 0 <= module < N_SECTORS:
         raise ValueError(f"module must be in 0..{N_SECTORS - 1}, got {module}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if realtime and rate is None:
+        raise ValueError("realtime needs a rate (frames/s): a camera in real time runs at its own pace")
     faults = faults or SenderFaults()
     info, sectors = _module_sectors(source, module)
     if scan_number is not None:
@@ -347,7 +407,12 @@ def run_sender(
     start = time.monotonic()
     close_linger = 0.0  # after a failure nothing more is waited for
     try:
-        sent, dropped, garbage = _send_all(info, sectors, module, conns, per_thread, rate, faults, stop_event)
+        if realtime:
+            for conn in conns:
+                conn.wait_connected()
+        sent, dropped, garbage, overflowed = _send_all(
+            info, sectors, module, conns, per_thread, rate, faults, stop_event, realtime
+        )
         flushed_by = time.monotonic() + linger
         for conn in conns:
             conn.flush(max(0.0, flushed_by - time.monotonic()))
@@ -368,7 +433,15 @@ def run_sender(
         address,
         seconds,
     )
-    return SendResult(module, info.scan_number, sent, dropped, garbage, per_thread, seconds)
+    if overflowed:
+        log.warning(
+            "%s: scan %d: %d sectors lost: the aggregator did not take them in time (real time at %g frames/s)",
+            label,
+            info.scan_number,
+            overflowed,
+            rate,
+        )
+    return SendResult(module, info.scan_number, sent, dropped, garbage, per_thread, seconds, overflowed)
 
 
 def _send_all(
@@ -380,13 +453,14 @@ def _send_all(
     rate: float | None,
     faults: SenderFaults,
     stop_event: threading.Event | None,
-) -> tuple[int, int, int]:
-    """The send loop; returns (sent, dropped, garbage)."""
-    pacer = _Pacer(rate) if rate is not None else None
+    realtime: bool = False,
+) -> tuple[int, int, int, int]:
+    """The send loop; returns (sent, dropped, garbage, overflowed)."""
+    pacer = None if rate is None else _Clock(rate) if realtime else _Pacer(rate)
     slots = _garbage_slots(faults.garbage, info.frames)
     junk = bytes(SECTOR_BYTES)
     n_threads = len(conns)
-    sent = dropped = garbage = 0
+    sent = dropped = garbage = overflowed = 0
     for ordinal, (frame_number, x, y, sector) in enumerate(sectors):
         if stop_event is not None and stop_event.is_set():
             break
@@ -403,12 +477,16 @@ def _send_all(
         header = SectorHeader(
             info.scan_number, frame_number, per_thread[thread], info.width, info.height, x, y, thread, module
         )
-        conns[thread].send([header.encode(), sector])
+        if realtime:
+            # The message that overflows is the one held back before this: same count, same order.
+            overflowed += not conns[thread].offer([header.encode(), sector])
+        else:
+            conns[thread].send([header.encode(), sector])
         sent += 1
     for _ in range(faults.garbage - garbage):  # a scan shorter than its garbage slots
         conns[0].send_now(_garbage(GARBAGE_KINDS[garbage % len(GARBAGE_KINDS)], info, 0, module, junk))
         garbage += 1
-    return sent, dropped, garbage
+    return sent - overflowed, dropped, garbage, overflowed
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -425,6 +503,7 @@ class _ChildArgs:
     linger: float
     hwm: int
     log_level: int = field(default=logging.WARNING)
+    realtime: bool = False
 
 
 def _child(args: _ChildArgs, conn: Connection) -> None:
@@ -443,6 +522,7 @@ def _child(args: _ChildArgs, conn: Connection) -> None:
             send_timeout=args.send_timeout,
             linger=args.linger,
             hwm=args.hwm,
+            realtime=args.realtime,
         )
         conn.send(("ok", result))
     except BaseException as exc:  # report everything, the parent raises it
@@ -465,14 +545,15 @@ def send_scan(
     linger: float = DEFAULT_LINGER,
     hwm: int = DEFAULT_HWM,
     timeout: float | None = None,
+    realtime: bool = False,
 ) -> dict[int, SendResult]:
     """Send a whole scan with one process per module (spawned), wait for all; returns results per module.
 
     source: a SimulatorConfig (or SimulatedCamera: its config is used), a RawScan, or raw file paths.
     addresses: 1 or 4 aggregator receiver addresses. rate: frames per second per module (None: as fast
     as possible). threads: emulated receiver threads per module. modules: which modules to send.
-    scan_number, faults, send_timeout, linger, hwm: as in run_sender. timeout: seconds for the whole
-    send (None: no limit). A failing child stops the others and raises SenderError with its error text.
+    scan_number, faults, send_timeout, linger, hwm, realtime: as in run_sender. timeout: seconds for
+    the whole send (None: no limit). A failing child stops the others and raises SenderError with its error text.
     """
     spec = _source_spec(source)
     mpctx = mp.get_context("spawn")
@@ -487,7 +568,10 @@ def send_scan(
         "linger": linger,
         "hwm": hwm,
         "log_level": logging.getLogger().getEffectiveLevel(),
+        "realtime": realtime,
     }
+    if realtime and rate is None:
+        raise ValueError("realtime needs a rate (frames/s): a camera in real time runs at its own pace")
     for m in modules:
         _address_for(addresses, m)  # fail here, not in four children
     children: dict[int, tuple[mp.process.BaseProcess, Connection]] = {}

@@ -42,8 +42,24 @@ class StreamingSettings(BaseModel):
     node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
     node_batch: int = Field(32, ge=1)
     node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
+    node_hold_limit: int = Field(
+        1024, ge=0, description="sectors a node holds while no slot is free (memory bound: x 166 kB)"
+    )
     writer_port: int = Field(17500, ge=1, le=65535, description="scan writer port on the first node (NERSC)")
     session_id: int = Field(0, ge=0, le=99999)
     name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
     send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
+    # Same defaults as streaming.aggregator's RECEIVER_RCVHWM and NODE_SNDHWM (not imported: zmq is heavy).
+    aggregator_receiver_hwm: int = Field(
+        1000,
+        ge=1,
+        description="aggregator: sectors queued per receiver connection (~166 kB each; memory bound: "
+        "this x connections x 166 kB, 1000 x 4 = 664 MB); when full the receivers wait, or in real time drop",
+    )
+    aggregator_node_hwm: int = Field(
+        2000,
+        ge=1,
+        description="aggregator: sectors queued per node (memory bound: this x nodes x 166 kB, "
+        "2000 x 2 = 664 MB); when full the aggregator waits for that node",
+    )
     curve: CurveSettings = CurveSettings()

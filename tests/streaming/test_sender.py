@@ -181,6 +181,58 @@ def test_stalled_receiver_is_an_error_not_a_silent_loss(ctx) -> None:
     sock.close(linger=0)
 
 
+def test_realtime_drops_and_counts_what_the_aggregator_cannot_take(ctx, pool, caplog) -> None:
+    """A camera cannot wait: with nobody reading, the sender keeps its pace, drops what its full queue
+    cannot take, counts it and says so once; what it did send arrives intact after the scan."""
+    sock = ctx.socket(zmq.PULL)
+    sock.linger = 0
+    sock.rcvhwm = 1
+    sock.bind("tcp://127.0.0.1:0")
+    big = SimulatorConfig(scan=ScanShape(16, 16), pool_size=8, seed=4)
+    with caplog.at_level("WARNING", logger="streaming.sender"):
+        future = pool.submit(
+            run_sender, SimulatedCamera(big), [sock.LAST_ENDPOINT.decode()], 1, 1000.0, realtime=True, hwm=2
+        )
+        time.sleep(1.0)  # 256 frames at 1000/s: the scan is over (or nearly) before anything is read
+        messages = []
+        while not future.done() or sock.poll(200):  # the end-of-scan flush waits for this reader
+            if sock.poll(50):
+                messages.append(sock.recv_multipart())
+        result = future.result(timeout=10)
+    sock.close(linger=0)
+    assert result.overflowed > 0 and result.sent == len(messages)
+    assert result.sent + result.overflowed == big.total_frames and result.dropped == 0
+    expected = sectors_of(big, 1)
+    numbers = []
+    for parts in messages:
+        header, payload = decode_message(parts)
+        assert bytes(payload) == expected[header.frame_number]
+        numbers.append(header.frame_number)
+    assert numbers == sorted(numbers) and numbers[-1] == max(expected)  # in order; the last always goes
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"{result.overflowed} sectors lost" in warnings[0]
+
+
+def test_realtime_keeps_the_camera_clock_and_loses_nothing_when_read(pull, pool) -> None:
+    sock, endpoint = pull
+    start = time.monotonic()
+    future = pool.submit(run_sender, SimulatedCamera(CONFIG), [endpoint], 0, 50.0, realtime=True)
+    messages = receive(sock, CONFIG.total_frames)
+    elapsed = time.monotonic() - start
+    result = future.result(timeout=10)
+    assert (result.sent, result.overflowed) == (20, 0) and len(messages) == 20
+    assert 0.3 <= elapsed <= 2.0  # 20 frames at 50 frames/s: 19 periods of 20 ms after the first
+
+
+def test_realtime_needs_a_connection_before_the_scan(ctx) -> None:
+    sock = ctx.socket(zmq.PULL)
+    sock.bind("tcp://127.0.0.1:0")
+    endpoint = sock.LAST_ENDPOINT.decode()
+    sock.close(linger=0)  # nothing listens: losing the whole scan silently is not an option
+    with pytest.raises(SenderError, match="no connection"):
+        run_sender(SimulatedCamera(CONFIG), [endpoint], 0, 100.0, send_timeout=0.3, realtime=True)
+
+
 @pytest.mark.parametrize("version", [5, 4])
 def test_raw_files_source(tmp_path, pull, pool, version: int) -> None:
     sock, endpoint = pull
@@ -239,5 +291,9 @@ def test_bad_arguments() -> None:
         run_sender(camera, ["tcp://127.0.0.1:1"], 0, threads=0)
     with pytest.raises(ValueError, match="rate"):
         run_sender(camera, ["tcp://127.0.0.1:1"], 0, rate=0.0)
+    with pytest.raises(ValueError, match="realtime needs a rate"):
+        run_sender(camera, ["tcp://127.0.0.1:1"], 0, realtime=True)
+    with pytest.raises(ValueError, match="realtime needs a rate"):
+        send_scan(CONFIG, ["tcp://127.0.0.1:1"], realtime=True)
     with pytest.raises(ValueError, match="garbage"):
         SenderFaults(garbage=-1)
