@@ -194,7 +194,10 @@ def _load_key(settings: SshSettings) -> paramiko.PKey:
     """The user's private key, with a message that names the file but never the passphrase."""
     passphrase = settings.key_passphrase.get_secret_value() if settings.key_passphrase else None
     try:
-        return paramiko.PKey.from_path(settings.key_path, password=passphrase)
+        # bytes: cryptography refuses a str password with a TypeError that would read as a wrong passphrase
+        return paramiko.PKey.from_path(
+            settings.key_path, password=passphrase.encode() if passphrase is not None else None
+        )
     except OSError as exc:
         raise AuthenticationFailed(f"cannot read SSH key {settings.key_path}: {exc.strerror}") from None
     except Exception as exc:  # cryptography and paramiko raise ValueError, TypeError or SSHException here

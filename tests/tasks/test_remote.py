@@ -109,6 +109,17 @@ def test_encrypted_key_needs_its_passphrase_which_never_shows(
     shown = "".join(traceback.format_exception(info.value)) + caplog.text + repr(settings)
     assert passphrase not in shown and key_text not in shown
 
+    # ...and with the right passphrase it logs in (the server authorises this key for the moment).
+    authorized = sshd.key_path.parent / "authorized_keys"
+    before = authorized.read_text()
+    authorized.write_text(before + (tmp_path / "locked.pub").read_text())
+    try:
+        result = run_remote(settings.model_copy(update={"key_passphrase": SecretStr(passphrase)}), "echo in")
+    finally:
+        authorized.write_text(before)
+    assert result.stdout.strip() == "in"
+    assert passphrase not in caplog.text
+
 
 def test_missing_user_key(sshd: SshSettings, tmp_path: Path) -> None:
     with pytest.raises(AuthenticationFailed, match="cannot read SSH key"):
