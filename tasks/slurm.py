@@ -202,6 +202,11 @@ def _optional_sbatch(slurm: SlurmSettings) -> str:
     return "\n".join(lines) or _EMPTY
 
 
+def _is_key_file_path(name: str, value: str) -> bool:
+    """NAME_FILE=/abs/path names where a secret lives (a 0600 file on the nodes), which is no secret."""
+    return name.endswith("_FILE") and value.startswith("/") and not _UNSAFE_PATH.search(value)
+
+
 def _exports(env: Mapping[str, str]) -> str:
     """`export NAME=value` lines, sorted and quoted; refuses anything that looks like a secret."""
     lines = []
@@ -211,7 +216,7 @@ def _exports(env: Mapping[str, str]) -> str:
             raise SlurmConfigError(f"environment variable name {name!r} is not a valid shell name")
         if not isinstance(value, str):
             raise SlurmConfigError(f"environment variable {name} must be a str, not {type(value).__name__}")
-        if _SECRET_NAME.search(name) or "-----BEGIN" in value:
+        if (_SECRET_NAME.search(name) and not _is_key_file_path(name, value)) or "-----BEGIN" in value:
             raise SlurmConfigError(
                 f"refusing to put {name} into the batch script: it looks like a secret and Slurm keeps "
                 "batch scripts; pass the path of a 0600 key file on the nodes instead"

@@ -119,6 +119,8 @@ def test_walltime_with_days_is_accepted() -> None:
     [
         ({"SFAPI_SECRET": "x"}, "looks like a secret"),
         ({"ACCESS_TOKEN": "x"}, "looks like a secret"),
+        ({"CURVE_SECRET_FILE": "s3cr3t-not-a-path"}, "looks like a secret"),
+        ({"CURVE_SECRET_FILE": "/keys/a b"}, "looks like a secret"),
         ({"KEY": "-----BEGIN PRIVATE KEY-----\nabc"}, "looks like a secret"),
         ({"BAD-NAME": "x"}, "not a valid shell name"),
         ({"MULTI": "a\nb"}, "single line"),
@@ -127,6 +129,14 @@ def test_walltime_with_days_is_accepted() -> None:
 def test_secrets_and_bad_env_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(SlurmConfigError, match=message):
         render_batch_script(SlurmSettings(account="m1"), ["stemstream", "node"], env)
+
+
+def test_the_path_of_a_key_file_is_not_a_secret() -> None:
+    name = "STEMSTREAM_STREAMING__CURVE__CLIENT_SECRET_FILE"
+    script = render_batch_script(
+        SlurmSettings(account="m1"), ["node"], {name: "/global/keys/node.key_secret"}
+    )
+    assert f"export {name}=/global/keys/node.key_secret" in script
 
 
 def test_secret_values_never_reach_the_script() -> None:
