@@ -245,6 +245,18 @@ def info(path: Annotated[Path, typer.Argument(help="a counted sparse HDF5 file")
     console.print(table)
 
 
+def _embedded_prefect(output_dir: Path) -> None:
+    """Unless a Prefect server is configured: keep the embedded one's database beside the output, quiet
+    and offline (set before Prefect loads)."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str((output_dir / ".prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
 @app.command()
 @user_errors
 def demo(
@@ -253,6 +265,14 @@ def demo(
     dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
     nodes: Annotated[int, typer.Option(min=1, help="node streamers")] = 2,
     postprocess: Annotated[bool, typer.Option(help="py4DSTEM analysis of every scan")] = True,
+    frame_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            help="camera frames/s in real time: what the pipeline cannot take is dropped and reported "
+            "(default: the camera waits for the pipeline)",
+        ),
+    ] = None,
 ) -> None:
     """A complete local session on Prefect's embedded server: node streamers, aggregator, simulated camera,
     counting, verification and py4DSTEM analysis of every scan."""
@@ -260,12 +280,7 @@ def demo(
 
     width, height = _parse_scan(scan)
     settings = load_settings()
-    # Keep the demo's Prefect database beside its output, quiet and offline (set before Prefect loads).
-    os.environ.setdefault("PREFECT_HOME", str((settings.output_dir / ".prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    _embedded_prefect(settings.output_dir)
     os.environ["STEMSTREAM_SESSION__NODES"] = str(nodes)
     from flows.session import session
 
@@ -281,10 +296,11 @@ def demo(
         dose=dose if dose is not None else settings.simulator.dose,
         backend="local",
         postprocess=postprocess,
+        frame_rate=frame_rate,
         return_state=True,
     )
     elapsed = time.perf_counter() - t0
-    rows = state.result(raise_on_failure=False) if state.is_completed() else None
+    rows = state.result(raise_on_failure=False)  # failed sessions carry their summary rows too
     if isinstance(rows, list) and rows:
         shown = [
             "scan",
@@ -302,13 +318,46 @@ def demo(
         console.print(table)
     sessions = sorted((settings.output_dir / "sessions").glob("*"), key=lambda p: p.stat().st_mtime)
     if sessions:
-        console.print(f"HDF5 files: {sessions[-1] / 'scans'}")
+        console.print(f"HDF5 files: {settings.session.scan_dir or sessions[-1] / 'scans'}")
         if postprocess:
             console.print(f"py4DSTEM images (PNG): {sessions[-1] / 'analysis'}")
         console.print(f"logs: {sessions[-1] / 'logs'}")
     if not state.is_completed():
         raise RuntimeError(f"the session failed: {state.message}")
     console.print(f"[green]session completed in {elapsed:.1f} s[/]")
+
+
+@app.command()
+@user_errors
+def soak(
+    scans: Annotated[int, typer.Option(min=2, help="scans back to back in one session")] = 60,
+    scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
+    nodes: Annotated[int, typer.Option(min=1, help="node streamers")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """A stability run: one local session of many scans; every scan must be complete and memory flat."""
+    import json
+
+    from flows.soak import run_soak
+
+    width, height = _parse_scan(scan)
+    settings = load_settings()
+    _embedded_prefect(settings.output_dir)
+    console.print(
+        f"[bold]stemstream soak[/]: {scans} scans of {width}x{height} through {nodes} node streamer(s)"
+    )
+    report = run_soak(scans, width, height, settings.simulator.dose, nodes)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.as_dict(), indent=2))
+    console.print(
+        f"{report.complete_scans}/{scans} scans complete and verified, {report.frames_lost} frames and "
+        f"{report.sectors_lost} sectors lost; memory of all session processes {report.rss_early_mb:.0f} MB "
+        f"early, {report.rss_late_mb:.0f} MB late (private {report.private_early_mb:.0f} / "
+        f"{report.private_late_mb:.0f} MB; {report.samples} samples); {report.wall_s:.0f} s"
+    )
+    if report.complete_scans != scans or report.frames_lost:
+        raise RuntimeError(f"the soak lost data: session {report.state}: {report.message}")
 
 
 @app.command()

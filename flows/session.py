@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -52,13 +53,19 @@ def _session_id() -> int:
 def _plan(
     settings: Settings, session_dir: Path, dark: Path | None, nodes: int, session_id: int
 ) -> SessionPlan:
+    scans = settings.session.scan_dir or session_dir / "scans"
+    curve = settings.streaming.curve
+    keys = {
+        "curve_client_secret_file": curve.client_secret_file,
+        "curve_server_public_file": curve.server_public_file,
+    }
     if settings.session.backend == "local":
-        return local_plan(session_dir, session_dir / "scans", nodes, session_id, dark)
+        return replace(local_plan(session_dir, scans, nodes, session_id, dark), **keys)
     st = settings.streaming
     return SessionPlan(
         session_id,
         session_dir,
-        session_dir / "scans",
+        scans,
         nodes,
         st.receivers,
         st.nodes_bind,
@@ -67,6 +74,7 @@ def _plan(
         st.monitor_connect or st.monitor_bind or "",
         st.writer_port,
         dark,
+        **keys,
     )
 
 
@@ -118,8 +126,20 @@ def session(
     simulate: bool = True,
     postprocess: bool | None = None,
     min_completeness: float | None = None,
+    frame_rate: Annotated[float | None, Field(gt=0, le=100000)] = None,
 ):
-    """One streaming session: N scans counted, written, verified and analysed while it runs."""
+    """One streaming session: N scans counted, written, verified and analysed while it runs.
+
+    frame_rate: the simulated camera's frames/s in real time, as on the instrument: what the pipeline cannot
+    take in time is dropped by the receivers, counted and marked. None: the camera waits for the pipeline.
+
+    Failure policy: a scan that is incomplete or fails verification is reported and the session goes on
+    (the session ends Failed, and alerts, if any scan failed). A node streamer lost mid-scan ends the
+    session: the scan in flight is still written by the writer's deadline and verified, so its missing
+    frames are on record, then everything is released (the aggregator gives every node a fixed share of
+    each scan, so later scans would lose that share too). A lost writer host or aggregator, or a scan file
+    that cannot be written, ends the session at once.
+    """
     logger = get_run_logger()
     overrides = given(
         backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
@@ -145,6 +165,7 @@ def session(
     )
     rows: list[dict] = []
     failures: list[str] = []
+    node_lost = ""
     analyses = []
     try:
         allocate_nodes(node_backend, plan)
@@ -165,6 +186,8 @@ def session(
                 settings.simulator.seed,
                 s.scan_timeout,
                 simulate,
+                frame_rate,
+                lost_node_wait=settings.streaming.writer_deadline + 30.0,
             )
             verified = verify_scan_file(
                 record["path"], scan_width, scan_height, s.min_completeness, return_state=True
@@ -175,20 +198,37 @@ def session(
             rows.append(_row(number, record, v, verified.is_completed()))
             if s.postprocess and verified.is_completed():
                 analyses.append(postprocess_scan.submit(record["path"], str(session_dir / "analysis")))
+            if record.get("node_failure"):
+                node_lost = _node_lost_message(number, record)
+                logger.error(node_lost)
+                break
         for fut in analyses:
             fut.wait()
     finally:
         release(node_backend, aggregator)
     summarise(rows)
     failed_analyses = [f for f in analyses if f.state.is_failed()]
+    if node_lost:
+        return Failed(message=node_lost, data=rows)
     if failures or failed_analyses:
         return Failed(
             message=f"{len(failures)} of {n_scans} scan(s) failed verification"
             + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
-            + (": " + " | ".join(failures) if failures else "")
+            + (": " + " | ".join(failures) if failures else ""),
+            data=rows,
         )
     done = "counted, verified and analysed" if s.postprocess else "counted and verified"
     return Completed(message=f"{n_scans} scan(s) {done}", data=rows)
+
+
+def _node_lost_message(number: int, record: dict) -> str:
+    """Why the session stops after a node loss, and what became of the scan in flight."""
+    missing = record["expected_frames"] - record["complete_frames"]
+    return (
+        f"a node streamer was lost during scan {number}; the session stops (policy: a lost node ends the "
+        f"session). Scan {number} was written {record['status']}: {missing} of {record['expected_frames']} "
+        f"frames incomplete, marked in its sector_masks.\n{record['node_failure']}"
+    )
 
 
 def _row(number: int, record: dict, verified, ok: bool) -> dict:
@@ -201,7 +241,9 @@ def _row(number: int, record: dict, verified, ok: bool) -> dict:
         "frames": record["frames_written"],
         "events per frame": round(record["events"] / frames, 1),
         "completeness %": round(100 * record["completeness"], 3),
-        "sectors lost": record.get("sectors_lost_in_transit", 0),
+        "frames incomplete": record["expected_frames"] - record["complete_frames"],
+        "sectors dropped by receivers": record.get("sectors_overflowed", 0),
+        "sectors lost in transit": record.get("sectors_lost_in_transit", 0),
         "counted frames/s": round(
             record["frames_written"] / max(record["written_time"] - record["first_data_time"], 1e-9)
         ),

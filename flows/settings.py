@@ -35,6 +35,11 @@ class SessionSettings(BaseModel):
     nodes_ready_timeout: float = Field(120.0, gt=0, description="seconds for every node to report ready")
     scan_timeout: float = Field(300.0, gt=0, description="seconds for a scan's counted file to appear")
     min_completeness: float = Field(1.0, ge=0, le=1, description="verification threshold")
+    scan_dir: Path | None = Field(
+        None,
+        description="where the scan writer puts the HDF5 files (default <output_dir>/sessions/<run>/scans); "
+        "with the nersc backend a directory the nodes can write and this machine can read, e.g. on CFS",
+    )
     postprocess: bool = True
     alert_webhook: str | None = Field(None, description="URL called when a session fails or crashes")
     aggregator_remote_command: list[str] | None = Field(

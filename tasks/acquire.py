@@ -29,20 +29,32 @@ def trigger_simulated_scan(
 ) -> dict[str, int]:
     """Play a simulated scan into the aggregator, as the four receiving servers would; returns counts.
 
-    The four module senders are threads of this process sharing one simulated camera: starting them takes
-    milliseconds, where four fresh processes (``stemstream send``) take seconds to import.
+    rate None: the camera waits for the pipeline (a file replay; nothing is lost). A rate in frames/s: the
+    camera runs in real time, as the instrument does, and the receivers drop (and count) every sector the
+    aggregator cannot take at once. The four module senders are threads of this process sharing one
+    simulated camera: starting them takes milliseconds, where four fresh processes take seconds to import.
     """
     camera = SimulatedCamera(SimulatorConfig(ScanShape(width, height), dose=dose, seed=seed))
     with ThreadPoolExecutor(N_SECTORS, thread_name_prefix="camera") as pool:
         results = list(
             pool.map(
                 lambda m: run_sender(
-                    camera, receivers, m, rate, scan_number=scan_number, send_timeout=timeout
+                    camera,
+                    receivers,
+                    m,
+                    rate,
+                    scan_number=scan_number,
+                    send_timeout=timeout,
+                    realtime=rate is not None,
                 ),
                 range(N_SECTORS),
             )
         )
-    return {"sectors_sent": sum(r.sent for r in results), "sectors_dropped": sum(r.dropped for r in results)}
+    return {
+        "sectors_sent": sum(r.sent for r in results),
+        "sectors_dropped": sum(r.dropped for r in results),
+        "sectors_overflowed": sum(r.overflowed for r in results),
+    }
 
 
 def wait_for_scan(

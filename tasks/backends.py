@@ -29,7 +29,15 @@ log = logging.getLogger(__name__)
 
 
 class NodeFailure(RuntimeError):
-    """A node streamer (or its job) stopped while the session needed it."""
+    """A node streamer (or its job) stopped while the session needed it.
+
+    writer_alive: the node hosting the scan writer (rank 0) still runs, so the scan in flight can still be
+    written (by the writer's deadline) with the lost node's frames marked missing.
+    """
+
+    def __init__(self, message: str, writer_alive: bool = False) -> None:
+        super().__init__(message)
+        self.writer_alive = writer_alive
 
 
 class Nodes(Protocol):
@@ -105,7 +113,10 @@ class LocalNodes:
         dead = self.group.dead()
         if dead:
             c = dead[0]
-            raise NodeFailure(f"node streamer {c.name} exited with code {c.popen.returncode}:\n{c.tail()}")
+            writer_alive = self.group.children[0].alive()  # rank 0 hosts the scan writer
+            raise NodeFailure(
+                f"node streamer {c.name} exited with code {c.popen.returncode}:\n{c.tail()}", writer_alive
+            )
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, every node process and its counting workers."""

@@ -8,10 +8,22 @@ from collections.abc import Callable
 import zmq
 
 from streaming import protocol as p
+from streaming.security import CurveClientConfig, apply_client
 
 
 class MonitorTimeout(TimeoutError):
     """The aggregator did not reach the awaited state in time."""
+
+
+def _subscriber(address: str, curve: CurveClientConfig | None) -> zmq.Socket:
+    """A SUB socket on the aggregator's monitor (a CURVE client when the aggregator is a CURVE server)."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, p.STATE)
+    sub.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        apply_client(sub, curve)
+    sub.connect(address)
+    return sub
 
 
 def wait_for_state(
@@ -21,13 +33,10 @@ def wait_for_state(
     on_state: Callable[[p.AggregatorState], None] | None = None,
     check: Callable[[], None] | None = None,
     what: str = "the awaited state",
+    curve: CurveClientConfig | None = None,
 ) -> p.AggregatorState:
     """Read monitor states until ``until(state)``; ``check()`` runs between polls (raise to abort)."""
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, p.STATE)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.connect(address)
+    sub = _subscriber(address, curve)
     last: p.AggregatorState | None = None
     try:
         deadline = time.monotonic() + timeout
@@ -57,11 +66,8 @@ def wait_for_state(
 class MonitorFollower:
     """Keeps the latest aggregator state without blocking (for progress while something else waits)."""
 
-    def __init__(self, address: str):
-        self._sock = zmq.Context.instance().socket(zmq.SUB)
-        self._sock.setsockopt(zmq.SUBSCRIBE, p.STATE)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(address)
+    def __init__(self, address: str, curve: CurveClientConfig | None = None):
+        self._sock = _subscriber(address, curve)
         self.state: p.AggregatorState | None = None
 
     def latest(self) -> p.AggregatorState | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from counting.settings import CountingSettings
+from streaming.security import CurveClientConfig
 from streaming.settings import StreamingSettings
 
 # The node command runs on the compute nodes; `python -m flows.cli` there is the installed package.
@@ -35,6 +36,15 @@ class SessionPlan:
     writer_port: int
     dark: Path | None
     max_scans: int | None = None
+    # CURVE key files of this session's clients (nodes and the flow's monitor); None: plain sockets.
+    curve_client_secret_file: Path | None = None
+    curve_server_public_file: Path | None = None
+
+    def monitor_curve(self) -> CurveClientConfig | None:
+        """The CURVE client config for watching the aggregator's monitor, loaded from the key files."""
+        if self.curve_client_secret_file is None or self.curve_server_public_file is None:
+            return None
+        return CurveClientConfig.from_files(self.curve_client_secret_file, self.curve_server_public_file)
 
     @property
     def state_file(self) -> Path:
@@ -108,6 +118,7 @@ def node_env(plan: SessionPlan, streaming: StreamingSettings, counting: Counting
         "STEMSTREAM_STREAMING__NODE_WORKERS": str(streaming.node_workers),
         "STEMSTREAM_STREAMING__NODE_BATCH": str(streaming.node_batch),
         "STEMSTREAM_STREAMING__NODE_SLOTS": str(streaming.node_slots),
+        "STEMSTREAM_STREAMING__NODE_HOLD_LIMIT": str(streaming.node_hold_limit),
         "STEMSTREAM_STREAMING__NODE_DEADLINE": str(streaming.node_deadline),
         "STEMSTREAM_STREAMING__FRAME_TIMEOUT": str(streaming.frame_timeout),
         "STEMSTREAM_STREAMING__WRITER_DEADLINE": str(streaming.writer_deadline),

@@ -7,6 +7,7 @@ the flow owns the backends and passes them in.
 from __future__ import annotations
 
 import base64
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from prefect.states import Completed, Failed
 
 from counting.geometry import N_SECTORS
 from tasks.acquire import trigger_simulated_scan, wait_for_scan
-from tasks.backends import Aggregator, Nodes, record_state
+from tasks.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
 from tasks.remote import AuthenticationFailed, HostKeyRejected
@@ -99,6 +100,7 @@ def wait_nodes_ready(plan: SessionPlan, nodes: Nodes, aggregator: Aggregator, ti
         timeout,
         check=check,
         what=f"{plan.n_nodes} node streamer(s) to report ready",
+        curve=plan.monitor_curve(),
     )
     get_run_logger().info("%d node streamer(s) ready", state.nodes_ready)
     return state.nodes_ready
@@ -116,15 +118,24 @@ def acquire_scan(
     seed: int,
     timeout: float,
     simulate: bool = True,
+    rate: float | None = None,
+    lost_node_wait: float = 60.0,
 ) -> dict:
-    """Acquire one scan (in the demo: trigger the simulated camera), follow it, wait for its counted file."""
+    """Acquire one scan (in the demo: trigger the simulated camera), follow it, wait for its counted file.
+
+    A node lost mid-scan does not end the wait at once while the scan writer's host still runs: the writer
+    writes the scan by its deadline with the lost frames marked missing, and the record comes back with
+    ``node_failure`` set, so the flow can verify it and then apply its policy (see flows/session.py).
+    """
     logger = get_run_logger()
-    follower = MonitorFollower(plan.monitor_connect)
+    follower = MonitorFollower(plan.monitor_connect, plan.monitor_curve())
     progress_id = create_progress_artifact(progress=0.0, description=f"scan {scan_number}: sectors forwarded")
     expected = width * height * N_SECTORS
     state = follower.latest()
     base = state.forwarded if state is not None else 0
     shown = [0.0]
+    lost: list[NodeFailure] = []
+    give_up = [float("inf")]
 
     with ThreadPoolExecutor(1, thread_name_prefix="acquire") as pool:
         camera = (
@@ -136,6 +147,7 @@ def acquire_scan(
                 height,
                 dose,
                 seed,
+                rate,
                 timeout=timeout,
             )
             if simulate
@@ -143,9 +155,29 @@ def acquire_scan(
         )
 
         def check() -> None:
-            nodes.check()
+            if lost:
+                if time.monotonic() > give_up[0]:
+                    raise NodeFailure(
+                        f"{lost[0]}\nscan {scan_number}: no counted file within {lost_node_wait:g} s "
+                        "of losing the node"
+                    )
+            else:
+                try:
+                    nodes.check()
+                except NodeFailure as exc:
+                    if not exc.writer_alive:
+                        raise
+                    lost.append(exc)
+                    give_up[0] = time.monotonic() + lost_node_wait
+                    logger.error(
+                        "scan %d: a node streamer was lost; waiting up to %g s for the scan writer to write "
+                        "what arrived: %s",
+                        scan_number,
+                        lost_node_wait,
+                        str(exc).splitlines()[0],
+                    )
             aggregator.check()
-            if camera is not None and camera.done():
+            if camera is not None and camera.done() and not lost:
                 camera.result()  # a sender failure surfaces here, not as a silent timeout
             st = follower.latest()
             if st is not None and st.scan_number == scan_number:
@@ -156,13 +188,32 @@ def acquire_scan(
 
         try:
             record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
-            sent = camera.result() if camera is not None else {}
+            sent = _camera_counts(camera, lost, logger)
         finally:
             follower.close()
     update_progress_artifact(progress_id, 100.0)
-    if sent:
-        logger.info("scan %d: %d sectors sent by the simulated camera", scan_number, sent["sectors_sent"])
     record.update(sent)
+    if lost:
+        record["node_failure"] = str(lost[0])
+    _log_scan(logger, scan_number, record)
+    return record
+
+
+def _camera_counts(camera, lost: list, logger) -> dict:
+    """What the simulated camera sent; after a node loss its own error is secondary and only logged."""
+    if camera is None:
+        return {}
+    try:
+        return camera.result()
+    except Exception as exc:
+        if not lost:
+            raise
+        logger.warning("simulated camera after the node loss: %s", exc)
+        return {}
+
+
+def _log_scan(logger, scan_number: int, record: dict) -> None:
+    """One line per scan; a warning that says what was lost and where when anything was."""
     logger.info(
         "scan %d: %s, %d frames, %.2f %% complete, file on disk %.2f s after the last data",
         scan_number,
@@ -171,7 +222,18 @@ def acquire_scan(
         100 * record["completeness"],
         record["written_time"] - record["last_data_time"],
     )
-    return record
+    missing = record["expected_frames"] - record["complete_frames"]
+    if missing or record.get("sectors_overflowed") or record.get("sectors_lost_in_transit"):
+        logger.warning(
+            "scan %d: %d of %d frames incomplete (marked in the file's sector_masks); %d sector(s) dropped "
+            "by the receivers because the pipeline did not take them in time, %d lost between aggregator "
+            "and nodes",
+            scan_number,
+            missing,
+            record["expected_frames"],
+            record.get("sectors_overflowed", 0),
+            record.get("sectors_lost_in_transit", 0),
+        )
 
 
 @task(name="verify-scan", cache_policy=NO_CACHE)
