@@ -94,3 +94,27 @@ class ProcessGroup:
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, sig)
+
+
+def rss_kb(pid: int, key: str = "VmRSS") -> int:
+    """Resident memory of one process in kB from /proc/PID/status (0 when it is gone); key "RssAnon" is
+    its private heap alone, without shared memory and mapped files."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its live descendants (counting workers of a node streamer, say), from /proc."""
+    tree, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        for task in Path(f"/proc/{q}/task").glob("*"):  # no such directory once q is gone: nothing
+            with contextlib.suppress(OSError, ValueError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return tree

@@ -1,0 +1,30 @@
+"""The soak (flows/soak.py) under the Prefect test harness: a real local session of back-to-back scans.
+
+The full 60-scan 64x64 run is `stemstream soak` (benchmarks/soak.py records it); this is its short form,
+which must also lose nothing and keep memory flat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.soak import run_soak
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.mark.timeout(300)
+def test_soak_session_loses_nothing_and_memory_stays_flat(stemstream_env: Path) -> None:
+    report = run_soak(n_scans=12, width=32, height=32, nodes=2, every=0.1)
+    assert report.state == "Completed", report.message
+    assert [r["scan"] for r in report.rows] == list(range(1, 13))
+    assert report.complete_scans == 12 and report.frames_lost == 0 and report.sectors_lost == 0
+    assert all(r["completeness %"] == 100.0 for r in report.rows)
+    # Memory was really sampled, in most scans, from every process of the session (two nodes with a
+    # counting worker each and the aggregator: hundreds of MB).
+    assert len(report.rss_mb) >= 8 and report.rss_early_mb > 300 and report.private_early_mb > 100
+    # Flat: no per-scan growth of private memory (shared slot pages only settle as slots are first used).
+    assert report.private_late_mb <= report.private_early_mb + 25, report.private_mb
+    assert report.rss_late_mb <= report.rss_early_mb * 1.05, report.rss_mb
