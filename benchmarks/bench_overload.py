@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_overload.py [--side 128] [--factors 1,1.5,2] [--f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,36 +30,14 @@ from counting.geometry import FRAME_BYTES, N_SECTORS, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
 from streaming import protocol as p
-from streaming.sender import DEFAULT_HWM, SendResult, run_sender
+from streaming.sender import DEFAULT_HWM, SendResult, send_simulated_scan
 from streaming.settings import StreamingSettings
 from tasks.plan import free_port
+from tasks.processes import process_tree, rss_kb
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "flows.cli"]
 MB = 1 << 20
-
-
-def _rss(pid: int) -> int:
-    """VmRSS in bytes (0 once the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(pid: int) -> list[int]:
-    """A process and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        q = todo.pop()
-        out.append(q)
-        for task in Path(f"/proc/{q}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 class Pipeline:
@@ -112,7 +88,7 @@ class Pipeline:
 
     def rss(self) -> int:
         """Summed VmRSS of every pipeline process (aggregator, nodes, workers) now."""
-        return sum(_rss(q) for pr in self.procs for q in _tree(pr.pid))
+        return sum(rss_kb(q) * 1024 for pr in self.procs for q in process_tree(pr.pid))
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
@@ -159,22 +135,15 @@ class Pipeline:
 def send(receiver: str, scan: ScanShape, scan_number: int, rate: float | None, hwm: int) -> list[SendResult]:
     """Four receivers (threads) send one simulated scan; real time when a rate is given."""
     camera = SimulatedCamera(SimulatorConfig(scan, dose=100.0, seed=scan_number))
-    with ThreadPoolExecutor(N_SECTORS) as pool:
-        return list(
-            pool.map(
-                lambda m: run_sender(
-                    camera,
-                    [receiver],
-                    m,
-                    rate,
-                    scan_number=scan_number,
-                    send_timeout=120,
-                    hwm=hwm,
-                    realtime=rate is not None,
-                ),
-                range(N_SECTORS),
-            )
-        )
+    return send_simulated_scan(
+        camera,
+        [receiver],
+        rate,
+        scan_number=scan_number,
+        realtime=rate is not None,
+        send_timeout=120,
+        hwm=hwm,
+    )
 
 
 def run_scan(pipe: Pipeline, scan: ScanShape, number: int, rate: float | None, hwm: int) -> dict:

@@ -354,7 +354,8 @@ def soak(
         f"{report.complete_scans}/{scans} scans complete and verified, {report.frames_lost} frames and "
         f"{report.sectors_lost} sectors lost; memory of all session processes {report.rss_early_mb:.0f} MB "
         f"early, {report.rss_late_mb:.0f} MB late (private {report.private_early_mb:.0f} / "
-        f"{report.private_late_mb:.0f} MB; {report.samples} samples); {report.wall_s:.0f} s"
+        f"{report.private_late_mb:.0f} MB, trend {report.private_slope_mb_per_scan:+.2f} MB/scan; "
+        f"{report.samples} samples); {report.wall_s:.0f} s"
     )
     if report.complete_scans != scans or report.frames_lost:
         raise RuntimeError(f"the soak lost data: session {report.state}: {report.message}")

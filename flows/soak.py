@@ -6,6 +6,7 @@ the aggregator sampled from /proc while it runs. Used by `stemstream soak`, benc
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,31 +50,40 @@ class SoakReport:
 
     @staticmethod
     def _window(series: list[float], last: bool) -> float:
-        """Peak over the first or last third of the scans; the first scan, which pays for start-up (JIT
-        compilation, first allocations), is left out."""
+        """Peak over the first or last third of the scans (after the first, which pays for start-up: JIT
+        compilation, first allocations). Bounded buffers (hold queues, slots) reach their high-water mark
+        within the first third, so a late peak above the early one is growth."""
         steady = series[1:] or series
         n = max(1, len(steady) // 3)
         return max(steady[-n:] if last else steady[:n], default=0.0)
 
     @property
+    def private_slope_mb_per_scan(self) -> float:
+        """Least-squares trend of private memory over the last two thirds of the scans (a leak is > 0)."""
+        tail = self.private_mb[len(self.private_mb) // 3 :]
+        if len(tail) < 2:
+            return 0.0
+        return round(statistics.linear_regression(range(len(tail)), tail).slope, 3)
+
+    @property
     def rss_early_mb(self) -> float:
-        """Peak RSS over the first third of the scans (shared memory slots count in every process that
+        """Peak RSS in the first third of the scans (shared memory slots count in every process that
         maps them, and grow as slots are first touched)."""
         return self._window(self.rss_mb, last=False)
 
     @property
     def rss_late_mb(self) -> float:
-        """Peak RSS over the last third of the scans."""
+        """Peak RSS in the last third of the scans."""
         return self._window(self.rss_mb, last=True)
 
     @property
     def private_early_mb(self) -> float:
-        """Peak private memory (RssAnon) over the first third: where a leak would show."""
+        """Peak private memory (RssAnon) in the first third: where a leak would show."""
         return self._window(self.private_mb, last=False)
 
     @property
     def private_late_mb(self) -> float:
-        """Peak private memory over the last third."""
+        """Peak private memory in the last third."""
         return self._window(self.private_mb, last=True)
 
     def as_dict(self) -> dict:
@@ -87,6 +97,7 @@ class SoakReport:
             rss_late_mb=self.rss_late_mb,
             private_early_mb=self.private_early_mb,
             private_late_mb=self.private_late_mb,
+            private_slope_mb_per_scan=self.private_slope_mb_per_scan,
         )
         return d
 

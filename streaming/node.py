@@ -62,7 +62,7 @@ class NodeConfig:
     session_id: int = 0
     name_template: str = DEFAULT_NAME_TEMPLATE
     scan_deadline: float = 10.0  # aggregator silent this long while a scan is open: end it
-    frame_timeout: float = 5.0  # slots and hold queue full, oldest frame waited this long: seal it
+    frame_timeout: float = 1.0  # slots and hold queue full, oldest frame waited this long: seal it
     hold_limit: int = 1024  # sectors held while no slot is free (memory bound: hold_limit * 166 kB)
     writer_deadline: float = 30.0
     heartbeat: float = 1.0

@@ -36,7 +36,12 @@ class StreamingSettings(BaseModel):
         2.0, gt=0, description="aggregator: seconds without a sector before a scan ends"
     )
     node_deadline: float = Field(10.0, gt=0, description="node: seconds of aggregator silence mid-scan")
-    frame_timeout: float = Field(5.0, gt=0, description="node: seconds a full slot may wait for sectors")
+    # The four sectors of a frame leave their receivers within milliseconds: a frame still missing one after
+    # a second, while every slot and the hold queue are taken, has lost it. Longer timeouts cap a node at
+    # (slots x batch) / frame_timeout frames/s once sectors are being lost (overload).
+    frame_timeout: float = Field(
+        1.0, gt=0, description="node: seconds the oldest frame may wait for sectors when no slot is free"
+    )
     writer_deadline: float = Field(30.0, gt=0, description="writer: seconds a scan may be silent")
     heartbeat: float = Field(1.0, gt=0)
     node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")

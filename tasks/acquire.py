@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from counting.geometry import N_SECTORS, ScanShape
+from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.sender import run_sender
+from streaming.sender import send_simulated_scan
 
 
 class ScanTimeout(TimeoutError):
@@ -31,25 +30,12 @@ def trigger_simulated_scan(
 
     rate None: the camera waits for the pipeline (a file replay; nothing is lost). A rate in frames/s: the
     camera runs in real time, as the instrument does, and the receivers drop (and count) every sector the
-    aggregator cannot take at once. The four module senders are threads of this process sharing one
-    simulated camera: starting them takes milliseconds, where four fresh processes take seconds to import.
+    aggregator cannot take at once.
     """
     camera = SimulatedCamera(SimulatorConfig(ScanShape(width, height), dose=dose, seed=seed))
-    with ThreadPoolExecutor(N_SECTORS, thread_name_prefix="camera") as pool:
-        results = list(
-            pool.map(
-                lambda m: run_sender(
-                    camera,
-                    receivers,
-                    m,
-                    rate,
-                    scan_number=scan_number,
-                    send_timeout=timeout,
-                    realtime=rate is not None,
-                ),
-                range(N_SECTORS),
-            )
-        )
+    results = send_simulated_scan(
+        camera, receivers, rate, scan_number=scan_number, realtime=rate is not None, send_timeout=timeout
+    )
     return {
         "sectors_sent": sum(r.sent for r in results),
         "sectors_dropped": sum(r.dropped for r in results),

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from counting.sparse import read_counted_scan
 from streaming import protocol as p
 from streaming.aggregator import NODE_SNDHWM, RECEIVER_RCVHWM
 from streaming.node import NodeConfig
-from streaming.sender import SendResult, run_sender
+from streaming.sender import SendResult, send_simulated_scan
 from streaming.settings import StreamingSettings
 from tasks.plan import free_port
 from tasks.processes import process_tree, rss_kb
@@ -153,22 +152,15 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def send(receiver: str, scan: ScanShape, scan_number: int, rate: float | None) -> list[SendResult]:
     """Four receivers (threads) send one simulated scan; real time when a rate is given."""
     camera = SimulatedCamera(SimulatorConfig(scan, dose=100.0, seed=scan_number))
-    with ThreadPoolExecutor(N_SECTORS) as pool:
-        return list(
-            pool.map(
-                lambda m: run_sender(
-                    camera,
-                    [receiver],
-                    m,
-                    rate,
-                    scan_number=scan_number,
-                    send_timeout=60,
-                    hwm=SENDER_HWM,
-                    realtime=rate is not None,
-                ),
-                range(N_SECTORS),
-            )
-        )
+    return send_simulated_scan(
+        camera,
+        [receiver],
+        rate,
+        scan_number=scan_number,
+        realtime=rate is not None,
+        send_timeout=60,
+        hwm=SENDER_HWM,
+    )
 
 
 def wait_record(out: Path, scan_number: int, logs_dir: Path, timeout: float = 60.0) -> tuple[dict, Path]:
