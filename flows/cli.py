@@ -310,6 +310,8 @@ def demo(
             "completeness %",
             "seconds to counted file",
         ]
+        if any(r["frames incomplete"] or r["sectors dropped by receivers"] for r in rows):
+            shown[4:4] = ["frames incomplete", "sectors dropped by receivers"]  # losses never go unshown
         table = Table(title="session summary")
         for key in shown:
             table.add_column(key, justify="right")
