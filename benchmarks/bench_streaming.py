@@ -36,20 +36,10 @@ from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import write_counted_scan
 from streaming import protocol as p
 from streaming.sender import run_sender
+from tasks.processes import rss_kb
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "flows.cli"]
-
-
-def _vm(pid: int, key: str) -> int:
-    """A /proc/<pid>/status field in kB (0 when the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _children(pid: int) -> list[int]:
@@ -131,10 +121,10 @@ class Pipeline:
     def _sample(self) -> None:
         while self._sampling:
             for i, pid in enumerate(self.node_pids):
-                self.peak_rss[f"node{i}"] = max(self.peak_rss.get(f"node{i}", 0), _vm(pid, "VmHWM"))
+                self.peak_rss[f"node{i}"] = max(self.peak_rss.get(f"node{i}", 0), rss_kb(pid, "VmHWM"))
                 for c in _children(pid):
                     key = f"node{i}-worker"
-                    self.peak_rss[key] = max(self.peak_rss.get(key, 0), _vm(c, "VmHWM"))
+                    self.peak_rss[key] = max(self.peak_rss.get(key, 0), rss_kb(c, "VmHWM"))
             time.sleep(0.1)
 
     def _wait_armed(self, n: int, timeout: float = 60.0) -> None:

@@ -223,7 +223,7 @@ def session(
 
 def _node_lost_message(number: int, record: dict) -> str:
     """Why the session stops after a node loss, and what became of the scan in flight."""
-    missing = record["expected_frames"] - record["complete_frames"]
+    missing = record["frames_incomplete"]
     return (
         f"a node streamer was lost during scan {number}; the session stops (policy: a lost node ends the "
         f"session). Scan {number} was written {record['status']}: {missing} of {record['expected_frames']} "
@@ -241,7 +241,7 @@ def _row(number: int, record: dict, verified, ok: bool) -> dict:
         "frames": record["frames_written"],
         "events per frame": round(record["events"] / frames, 1),
         "completeness %": round(100 * record["completeness"], 3),
-        "frames incomplete": record["expected_frames"] - record["complete_frames"],
+        "frames incomplete": record["frames_incomplete"],
         "sectors dropped by receivers": record.get("sectors_overflowed", 0),
         "sectors lost in transit": record.get("sectors_lost_in_transit", 0),
         "counted frames/s": round(

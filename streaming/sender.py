@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -547,7 +548,6 @@ def send_simulated_scan(
     Starting them takes milliseconds, where four processes (send_scan) take seconds to import; the
     sends release the GIL, so this keeps up with the counting pipeline on a few cores.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     def one(module: int) -> SendResult:
         return run_sender(

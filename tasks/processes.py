@@ -98,7 +98,7 @@ def _signal_group(popen: subprocess.Popen, sig: int) -> None:
 
 def rss_kb(pid: int, key: str = "VmRSS") -> int:
     """Resident memory of one process in kB from /proc/PID/status (0 when it is gone); key "RssAnon" is
-    its private heap alone, without shared memory and mapped files."""
+    its private heap alone, without shared memory and mapped files, "VmHWM" its peak."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):

@@ -134,8 +134,7 @@ def acquire_scan(
     state = follower.latest()
     base = state.forwarded if state is not None else 0
     shown = [0.0]
-    lost: list[NodeFailure] = []
-    give_up = [float("inf")]
+    watch = _NodeWatch(nodes, scan_number, lost_node_wait, logger)
 
     with ThreadPoolExecutor(1, thread_name_prefix="acquire") as pool:
         camera = (
@@ -155,29 +154,9 @@ def acquire_scan(
         )
 
         def check() -> None:
-            if lost:
-                if time.monotonic() > give_up[0]:
-                    raise NodeFailure(
-                        f"{lost[0]}\nscan {scan_number}: no counted file within {lost_node_wait:g} s "
-                        "of losing the node"
-                    )
-            else:
-                try:
-                    nodes.check()
-                except NodeFailure as exc:
-                    if not exc.writer_alive:
-                        raise
-                    lost.append(exc)
-                    give_up[0] = time.monotonic() + lost_node_wait
-                    logger.error(
-                        "scan %d: a node streamer was lost; waiting up to %g s for the scan writer to write "
-                        "what arrived: %s",
-                        scan_number,
-                        lost_node_wait,
-                        str(exc).splitlines()[0],
-                    )
+            watch.check()
             aggregator.check()
-            if camera is not None and camera.done() and not lost:
+            if camera is not None and camera.done() and watch.failure is None:
                 camera.result()  # a sender failure surfaces here, not as a silent timeout
             st = follower.latest()
             if st is not None and st.scan_number == scan_number:
@@ -188,25 +167,58 @@ def acquire_scan(
 
         try:
             record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
-            sent = _camera_counts(camera, lost, logger)
+            sent = _camera_counts(camera, watch.failure, logger)
         finally:
             follower.close()
     update_progress_artifact(progress_id, 100.0)
     record.update(sent)
-    if lost:
-        record["node_failure"] = str(lost[0])
+    record["frames_incomplete"] = record["expected_frames"] - record["complete_frames"]
+    if watch.failure is not None:
+        record["node_failure"] = str(watch.failure)
     _log_scan(logger, scan_number, record)
     return record
 
 
-def _camera_counts(camera, lost: list, logger) -> dict:
+class _NodeWatch:
+    """Checks the node streamers while a scan runs. A lost node whose scan writer host still runs is
+    remembered and then waited on for at most ``wait`` seconds, so the scan in flight can still be written."""
+
+    def __init__(self, nodes: Nodes, scan_number: int, wait: float, logger) -> None:
+        self.nodes, self.scan_number, self.wait, self.logger = nodes, scan_number, wait, logger
+        self.failure: NodeFailure | None = None
+        self._give_up = float("inf")
+
+    def check(self) -> None:
+        """Raise NodeFailure when a node is lost with the writer, or the wait for the file has run out."""
+        if self.failure is None:
+            try:
+                self.nodes.check()
+            except NodeFailure as exc:
+                if not exc.writer_alive:
+                    raise
+                self.failure, self._give_up = exc, time.monotonic() + self.wait
+                self.logger.error(
+                    "scan %d: a node streamer was lost; waiting up to %g s for the scan writer to write "
+                    "what arrived: %s",
+                    self.scan_number,
+                    self.wait,
+                    str(exc).splitlines()[0],
+                )
+        elif time.monotonic() > self._give_up:
+            raise NodeFailure(
+                f"{self.failure}\nscan {self.scan_number}: no counted file within {self.wait:g} s of losing "
+                "the node"
+            )
+
+
+def _camera_counts(camera, failure: NodeFailure | None, logger) -> dict:
     """What the simulated camera sent; after a node loss its own error is secondary and only logged."""
     if camera is None:
         return {}
     try:
         return camera.result()
     except Exception as exc:
-        if not lost:
+        if failure is None:
             raise
         logger.warning("simulated camera after the node loss: %s", exc)
         return {}
@@ -222,7 +234,7 @@ def _log_scan(logger, scan_number: int, record: dict) -> None:
         100 * record["completeness"],
         record["written_time"] - record["last_data_time"],
     )
-    missing = record["expected_frames"] - record["complete_frames"]
+    missing = record["frames_incomplete"]
     if missing or record.get("sectors_overflowed") or record.get("sectors_lost_in_transit"):
         logger.warning(
             "scan %d: %d of %d frames incomplete (marked in the file's sector_masks); %d sector(s) dropped "
