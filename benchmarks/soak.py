@@ -45,7 +45,7 @@ def main() -> None:
     print(
         f"{report.complete_scans}/{a.scans} scans complete and verified; {report.frames_lost} frames and "
         f"{report.sectors_lost} sectors lost; RSS of all session processes {report.rss_early_mb:.0f} MB "
-        f"(first third) vs {report.rss_late_mb:.0f} MB (last third), private {report.private_early_mb:.0f} vs "
+        f"(before the last third) vs {report.rss_late_mb:.0f} MB (last third), private {report.private_early_mb:.0f} vs "
         f"{report.private_late_mb:.0f} MB (trend {report.private_slope_mb_per_scan:+.2f} MB/scan); session {report.state} in {report.wall_s:.0f} s; wrote {a.json}"
     )
     if report.complete_scans != a.scans:

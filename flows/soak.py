@@ -50,12 +50,13 @@ class SoakReport:
 
     @staticmethod
     def _window(series: list[float], last: bool) -> float:
-        """Peak over the first or last third of the scans (after the first, which pays for start-up: JIT
-        compilation, first allocations). Bounded buffers (hold queues, slots) reach their high-water mark
-        within the first third, so a late peak above the early one is growth."""
+        """Peak over the last third of the scans, or over the scans before it (after the first, which pays
+        for start-up: JIT compilation, first allocations). Bounded buffers (hold queues, slots, queues)
+        reach their high-water marks early, so a late peak well above every earlier one is growth."""
         steady = series[1:] or series
         n = max(1, len(steady) // 3)
-        return max(steady[-n:] if last else steady[:n], default=0.0)
+        window = steady[-n:] if last else steady[:-n] or steady
+        return max(window, default=0.0)
 
     @property
     def private_slope_mb_per_scan(self) -> float:
@@ -67,7 +68,7 @@ class SoakReport:
 
     @property
     def rss_early_mb(self) -> float:
-        """Peak RSS in the first third of the scans (shared memory slots count in every process that
+        """Peak RSS before the last third of the scans (shared memory slots count in every process that
         maps them, and grow as slots are first touched)."""
         return self._window(self.rss_mb, last=False)
 
@@ -78,7 +79,7 @@ class SoakReport:
 
     @property
     def private_early_mb(self) -> float:
-        """Peak private memory (RssAnon) in the first third: where a leak would show."""
+        """Peak private memory (RssAnon) before the last third: where a leak would show."""
         return self._window(self.private_mb, last=False)
 
     @property
