@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from counting.evaluate import evaluate_dose
+# stemstream_testing (test support) is not installed: import it from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stemstream_testing.evaluate import evaluate_dose  # noqa: E402
 
 DOSES = [10, 50, 100, 200, 500, 1000, 2000]
 

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +29,13 @@ from counting.kernel import Counter, Thresholds, default_workers
 from counting.offline import count_raw_scan
 from counting.pipeline import CountingOptions
 from counting.raw import open_raw_scan, write_raw_scan
-from counting.reference import count_reference
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.thresholds import ThresholdConfig, estimate_thresholds
+
+# stemstream_testing (test support) is not installed: import it from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stemstream_testing.reference import count_reference  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

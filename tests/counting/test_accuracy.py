@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from counting.evaluate import evaluate_dose
+from stemstream_testing.evaluate import evaluate_dose
 
 
 @pytest.mark.parametrize("dose", [10, 200, 2000])

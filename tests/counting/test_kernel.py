@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from counting.geometry import FRAME_SHAPE
 from counting.kernel import MAX_EVENTS_PER_FRAME, Counter, EventList, Thresholds
-from counting.reference import count_reference, count_reference_loop
+from stemstream_testing.reference import count_reference, count_reference_loop
 
 H, W = FRAME_SHAPE
 

@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.fake_sfapi import FakeSfapi  # noqa: E402
+from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
 from tasks.remote import SshSettings  # noqa: E402
 
 # Shared with tests/tasks: a real OpenSSH sshd on loopback, SFAPI client keys, the loopback fake SFAPI (that

@@ -44,8 +44,8 @@ from prefect.states import State
 
 from flows.session import session
 from flows.settings import load_settings
+from stemstream_testing.fake_sfapi import FakeJob
 from streaming.security import load_keypair, write_keypair
-from tasks.fake_sfapi import FakeJob
 from tasks.verify import verify_scan
 from tests.flows.conftest import NerscSetup, set_env
 from tests.tasks.helpers import alive, keygen, wait_until

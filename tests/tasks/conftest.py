@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from tasks.fake_sfapi import FakeSfapi  # noqa: E402
+from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
 from tasks.remote import SshSettings  # noqa: E402
 from tasks.sfapi import SfapiSettings  # noqa: E402
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
-from tasks.fake_sfapi import FakeSfapi
+from stemstream_testing.fake_sfapi import FakeSfapi
 from tasks.sfapi import (
     UNKNOWN,
     AllocationError,
@@ -454,7 +454,7 @@ def test_errors_are_allocation_errors() -> None:
 # ---- the fake's CLI --------------------------------------------------------------------------------
 def test_fake_cli_prints_its_base_url(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.fake_sfapi", "--root", str(tmp_path), "--port", "0"],
+        [sys.executable, "-m", "stemstream_testing.fake_sfapi", "--root", str(tmp_path), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

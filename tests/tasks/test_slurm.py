@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.fake_sfapi import parse_exports, parse_sbatch, parse_srun, srun_lines
+from stemstream_testing.fake_sfapi import parse_exports, parse_sbatch, parse_srun, srun_lines
 from tasks.slurm import SlurmConfigError, SlurmSettings, render_batch_script
 
 GOLDEN = Path(__file__).parent / "golden" / "node_streamers.sh"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from counting.accuracy import Accuracy, match_frames
 from counting.dark import dark_reference
 from counting.geometry import ScanShape
 from counting.kernel import Counter
-from counting.oracle import stempy_count_frames, stempy_thresholds
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.thresholds import ThresholdConfig, estimate_thresholds
+from stemstream_testing.accuracy import Accuracy, match_frames
+from stemstream_testing.oracle import stempy_count_frames, stempy_thresholds
 
 
 @dataclass(frozen=True)

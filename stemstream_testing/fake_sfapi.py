@@ -21,7 +21,7 @@ Faults, as options: ``pending_polls``, ``stuck_pending``, ``fail_next_requests(n
 ``delay_responses(seconds)``, ``expire_tokens()``, ``reject_next_submit(message)``, ``error_next_queries(n)``,
 ``set_state(job_id, "NODE_FAIL")``. ``jobs`` and ``requests`` are there for assertions.
 
-CLI for manual demos: ``python -m tasks.fake_sfapi --root DIR --port 0`` prints the base URL.
+CLI for manual demos: ``python -m stemstream_testing.fake_sfapi --root DIR --port 0`` prints the base URL.
 """
 
 from __future__ import annotations
@@ -816,7 +816,9 @@ def _handler_class(fake: FakeSfapi) -> type[_Handler]:
 # ---- CLI ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Serve a fake SFAPI until interrupted; prints the base URL first, then the token URL and a token."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.fake_sfapi", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stemstream_testing.fake_sfapi", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--root", required=True, type=Path, help="directory standing in for Perlmutter's file systems"
     )
