@@ -30,7 +30,9 @@ from counting.geometry import FRAME_BYTES, N_SECTORS, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
 from streaming import protocol as p
-from streaming.sender import DEFAULT_HWM, SendResult, send_simulated_scan
+from streaming.push_socket import DEFAULT_HWM
+from streaming.scan_sender import send_simulated_scan
+from streaming.sender import SendResult
 from streaming.settings import StreamingSettings
 from tasks.plan import free_port
 from tasks.processes import process_tree, rss_kb

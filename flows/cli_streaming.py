@@ -73,7 +73,7 @@ def send(
     from counting.offline import raw_paths
     from counting.simulator import SimulatorConfig
     from flows.cli import _parse_scan, console
-    from streaming.sender import send_scan
+    from streaming.scan_sender import send_scan
 
     _configure_logging(verbose)
     if (raw is None) == (simulate is None):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.sender import send_simulated_scan
+from streaming.scan_sender import send_simulated_scan
 
 
 class ScanTimeout(TimeoutError):

@@ -13,7 +13,7 @@ from counting.kernel import Thresholds
 from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.aggregator import Aggregator
-from streaming.sender import SenderFaults
+from streaming.faults import SenderFaults
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(180)

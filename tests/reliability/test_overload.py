@@ -27,7 +27,8 @@ from counting.sparse import read_counted_scan
 from streaming import protocol as p
 from streaming.aggregator import NODE_SNDHWM, RECEIVER_RCVHWM
 from streaming.node import NodeConfig
-from streaming.sender import SendResult, send_simulated_scan
+from streaming.scan_sender import send_simulated_scan
+from streaming.sender import SendResult
 from streaming.settings import StreamingSettings
 from tasks.plan import free_port
 from tasks.processes import process_tree, rss_kb

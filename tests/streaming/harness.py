@@ -14,8 +14,9 @@ from counting.kernel import Thresholds
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, read_counted_scan
 from streaming.aggregator import Aggregator
+from streaming.faults import SenderFaults
 from streaming.node import NodeConfig, NodeCounters, NodeStreamer
-from streaming.sender import SenderFaults, SendResult, run_sender
+from streaming.sender import SendResult, run_sender
 
 
 @dataclass

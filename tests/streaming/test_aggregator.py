@@ -24,8 +24,9 @@ from counting.geometry import N_SECTORS, SECTOR_ROWS, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming import protocol as p
 from streaming.aggregator import Aggregator, run_aggregator
+from streaming.faults import GARBAGE_KINDS, SenderFaults
 from streaming.security import CurveClientConfig, CurveServerConfig, apply_client, generate_keypair
-from streaming.sender import GARBAGE_KINDS, SenderFaults, SendResult, run_sender
+from streaming.sender import SendResult, run_sender
 from streaming.wire import SectorHeader, decode_header
 
 pytestmark = pytest.mark.timeout(60)

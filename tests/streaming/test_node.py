@@ -12,7 +12,7 @@ from counting.kernel import Counter, Thresholds
 from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.assembly import FrameAssembler
-from streaming.sender import SenderFaults
+from streaming.faults import SenderFaults
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,10 @@ import zmq
 from counting.geometry import N_SECTORS, SECTOR_ROWS, ScanShape
 from counting.raw import open_raw_scan, write_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.sender import GARBAGE_KINDS, SenderError, SenderFaults, run_sender, send_scan
+from streaming.faults import GARBAGE_KINDS, SenderFaults
+from streaming.push_socket import SenderError
+from streaming.scan_sender import send_scan
+from streaming.sender import run_sender
 from streaming.wire import SectorHeader, WireError, decode_message
 
 pytestmark = pytest.mark.timeout(60)
