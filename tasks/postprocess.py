@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from py4DSTEM import DataCube
 
 log = logging.getLogger(__name__)
-
-IMAGE_NAMES = ("bf", "adf", "com", "dpc", "parallax", "dp_mean")
 
 
 @dataclass(frozen=True)
@@ -73,12 +71,6 @@ class AnalysisConfig:
         if self.energy_ev <= 0 or self.convergence_semiangle_mrad <= 0 or self.r_pixel_size_angstrom <= 0:
             raise ValueError("energy, convergence semiangle and R pixel size must be positive")
 
-    @classmethod
-    def simulated(cls, **overrides: Any) -> AnalysisConfig:
-        """Defaults for the project's simulated camera: no scan/detector rotation and no defocus."""
-        base = cls(com_rotation_deg=0.0, com_transpose=False, parallax_defocus_guess_angstrom=0.0)
-        return replace(base, **overrides)
-
 
 @dataclass
 class AnalysisResult:
@@ -103,32 +95,6 @@ class Probe:
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
-def virtual_images(
-    counted: CountedScan, inner: float, outer: float, center: tuple[float, float] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(BF, ADF) event counts per position straight from the sparse events, each (height, width).
-
-    BF counts events closer than ``inner`` detector pixels to ``center`` (row, col); ADF those with
-    ``inner <= r < outer``. ``center`` defaults to the centroid of all events."""
-    flat = list(counted.events.ravel())
-    sizes = np.fromiter((len(e) for e in flat), np.int64, len(flat))
-    positions = counted.scan.positions
-    if not sizes.sum():
-        empty = np.zeros((counted.scan.height, counted.scan.width))
-        return empty, empty.copy()
-    idx = np.concatenate(flat).astype(np.int64)
-    pos = np.repeat(np.arange(len(flat)) // counted.frames_per_position, sizes)
-    row, col = np.divmod(idx, FRAME_COLS)
-    cy, cx = center if center is not None else (row.mean(), col.mean())
-    r2 = (row - cy) ** 2 + (col - cx) ** 2
-    in_bf = r2 < inner**2
-    in_adf = ~in_bf & (r2 < outer**2)
-    shape = (counted.scan.height, counted.scan.width)
-    bf = np.bincount(pos[in_bf], minlength=positions).astype(np.float64).reshape(shape)
-    adf = np.bincount(pos[in_adf], minlength=positions).astype(np.float64).reshape(shape)
-    return bf, adf
-
-
 def fill_missing_positions(dense: np.ndarray, valid: np.ndarray) -> int:
     """Replace patterns at positions where ``valid`` is False by the mean of their valid 4-neighbours.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +13,22 @@ from counting.kernel import Thresholds
 from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import BEAM_CENTER, SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, write_counted_scan
+from stemstream_testing.sparse_images import virtual_images
 from tasks.postprocess import (
-    IMAGE_NAMES,
     AnalysisConfig,
     AnalysisResult,
     analyse_scan,
     build_datacube,
     densify,
     fill_missing_positions,
-    virtual_images,
 )
 
 SIDE = 32
 DOSE = 1000.0  # electrons per frame: enough for the centre of mass to show the deflection at 32x32
 OPTIONS = CountingOptions(fixed=Thresholds(12.0, 2000.0), workers=2)
-SIM = AnalysisConfig.simulated()
+# The simulated camera has no scan/detector rotation and no defocus.
+SIM = AnalysisConfig(com_rotation_deg=0.0, com_transpose=False, parallax_defocus_guess_angstrom=0.0)
+IMAGE_NAMES = ("bf", "adf", "com", "dpc", "parallax", "dp_mean")  # the PNGs analyse_scan writes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # py4DSTEM 0.14.18's parallax does float() on a 1-element array, which numpy 1.25+ deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -208,7 +210,7 @@ def test_tiny_low_dose_scan_with_paper_defaults(tmp_path: Path) -> None:
 
 
 def test_steps_can_be_switched_off(tmp_path: Path, scan_file: Path) -> None:
-    result = analyse_scan(scan_file, tmp_path, AnalysisConfig.simulated(dpc=False, parallax=False))
+    result = analyse_scan(scan_file, tmp_path, replace(SIM, dpc=False, parallax=False))
     assert set(result.images) == {"bf", "adf", "dp_mean"}
     assert "dpc" not in result.timings and "parallax" not in result.timings
 
