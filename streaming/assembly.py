@@ -74,18 +74,7 @@ class FrameAssembler:
         self.duplicates = 0
         self.late = 0  # sectors of frames already sealed (after an eviction): dropped and counted
         self.evicted = 0  # slots sealed early because frames waited too long for their sectors
-        self.sectors = 0
         self._sealed_frames: set[int] = set()  # frame numbers of this scan already handed to counting
-
-    @property
-    def free_slots(self) -> int:
-        """Slots not holding frames."""
-        return len(self._free)
-
-    @property
-    def frames_in_flight(self) -> int:
-        """Frames started but not yet sealed."""
-        return len(self._where)
 
     def slot(self, index: int) -> Slot:
         """A slot by index (for the counting side)."""
@@ -123,7 +112,6 @@ class FrameAssembler:
         sector = np.frombuffer(payload, dtype="<u2").reshape(SECTOR_ROWS, FRAME_COLS)
         slot.frames[row, module * SECTOR_ROWS : (module + 1) * SECTOR_ROWS] = sector
         slot.masks[row] |= bit
-        self.sectors += 1
         if slot.masks[row] == ALL_SECTORS:
             slot.complete += 1
             del self._where[frame_number]
