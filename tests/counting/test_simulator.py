@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_SHAPE, SECTOR_ROWS, FrameBatch, ScanShape
-from counting.simulator import BEAM_CENTER, SimulatedCamera, SimulatorConfig
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.simulator_config import BEAM_CENTER
 
 SMALL = SimulatorConfig(scan=ScanShape(6, 5), pool_size=8)
 

@@ -11,7 +11,8 @@ import pytest
 from counting.geometry import ScanShape
 from counting.kernel import Thresholds
 from counting.pipeline import CountingOptions, count_batches
-from counting.simulator import BEAM_CENTER, SimulatedCamera, SimulatorConfig
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.simulator_config import BEAM_CENTER
 from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.sparse_images import virtual_images
 from tasks.postprocess import (

@@ -1,0 +1,143 @@
+"""The simulated physics as numbers, computed once per camera from its config.
+
+The sample is a thin support film with Gaussian particles: its thickness t in [0, 1) at each scan position.
+Its gradient deflects the bright-field disk (so centre-of-mass / DPC shows the sample), and a fraction of
+the electrons growing with t is scattered out of the disk into a halo (so virtual BF shows the sample and ADF
+its inverse). The detector has a fixed dark pattern (offset + per-pixel variation) and Gaussian read noise.
+The compiled kernels (counting.simulator_kernels) read lookup tables instead of special functions: Poisson
+CDFs of the electron and x-ray counts, quantiles of an electron's gamma-distributed charge and of the halo
+radius, and the charge cloud's 3x3 footprint per sub-pixel position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+from counting.geometry import FRAME_COLS, FRAME_ROWS, FRAME_SHAPE, ScanShape
+from counting.simulator_config import BEAM_CENTER, SimulatorConfig
+from counting.simulator_kernels import SUBPIXEL_BINS, UINT16_MAX
+
+FRAME_PIXELS = FRAME_ROWS * FRAME_COLS
+_TABLE_SIZE = 4096  # quantile tables for charge and halo radius (linearly interpolated)
+_TAIL = 1e-15  # Poisson tables stop where the upper tail is this small
+
+
+@dataclass(frozen=True)
+class Specimen:
+    """The sample and what it does to the beam at each scan position."""
+
+    thickness: np.ndarray  # (height, width) in [0, 1)
+    shift: np.ndarray  # (height, width, 2) bright-field disk deflection (d_row, d_col), pixels
+    centers: np.ndarray  # (positions, 2) bright-field disk centre (row, col), pixels
+    scatter: np.ndarray  # (positions,) fraction of electrons scattered out of the disk
+
+
+@dataclass(frozen=True)
+class EventModel:
+    """What the kernels need to draw a frame's events: the packed model tuple and its sizes."""
+
+    model: tuple  # layout: the first line of simulator_kernels._gen_events
+    footprint: np.ndarray  # (SUBPIXEL_BINS, 3) charge-cloud weights
+    max_electrons: int  # the most electrons one frame can have (end of the Poisson table)
+    max_xray_pixels: int
+
+
+def specimen(config: SimulatorConfig, rng: np.random.Generator) -> Specimen:
+    """The sample of this config and the bright-field disk's centre and scattered fraction per position."""
+    thickness, grad = _make_sample(config.scan, config.particles, rng)
+    gmax = float(np.sqrt((grad**2).sum(axis=-1)).max())
+    shift = grad * (config.deflection / gmax) if gmax > 0 else np.zeros_like(grad)
+    centers = (np.asarray(BEAM_CENTER) + shift).reshape(-1, 2)
+    scatter = (config.scatter_min + (config.scatter_max - config.scatter_min) * thickness).ravel()
+    return Specimen(thickness, shift, centers, scatter)
+
+
+def dark_pattern(config: SimulatorConfig, rng: np.random.Generator) -> np.ndarray:
+    """Mean raw value of each pixel without beam (offset + fixed pattern), float32 (576, 576)."""
+    return (config.offset + config.dark_variation * rng.standard_normal(FRAME_SHAPE)).astype(np.float32)
+
+
+def noise_frame(dark: np.ndarray, read_noise: float, rng: np.random.Generator) -> np.ndarray:
+    """One flat background frame: dark + Gaussian read noise, rounded and clipped to uint16."""
+    f = rng.standard_normal(FRAME_PIXELS, dtype=np.float32)
+    f *= read_noise
+    f += dark.ravel()
+    np.rint(f, out=f)
+    np.clip(f, 0, UINT16_MAX, out=f)
+    return f.astype(np.uint16)
+
+
+def event_model(config: SimulatorConfig, sample: Specimen, key: np.uint64) -> EventModel:
+    """The tables of this config packed for the kernels; key seeds every frame's generator."""
+    c = config
+    e_cdf = _poisson_cdf(c.dose)
+    x_cdf = _poisson_cdf(c.xray_rate)
+    p = (np.arange(_TABLE_SIZE) + 0.5) / _TABLE_SIZE
+    scale = c.electron_adu / c.electron_adu_shape
+    charge_tab = special.gammaincinv(c.electron_adu_shape, p) * scale
+    halo_tab = special.ndtri(0.5 + 0.5 * p)
+    model = (
+        key,
+        c.frames_per_position,
+        sample.centers,
+        sample.scatter,
+        float(c.disk_radius),
+        float(c.halo_width),
+        e_cdf,
+        x_cdf,
+        charge_tab,
+        halo_tab,
+        float(c.xray_adu),
+        float(c.xray_2x2_fraction),
+    )
+    return EventModel(model, _footprint_table(c.charge_sigma), len(e_cdf) - 1, 4 * (len(x_cdf) - 1))
+
+
+def _poisson_cdf(mean: float) -> np.ndarray:
+    """Cumulative Poisson(mean) probabilities up to a negligible tail; the last entry is exactly 1."""
+    kmax = int(math.ceil(mean + 12.0 * math.sqrt(mean) + 30.0))
+    k = np.arange(kmax + 1, dtype=np.float64)
+    if mean == 0.0:
+        pmf = (k == 0).astype(np.float64)
+    else:
+        pmf = np.exp(k * math.log(mean) - mean - special.gammaln(k + 1.0))
+    cdf = np.cumsum(pmf)
+    last = int(np.searchsorted(cdf, 1.0 - _TAIL)) + 1
+    cdf = cdf[: min(last + 1, len(cdf))].copy()
+    cdf[-1] = 1.0
+    return cdf
+
+
+def _footprint_table(sigma: float) -> np.ndarray:
+    """(bins, 3) normalised pixel-integrated Gaussian weights of pixels -1, 0, +1 for sub-pixel offsets."""
+    d = -0.5 + (np.arange(SUBPIXEL_BINS) + 0.5) / SUBPIXEL_BINS
+    edges = np.array([-1.5, -0.5, 0.5, 1.5])
+    cdf = special.ndtr((edges[None, :] - d[:, None]) / sigma)
+    w = np.diff(cdf, axis=1)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _make_sample(scan: ScanShape, particles: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Thickness t = 1 - exp(-(film + sum of Gaussian particles)) on the scan grid and its gradient
+    (d/drow, d/dcol) per unit of the scan's longer side, shapes (h, w) and (h, w, 2)."""
+    side = max(scan.width, scan.height)
+    v = (np.arange(scan.height) + 0.5)[:, None] / side
+    u = (np.arange(scan.width) + 0.5)[None, :] / side
+    s = np.full((scan.height, scan.width), 0.1)
+    ds_dv = np.zeros_like(s)
+    ds_du = np.zeros_like(s)
+    cu = rng.uniform(0.1, 0.9, particles) * scan.width / side
+    cv = rng.uniform(0.1, 0.9, particles) * scan.height / side
+    sigma = rng.uniform(0.06, 0.14, particles)
+    amp = rng.uniform(0.8, 1.6, particles)
+    for k in range(particles):
+        g = amp[k] * np.exp(-((u - cu[k]) ** 2 + (v - cv[k]) ** 2) / (2 * sigma[k] ** 2))
+        s += g
+        ds_du -= g * (u - cu[k]) / sigma[k] ** 2
+        ds_dv -= g * (v - cv[k]) / sigma[k] ** 2
+    e = np.exp(-s)
+    return 1.0 - e, np.stack([e * ds_dv, e * ds_du], axis=-1)
