@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from counting.errors import PermanentError
 from counting.geometry import (
     ALL_SECTORS,
     FRAME_COLS,
@@ -63,7 +64,7 @@ _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
 
 
-class RawFormatError(ValueError):
+class RawFormatError(PermanentError, ValueError):
     """A raw sector file (or set of files) is malformed; the message names the file and byte offset."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS, ScanShape
 from counting.kernel import EventList
 
@@ -34,7 +35,7 @@ FORMAT_VERSION = 3
 _VLEN_U32 = h5py.vlen_dtype(np.uint32)
 
 
-class SparseFormatError(ValueError):
+class SparseFormatError(PermanentError, ValueError):
     """A file is not a readable counted scan."""
 
 

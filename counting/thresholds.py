@@ -13,11 +13,12 @@ import numba as nb
 import numpy as np
 from scipy.optimize import curve_fit
 
+from counting.errors import PermanentError
 from counting.geometry import FRAME_SHAPE
 from counting.kernel import Thresholds
 
 
-class ThresholdError(RuntimeError):
+class ThresholdError(PermanentError, RuntimeError):
     """Thresholds could not be estimated from the given frames."""
 
 

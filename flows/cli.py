@@ -1,7 +1,8 @@
 """The `stemstream` command line: simulate, count, info, demo, and the streaming processes.
 
 Every command builds the one Settings object (defaults < TOML < environment < these options) and passes
-it down. Expected failures (bad files, bad arguments) print one error line and exit non-zero.
+it down. Expected failures (any StemstreamError, bad files, bad arguments) print one error line and exit
+non-zero, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from counting.errors import StemstreamError
 from flows.settings import given, load_settings
 
 app = typer.Typer(
@@ -30,8 +33,9 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-# Failures a user can cause and fix: reported as one line, never as a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
+# Failures a user can cause and fix: reported as one line, never as a traceback. StemstreamError is every
+# error the product raises on purpose (counting/errors.py); the builtins cover bad files and arguments.
+_USER_ERRORS: tuple[type[BaseException], ...] = (StemstreamError, ValueError, OSError, RuntimeError, KeyError)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +46,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except _USER_ERRORS as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message's own brackets ("[node0]", a path) are text, not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -24,6 +24,8 @@ from pydantic import SecretStr
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from counting.errors import PermanentError
+
 log = logging.getLogger(__name__)
 
 KEY_CHARS = 40  # z85 of a 32-byte Curve25519 key
@@ -31,7 +33,7 @@ _SECRET_SUFFIX = ".key_secret"
 _PUBLIC_SUFFIX = ".key"
 
 
-class SecurityError(ValueError):
+class SecurityError(PermanentError, ValueError):
     """A key or key file is unusable; the message never contains secret material."""
 
 

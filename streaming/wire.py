@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from counting.errors import PermanentError
 from counting.geometry import N_SECTORS, SECTOR_BYTES
 
 HEADER_FIELDS = 9
@@ -20,7 +21,7 @@ _UINT32_MAX = 2**32 - 1
 _UINT16_MAX = 2**16 - 1
 
 
-class WireError(ValueError):
+class WireError(PermanentError, ValueError):
     """A message is not a valid sector message; the reason says which check failed."""
 
 

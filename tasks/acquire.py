@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from counting.errors import TransientError
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.scan_sender import send_simulated_scan
 
 
-class ScanTimeout(TimeoutError):
+class ScanTimeout(TransientError, TimeoutError):
     """A scan's file did not appear in time."""
 
 

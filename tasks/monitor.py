@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import zmq
 
+from counting.errors import TransientError
 from streaming import protocol as p
 from streaming.security import CurveClientConfig, apply_client
 
 
-class MonitorTimeout(TimeoutError):
+class MonitorTimeout(TransientError, TimeoutError):
     """The aggregator did not reach the awaited state in time."""
 
 

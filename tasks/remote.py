@@ -7,7 +7,9 @@
   block on a full window and no tail of either stream is lost (the exit status can arrive before it).
 * ``start_remote_process`` starts a long-lived process (the aggregator) detached in its own session
   (``nohup setsid``) and returns its PID; ``stop_remote_process`` ends its whole process group.
-* Errors are typed (``RemoteError`` subclasses) and never contain the key or its passphrase.
+* Errors are typed (``RemoteError`` subclasses) and never contain the key or its passphrase. Socket and
+  paramiko errors never escape raw: a broken connection is ``RemoteUnreachable`` and a slow command
+  ``RemoteTimeout`` (both transient, so retried), a key problem or a failed command is permanent.
 """
 
 from __future__ import annotations
@@ -25,33 +27,35 @@ from typing import Literal
 import paramiko
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from counting.errors import PermanentError, StemstreamError, TransientError
+
 log = logging.getLogger(__name__)
 
 _STDERR_TAIL = 2000  # characters of stderr kept in RemoteCommandFailed
 _START_FAILED = 97  # exit status of the start wrapper when the process died at once
 
 
-class RemoteError(RuntimeError):
-    """Base of every SSH failure; messages never contain key material or passphrases."""
+class RemoteError(StemstreamError, RuntimeError):
+    """Base of every SSH failure (never raised itself); messages never contain keys or passphrases."""
 
 
-class HostKeyRejected(RemoteError):
+class HostKeyRejected(PermanentError, RemoteError):
     """The host is not in known_hosts, or its key differs from the pinned one."""
 
 
-class AuthenticationFailed(RemoteError):
+class AuthenticationFailed(PermanentError, RemoteError):
     """The user key was refused, or could not be loaded (missing file, wrong passphrase)."""
 
 
-class RemoteUnreachable(RemoteError):
+class RemoteUnreachable(TransientError, RemoteError):
     """No SSH session could be set up: DNS, refused or timed-out connection, no SSH banner."""
 
 
-class RemoteTimeout(RemoteError):
+class RemoteTimeout(TransientError, RemoteError):
     """The command did not finish within its timeout (it may still be running on the host)."""
 
 
-class RemoteCommandFailed(RemoteError):
+class RemoteCommandFailed(PermanentError, RemoteError):
     """The command exited non-zero."""
 
     def __init__(self, command: str, exit_status: int, stderr_tail: str) -> None:
@@ -162,6 +166,8 @@ def stop_remote_process(
         f'i=0; while alive "$pid" && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done',
         'alive "$pid" || { kill -KILL "-$pid" 2>/dev/null; echo terminated; exit 0; }',
         'kill -KILL "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null',
+        # SIGKILL is delivered asynchronously: report "killed" once the process is really gone (or 2 s).
+        'i=0; while alive "$pid" && [ "$i" -lt 20 ]; do sleep 0.1; i=$((i+1)); done',
         "echo killed",
     ]
     result = run_remote(settings, _sh(script), timeout=grace + settings.command_timeout)
@@ -218,7 +224,12 @@ def _connect(settings: SshSettings) -> paramiko.SSHClient:
         )
     pkey = _load_key(settings)
     client = paramiko.SSHClient()
-    client.load_host_keys(str(settings.known_hosts))  # only these; never the system or user files
+    try:
+        client.load_host_keys(str(settings.known_hosts))  # only these; never the system or user files
+    except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as exc:
+        raise HostKeyRejected(
+            f"cannot read known_hosts file {settings.known_hosts}: {type(exc).__name__}: {exc}"
+        ) from None
     client.set_missing_host_key_policy(_PinnedHostKeys())
     where = f"{settings.host}:{settings.port}"
     user = settings.user or getpass.getuser()
@@ -269,26 +280,38 @@ def _exec(client: paramiko.SSHClient, settings: SshSettings, command: str, timeo
     except (paramiko.SSHException, OSError) as exc:
         raise RemoteUnreachable(f"cannot run a command over SSH on {settings.host}: {exc}") from None
     with chan:
-        out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            if chan.recv_ready():
-                out += chan.recv(65536)
-            if chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-            # Stop only at EOF with nothing buffered: the exit status can come before the last stderr bytes.
-            if (
-                chan.eof_received
-                and chan.exit_status_ready()
-                and not chan.recv_ready()
-                and not chan.recv_stderr_ready()
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise RemoteTimeout(f"{_short(command)} on {settings.host} exceeded {timeout:g} s")
-            try:
-                select.select([chan], [], [], 0.1)
-            except (OSError, ValueError):
-                time.sleep(0.01)  # the channel closed under us; the flags above end the loop
-        status = chan.recv_exit_status()
+        try:
+            return _drain(chan, settings, command, timeout)
+        except (paramiko.SSHException, OSError) as exc:  # the session broke under a running command
+            raise RemoteUnreachable(
+                f"SSH session to {settings.host} lost during {_short(command)}: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def _drain(chan: paramiko.Channel, settings: SshSettings, command: str, timeout: float) -> RemoteResult:
+    """Read both streams of a running command until EOF and its exit status, within timeout."""
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        if chan.recv_ready():
+            out += chan.recv(65536)
+        if chan.recv_stderr_ready():
+            err += chan.recv_stderr(65536)
+        # Stop only at EOF with nothing buffered: the exit status can come before the last stderr bytes.
+        if (
+            chan.eof_received
+            and chan.exit_status_ready()
+            and not chan.recv_ready()
+            and not chan.recv_stderr_ready()
+        ):
+            break
+        if not chan.get_transport().is_active():  # the connection died before the command's EOF
+            raise RemoteUnreachable(f"SSH session to {settings.host} lost during {_short(command)}")
+        if time.monotonic() > deadline:
+            raise RemoteTimeout(f"{_short(command)} on {settings.host} exceeded {timeout:g} s")
+        try:
+            select.select([chan], [], [], 0.1)
+        except (OSError, ValueError):
+            time.sleep(0.01)  # the channel closed under us; the flags above end the loop
+    status = chan.recv_exit_status()
     return RemoteResult(status, out.decode(errors="replace"), err.decode(errors="replace"))

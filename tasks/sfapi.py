@@ -45,6 +45,8 @@ from sfapi_client import Client  # noqa: E402
 from sfapi_client.compute import Machine  # noqa: E402
 from sfapi_client.exceptions import ClientKeyError, SfApiError  # noqa: E402
 
+from counting.errors import PermanentError, StemstreamError, TransientError  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -85,23 +87,27 @@ WAITING_STATES = frozenset(
 _MAX_BACKOFF = 10.0
 
 
-class AllocationError(RuntimeError):
-    """Base of every allocation failure; messages never contain keys, tokens or secrets."""
+class AllocationError(StemstreamError, RuntimeError):
+    """Base of every allocation failure (never raised itself); messages never contain keys or secrets."""
 
 
-class SfapiUnavailable(AllocationError):
+class SfapiUnavailable(TransientError, AllocationError):
     """SFAPI could not be reached or kept failing (network, 5xx, machine down); retrying later may work."""
 
 
-class SfapiCredentialsError(AllocationError):
+class SfapiCredentialsError(PermanentError, AllocationError):
     """The SFAPI client credentials are missing, unreadable or refused."""
 
 
-class JobSubmitError(AllocationError):
+class JobSubmitError(PermanentError, AllocationError):
     """sbatch (through SFAPI) refused the job, or its outcome is unknown; do not blindly resubmit."""
 
 
-class JobFailedError(AllocationError):
+class SfapiRequestFailed(PermanentError, AllocationError):
+    """SFAPI refused a request or answered it unusably (a 4xx, an unexpected reply); it would again."""
+
+
+class JobFailedError(PermanentError, AllocationError):
     """The job reached a state from which it will never be RUNNING (NODE_FAIL, CANCELLED, ...)."""
 
     def __init__(self, job_id: str, state: str) -> None:
@@ -110,8 +116,8 @@ class JobFailedError(AllocationError):
         self.state = state
 
 
-class JobStartTimeout(AllocationError):
-    """The job did not reach RUNNING within the start timeout."""
+class JobStartTimeout(PermanentError, AllocationError):
+    """The job did not reach RUNNING within the start timeout (the whole wait: a retry would only wait more)."""
 
     def __init__(self, job_id: str, timeout: float, last_state: str) -> None:
         super().__init__(
@@ -331,7 +337,9 @@ class SfapiAllocator:
         if state in TERMINAL_STATES or state == UNKNOWN:
             log.info("Slurm job %s already ended (%s); nothing to cancel", job_id, state)
             return
-        raise AllocationError(f"SFAPI could not cancel Slurm job {job_id} ({state}): {response.get('error')}")
+        raise SfapiRequestFailed(
+            f"SFAPI could not cancel Slurm job {job_id} ({state}): {response.get('error')}"
+        )
 
     # ---- internals ------------------------------------------------------------------------------
     def _check_machine(self) -> None:
@@ -452,7 +460,7 @@ def _fatal(what: str, exc: Exception, idempotent: bool) -> AllocationError:
         )
     if isinstance(exc, SfApiError) and "unavailable" in str(exc.message):
         return SfapiUnavailable(f"SFAPI {what}: {_describe(exc)}")
-    return AllocationError(f"SFAPI {what} failed: {_describe(exc)}")
+    return SfapiRequestFailed(f"SFAPI {what} failed: {_describe(exc)}")
 
 
 def _job_id_from_task(task_id: str, status: str, result: Any) -> str:

@@ -17,6 +17,8 @@ from string import Template
 
 from pydantic import BaseModel, Field, field_validator
 
+from counting.errors import PermanentError
+
 TEMPLATE = "node_streamers.sh.tmpl"
 
 # Options the template sets itself; an extra line repeating one would silently override a setting.
@@ -48,7 +50,7 @@ _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|PRIVATE|CRED
 _UNSAFE_PATH = re.compile(r"[\s'\"$`\\~#;&|<>*?]")
 
 
-class SlurmConfigError(ValueError):
+class SlurmConfigError(PermanentError, ValueError):
     """The Slurm settings or the script inputs cannot make a valid batch script."""
 
 

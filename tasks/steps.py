@@ -1,7 +1,7 @@
 """Prefect tasks of a session: thin wrappers around the plain code in this package.
 
-Network-touching steps retry transient failures; every step has a timeout; nothing here holds state:
-the flow owns the backends and passes them in.
+Network-touching steps retry transient failures (a TransientError, and nothing else: counting/errors.py);
+every step has a timeout; nothing here holds state: the flow owns the backends and passes them in.
 """
 
 from __future__ import annotations
@@ -21,32 +21,27 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
+from counting.errors import TransientError
 from counting.geometry import N_SECTORS
 from tasks.acquire import trigger_simulated_scan, wait_for_scan
 from tasks.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
-from tasks.remote import AuthenticationFailed, HostKeyRejected
-from tasks.sfapi import JobFailedError, JobStartTimeout, SfapiCredentialsError
-from tasks.slurm import SlurmConfigError
 
 
 def _retry_transient(task, task_run, state) -> bool:
-    """Retry API hiccups, not a job that failed or a bad key (retrying those only delays the error)."""
+    """Retry a TransientError (SFAPI or SSH unreachable, a timeout, a 5xx) and nothing else.
+
+    A PermanentError (a job that failed, a bad key or config) would only fail again later, and a bug (a
+    KeyError, a TypeError) must show at once. No third-party type is listed: tasks/sfapi.py and
+    tasks/remote.py wrap httpx, paramiko and socket errors into their typed transient errors.
+    """
     try:
         state.result()
-    except (
-        JobFailedError,
-        JobStartTimeout,
-        SfapiCredentialsError,
-        SlurmConfigError,
-        ValueError,
-        HostKeyRejected,
-        AuthenticationFailed,
-    ):
-        return False
-    except Exception:
+    except TransientError:
         return True
+    except Exception:
+        return False
     return False
 
 

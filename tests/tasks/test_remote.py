@@ -88,6 +88,20 @@ def test_missing_known_hosts_is_rejected(sshd: SshSettings, tmp_path: Path) -> N
         run_remote(sshd.model_copy(update={"known_hosts": tmp_path / "nope"}), "true")
 
 
+def test_malformed_known_hosts_is_rejected(sshd: SshSettings, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{sshd.host}]:{sshd.port} ssh-ed25519 !!!not-base64\n")
+    with pytest.raises(HostKeyRejected, match="cannot read known_hosts file"):
+        run_remote(sshd.model_copy(update={"known_hosts": known}), "true")
+
+
+def test_a_session_lost_mid_command_is_unreachable_at_once(sshd: SshSettings) -> None:
+    t = time.monotonic()
+    with pytest.raises(RemoteUnreachable, match="lost during"):  # transient: a retry may get through
+        run_remote(sshd, "kill -9 $PPID; sleep 5", timeout=10)  # $PPID: this session's sshd process
+    assert time.monotonic() - t < 5
+
+
 def test_wrong_user_key_is_refused(sshd: SshSettings, tmp_path: Path) -> None:
     stranger = keygen(tmp_path / "stranger")
     with pytest.raises(AuthenticationFailed, match="refused the key"):
