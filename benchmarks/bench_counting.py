@@ -27,14 +27,14 @@ from counting.dark import dark_reference
 from counting.geometry import ScanShape
 from counting.kernel import Counter, Thresholds, default_workers
 from counting.offline import count_raw_scan
-from counting.pipeline import CountingOptions
 from counting.raw import open_raw_scan, write_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from counting.thresholds import ThresholdConfig, estimate_thresholds
+from counting.thresholds import estimate_thresholds
 
 # stemstream_testing (test support) is not installed: import it from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stemstream_testing.options import estimation, options
 from stemstream_testing.reference import count_reference  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -65,7 +65,7 @@ def bench_kernel(frames: np.ndarray, dark: np.ndarray, repeats: int) -> dict:
 
     # stempy truncates the dark to integers: give everyone the same integer dark so outputs must agree.
     idark = np.floor(dark).astype(np.float32)
-    est = estimate_thresholds(frames[:20], idark, ThresholdConfig())
+    est = estimate_thresholds(frames[:20], idark, estimation())
     t = Thresholds(est.background_threshold, est.x_ray_threshold)
     counter = Counter(idark, t)
     n = len(frames)
@@ -117,7 +117,7 @@ def bench_raw(scan_side: int, dose: float, repeats: int, workdir: Path) -> dict:
     zeros = np.zeros((576, 576), np.float32)  # production passes a zero dark to stempy; do the same for both
 
     def ours(workers: int):
-        opts = CountingOptions(estimate=ThresholdConfig(), workers=workers)
+        opts = options(workers=workers)
         return lambda: count_raw_scan(open_raw_scan(paths), zeros, opts, batch_size=64)
 
     def theirs(threads: int):

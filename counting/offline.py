@@ -16,7 +16,7 @@ from counting.sparse import CountedScan
 def count_raw_scan(
     raw: RawScan,
     dark: np.ndarray | None,
-    options: CountingOptions = CountingOptions(),
+    options: CountingOptions,
     gain: np.ndarray | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,

@@ -25,11 +25,12 @@ _MAX_BUFFERED_FRAMES = 4096
 
 @dataclass(frozen=True)
 class CountingOptions:
-    """What to count with: fixed thresholds, or estimation settings; plus the cores to use."""
+    """What to count with: fixed thresholds, or estimation settings; plus the cores to use. Built from
+    CountingSettings by counting.settings.counting_options."""
 
-    fixed: Thresholds | None = None
-    estimate: ThresholdConfig = ThresholdConfig()
-    workers: int = 0  # 0 = every core this process may use
+    fixed: Thresholds | None
+    estimate: ThresholdConfig
+    workers: int  # 0 = every core this process may use
 
     @property
     def threads(self) -> int:
@@ -44,7 +45,7 @@ class ScanCounter:
         self,
         scan: ScanShape,
         dark: np.ndarray | None,
-        options: CountingOptions = CountingOptions(),
+        options: CountingOptions,
         gain: np.ndarray | None = None,
     ):
         self.scan = scan
@@ -68,7 +69,7 @@ class ScanCounter:
     def add(self, batch: FrameBatch) -> None:
         """Count a batch now, or hold it until enough complete frames have arrived to set thresholds."""
         if self.counter is None:
-            if not self._pending and self._complete(batch) >= self.options.estimate.num_blocks:
+            if not self._pending and self._complete(batch) >= self.options.estimate.sample_frames:
                 self._pending = [batch]  # enough on its own: estimate from it without copying
                 self._estimate_from_pending()
                 self._count(None)
@@ -84,7 +85,7 @@ class ScanCounter:
             )
             complete = sum(self._complete(b) for b in self._pending)
             buffered = sum(len(b) for b in self._pending)
-            if complete < self.options.estimate.num_blocks and buffered < _MAX_BUFFERED_FRAMES:
+            if complete < self.options.estimate.sample_frames and buffered < _MAX_BUFFERED_FRAMES:
                 return
             self._estimate_from_pending()
             self._count(None)
@@ -96,7 +97,7 @@ class ScanCounter:
         return int(np.count_nonzero(batch.sector_masks == ALL_SECTORS))
 
     def _estimate_from_pending(self) -> None:
-        need = self.options.estimate.num_blocks
+        need = self.options.estimate.sample_frames
         picks, have = [], 0
         for b in self._pending:
             idx = np.flatnonzero(b.sector_masks == ALL_SECTORS)[: need - have]
@@ -138,7 +139,7 @@ def count_batches(
     batches: Iterable[FrameBatch],
     scan: ScanShape,
     dark: np.ndarray | None,
-    options: CountingOptions = CountingOptions(),
+    options: CountingOptions,
     gain: np.ndarray | None = None,
     metadata: dict | None = None,
     frames_per_position: int = 1,

@@ -24,17 +24,18 @@ class ThresholdError(PermanentError, RuntimeError):
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """How to estimate thresholds; defaults are the production values used at NERSC."""
+    """How to estimate thresholds; built from CountingSettings (counting.settings.threshold_config), where
+    the production defaults live."""
 
-    number_of_samples: int = 1200
-    num_blocks: int = 20  # distinct frames the samples are drawn from (stempy: threshold_num_blocks)
-    background_n_sigma: float = 4.5
-    xray_n_sigma: float = 175.0
-    seed: int = 0
+    number_of_samples: int
+    sample_frames: int  # distinct frames the samples are drawn from (stempy: threshold_num_blocks)
+    background_n_sigma: float
+    xray_n_sigma: float
+    seed: int
 
     def __post_init__(self) -> None:
-        if self.number_of_samples < 1 or self.num_blocks < 1:
-            raise ValueError("number_of_samples and num_blocks must be at least 1")
+        if self.number_of_samples < 1 or self.sample_frames < 1:
+            raise ValueError("number_of_samples and sample_frames must be at least 1")
         if self.background_n_sigma <= 0 or self.xray_n_sigma <= 0:
             raise ValueError("n-sigma values must be positive")
 
@@ -77,10 +78,10 @@ def fixed_threshold_metadata(thresholds: Thresholds) -> dict:
 
 
 def sample_frame_indices(available: int, config: ThresholdConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Pick samples with replacement from the first num_blocks frames: (distinct frame indices, weights)."""
+    """Pick samples with replacement from the first sample_frames frames: (distinct frame indices, weights)."""
     if available < 1:
         raise ThresholdError("no complete frames to estimate thresholds from")
-    pool = min(available, config.num_blocks)
+    pool = min(available, config.sample_frames)
     picks = np.random.default_rng(config.seed).integers(0, pool, config.number_of_samples)
     return np.unique(picks, return_counts=True)
 
@@ -122,10 +123,10 @@ def _gaussian(x: np.ndarray, a: float, mu: float, sigma: float) -> np.ndarray:
 def estimate_thresholds(
     frames: np.ndarray,
     dark: np.ndarray | None,
-    config: ThresholdConfig = ThresholdConfig(),
+    config: ThresholdConfig,
     gain: np.ndarray | None = None,
 ) -> ThresholdEstimate:
-    """Estimate thresholds from candidate frames (n,576,576): the first num_blocks complete frames of a scan."""
+    """Estimate thresholds from candidate frames (n,576,576): the first sample_frames complete frames of a scan."""
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.shape[1:] != FRAME_SHAPE:
         raise ValueError(f"frames must be (n, 576, 576), got {frames.shape}")

@@ -5,11 +5,12 @@ Built at the entry point (CLI, flow) and passed down; importing this module read
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -102,6 +103,60 @@ def given(**values: object) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Build settings from defaults, TOML, environment and explicit overrides (the CLI's values)."""
-    return Settings(**given(**overrides))
+_settings_file: Path | None = None  # set once by the CLI's --settings option
+
+
+def use_settings_file(path: Path | None) -> None:
+    """Make every later load_settings() in this process start from this settings file (the CLI's
+    ``--settings``: how a session hands its settings to the processes it starts)."""
+    global _settings_file
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+    _settings_file = None if path is None else Path(path)
+
+
+def load_settings(settings_file: Path | None = None, **overrides: object) -> Settings:
+    """Build settings: defaults < TOML < environment < explicit overrides (the CLI's values).
+
+    With a settings file (written by write_settings_file, e.g. a session's), its values win over the
+    environment and the TOML file, which then only supply what the file leaves out (secrets)."""
+    path = settings_file or _settings_file
+    if path is None:
+        return Settings(**given(**overrides))
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read settings file {path}: {exc}") from None
+    return Settings(**_deep_merge(data, given(**overrides)))
+
+
+def write_settings_file(settings: Settings, path: Path) -> Path:
+    """Save settings as JSON for the processes a session starts; secret values are left out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(settings_json(settings))
+    os.replace(tmp, path)
+    return path
+
+
+def settings_json(settings: Settings) -> str:
+    """The settings file's text (secret values left out)."""
+    return json.dumps(_without_secrets(settings.model_dump(mode="python")), indent=2, default=str)
+
+
+def _without_secrets(data: object) -> object:
+    if isinstance(data, dict):
+        return {k: _without_secrets(v) for k, v in data.items() if not isinstance(v, SecretStr)}
+    if isinstance(data, list | tuple):
+        return [_without_secrets(v) for v in data]
+    return data
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -7,9 +7,9 @@ import pytest
 
 from counting.kernel import Counter, Thresholds
 from counting.offline import count_raw_scan
-from counting.pipeline import CountingOptions
 from counting.raw import open_raw_scan, write_raw_scan
 from counting.sparse import read_counted_scan, write_counted_scan
+from stemstream_testing.options import options
 
 
 def stempy_events(frames: np.ndarray, dark: np.ndarray, t: Thresholds) -> list[np.ndarray]:
@@ -47,7 +47,7 @@ def test_offline_count_of_raw_files_matches_stempy_per_position(tmp_path, camera
     cam = SimulatedCamera(SimulatorConfig(ScanShape(5, 4), frames_per_position=2, dose=150.0, seed=9))
     paths = write_raw_scan(tmp_path, 7, cam.scan, cam.iter_batches(16))
     t = Thresholds(30.5, 600.0)
-    counted = count_raw_scan(open_raw_scan(paths), None, CountingOptions(fixed=t, workers=2), batch_size=6)
+    counted = count_raw_scan(open_raw_scan(paths), None, options(fixed=t, workers=2), batch_size=6)
     stored = read_counted_scan(write_counted_scan(tmp_path / "s.h5", counted))
     frames = np.stack([cam.frame(n) for n in cam.frame_numbers])
     ref = stempy_events(frames, np.zeros((576, 576), np.float32), t)

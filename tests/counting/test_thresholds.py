@@ -8,6 +8,7 @@ import pytest
 from counting.dark import dark_reference, load_dark
 from counting.geometry import FRAME_SHAPE
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds
+from stemstream_testing.options import estimation
 
 
 def frames_with_electrons(seed: int, n: int, offset: float = 20.0, noise: float = 2.4) -> np.ndarray:
@@ -27,7 +28,11 @@ def test_statistics_match_stempy_calculate_thresholds(seed):
     frames = frames_with_electrons(seed, 2)
     block = next(PyReader(frames, np.arange(2, dtype=np.uint32), (2, 1), 1, 2))
     ref = _image.calculate_thresholds([block._block], np.zeros(FRAME_SHAPE, np.float32), 40, 4.5, 175.0)
-    ours = estimate_thresholds(frames[:1], None, ThresholdConfig(40, 1, 4.5, 175.0))
+    ours = estimate_thresholds(
+        frames[:1],
+        None,
+        estimation(number_of_samples=40, sample_frames=1, background_n_sigma=4.5, xray_n_sigma=175.0),
+    )
     for ours_key, ref_key in [
         ("min_sample", "min_sample"),
         ("max_sample", "max_sample"),
@@ -46,14 +51,14 @@ def test_statistics_match_stempy_calculate_thresholds(seed):
 def test_estimate_recovers_noise_and_is_deterministic():
     frames = frames_with_electrons(3, 25)
     dark = np.full(FRAME_SHAPE, 20.0, np.float32)
-    cfg = ThresholdConfig(number_of_samples=1200, num_blocks=20, seed=7)
+    cfg = estimation(number_of_samples=1200, sample_frames=20, seed=7)
     a = estimate_thresholds(frames, dark, cfg)
     assert a == estimate_thresholds(frames, dark, cfg)
     assert a.optimized_mean == pytest.approx(0.0, abs=0.1)
     assert a.optimized_std_dev == pytest.approx(2.4, abs=0.1)
     assert a.background_threshold == pytest.approx(a.optimized_mean + 4.5 * a.optimized_std_dev)
     assert a.x_ray_threshold == pytest.approx(a.mean + 175 * a.std_dev)
-    other = estimate_thresholds(frames, dark, ThresholdConfig(number_of_samples=1200, num_blocks=20, seed=8))
+    other = estimate_thresholds(frames, dark, estimation(number_of_samples=1200, sample_frames=20, seed=8))
     assert other != a  # a different seed samples other frames
     assert a.metadata()["threshold_calculated"] is True
 
@@ -62,7 +67,7 @@ def test_float_dark_above_raw_does_not_wrap():
     """stempy wraps raw - dark in uint16 here and its x-ray threshold explodes; ours stays sane."""
     frames = frames_with_electrons(4, 3)
     dark = dark_reference(frames_with_electrons(5, 8)).astype(np.float32) + 0.5
-    est = estimate_thresholds(frames, dark, ThresholdConfig(100, 3))
+    est = estimate_thresholds(frames, dark, estimation(number_of_samples=100, sample_frames=3))
     assert est.min_sample < 0 < est.background_threshold < 20
     assert est.x_ray_threshold < 5000
 
@@ -70,18 +75,22 @@ def test_float_dark_above_raw_does_not_wrap():
 def test_gain_scales_values():
     frames = frames_with_electrons(6, 2)
     dark = np.full(FRAME_SHAPE, 20.0, np.float32)
-    plain = estimate_thresholds(frames, dark, ThresholdConfig(50, 2))
-    halved = estimate_thresholds(frames, dark, ThresholdConfig(50, 2), gain=np.full(FRAME_SHAPE, 2.0))
+    plain = estimate_thresholds(frames, dark, estimation(number_of_samples=50, sample_frames=2))
+    halved = estimate_thresholds(
+        frames, dark, estimation(number_of_samples=50, sample_frames=2), gain=np.full(FRAME_SHAPE, 2.0)
+    )
     assert halved.optimized_std_dev == pytest.approx(plain.optimized_std_dev / 2, rel=0.05)
 
 
 def test_constant_frames_fail_clearly():
     with pytest.raises(ThresholdError, match="constant"):
-        estimate_thresholds(np.full((2, *FRAME_SHAPE), 20, np.uint16), None, ThresholdConfig(10, 2))
+        estimate_thresholds(
+            np.full((2, *FRAME_SHAPE), 20, np.uint16), None, estimation(number_of_samples=10, sample_frames=2)
+        )
     with pytest.raises(ValueError, match="576"):
-        estimate_thresholds(np.zeros((2, 10, 10), np.uint16), None)
+        estimate_thresholds(np.zeros((2, 10, 10), np.uint16), None, estimation())
     with pytest.raises(ValueError, match="at least 1"):
-        ThresholdConfig(number_of_samples=0)
+        ThresholdConfig(0, 20, 4.5, 175.0, 0)
 
 
 def test_dark_reference_and_loading(tmp_path):

@@ -10,10 +10,11 @@ import pytest
 
 from counting.geometry import ScanShape
 from counting.kernel import Thresholds
-from counting.pipeline import CountingOptions, count_batches
+from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.simulator_config import BEAM_CENTER
 from counting.sparse import CountedScan, write_counted_scan
+from stemstream_testing.options import options
 from stemstream_testing.sparse_images import virtual_images
 from tasks.postprocess import (
     AnalysisConfig,
@@ -26,7 +27,7 @@ from tasks.postprocess import (
 
 SIDE = 32
 DOSE = 1000.0  # electrons per frame: enough for the centre of mass to show the deflection at 32x32
-OPTIONS = CountingOptions(fixed=Thresholds(12.0, 2000.0), workers=2)
+OPTIONS = options(fixed=Thresholds(12.0, 2000.0), workers=2)
 # The simulated camera has no scan/detector rotation and no defocus.
 SIM = AnalysisConfig(com_rotation_deg=0.0, com_transpose=False, parallax_defocus_guess_angstrom=0.0)
 IMAGE_NAMES = ("bf", "adf", "com", "dpc", "parallax", "dp_mean")  # the PNGs analyse_scan writes
