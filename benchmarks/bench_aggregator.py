@@ -133,9 +133,13 @@ def _time_messages(receive: Callable[[], zmq.Frame], messages: int, out: mp.Queu
 def aggregator(receiver: str, nodes: str, messages: int, out: mp.Queue) -> None:
     """(b) The real Aggregator with one node, until it has forwarded every message."""
     from streaming.aggregator import Aggregator
+    from streaming.settings import StreamingSettings
 
     logging.basicConfig(level=logging.WARNING)
-    with Aggregator([receiver], nodes, 1, None, scan_deadline=10.0) as agg:
+    settings = StreamingSettings(
+        receivers=[receiver], nodes_bind=nodes, monitor_bind=None, n_nodes=1, scan_deadline=10.0
+    )
+    with Aggregator(settings) as agg:
         out.put(("endpoints", (agg.receiver_endpoints[0], agg.nodes_endpoint)))
         since = _cpu()
         stats = agg.run(until=lambda s: s.forwarded >= messages, timeout=TIMEOUT_S)

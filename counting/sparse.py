@@ -166,7 +166,8 @@ def counted_scan_image(scan: CountedScan) -> bytes:
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename; on any failure remove the temporary."""
+    """Write to a temporary name in the same directory, fsync, then link it to its final name, which must
+    not exist (FileExistsError: nothing is ever overwritten); on any failure remove the temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     tmp = Path(tmp_name)
@@ -175,7 +176,8 @@ def write_file_atomically(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.link(tmp, path)  # atomic, and unlike rename it refuses to replace an existing file
+        tmp.unlink()
     except BaseException:
         with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
             tmp.unlink(missing_ok=True)

@@ -25,151 +25,56 @@ import os
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 
 import zmq
 
-from counting.geometry import N_SECTORS
 from streaming import protocol as p
-from streaming.security import CurveServerConfig, apply_server
+from streaming.aggregator_sockets import AggregatorSockets
+from streaming.aggregator_state import ENDED_MEMORY, AggregatorStats, monitor_state
+from streaming.node_registry import NodeEntry, NodeRegistry
+from streaming.scan_tracker import OpenScan
+from streaming.security import CurveServerConfig
+from streaming.settings import StreamingSettings
 from streaming.wire import SectorHeader, WireError, decode_message
 
 log = logging.getLogger(__name__)
 
-NODE_SNDHWM = 2000  # messages queued per node before the aggregator blocks (about 330 MB of sectors)
-RECEIVER_RCVHWM = 1000  # messages queued per receiver connection before it stops reading (about 166 MB)
 _DRAIN_BATCH = 256  # sectors taken from one receiver before looking at control messages and timers
 _CONTROL_BATCH = 64
 _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between send attempts
 _MAX_POLL_MS = 100
-_ENDED_MEMORY = 1024  # ended scan numbers remembered, to recognise late sectors
-_LINGER_MS = 1000
 # Plain ints: pyzmq's enum flag arithmetic costs more per message than the send itself.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
 
-@dataclass
-class AggregatorStats:
-    """Running counters (whole session)."""
-
-    received: int = 0  # valid sectors received
-    forwarded: int = 0  # sectors sent to a node
-    malformed: int = 0  # messages that failed validation
-    unroutable: int = 0  # sectors whose node was gone or stalled
-    late: int = 0  # sectors of an already-ended scan
-    scans: int = 0  # scans begun
-    per_node: dict[str, int] = field(default_factory=dict)  # sectors forwarded, by node name
-    # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest _ENDED_MEMORY of them.
-    ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=_ENDED_MEMORY), repr=False)
-
-
-@dataclass
-class _Node:
-    name: str
-    index: int
-    identity: bytes
-    connected: bool = True
-    ready: bool = False
-    last_seen: float = 0.0
-
-
-class _Scan:
-    """Bookkeeping of the open scan: expected counts from the headers, what arrived, what went where."""
-
-    def __init__(self, header: SectorHeader, n_nodes: int, now: float) -> None:
-        self.number = header.scan_number
-        self.width = header.scan_width
-        self.height = header.scan_height
-        self.started = now
-        self.last_sector = now
-        self.threads: dict[tuple[int, int], int] = {}  # (module, thread_id) -> frames_this_thread
-        self.module_expected = [0] * N_SECTORS
-        self.module_received = [0] * N_SECTORS
-        self.modules_done: set[int] = set()
-        self.received = 0
-        self.malformed = 0
-        self.unroutable = 0
-        self.sent = [0] * n_nodes
-        # Frames in the whole scan as far as the first header tells: exact with one thread per receiver.
-        self.expected_frames = max(header.frames_this_thread, self.width * self.height)
-
-    def add(self, header: SectorHeader) -> None:
-        """Count a sector of this scan."""
-        m = header.module
-        key = (m, header.thread_id)
-        if key not in self.threads:
-            self.threads[key] = header.frames_this_thread
-            self._update_expected(m)
-        self.received += 1
-        self.module_received[m] += 1
-        if self.module_received[m] >= self.module_expected[m]:
-            self.modules_done.add(m)
-
-    def _update_expected(self, module: int) -> None:
-        counts = [n for (m, _), n in self.threads.items() if m == module]
-        # A receiver that does not know its count sends 0: assume one frame per scan position.
-        self.module_expected[module] = self.width * self.height if 0 in counts else sum(counts)
-        if self.module_received[module] < self.module_expected[module]:
-            self.modules_done.discard(module)
-
-    @property
-    def complete(self) -> bool:
-        """All four modules seen and each sent all its threads announced."""
-        return len(self.modules_done) == N_SECTORS
-
-    @property
-    def sectors_expected(self) -> int:
-        """Sum over modules; a module never seen is assumed to send as much as the largest seen."""
-        seen = [e for m, e in enumerate(self.module_expected) if any(k[0] == m for k in self.threads)]
-        return sum(seen) + (N_SECTORS - len(seen)) * max(seen, default=self.width * self.height)
-
-
 class Aggregator:
     """Receives sectors, forwards frames to nodes, ends scans; see the module docstring.
 
-    receivers: addresses to bind PULL sockets on (e.g. 4 of them, one per module; port 0 picks a free
-    port, see receiver_endpoints). nodes_bind: ROUTER address the nodes connect to. n_nodes: how many
-    nodes share each scan. monitor_bind: PUB address for monitors (None: no monitor socket).
-    scan_deadline: seconds without a sector of the open scan before it ends with reason "deadline".
-    heartbeat: seconds between state messages on the monitor. curve: CURVE server keys and allowed
-    client keys for the node and monitor sockets (None: plain, for localhost). stall_timeout: seconds a
-    node's full queue may block forwarding before that node is marked stalled (its sectors then count as
-    unroutable until it talks again). node_sndhwm, receiver_rcvhwm: messages queued per node and per
-    receiver connection (each sector ~166 kB: together they bound this process's memory). context: a
-    zmq.Context to use (default: a private one).
+    settings: the streaming settings (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline,
+    heartbeat, node_timeout, aggregator_stall_timeout, aggregator_node_hwm, aggregator_receiver_hwm; port
+    0 picks a free port, see receiver_endpoints). curve: CURVE server keys and allowed client keys for the
+    node and monitor sockets (None: plain, for loopback). context: a zmq.Context to use (default: its own).
     """
 
     def __init__(
         self,
-        receivers: Sequence[str],
-        nodes_bind: str,
-        n_nodes: int,
-        monitor_bind: str | None = None,
-        scan_deadline: float = 2.0,
-        heartbeat: float = 1.0,
+        settings: StreamingSettings,
         curve: CurveServerConfig | None = None,
         *,
-        stall_timeout: float = 30.0,
-        node_sndhwm: int = NODE_SNDHWM,
-        receiver_rcvhwm: int = RECEIVER_RCVHWM,
         context: zmq.Context | None = None,
     ) -> None:
-        if n_nodes < 1:
-            raise ValueError(f"n_nodes must be >= 1, got {n_nodes}")
-        if not receivers:
+        st = settings
+        if not st.receivers:
             raise ValueError("give at least one receiver address")
-        if scan_deadline <= 0 or heartbeat <= 0 or stall_timeout <= 0:
-            raise ValueError("scan_deadline, heartbeat and stall_timeout must be > 0")
-        if node_sndhwm < 1 or receiver_rcvhwm < 1:
-            raise ValueError("node_sndhwm and receiver_rcvhwm must be >= 1 (0 would mean unbounded memory)")
-        self.n_nodes = n_nodes
-        self.scan_deadline = scan_deadline
-        self.heartbeat = heartbeat
-        self.stall_timeout = stall_timeout
+        self.settings = st
+        self.n_nodes = st.n_nodes
+        self.scan_deadline = st.scan_deadline
+        self.heartbeat = st.heartbeat
+        self.stall_timeout = st.aggregator_stall_timeout
         self.session_id = int.from_bytes(os.urandom(4), "little")
         self.security = (
             f"CURVE, {len(curve.allowed_clients)} allowed client key(s)"
@@ -177,13 +82,15 @@ class Aggregator:
             else "plain (no CURVE: for loopback or a trusted network only)"
         )
         self.stats = AggregatorStats()
-        self._own_ctx = context is None
-        self._ctx = zmq.Context() if context is None else context
-        self._auth = None
-        self._nodes: dict[bytes, _Node] = {}  # by current identity
-        self._by_name: dict[str, _Node] = {}
-        self._by_index: dict[int, _Node] = {}
-        self._scan: _Scan | None = None
+        self.sockets = AggregatorSockets(st, curve, context)  # bound now: the ports are known at once
+        self._receivers, self._router, self._monitor = (
+            self.sockets.receivers,
+            self.sockets.router,
+            self.sockets.monitor,
+        )
+        self._control_poller, self._data_poller = self.sockets.control_poller, self.sockets.data_poller
+        self.nodes = NodeRegistry(st.n_nodes)
+        self._scan: OpenScan | None = None
         self._held: tuple[SectorHeader, list] | None = None  # first sector of a scan waiting for the arm
         self._ended: OrderedDict[int, None] = OrderedDict()
         self._next_state = 0.0
@@ -191,75 +98,21 @@ class Aggregator:
         self._stop_event: threading.Event | None = None
         self._until: Callable[[AggregatorStats], bool] | None = None
         self._end: float | None = None
-        self._sockets: list[zmq.Socket] = []
-        try:
-            self._bind(receivers, nodes_bind, monitor_bind, curve, node_sndhwm, receiver_rcvhwm)
-        except BaseException:
-            self.close()
-            raise
-
-    # ------------------------------------------------------------------------------------------ set-up
-    def _bind(
-        self,
-        receivers: Sequence[str],
-        nodes_bind: str,
-        monitor_bind: str | None,
-        curve: CurveServerConfig | None,
-        node_sndhwm: int,
-        receiver_rcvhwm: int,
-    ) -> None:
-        self._receivers = []
-        for address in receivers:
-            sock = self._socket(zmq.PULL)
-            sock.rcvhwm = receiver_rcvhwm
-            sock.bind(address)
-            self._receivers.append(sock)
-        self._router = self._socket(zmq.ROUTER)
-        self._router.router_mandatory = 1
-        self._router.router_handover = 1
-        self._router.sndhwm = node_sndhwm
-        if curve is not None:
-            self._auth = apply_server(self._router, curve, self._ctx)
-        self._router.bind(nodes_bind)
-        self._monitor = None
-        if monitor_bind is not None:
-            self._monitor = self._socket(zmq.PUB)
-            if curve is not None:
-                apply_server(self._monitor, curve, self._ctx, self._auth)
-            self._monitor.bind(monitor_bind)
-        self._control_poller = zmq.Poller()
-        self._control_poller.register(self._router, zmq.POLLIN)
-        self._data_poller = zmq.Poller()
-        self._data_poller.register(self._router, zmq.POLLIN)
-        for sock in self._receivers:
-            self._data_poller.register(sock, zmq.POLLIN)
-        # Read once: the real ports (bound to port 0) stay known after the sockets are closed.
-        self._endpoints = {
-            "receivers": [_endpoint(s) for s in self._receivers],
-            "nodes": _endpoint(self._router),
-            "monitor": None if self._monitor is None else _endpoint(self._monitor),
-        }
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self._ctx.socket(kind)
-        sock.linger = _LINGER_MS
-        self._sockets.append(sock)
-        return sock
 
     @property
     def receiver_endpoints(self) -> list[str]:
         """The bound receiver addresses (real ports when bound to port 0)."""
-        return list(self._endpoints["receivers"])
+        return list(self.sockets.endpoints["receivers"])
 
     @property
     def nodes_endpoint(self) -> str:
         """The bound node ROUTER address."""
-        return self._endpoints["nodes"]
+        return self.sockets.endpoints["nodes"]
 
     @property
     def monitor_endpoint(self) -> str | None:
         """The bound monitor PUB address, if any."""
-        return self._endpoints["monitor"]
+        return self.sockets.endpoints["monitor"]
 
     def __enter__(self) -> Aggregator:
         return self
@@ -269,14 +122,7 @@ class Aggregator:
 
     def close(self) -> None:
         """Close the sockets (bounded linger) and stop the CURVE authenticator; idempotent."""
-        for sock in self._sockets:
-            sock.close(linger=_LINGER_MS)
-        self._sockets = []
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
-        if self._own_ctx and not self._ctx.closed:
-            self._ctx.term()
+        self.sockets.close()
 
     # ------------------------------------------------------------------------------------------ loop
     def run(
@@ -322,7 +168,7 @@ class Aggregator:
     def _step(self) -> None:
         """One poll: control messages, then sectors (only when armed or streaming), then timers."""
         self._maybe_begin_held()
-        streaming = self._scan is not None or (self._held is None and self._all_ready())
+        streaming = self._scan is not None or (self._held is None and self.nodes.all_ready())
         poller = self._data_poller if streaming else self._control_poller
         events = dict(poller.poll(self._poll_ms()))
         if self._router in events:
@@ -336,7 +182,14 @@ class Aggregator:
         if scan is not None and now - scan.last_sector >= self.scan_deadline:
             self._end_scan("deadline")
         if now >= self._next_state:
+            self._check_liveness(now)
             self._publish_state()
+
+    def _check_liveness(self, now: float) -> None:
+        """A node silent for node_timeout (no heartbeat) is lost: its place is free for a restarted one."""
+        for node in list(self.nodes.by_index.values()):
+            if node.connected and now - node.last_seen > self.settings.node_timeout:
+                self._lose(node, f"silent for {self.settings.node_timeout:g} s (no heartbeat)")
 
     def _poll_ms(self) -> int:
         now = time.monotonic()
@@ -376,7 +229,7 @@ class Aggregator:
                 return
             if scan is not None:
                 self._end_scan("superseded")
-            if not self._all_ready():
+            if not self.nodes.all_ready():
                 self._held = (header, parts)  # begins when every node is armed again
                 return
             self._begin_scan(header)
@@ -396,7 +249,7 @@ class Aggregator:
         scan.add(header)
         self.stats.received += 1
         index = p.route(header.frame_number, self.n_nodes)
-        node = self._by_index.get(index)
+        node = self.nodes.by_index.get(index)
         if node is not None and self._send(node, [p.DATA, *parts]):
             scan.sent[index] += 1
             self.stats.forwarded += 1
@@ -409,19 +262,19 @@ class Aggregator:
             self._end_scan("complete")
 
     def _maybe_begin_held(self) -> None:
-        if self._held is not None and self._scan is None and self._all_ready():
+        if self._held is not None and self._scan is None and self.nodes.all_ready():
             header, parts = self._held
             self._held = None
             self._begin_scan(header)
             self._forward(header, parts)
 
     def _begin_scan(self, header: SectorHeader) -> None:
-        scan = _Scan(header, self.n_nodes, time.monotonic())
+        scan = OpenScan(header, self.n_nodes, time.monotonic())
         self._scan = scan
         self.stats.scans += 1
-        for node in self._by_index.values():
+        for node in self.nodes.by_index.values():
             node.ready = False  # the arm is used up: each node re-arms after its done
-        for node in self._by_index.values():
+        for node in self.nodes.by_index.values():
             self._send_control(node, self._scan_begin(scan, node))
         log.info(
             "scan %d begins: %dx%d, ~%d frames, %d nodes",
@@ -433,7 +286,7 @@ class Aggregator:
         )
         self._publish_state()
 
-    def _scan_begin(self, scan: _Scan, node: _Node) -> p.ScanBegin:
+    def _scan_begin(self, scan: OpenScan, node: NodeEntry) -> p.ScanBegin:
         return p.ScanBegin(
             scan.number,
             scan.width,
@@ -449,10 +302,10 @@ class Aggregator:
         assert scan is not None
         self._scan = None
         self._ended[scan.number] = None
-        while len(self._ended) > _ENDED_MEMORY:
+        while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
         expected = scan.sectors_expected
-        for index, node in sorted(self._by_index.items()):
+        for index, node in sorted(self.nodes.by_index.items()):
             end = p.ScanEnd(scan.number, scan.sent[index], reason, expected, scan.received, scan.malformed)
             self._send_control(node, end)
         self.stats.ended.append(
@@ -473,7 +326,7 @@ class Aggregator:
         self._publish_state()
 
     # ------------------------------------------------------------------------------------------ sending
-    def _send(self, node: _Node, parts: list) -> bool:
+    def _send(self, node: NodeEntry, parts: list) -> bool:
         """Send [node identity, *parts] zero-copy; block while its queue is full (servicing control).
 
         False when the node is gone (EHOSTUNREACH) or stalled past stall_timeout: it is then marked
@@ -512,15 +365,14 @@ class Aggregator:
             router.send(part, _MORE, copy=False)
         router.send(parts[-1], _LAST, copy=False)
 
-    def _send_control(self, node: _Node, message: object) -> None:
+    def _send_control(self, node: NodeEntry, message: object) -> None:
         if node.connected:
             self._send(node, p.encode(message))
 
-    def _lose(self, node: _Node, why: str) -> None:
+    def _lose(self, node: NodeEntry, why: str) -> None:
         if node.connected:
             log.warning("node %s (index %d) %s; its sectors are dropped", node.name, node.index, why)
-        node.connected = False
-        node.ready = False
+        self.nodes.lose(node)
         self._publish_state()
 
     # ------------------------------------------------------------------------------------------ control
@@ -545,7 +397,7 @@ class Aggregator:
         if isinstance(message, p.Hello):
             self._on_hello(identity, message)
             return
-        node = self._node_for(identity, getattr(message, "name", None))
+        node = self.nodes.node_for(identity, getattr(message, "name", None))
         if node is None:
             log.warning("%s from an unknown node ignored (it must say hello first)", type(message).__name__)
             return
@@ -553,6 +405,10 @@ class Aggregator:
         if isinstance(message, p.Ready):
             node.ready = True
             log.debug("node %s ready", node.name)
+        elif isinstance(message, p.WriterAt):
+            if self.nodes.writer_at(node, message):
+                for other in self.nodes.by_index.values():  # everyone learns the (new) writer address
+                    self._welcome(other)
         elif isinstance(message, p.Done):
             log.info(
                 "node %s done with scan %d: %d sectors, %d frames (%d incomplete), %s",
@@ -567,86 +423,42 @@ class Aggregator:
             log.warning("unexpected %s from node %s ignored", type(message).__name__, node.name)
 
     def _on_hello(self, identity: bytes, hello: p.Hello) -> None:
-        if hello.protocol != p.PROTOCOL_VERSION:
-            log.warning(
-                "node %s speaks protocol %d, not %d: refused", hello.name, hello.protocol, p.PROTOCOL_VERSION
-            )
-            self._reply(identity, p.Bye(f"protocol {p.PROTOCOL_VERSION} required"))
+        bye = self.nodes.refusal(hello)
+        if bye is not None:
+            log.warning("node %s (pid %d) refused: %s", hello.name, hello.pid, bye.reason)
+            self._reply(identity, bye)
             return
-        node = self._by_name.get(hello.name)
-        if node is None:
-            free = [i for i in range(self.n_nodes) if i not in self._by_index]
-            if not free:
-                log.warning("node %s refused: all %d node slots are taken", hello.name, self.n_nodes)
-                self._reply(identity, p.Bye("all node slots are taken"))
-                return
-            node = _Node(hello.name, free[0], identity)
-            self._by_name[node.name] = node
-            self._by_index[node.index] = node
-            log.info("node %s (pid %d) joined as index %d", node.name, hello.pid, node.index)
-        else:
-            log.info("node %s (pid %d) rejoined as index %d", node.name, hello.pid, node.index)
-        self._rebind(node, identity)
-        node.ready = False  # a (re)started node arms again with ready
+        rejoin = hello.name in self.nodes.by_name
+        node = self.nodes.join(identity, hello)
         node.last_seen = time.monotonic()
-        self._send_control(node, p.Welcome(node.index, self.n_nodes, self.session_id))
+        log.info(
+            "node %s (pid %d) %s as index %d",
+            hello.name,
+            hello.pid,
+            "rejoined" if rejoin else "joined",
+            node.index,
+        )
+        self.nodes.designate_writer(node)
+        self._welcome(node)
         if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
             self._send_control(node, self._scan_begin(self._scan, node))
         self._publish_state()
 
-    def _node_for(self, identity: bytes, name: str | None) -> _Node | None:
-        """The node behind an identity; a known name on a new identity is that node reconnected."""
-        node = self._nodes.get(identity)
-        if node is None and name is not None and name in self._by_name:
-            node = self._by_name[name]
-            self._rebind(node, identity)
-        return node
-
-    def _rebind(self, node: _Node, identity: bytes) -> None:
-        if node.identity != identity:
-            self._nodes.pop(node.identity, None)
-            node.identity = identity
-        self._nodes[identity] = node
-        node.connected = True
+    def _welcome(self, node: NodeEntry) -> None:
+        """Tell a node its index, whether it hosts the writer, and the writer's address once known."""
+        w = self.nodes.writer
+        hosts = self.nodes.hosts_writer(node)
+        address = w.address if w is not None else ""
+        self._send_control(node, p.Welcome(node.index, self.n_nodes, self.session_id, hosts, address))
 
     def _reply(self, identity: bytes, message: object) -> None:
         with suppress(zmq.ZMQError):  # a refused or vanished peer that cannot even take a bye
             self._router.send_multipart([identity, *p.encode(message)], zmq.NOBLOCK)
 
-    def _all_ready(self) -> bool:
-        nodes = self._by_index.values()
-        return len(self._by_index) == self.n_nodes and all(n.connected and n.ready for n in nodes)
-
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:
         """A snapshot for monitors; safe to call from another thread (tests, an embedding process)."""
-        # Copies first: list() and dict() of builtins run without releasing the GIL, so another thread
-        # never sees a table the loop is changing.
-        nodes = list(self._by_index.values())
-        per_node = dict(self.stats.per_node)
-        scan = self._scan
-        all_ready = len(nodes) == self.n_nodes and all(n.connected and n.ready for n in nodes)
-        if self._stopping:
-            name = "stopped"
-        elif scan is not None:
-            name = "streaming"
-        else:
-            name = "armed" if all_ready else "waiting"
-        s = self.stats
-        return p.AggregatorState(
-            state=name,
-            scan_number=scan.number if scan is not None else -1,
-            nodes_connected=sum(n.connected for n in nodes),
-            nodes_ready=sum(n.connected and n.ready for n in nodes),
-            n_nodes=self.n_nodes,
-            received=s.received,
-            forwarded=s.forwarded,
-            malformed=s.malformed,
-            unroutable=s.unroutable,
-            per_node=per_node,
-            time=time.time(),
-            late=s.late,
-        )
+        return monitor_state(self.nodes, self.stats, self._scan, self._stopping)
 
     def _publish_state(self) -> None:
         self._next_state = time.monotonic() + self.heartbeat
@@ -659,7 +471,7 @@ class Aggregator:
         self._stopping = True
         if self._scan is not None:
             self._end_scan("shutdown")
-        for node in self._by_index.values():
+        for node in self.nodes.by_index.values():
             if node.connected:
                 self._reply(node.identity, p.Bye("shutdown"))
         if self._monitor is not None:
@@ -672,10 +484,6 @@ class Aggregator:
             self.stats.unroutable,
             self.stats.late,
         )
-
-
-def _endpoint(sock: zmq.Socket) -> str:
-    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
 @contextmanager
@@ -693,40 +501,12 @@ def _stop_on_signals(stop: threading.Event):
 
 
 def run_aggregator(
-    receivers: Sequence[str],
-    nodes_bind: str,
-    n_nodes: int,
-    monitor_bind: str | None = None,
-    scan_deadline: float = 2.0,
-    heartbeat: float = 1.0,
+    settings: StreamingSettings,
     curve: CurveServerConfig | None = None,
     stop_event: threading.Event | None = None,
     timeout: float | None = None,
-    *,
-    receiver_hwm: int = RECEIVER_RCVHWM,
-    node_hwm: int = NODE_SNDHWM,
 ) -> AggregatorStats:
-    """Run an aggregator until SIGTERM/SIGINT, stop_event, or timeout seconds; returns its counters.
-
-    receivers: PULL addresses to bind, one per receiving server (e.g. tcp://*:6001..6004).
-    nodes_bind: ROUTER address for the nodes (e.g. tcp://*:17000). n_nodes: nodes per scan.
-    monitor_bind: PUB address for monitors (None: none). scan_deadline: seconds without a sector before
-    an open scan ends. heartbeat: seconds between monitor states. curve: CURVE server config (None: plain).
-    receiver_hwm, node_hwm: sectors queued per receiver connection and per node (the memory bound).
-    """
+    """Run an aggregator until SIGTERM/SIGINT, stop_event, or timeout seconds; returns its counters."""
     stop = stop_event or threading.Event()
-    with (
-        _stop_on_signals(stop),
-        Aggregator(
-            receivers,
-            nodes_bind,
-            n_nodes,
-            monitor_bind,
-            scan_deadline,
-            heartbeat,
-            curve,
-            node_sndhwm=node_hwm,
-            receiver_rcvhwm=receiver_hwm,
-        ) as agg,
-    ):
+    with _stop_on_signals(stop), Aggregator(settings, curve) as agg:
         return agg.run(stop_event=stop, timeout=timeout)

@@ -1,13 +1,16 @@
 """The node streamer: connects out to the aggregator, reassembles frames, counts them in worker processes,
-and sends the events to the session's scan writer (which it may host itself).
+and sends the events to the session's scan writer, which node 0 hosts.
 
-One loop, one thread, everything polled together: the aggregator socket (read only while a slot is free,
-which is the back-pressure), the writer socket, and the counting workers' pipes. Nothing waits without a
-deadline: a scan ends when the aggregator says so, or when it has been silent for ``scan_deadline``.
+Every node runs the same command. The aggregator numbers the nodes it welcomes and designates the writer's
+host (node 0): that node starts the scan writer and announces its address, and the aggregator hands the
+address to the others; a node arms (``ready``) only once it knows where the writer is. A node the
+aggregator refuses (all slots taken, or another output directory than the writer's) stops with the reason
+(NodeRefused), so a mistake is a clear error at start-up, never a second writer.
 
-A hosted writer that cannot store a scan (disk full, quota, read-only) stops the node at once, and ``run``
-raises ScanWriterError: every later scan would fail the same way, so the writer's host fails loudly rather
-than go on streaming scans it cannot store.
+One loop, one thread, everything polled together: the aggregator socket (read only while a slot is free or
+the hold queue has room: the back-pressure), the writer socket, and the counting workers' pipes. Nothing
+waits without a deadline: a scan ends when the aggregator says so, or after ``node_deadline`` of silence.
+A hosted writer that cannot store a scan stops the node at once and ``run`` raises ScanWriterError.
 """
 
 from __future__ import annotations
@@ -15,86 +18,56 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zmq
 
+from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS
 from counting.kernel import Thresholds
 from counting.thresholds import ThresholdConfig
 from streaming import protocol as p
 from streaming.assembly import FrameAssembler, Sealed
+from streaming.calibration import calibration_digest, calibration_parts
 from streaming.counting_pool import CountingPool, CountResult, SlotMemory
+from streaming.hold_queue import HoldQueue
+from streaming.hosted_writer import HostedWriter
+from streaming.node_scan import NodeScan
+from streaming.scan_files import ScanWriterError, check_output_dir
 from streaming.security import CurveClientConfig, apply_client
+from streaming.settings import StreamingSettings
 from streaming.wire import WireError, decode_message
-from streaming.writer import (
-    DEFAULT_NAME_TEMPLATE,
-    ScanWriter,
-    ScanWriterError,
-    WriterConfig,
-    calibration_digest,
-    calibration_parts,
-)
+from streaming.writer import WriterConfig
+from streaming.writer_client import WriterClient
 
 log = logging.getLogger(__name__)
 
 
+class NodeRefused(PermanentError):
+    """The aggregator refused this node (all slots taken, another output directory, another protocol)."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    """Everything a node streamer needs; built from settings and CLI options at the entry point."""
+    """Everything a node streamer needs; built by streaming.components from the settings."""
 
     aggregator: str
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    output_dir: Path | None = None  # host the session's writer, writing here
-    writer: str | None = None  # or send counted frames to a writer hosted elsewhere
-    writer_bind: str | None = None  # where a hosted writer listens for other nodes
-    workers: int = 1  # counting processes; 0 counts in the node process itself
-    batch_size: int = 32
-    slots: int = 8  # frames in flight at most: slots * batch_size
-    fixed: Thresholds | None = None  # only where the writer runs: it decides for every node
-    estimate: ThresholdConfig = ThresholdConfig()
-    session_id: int = 0
-    name_template: str = DEFAULT_NAME_TEMPLATE
-    scan_deadline: float = 10.0  # aggregator silent this long while a scan is open: end it
-    frame_timeout: float = 1.0  # slots and hold queue full, oldest frame waited this long: seal it
-    hold_limit: int = 1024  # sectors held while no slot is free (memory bound: hold_limit * 166 kB)
-    writer_deadline: float = 30.0
-    heartbeat: float = 1.0
-    curve: CurveClientConfig | None = None
-    max_scans: int | None = None  # stop after this many scans (tests, one-shot runs)
+    name: str
+    output_dir: Path  # where scans go if this node hosts the writer (every node is started with it)
+    streaming: StreamingSettings
+    estimate: ThresholdConfig  # how many complete frames to offer for threshold estimation
+    writer: WriterConfig  # used when this node hosts the writer
+    curve: CurveClientConfig | None
+    max_scans: int | None  # stop after this many scans (tests, one-shot runs)
 
     def __post_init__(self) -> None:
-        if (self.output_dir is None) == (self.writer is None):
-            raise ValueError("give --output-dir (this node writes the scans) or --writer ADDR, not both")
-        if self.writer is not None and (self.fixed is not None or self.writer_bind is not None):
-            raise ValueError("thresholds and --writer-bind belong to the node that hosts the writer")
-        if self.batch_size < 1 or self.slots < 2 or self.workers < 0:
-            raise ValueError("need batch_size >= 1, slots >= 2, workers >= 0")
-
-
-@dataclass
-class _NodeScan:
-    begin: p.ScanBegin
-    thresholds: Thresholds | None = None
-    failed: bool = False
-    pending: list[Sealed] = field(default_factory=list)  # sealed, waiting for thresholds
-    outstanding: int = 0  # slots being counted
-    samples_sent: int = 0
-    samples_closed: bool = False
-    end: p.ScanEnd | None = None
-    end_reason: str = ""
-    sectors: int = 0
-    frames: int = 0
-    incomplete: int = 0
-    counting_seconds: float = 0.0
-    late: int = 0
-    evicted: int = 0
+        st = self.streaming
+        if st.node_batch < 1 or st.node_slots < 2 or st.node_workers < 0:
+            raise ValueError("need node_batch >= 1, node_slots >= 2, node_workers >= 0")
 
 
 @dataclass
@@ -112,57 +85,39 @@ class NodeCounters:
 
 
 class NodeStreamer:
-    """A node streamer process's state and loop."""
+    """A node streamer process's state and loop, composed of: the aggregator socket and its hold queue,
+    the frame assembler, the counting pool, the writer client, and (on node 0) the hosted scan writer."""
 
     def __init__(self, config: NodeConfig, dark: np.ndarray | None, gain: np.ndarray | None = None):
+        st = config.streaming
         self.config = config
         self.counters = NodeCounters()
+        check_output_dir(config.output_dir)  # before anything starts: a clear error, nothing to undo
         self._ctx = zmq.Context()
         self._stop = threading.Event()
-        self._writer: ScanWriter | None = None
-        self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
-        writer_addr = config.writer
-        if config.output_dir is not None:
-            wcfg = WriterConfig(
-                Path(config.output_dir),
-                config.session_id,
-                config.name_template,
-                config.fixed,
-                config.estimate,
-                config.writer_deadline,
-            )
-            try:
-                self._writer = ScanWriter(
-                    config.writer_bind or f"inproc://writer-{id(self)}", wcfg, dark, gain, self._ctx
-                ).start()
-            except BaseException:  # e.g. an unwritable output directory: no workers exist yet
-                self._ctx.destroy(linger=0)  # closes a socket a failed bind left open, then terms
-                raise
-            writer_addr = self._writer.endpoint
+        self._dark, self._gain = dark, gain
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
-        self.memory = SlotMemory(config.slots, config.batch_size, shared=config.workers > 0)
+        self.hosted = HostedWriter(config.writer, st, self._ctx)
+        self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
+        self.refused: str | None = None  # why the aggregator refused us; run() then raises
+        self.memory = SlotMemory(st.node_slots, st.node_batch, shared=st.node_workers > 0)
         self.assembler = FrameAssembler(self.memory.slots())
-        self.pool = CountingPool(self.memory, dark, gain, config.workers)
-        self._agg = self._dealer(config.aggregator, config.curve)
-        self._out = self._dealer(writer_addr, None)
-        self._scan: _NodeScan | None = None
-        self._held: deque = deque()  # (kind, parts) read while no slot was free, in arrival order
-        self._held_controls = 0
-        self._node_index = -1
+        self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
+        self._agg = self._ctx.socket(zmq.DEALER)
+        self._agg.setsockopt(zmq.LINGER, 2000)
+        self._agg.setsockopt(zmq.RCVHWM, 4 * st.node_batch)  # back-pressure starts here
+        if config.curve is not None:
+            apply_client(self._agg, config.curve)
+        self._agg.connect(config.aggregator)
+        self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch)
+        self._held = HoldQueue(st.node_hold_limit)
+        self._scan: NodeScan | None = None
+        self.node_index = -1
         self._welcomed = False
+        self._refused_since = 0.0  # when a not-final refusal first came
         self._last_agg = time.monotonic()
         self._last_hb = 0.0
         self._last_hello = 0.0
-
-    def _dealer(self, addr: str, curve: CurveClientConfig | None) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.RCVHWM, 4 * self.config.batch_size)  # back-pressure starts here
-        sock.setsockopt(zmq.SNDHWM, 0)  # counted events must never be dropped on the way to the writer
-        if curve is not None:
-            apply_client(sock, curve)
-        sock.connect(addr)
-        return sock
 
     # ------------------------------------------------------------------------------------------- running
     def stop(self) -> None:
@@ -173,12 +128,14 @@ class NodeStreamer:
     def run(self) -> NodeCounters:
         """Serve scans until stopped or max_scans are done; always releases every resource.
 
-        Raises ScanWriterError (after releasing everything) when the hosted writer could not store a scan.
-        """
+        Raises NodeRefused when the aggregator refused this node, ScanWriterError (after releasing
+        everything) when the hosted writer could not store a scan."""
         try:
             self._serve()
         finally:
             self.close()
+        if self.refused is not None:
+            raise NodeRefused(f"{self.config.name} refused by the aggregator: {self.refused}")
         if self.writer_error is not None:
             raise ScanWriterError(f"scan writer failed: {self.writer_error}")
         return self.counters
@@ -186,11 +143,11 @@ class NodeStreamer:
     def _serve(self) -> None:
         self._hello()
         poller = zmq.Poller()
-        poller.register(self._out, zmq.POLLIN)
         registered: list = []
         generation = -1
         reading = False
-        while not self._stop.is_set():
+        writer_socket = None
+        while not self._stop.is_set() and self.refused is None:
             if generation != self.pool.generation:  # a restarted worker has a new pipe
                 for conn in registered:
                     poller.unregister(conn)
@@ -198,6 +155,11 @@ class NodeStreamer:
                 for conn in registered:
                     poller.register(conn, zmq.POLLIN)
                 generation = self.pool.generation
+            if writer_socket is not self.writer.socket:  # connected, or reconnected to a new writer
+                if writer_socket is not None:
+                    poller.unregister(writer_socket)
+                writer_socket = self.writer.socket
+                poller.register(writer_socket, zmq.POLLIN)
             want = self._can_read()
             if want != reading:
                 if want:
@@ -208,12 +170,12 @@ class NodeStreamer:
             events = dict(poller.poll(50))
             if self._agg in events:
                 self._drain_aggregator()
-            if self._out in events:
+            if writer_socket is not None and writer_socket in events:
                 self._drain_writer()
             self._take_results(self.pool.collect(0))
             self._housekeeping()
-            if self._writer is not None and self._writer.error is not None:
-                log.error("%s: scan writer failed, stopping: %s", self.config.name, self._writer.error)
+            if self.hosted.error is not None:
+                log.error("%s: scan writer failed, stopping: %s", self.config.name, self.hosted.error)
                 break
             if self.config.max_scans is not None and self.counters.scans >= self.config.max_scans:
                 break
@@ -222,23 +184,26 @@ class NodeStreamer:
         """Stop workers and the hosted writer (after it has written what it has), close sockets."""
         self.pool.close()
         try:
-            if self._writer is not None:
-                writer, self._writer = self._writer, None
-                try:
-                    writer.stop()  # waits for pending writes, which may fail too (a last scan, max_scans)
-                finally:
-                    self.writer_error = writer.error
+            self.writer_error = self.hosted.stop()  # waits for pending writes, which may fail too
         finally:  # sockets and shared memory are released even if the writer's stop raised
-            for sock in (self._agg, self._out):
-                # Nothing queued for a writer that failed is worth waiting for.
-                sock.close(linger=0 if self.writer_error and sock is self._out else 2000)
+            self._agg.close(linger=2000)
+            # Nothing queued for a writer that failed is worth waiting for.
+            self.writer.close(linger_ms=0 if self.writer_error else 2000)
             self._ctx.term()
             self.memory.close()
 
     def _hello(self) -> None:
-        self._agg.send_multipart(p.encode(p.Hello(self.config.name, os.getpid())))
-        self._agg.send_multipart(p.encode(p.Ready(self.config.name, -1)))
+        hello = p.Hello(self.config.name, os.getpid(), output_dir=str(self.config.output_dir))
+        self._agg.send_multipart(p.encode(hello))
+        if self.hosted.address:
+            self._agg.send_multipart(p.encode(self._writer_at()))
         self._last_hello = time.monotonic()
+
+    def _writer_at(self) -> p.WriterAt:
+        return p.WriterAt(self.config.name, self.hosted.address, str(self.config.output_dir))
+
+    def _send_ready(self, last_scan: int) -> None:
+        self._agg.send_multipart(p.encode(p.Ready(self.config.name, last_scan)))
 
     # ------------------------------------------------------------------------------------------- aggregator
     def _drain_aggregator(self) -> None:
@@ -249,11 +214,8 @@ class NodeStreamer:
             parts = self._agg.recv_multipart(copy=False)
             self._last_agg = time.monotonic()
             kind = parts[0].bytes
-            if self._held_controls or (self._held and kind != p.DATA):
-                # A control message (a scan's end, the next scan) must not overtake held sectors, and
-                # everything after a held control message waits too, in order.
-                self._held.append((kind, parts))
-                self._held_controls += kind != p.DATA
+            if self._held.must_hold(kind):
+                self._held.hold(kind, parts)
             elif kind == p.DATA:
                 self._on_data(parts)
             else:
@@ -261,47 +223,67 @@ class NodeStreamer:
 
     def _can_read(self) -> bool:
         """Read on while a slot is free, or while the hold queue for frames needing a slot has room."""
-        return self.assembler.can_accept() or len(self._held) < self.config.hold_limit
+        return self.assembler.can_accept() or self._held.has_room()
 
     def _replay_held(self) -> None:
-        """Place held sectors that now fit, and run held control messages once nothing before them waits."""
-        if not self._held:
-            return
-        waiting: deque = deque()
-        blocked = False
-        while self._held:
-            kind, parts = self._held.popleft()
-            if kind != p.DATA:
-                if blocked:
-                    waiting.append((kind, parts))
-                    continue
-                self._held_controls -= 1
-                self._on_control(kind, parts)
-            elif not self._on_data(parts, hold=True):
-                blocked = True
-                waiting.append((kind, parts))
-        self._held = waiting
+        if len(self._held):
+            self._held.replay(lambda parts: self._on_data(parts, hold=True), self._on_control)
 
     def _on_control(self, kind: bytes, parts: list) -> None:
         try:
             if kind == p.WELCOME:
-                w = p.decode(kind, parts[1].bytes, p.Welcome)
-                self._node_index, self._welcomed = w.node_index, True
-                log.info("%s: welcomed as node %d of %d", self.config.name, w.node_index, w.n_nodes)
+                self._on_welcome(p.decode(kind, parts[1].bytes, p.Welcome))
             elif kind == p.SCAN:
                 self._begin_scan(p.decode(kind, parts[1].bytes, p.ScanBegin))
             elif kind == p.END:
                 self._end_scan(p.decode(kind, parts[1].bytes, p.ScanEnd))
             elif kind == p.BYE:
-                log.warning("%s: the aggregator went away", self.config.name)
-                if self._scan is not None and self._scan.end is None:
-                    self._close_scan("aggregator-stopped")
-                self._welcomed = False
+                self._on_bye(p.decode(kind, parts[1].bytes, p.Bye))
             else:
                 raise p.ProtocolError(f"unexpected message {kind[:20]!r}")
         except (p.ProtocolError, IndexError) as exc:
             self.counters.malformed += 1
             log.warning("%s: dropped a malformed control message: %s", self.config.name, exc)
+
+    def _on_welcome(self, w: p.Welcome) -> None:
+        first = not self._welcomed
+        self.node_index, self._welcomed = w.node_index, True
+        if first:
+            log.info("%s: welcomed as node %d of %d", self.config.name, w.node_index, w.n_nodes)
+        if w.host_writer and not self.hosted.address:
+            address = self.hosted.start(self._dark, self._gain)
+            log.info(
+                "%s: hosting the scan writer at %s, writing to %s",
+                self.config.name,
+                address,
+                self.config.output_dir,
+            )
+            self._agg.send_multipart(p.encode(self._writer_at()))
+            self.writer.connect(self.hosted.local_address)
+        elif w.writer and not (self.hosted.address and w.writer == self.hosted.address):
+            self.writer.connect(w.writer)
+        if self.writer.connected and self._scan is None:
+            self._send_ready(-1)  # armed only once counted frames have somewhere to go
+
+    def _on_bye(self, bye: p.Bye) -> None:
+        if not self._welcomed:
+            now = time.monotonic()
+            if not bye.final:  # e.g. every slot taken: the node this one replaces may not be noticed yet
+                st = self.config.streaming
+                self._refused_since = self._refused_since or now
+                if now - self._refused_since < st.node_timeout + 2 * st.heartbeat:
+                    if self._refused_since == now:
+                        log.warning(
+                            "%s: %s; asking again for %g s", self.config.name, bye.reason, st.node_timeout
+                        )
+                    return
+            self.refused = bye.reason
+            log.error("%s: refused by the aggregator: %s", self.config.name, bye.reason)
+            return
+        log.warning("%s: the aggregator went away (%s)", self.config.name, bye.reason)
+        if self._scan is not None and self._scan.end is None:
+            self._close_scan("aggregator-stopped")
+        self._welcomed = False
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
         """Place a sector; returns False when it needs a slot and none is free (it is then held)."""
@@ -314,7 +296,7 @@ class NodeStreamer:
             self.counters.malformed += 1
             return True
         scan = self._scan
-        if scan is None or scan.end is not None or header.scan_number != scan.begin.scan_number:
+        if scan is None or scan.end is not None or header.scan_number != scan.number:
             self.counters.stray += 1
             return True
         if header.scan_width != scan.begin.scan_width or header.scan_height != scan.begin.scan_height:
@@ -323,12 +305,11 @@ class NodeStreamer:
         if not self.assembler.has_room_for(header.frame_number):
             # Sectors of frames already in flight may still arrive behind this one: keep reading.
             if not hold:
-                self._held.append((p.DATA, parts))
+                self._held.hold(p.DATA, parts)
             return False
         scan.sectors += 1
         self.counters.sectors += 1
-        sealed = self.assembler.add(header.frame_number, header.position, header.module, payload)
-        for s in sealed:
+        for s in self.assembler.add(header.frame_number, header.position, header.module, payload):
             self._sealed(s)
         return True
 
@@ -342,26 +323,14 @@ class NodeStreamer:
             begin.scan_width,
             begin.scan_height,
         )
-        self._scan = _NodeScan(begin)
+        self._scan = NodeScan(begin)
         for s in self.assembler.begin_scan(begin.scan_number):
             self._sealed(s)
-        self._out.send_multipart(
-            p.encode(
-                p.NodeScanBegin(
-                    self.config.name,
-                    begin.scan_number,
-                    begin.scan_width,
-                    begin.scan_height,
-                    begin.n_nodes,
-                    begin.node_index,
-                    begin.session_id,
-                )
-            )
-        )
+        self.writer.begin(begin)
 
     def _end_scan(self, end: p.ScanEnd) -> None:
         scan = self._scan
-        if scan is None or scan.begin.scan_number != end.scan_number or scan.end is not None:
+        if scan is None or scan.number != end.scan_number or scan.end is not None:
             return
         scan.end = end
         self._close_scan(end.reason)
@@ -370,55 +339,35 @@ class NodeStreamer:
         scan = self._scan
         scan.end_reason = reason
         if scan.end is None:
-            scan.end = p.ScanEnd(scan.begin.scan_number, -1, reason)
+            scan.end = p.ScanEnd(scan.number, -1, reason)
         for s in self.assembler.flush():
             self._sealed(s)
-        scan.late, scan.evicted = self.assembler.late, self.assembler.evicted
-        self.counters.duplicates += self.assembler.duplicates
-        self.counters.late_sectors += self.assembler.late
-        self.assembler.duplicates = self.assembler.late = self.assembler.evicted = 0
-        self._close_samples()
+        a = self.assembler
+        scan.late, scan.evicted = a.late, a.evicted
+        self.counters.duplicates += a.duplicates
+        self.counters.late_sectors += a.late
+        a.duplicates = a.late = a.evicted = 0
+        scan.close_samples(self.writer)
         self._maybe_done()
 
     # ------------------------------------------------------------------------------------------- counting
     def _sealed(self, sealed: Sealed) -> None:
         scan = self._scan
-        if scan is None or sealed.scan_number != scan.begin.scan_number:
+        if scan is None or sealed.scan_number != scan.number:
             self.assembler.release(sealed.slot)  # frames of a scan already closed: nothing to send them to
             return
         scan.frames += sealed.frames
         scan.incomplete += sealed.incomplete
         if scan.thresholds is not None:
             self._submit(scan, sealed)
-            return
-        if scan.failed:
+        elif scan.failed:
             self.assembler.release(sealed.slot)
-            return
-        scan.pending.append(sealed)
-        self._offer_samples(scan, sealed)
+        else:
+            scan.pending.append(sealed)
+            slot = self.assembler.slot(sealed.slot)
+            scan.offer_samples(self.writer, slot, sealed, self.config.estimate.sample_frames)
 
-    def _offer_samples(self, scan: _NodeScan, sealed: Sealed) -> None:
-        need = self.config.estimate.num_blocks - scan.samples_sent
-        if scan.samples_closed or need <= 0:
-            return
-        slot = self.assembler.slot(sealed.slot)
-        rows = np.flatnonzero(slot.masks[: sealed.frames] == ALL_SECTORS)[:need]
-        numbers = [int(n) for n in slot.frame_numbers[rows]]
-        scan.samples_sent += len(rows)
-        last = scan.samples_sent >= self.config.estimate.num_blocks
-        header = p.SampleHeader(self.config.name, scan.begin.scan_number, numbers, last)
-        self._out.send_multipart([*p.encode(header), *[slot.frames[r].tobytes() for r in rows]])
-        scan.samples_closed = last
-
-    def _close_samples(self) -> None:
-        scan = self._scan
-        if scan is not None and not scan.samples_closed and scan.thresholds is None:
-            self._out.send_multipart(
-                p.encode(p.SampleHeader(self.config.name, scan.begin.scan_number, [], True))
-            )
-            scan.samples_closed = True
-
-    def _submit(self, scan: _NodeScan, sealed: Sealed) -> None:
+    def _submit(self, scan: NodeScan, sealed: Sealed) -> None:
         self.pool.submit(sealed.slot, sealed.frames, scan.thresholds)
         scan.outstanding += 1
 
@@ -426,18 +375,16 @@ class NodeStreamer:
         for r in results:
             scan = self._scan
             slot = self.assembler.slot(r.slot)
-            if scan is not None and slot.scan_number == scan.begin.scan_number:
+            if scan is not None and slot.scan_number == scan.number:
                 n = len(r.events)
                 # send_multipart copies each part (copy=True), so slot views are safe to reuse at once.
-                self._out.send_multipart(
-                    [
-                        *p.encode(p.EventsHeader(self.config.name, scan.begin.scan_number, n)),
-                        slot.positions[:n],
-                        slot.frame_numbers[:n],
-                        slot.masks[:n],
-                        r.events.offsets,
-                        r.events.indices,
-                    ]
+                self.writer.send(
+                    p.EventsHeader(self.config.name, scan.number, n),
+                    slot.positions[:n],
+                    slot.frame_numbers[:n],
+                    slot.masks[:n],
+                    r.events.offsets,
+                    r.events.indices,
                 )
                 scan.outstanding -= 1
                 scan.counting_seconds += r.seconds
@@ -449,18 +396,23 @@ class NodeStreamer:
         self._maybe_done()
 
     def _drain_writer(self) -> None:
-        while self._out.poll(0):
-            parts = self._out.recv_multipart()
-            try:
-                t = p.decode(parts[0], parts[1], p.ScanThresholds)
-                if t.calibration and t.calibration != self._calibration:
-                    self._adopt_calibration(t.calibration, parts[2], parts[3])
-            except (p.ProtocolError, IndexError, ValueError) as exc:
-                self.counters.malformed += 1
-                log.warning("%s: dropped a malformed writer message: %s", self.config.name, exc)
-                continue
+        try:
+            received = self.writer.receive()
+        except (p.ProtocolError, IndexError, ValueError) as exc:
+            self.counters.malformed += 1
+            log.warning("%s: dropped a malformed writer message: %s", self.config.name, exc)
+            return
+        for t, dark, gain in received:
+            if t.calibration and t.calibration != self._calibration:
+                self.pool.recalibrate(dark, gain)  # count with the writer's dark and gain, as all nodes do
+                self._calibration = t.calibration
+                log.info(
+                    "%s: counting with the scan writer's dark and gain (%s)",
+                    self.config.name,
+                    t.calibration[:8],
+                )
             scan = self._scan
-            if scan is None or scan.begin.scan_number != t.scan_number or scan.thresholds is not None:
+            if scan is None or scan.number != t.scan_number or scan.thresholds is not None:
                 continue
             if not (np.isfinite(t.background) and np.isfinite(t.xray)):
                 log.error(
@@ -472,83 +424,43 @@ class NodeStreamer:
                 scan.failed = True
                 for s in scan.pending:
                     self.assembler.release(s.slot)
-                scan.pending.clear()
             else:
                 scan.thresholds = Thresholds(t.background, t.xray)
                 scan.samples_closed = True
                 for s in scan.pending:
                     self._submit(scan, s)
-                scan.pending.clear()
+            scan.pending.clear()
             self._maybe_done()
-
-    def _adopt_calibration(self, digest: str, dark_bytes: bytes, gain_bytes: bytes) -> None:
-        """Count with the writer's dark and gain, so every node and the thresholds agree."""
-        from counting.geometry import FRAME_SHAPE
-
-        def array(raw: bytes) -> np.ndarray | None:
-            return np.frombuffer(raw, np.float32).reshape(FRAME_SHAPE).copy() if raw else None
-
-        self.pool.recalibrate(array(dark_bytes), array(gain_bytes))
-        self._calibration = digest
-        log.info(
-            "%s: counting with the scan writer's dark reference and gain (%s)", self.config.name, digest[:8]
-        )
 
     def _maybe_done(self) -> None:
         scan = self._scan
-        if scan is None or scan.end is None or scan.pending or scan.outstanding:
+        if scan is None or not scan.finished:
             return
-        end = scan.end
-        self._out.send_multipart(
-            p.encode(
-                p.NodeScanDone(
-                    self.config.name,
-                    scan.begin.scan_number,
-                    scan.sectors,
-                    end.sectors_sent,
-                    scan.frames,
-                    scan.incomplete,
-                    self.counters.duplicates,
-                    scan.end_reason or end.reason,
-                    scan.counting_seconds,
-                    scan.late,
-                    scan.evicted,
-                )
-            )
-        )
-        self._agg.send_multipart(
-            p.encode(
-                p.Done(
-                    self.config.name,
-                    scan.begin.scan_number,
-                    scan.sectors,
-                    scan.frames,
-                    scan.incomplete,
-                    scan.end_reason or end.reason,
-                )
-            )
-        )
+        to_writer, to_aggregator = scan.done_messages(self.config.name, self.counters.duplicates)
+        self.writer.send(to_writer)
+        self._agg.send_multipart(p.encode(to_aggregator))
         log.info(
             "%s: scan %d done: %d sectors, %d frames (%d incomplete), %s",
             self.config.name,
-            scan.begin.scan_number,
+            scan.number,
             scan.sectors,
             scan.frames,
             scan.incomplete,
-            scan.end_reason,
+            to_writer.reason,
         )
         self._scan = None
         self.counters.scans += 1
-        self._agg.send_multipart(p.encode(p.Ready(self.config.name, end.scan_number)))
+        self._send_ready(scan.number)
 
     # ------------------------------------------------------------------------------------------- timers
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        st = self.config.streaming
         # Also with a control message held: after a lossy scan the aggregator's end waits behind sectors
         # that need slots, and no further data will come to fill the hold queue and trigger the eviction.
-        if not self._can_read() or self._held_controls:
+        if not self._can_read() or self._held.controls:
             oldest = self.assembler.oldest_waiting()
-            if oldest is not None and now - oldest > self.config.frame_timeout:
+            if oldest is not None and now - oldest > st.frame_timeout:
                 # Never wedge on frames whose sectors are lost or far behind: count what we have, mark it.
                 log.warning(
                     "%s: frames waited %.1f s for sectors with no slot free; sealing them incomplete",
@@ -559,21 +471,21 @@ class NodeStreamer:
                     self._sealed(s)
                 self._replay_held()
         scan = self._scan
-        if scan is not None and scan.end is None and now - self._last_agg > self.config.scan_deadline:
+        if scan is not None and scan.end is None and now - self._last_agg > st.node_deadline:
             log.warning(
                 "%s: scan %d: aggregator silent for %.1f s, ending the scan",
                 self.config.name,
-                scan.begin.scan_number,
-                self.config.scan_deadline,
+                scan.number,
+                st.node_deadline,
             )
             self._close_scan("node-deadline")
-        if now - self._last_hb > self.config.heartbeat:
+        if now - self._last_hb > st.heartbeat:
             state = "streaming" if self._scan is not None else "ready"
             self._agg.send_multipart(
-                p.encode(p.Heartbeat(self.config.name, state, scan.begin.scan_number if scan else -1))
+                p.encode(p.Heartbeat(self.config.name, state, scan.number if scan else -1))
             )
             self._last_hb = now
-        if not self._welcomed and now - self._last_hello > max(self.config.heartbeat, 1.0):
+        if not self._welcomed and now - self._last_hello > max(st.heartbeat, 1.0):
             self._hello()  # a restarted aggregator learns about us again
 
 

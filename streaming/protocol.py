@@ -3,15 +3,25 @@
 Aggregator and nodes talk over one ROUTER (aggregator, binds) / DEALER (node, connects outbound)
 connection. Every message is multipart with a kind tag first:
 
-    node -> aggregator   [b"hello", Hello]     once after connecting
-                         [b"ready", Ready]     armed: may receive the next scan
+    node -> aggregator   [b"hello", Hello]     once after connecting (and again until welcomed)
+                         [b"writer", WriterAt] node 0 only: where the scan writer it now hosts listens
+                         [b"ready", Ready]     armed: may receive the next scan (sent once it knows
+                                               the writer's address)
                          [b"done",  Done]      a scan is counted and handed to the writer
                          [b"hb",    Heartbeat] liveness, every heartbeat interval
-    aggregator -> node   [b"welcome", Welcome] the node's index among the session's nodes
+    aggregator -> node   [b"welcome", Welcome] the node's index among the session's nodes, whether it
+                                               hosts the scan writer, and the writer's address once
+                                               known (sent again whenever that address changes)
                          [b"scan",  ScanBegin] before the first sector of a scan
                          [b"data",  sector header, sector payload]  forwarded untouched (zero-copy)
                          [b"end",   ScanEnd]   after the last sector of a scan sent to this node
                          [b"bye",   Bye]       the aggregator is shutting down
+
+Roles come from the aggregator, so every node runs the same command: the node welcomed as index 0 hosts
+the session's scan writer and announces its address with ``writer``; the aggregator hands that address to
+the other nodes with their welcome (again after a reconnect, or when a restarted node 0 hosts a new
+writer). A node that cannot join (all slots taken, another output directory than the writer's, another
+protocol version) gets ``bye`` with the reason instead of ``welcome``, and exits with that reason.
 
 Because one connection carries data and control in order, a node that receives ``end`` has received
 every sector the aggregator sent it for that scan. Monitors subscribe to the aggregator's PUB socket and
@@ -25,6 +35,8 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from counting.errors import PermanentError
+
 HELLO = b"hello"
 READY = b"ready"
 DONE = b"done"
@@ -35,11 +47,12 @@ DATA = b"data"
 END = b"end"
 BYE = b"bye"
 STATE = b"state"
+WRITER = b"writer"
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
-class ProtocolError(ValueError):
+class ProtocolError(PermanentError, ValueError):
     """A control message is malformed."""
 
 
@@ -50,6 +63,16 @@ class Hello:
     name: str
     pid: int
     protocol: int = PROTOCOL_VERSION
+    output_dir: str = ""  # where this node would write scans if it hosted the writer
+
+
+@dataclass(frozen=True)
+class WriterAt:
+    """Node 0 hosts the scan writer, listening here."""
+
+    name: str
+    address: str
+    output_dir: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,8 @@ class Welcome:
     node_index: int
     n_nodes: int
     session_id: int = 0
+    host_writer: bool = False  # this node hosts the session's scan writer (node 0)
+    writer: str = ""  # the scan writer's address; empty until node 0 has announced it
 
 
 @dataclass(frozen=True)
@@ -122,6 +147,9 @@ class Bye:
     """The aggregator is going away."""
 
     reason: str = "shutdown"
+    final: bool = (
+        True  # False: a refusal that may clear (all slots taken while a lost node is not yet noticed)
+    )
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,7 @@ class AggregatorState:
     per_node: dict[str, int] = field(default_factory=dict)
     time: float = 0.0
     late: int = 0  # sectors of an already-ended scan, dropped
+    writer: str = ""  # name of the node that hosts the scan writer ("" until designated)
 
 
 # Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:
@@ -218,6 +247,7 @@ class ScanThresholds:
 
 _KIND = {
     Hello: HELLO,
+    WriterAt: WRITER,
     Ready: READY,
     Done: DONE,
     Heartbeat: HEARTBEAT,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import zmq
 
+from counting.errors import TransientError
 from counting.geometry import N_SECTORS
 
 DEFAULT_HWM = 1000  # production sndhwm
@@ -23,7 +24,7 @@ DEFAULT_LINGER = 10.0  # seconds to wait at exit for queued sectors to leave
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost more per message than the check
 
 
-class SenderError(RuntimeError):
+class SenderError(TransientError, RuntimeError):
     """A sender could not deliver its sectors; the message says which module and why."""
 
 

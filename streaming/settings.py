@@ -44,17 +44,28 @@ class StreamingSettings(BaseModel):
     )
     writer_deadline: float = Field(30.0, gt=0, description="writer: seconds a scan may be silent")
     heartbeat: float = Field(1.0, gt=0)
+    node_timeout: float = Field(
+        10.0, gt=0, description="aggregator: seconds without a message from a node before it counts as lost"
+    )
     node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
     node_batch: int = Field(32, ge=1)
     node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
     node_hold_limit: int = Field(
         1024, ge=0, description="sectors a node holds while no slot is free (memory bound: x 166 kB)"
     )
-    writer_port: int = Field(17500, ge=1, le=65535, description="scan writer port on the first node (NERSC)")
+    writer_bind: str = Field(
+        "tcp://127.0.0.1:0",
+        description="where node 0's scan writer listens for the other nodes (port 0: any free port); on a "
+        "cluster a wildcard such as tcp://0.0.0.0:17500, announced under writer_host",
+    )
+    writer_host: str | None = Field(
+        None,
+        description="the host name other nodes reach node 0 by, when writer_bind is a wildcard "
+        "(default: node 0's host name)",
+    )
     session_id: int = Field(0, ge=0, le=99999)
     name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
     send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
-    # Same defaults as streaming.aggregator's RECEIVER_RCVHWM and NODE_SNDHWM (not imported: zmq is heavy).
     aggregator_receiver_hwm: int = Field(
         1000,
         ge=1,
@@ -66,5 +77,11 @@ class StreamingSettings(BaseModel):
         ge=1,
         description="aggregator: sectors queued per node (memory bound: this x nodes x 166 kB, "
         "2000 x 2 = 664 MB); when full the aggregator waits for that node",
+    )
+    aggregator_stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="aggregator: seconds a node's full queue may block forwarding before that "
+        "node is marked stalled",
     )
     curve: CurveSettings = CurveSettings()

@@ -1,12 +1,12 @@
 """The scan writer: gathers counted frames of every node and writes one stempy-format HDF5 per scan.
 
-One writer serves a session (it runs inside the first node streamer, or alone). Nodes connect to it with
+One writer serves a session: node 0 (as numbered by the aggregator) hosts it. Nodes connect to it with
 DEALER sockets (protocol.W_*). Per scan it
   * estimates the thresholds every node counts with, from the lowest-numbered complete frames the nodes
     offer (so streamed and offline counting of the same data use the same sample frames), unless they
     are fixed;
   * collects counted frames in any order;
-  * when every node reports the scan done (or nothing arrived for ``scan_deadline`` seconds), writes the
+  * when every node reports the scan done (or nothing arrived for ``writer_deadline`` seconds), writes the
     HDF5 atomically in a background thread, so the next scan can stream meanwhile, then a JSON stop
     record beside it saying what exists: status, expected and written frames, completeness, checksum.
 
@@ -18,17 +18,11 @@ fail the same way, so the writer's host fails loudly at once rather than streami
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,66 +30,28 @@ import zmq
 
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.kernel import EventList, Thresholds
-from counting.sparse import CountedScan, ScanAccumulator, counted_scan_image, write_file_atomically
+from counting.sparse import CountedScan, ScanAccumulator
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
 from streaming import protocol as p
+from streaming.calibration import calibration_digest, calibration_parts
+from streaming.scan_files import ScanNaming, ScanWriterError, check_output_dir, write_scan
+from streaming.scan_record import ScanRecord, ScanStatus
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAME_TEMPLATE = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
-
-
-class ScanWriterError(RuntimeError):
-    """The scan writer cannot store scans: its output directory is unusable or a scan failed to write."""
+__all__ = ["ScanWriter", "ScanWriterError", "WriterConfig"]
 
 
 @dataclass(frozen=True)
 class WriterConfig:
-    """Where and how scans are written."""
+    """Where and how scans are written; built from settings by streaming.components."""
 
     output_dir: Path
-    session_id: int = 0
-    name_template: str = DEFAULT_NAME_TEMPLATE
-    fixed: Thresholds | None = None
-    estimate: ThresholdConfig = ThresholdConfig()
-    scan_deadline: float = 30.0  # write what there is when a scan has been silent this long
-
-
-@dataclass
-class ScanRecord:
-    """The stop record of a scan: what exists and how the scan ended."""
-
-    scan_number: int
-    status: str  # "complete" | "incomplete" | "failed"
-    path: str | None
-    scan_width: int
-    scan_height: int
-    expected_frames: int
-    frames_written: int
-    complete_frames: int
-    completeness: float
-    events: int
-    nodes: int
-    nodes_done: int
-    reasons: list[str]
-    sectors_lost_in_transit: int
-    thresholds: list[float]
-    sha256: str | None = None
-    error: str | None = None
-    first_data_time: float = 0.0
-    last_data_time: float = 0.0
-    written_time: float = 0.0
-    counting_seconds: float = 0.0
-
-    @property
-    def seconds_to_file(self) -> float:
-        """From the last data of the scan reaching the writer to the file on disk."""
-        return self.written_time - self.last_data_time
-
-
-def record_path(h5_path: Path) -> Path:
-    """The stop record beside a scan file."""
-    return h5_path.with_suffix(".json")
+    session_id: int
+    name_template: str
+    fixed: Thresholds | None
+    estimate: ThresholdConfig
+    writer_deadline: float  # write what there is when a scan has been silent this long
 
 
 @dataclass
@@ -141,6 +97,7 @@ class ScanWriter:
         self.records: list[ScanRecord] = []
         self.malformed = 0
         self.error: str | None = None  # set (once) when a scan or its stop record could not be written
+        self._naming = ScanNaming(config.output_dir, config.name_template, config.session_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -231,7 +188,7 @@ class ScanWriter:
         if scan.thresholds is not None or len(scan.samples_closed) < scan.begin.n_nodes:
             return
         cfg = self.config.estimate
-        numbers = sorted(scan.samples)[: cfg.num_blocks]
+        numbers = sorted(scan.samples)[: cfg.sample_frames]
         try:
             if not numbers:
                 raise ThresholdError("no complete frame arrived, so thresholds cannot be estimated")
@@ -300,11 +257,11 @@ class ScanWriter:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for scan in list(self._scans.values()):
-            if now - scan.last_activity > self.config.scan_deadline:
+            if now - scan.last_activity > self.config.writer_deadline:
                 log.warning(
                     "scan %d: no data for %.0f s, writing what arrived",
                     scan.begin.scan_number,
-                    self.config.scan_deadline,
+                    self.config.writer_deadline,
                 )
                 self._finish(scan)
 
@@ -336,32 +293,13 @@ class ScanWriter:
         }
         meta["electron_counting"].pop("error", None)
         counted = scan.accumulator.finish(meta)
-        path = self.config.output_dir / self.config.name_template.format(
-            date=datetime.fromtimestamp(scan.started).strftime("%y%m%d_%H%M"),
-            session=self.config.session_id,
-            scan=b.scan_number,
-        )
+        path = self._naming.path_for(b.scan_number, scan.started)
         record = self._record(scan, counted, path, reasons, thresholds, last_data)
-        image = counted_scan_image(counted)  # in memory: an error here is a bug, reported by _reap
-        written = False
-        try:
-            write_file_atomically(path, image)
-            record.sha256 = hashlib.sha256(image).hexdigest()
-            written = True
-        except OSError as exc:  # only the disk: full, quota, EFBIG, read-only, gone
-            record.status, record.path = "failed", None
-            record.error = f"cannot write scan {b.scan_number} to {self.config.output_dir}: {exc}"
-            log.error("scan %d: %s", b.scan_number, record.error)
-            self._fail(record.error)
-        del image
-        record.written_time = time.time()
-        try:
-            _write_json(record_path(path), asdict(record))
-        except OSError as exc:  # best effort when the scan failed; a lost record is fatal all the same
-            msg = f"cannot write the stop record of scan {b.scan_number} to {self.config.output_dir}: {exc}"
-            log.error("scan %d: %s", b.scan_number, msg)
-            self._fail(msg)
-        if not written:
+        error = write_scan(counted, path, record)
+        if error is not None:
+            log.error("scan %d: %s", b.scan_number, error)
+            self._fail(error)
+        if record.status is ScanStatus.FAILED and record.path is None:
             return record
         log.info(
             "scan %d written: %s (%d frames, %.2f %% complete, %s)",
@@ -390,8 +328,11 @@ class ScanWriter:
         b = scan.begin
         lost = sum(max(d.sectors_sent - d.sectors, 0) for d in scan.done.values())
         complete = counted.complete_frames == b.scan_width * b.scan_height * counted.frames_per_position
-        failed = t_failed = scan.thresholds is None or not np.isfinite(thresholds[0])
-        status = "failed" if failed else ("complete" if complete and lost == 0 else "incomplete")
+        failed = scan.thresholds is None or not np.isfinite(thresholds[0])
+        if failed:
+            status = ScanStatus.FAILED
+        else:
+            status = ScanStatus.COMPLETE if complete and lost == 0 else ScanStatus.INCOMPLETE
         return ScanRecord(
             scan_number=b.scan_number,
             status=status,
@@ -408,7 +349,7 @@ class ScanWriter:
             reasons=reasons,
             sectors_lost_in_transit=lost,
             thresholds=thresholds,
-            error=(scan.thresholds.metadata.get("error") if t_failed and scan.thresholds else None),
+            error=(scan.thresholds.metadata.get("error") if failed and scan.thresholds else None),
             first_data_time=scan.first_data,
             last_data_time=last_data,
             counting_seconds=sum(d.counting_seconds for d in scan.done.values()),
@@ -425,39 +366,3 @@ class ScanWriter:
             else:
                 still.append(fut)
         self._pending = still
-
-
-def calibration_parts(dark: np.ndarray | None, gain: np.ndarray | None) -> tuple[bytes, bytes]:
-    """The dark and gain as float32 bytes (empty when absent), as sent with thresholds."""
-    return tuple(b"" if a is None else np.ascontiguousarray(a, np.float32).tobytes() for a in (dark, gain))
-
-
-def calibration_digest(dark_bytes: bytes, gain_bytes: bytes) -> str:
-    """Identifies a dark+gain pair, so a node knows whether it already counts with it."""
-    return hashlib.sha256(b"dark" + dark_bytes + b"gain" + gain_bytes).hexdigest()[:32]
-
-
-def check_output_dir(directory: Path) -> None:
-    """Create the directory and a probe file in it; ScanWriterError naming the directory and the OS reason."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".stemstream-probe-", dir=directory)
-        try:
-            os.write(fd, b"probe")  # a full disk may still create an empty file, but not store a byte
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        raise ScanWriterError(f"scan output directory {directory} is not writable: {exc}") from exc
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=float))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
-            tmp.unlink(missing_ok=True)
-        raise

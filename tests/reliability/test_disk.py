@@ -25,15 +25,18 @@ import zmq
 
 from counting.geometry import ALL_SECTORS, ScanShape
 from counting.kernel import Thresholds
-from counting.pipeline import CountingOptions, count_batches
+from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import counted_scan_image
+from stemstream_testing.options import estimation, options
 from streaming import protocol as p
 from streaming.aggregator import Aggregator
-from streaming.node import NodeConfig, NodeStreamer
+from streaming.components import node_config
+from streaming.node import NodeStreamer
 from streaming.sender import run_sender
 from streaming.writer import ScanWriter, ScanWriterError, WriterConfig
 from tasks.plan import free_port
+from tests.streaming.harness import counting_settings, stream_settings
 
 pytestmark = pytest.mark.timeout(180)
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -84,11 +87,11 @@ def leftovers(directory: Path) -> list[str]:
 def test_disk_full_mid_session_stops_the_node_at_once_and_leaves_no_partial_file(tmp_path: Path):
     config = SimulatorConfig(ScanShape(32, 32), dose=200.0, seed=31)
     cam = SimulatedCamera(config)
-    offline = count_batches(cam.iter_batches(64), cam.scan, None, CountingOptions(fixed=FIXED))
+    offline = count_batches(cam.iter_batches(64), cam.scan, None, options(fixed=FIXED))
     # The premise: only the scan's HDF5 exceeds the limit (this also warms the numba cache).
     assert len(counted_scan_image(offline)) > 2 * FSIZE_LIMIT
     out = tmp_path / "out"
-    agg = Aggregator(["tcp://127.0.0.1:0"], "tcp://127.0.0.1:0", 1, scan_deadline=1.0, heartbeat=0.2)
+    agg = Aggregator(stream_settings(n_nodes=1))
     stop_agg = threading.Event()
     agg_thread = threading.Thread(target=agg.run, kwargs={"stop_event": stop_agg}, daemon=True)
     agg_thread.start()
@@ -164,7 +167,7 @@ def test_unwritable_output_directory_fails_the_node_at_start(tmp_path: Path):
     finally:
         stop_process(node)
     assert node.returncode == 1
-    assert stderr.decode().strip() == (
+    assert stderr.decode().strip().splitlines()[-1] == (
         f"error: scan output directory {out} is not writable: [Errno 20] Not a directory: '{out}'"
     )
     assert b"Traceback" not in stdout + stderr
@@ -175,7 +178,12 @@ def test_unwritable_output_directory_fails_the_node_at_start(tmp_path: Path):
 
 def test_node_with_an_unwritable_output_directory_starts_nothing(tmp_path: Path):
     (tmp_path / "out").write_text("not a directory")
-    config = NodeConfig("tcp://127.0.0.1:9", output_dir=tmp_path / "out", workers=2)
+    config = node_config(
+        stream_settings(node_workers=2),
+        counting_settings(),
+        aggregator="tcp://127.0.0.1:9",
+        output_dir=tmp_path / "out",
+    )
     children = set(multiprocessing.active_children())
     with pytest.raises(ScanWriterError) as err:
         NodeStreamer(config, None)
@@ -187,13 +195,10 @@ def test_node_with_an_unwritable_output_directory_starts_nothing(tmp_path: Path)
     assert set(multiprocessing.active_children()) == children  # no counting worker was started
 
 
-def test_writer_that_cannot_store_a_scan_records_why_and_leaves_no_partial_file(tmp_path: Path):
-    """The scan's name is taken by a directory, so the final rename fails (a real OS error, in-process)."""
-    out = tmp_path / "out"
-    config = WriterConfig(out, name_template="scan_{scan:05d}.h5", fixed=FIXED)
+def write_one_scan(out: Path, template: str) -> ScanWriter:
+    """A writer that gets one tiny scan (2x2, fixed thresholds) from one node; returns it stopped."""
+    config = WriterConfig(out, 0, template, FIXED, estimation(), 30.0)
     writer = ScanWriter("tcp://127.0.0.1:0", config, None).start()
-    (out / "scan_00001.h5").mkdir()
-    (out / "scan_00001.h5" / "kept").write_text("x")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -213,19 +218,41 @@ def test_writer_that_cannot_store_a_scan_records_why_and_leaves_no_partial_file(
         )
         sock.send_multipart(p.encode(p.NodeScanDone("n0", 1, 16, 16, 4, 0, 0, "end")))
         deadline = time.monotonic() + 20
-        while writer.error is None and time.monotonic() < deadline:
+        while not writer.records and writer.error is None and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         sock.close()
         ctx.term()
         writer.stop(timeout=20)
-    reason = f"cannot write scan 1 to {out}: [Errno 21] Is a directory"
+    return writer
+
+
+def test_writer_that_cannot_store_a_scan_records_why_and_leaves_no_partial_file(tmp_path: Path):
+    """The scan's temporary name is too long for the file system (a real OS error, in-process); the final
+    name and its stop record still fit."""
+    out = tmp_path / "out"
+    template = "x" * 234 + "_{scan:05d}.h5"
+    writer = write_one_scan(out, template)
+    reason = f"cannot write scan 1 to {out}: [Errno 36] File name too long"
     assert writer.error is not None and writer.error.startswith(reason)
-    assert sorted(f.name for f in out.iterdir()) == ["scan_00001.h5", "scan_00001.json"]  # no temporaries
-    assert os.listdir(out / "scan_00001.h5") == ["kept"]
-    record = json.loads((out / "scan_00001.json").read_text())
+    stem = "x" * 234 + "_00001"
+    assert sorted(f.name for f in out.iterdir()) == [f"{stem}.json"]  # no scan file, no temporaries
+    record = json.loads((out / f"{stem}.json").read_text())
     assert record["status"] == "failed" and record["error"] == writer.error and record["path"] is None
     assert [r.status for r in writer.records] == ["failed"]
+
+
+def test_writer_never_overwrites_an_existing_file(tmp_path: Path):
+    """A scan whose file name is taken (a scan number that came again, a file put there by hand) is written
+    under a numbered variant; what was there is untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scan_00001.h5").write_text("kept")
+    writer = write_one_scan(out, "scan_{scan:05d}.h5")
+    assert writer.error is None
+    assert (out / "scan_00001.h5").read_text() == "kept"
+    assert sorted(f.name for f in out.iterdir()) == ["scan_00001-1.h5", "scan_00001-1.json", "scan_00001.h5"]
+    assert [r.path for r in writer.records] == [str(out / "scan_00001-1.h5")]
 
 
 def test_hdf5_write_on_a_full_disk_raises_oserror_and_exits_cleanly(tmp_path: Path):

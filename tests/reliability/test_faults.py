@@ -10,11 +10,12 @@ import pytest
 
 from counting.geometry import ScanShape
 from counting.kernel import Thresholds
-from counting.pipeline import CountingOptions, count_batches
+from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from stemstream_testing.options import options
 from streaming.aggregator import Aggregator
 from streaming.faults import SenderFaults
-from tests.streaming.harness import start_session
+from tests.streaming.harness import start_session, stream_settings
 
 pytestmark = pytest.mark.timeout(180)
 FIXED = Thresholds(30.5, 600.0)
@@ -22,7 +23,7 @@ FIXED = Thresholds(30.5, 600.0)
 
 def offline(config: SimulatorConfig):
     cam = SimulatedCamera(config)
-    return count_batches(cam.iter_batches(64), cam.scan, None, CountingOptions(fixed=FIXED))
+    return count_batches(cam.iter_batches(64), cam.scan, None, options(fixed=FIXED))
 
 
 def same_events(a, b) -> bool:
@@ -54,7 +55,7 @@ def test_aggregator_restarted_between_scans(tmp_path: Path):
         session.threads[0].join(20)
         assert not session.threads[0].is_alive()
         # A new aggregator process on the same addresses; the nodes reconnect and re-arm by themselves.
-        second = Aggregator(receivers, nodes_addr, 2, scan_deadline=1.0, heartbeat=0.2)
+        second = Aggregator(stream_settings(receivers=receivers, nodes_bind=nodes_addr, n_nodes=2))
         stop2 = threading.Event()
         t2 = threading.Thread(target=second.run, kwargs={"stop_event": stop2}, daemon=True)
         t2.start()

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from counting.kernel import Thresholds
+from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, read_counted_scan
 from streaming.aggregator import Aggregator
+from streaming.components import node_config
 from streaming.faults import SenderFaults
-from streaming.node import NodeConfig, NodeCounters, NodeStreamer
+from streaming.node import NodeCounters, NodeStreamer
 from streaming.sender import SendResult, run_sender
+from streaming.settings import StreamingSettings
 
 
 @dataclass
@@ -80,6 +82,33 @@ class Session:
         assert not alive, f"threads still running: {alive}"
 
 
+def stream_settings(**overrides: object) -> StreamingSettings:
+    """Streaming settings for a loopback test session: free ports, short timers, small batches."""
+    values: dict = dict(
+        receivers=["tcp://127.0.0.1:0"],
+        nodes_bind="tcp://127.0.0.1:0",
+        monitor_bind="tcp://127.0.0.1:0",
+        writer_bind="tcp://127.0.0.1:0",
+        scan_deadline=1.0,
+        heartbeat=0.2,
+        node_workers=0,
+        node_batch=8,
+        node_slots=64,
+        node_deadline=10.0,
+        frame_timeout=5.0,
+        writer_deadline=10.0,
+    )
+    values.update(overrides)
+    return StreamingSettings(**values)
+
+
+def counting_settings(fixed: Thresholds | None = None) -> CountingSettings:
+    """Counting settings, with fixed thresholds or estimated ones."""
+    if fixed is None:
+        return CountingSettings()
+    return CountingSettings(background_threshold=fixed.background, xray_threshold=fixed.xray)
+
+
 def start_session(
     tmp: Path,
     n_nodes: int = 2,
@@ -87,39 +116,21 @@ def start_session(
     workers: int = 0,
     scan_deadline: float = 1.0,
     node_overrides: dict | None = None,
-    names: Sequence[str] | None = None,
 ) -> Session:
-    """Start an aggregator and n node streamers; node 0 hosts the writer."""
-    agg = Aggregator(
-        ["tcp://127.0.0.1:0"],
-        "tcp://127.0.0.1:0",
-        n_nodes,
-        monitor_bind="tcp://127.0.0.1:0",
-        scan_deadline=scan_deadline,
-        heartbeat=0.2,
-    )
+    """Start an aggregator and n node streamers, all configured alike: the aggregator picks node 0, which
+    hosts the writer. node_overrides: more streaming settings for the nodes."""
+    agg = Aggregator(stream_settings(n_nodes=n_nodes, scan_deadline=scan_deadline))
     out = tmp / "out"
-    options = dict(
-        workers=workers,
-        batch_size=8,
-        slots=64,
-        fixed=fixed,
-        scan_deadline=10.0,
-        frame_timeout=5.0,
-        heartbeat=0.2,
-        writer_deadline=10.0,
-    )
-    options.update(node_overrides or {})
-    base = NodeConfig(
-        agg.nodes_endpoint, name="node0", output_dir=out, writer_bind="tcp://127.0.0.1:0", **options
-    )
-    head = NodeStreamer(base, None)
-    nodes = [head]
-    for i in range(1, n_nodes):
-        cfg = replace(
-            base, name=f"node{i}", output_dir=None, writer=head._writer.endpoint, writer_bind=None, fixed=None
+    st = stream_settings(node_workers=workers, **(node_overrides or {}))
+    nodes = [
+        NodeStreamer(
+            node_config(
+                st, counting_settings(fixed), aggregator=agg.nodes_endpoint, output_dir=out, name=f"node{i}"
+            ),
+            None,
         )
-        nodes.append(NodeStreamer(cfg, None))
+        for i in range(n_nodes)
+    ]
     session = Session(agg, nodes, out)
     t = threading.Thread(target=agg.run, kwargs={"stop_event": session.stop}, name="aggregator", daemon=True)
     session.threads.append(t)

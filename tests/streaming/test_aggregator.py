@@ -27,6 +27,7 @@ from streaming.aggregator import Aggregator, run_aggregator
 from streaming.faults import GARBAGE_KINDS, SenderFaults
 from streaming.security import CurveClientConfig, CurveServerConfig, apply_client, generate_keypair
 from streaming.sender import SendResult, run_sender
+from streaming.settings import StreamingSettings
 from streaming.wire import SectorHeader, decode_header
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,6 +180,16 @@ class FakeNode:
 
 
 # ----------------------------------------------------------------------------------------- fixtures
+def agg_settings(n_nodes: int, monitor: str | None = LOOPBACK, **kwargs: object) -> StreamingSettings:
+    """An aggregator's settings on loopback with 4 receiver ports. The test nodes send no heartbeats, so
+    the liveness timeout is long here (its own test sets it short)."""
+    values: dict = dict(scan_deadline=2.0, heartbeat=0.2, node_timeout=120.0)
+    values.update(kwargs)
+    return StreamingSettings(
+        receivers=[LOOPBACK] * N_SECTORS, nodes_bind=LOOPBACK, monitor_bind=monitor, n_nodes=n_nodes, **values
+    )
+
+
 class Running:
     """An aggregator running in a thread."""
 
@@ -209,10 +220,8 @@ def start_aggregator() -> Iterator[Callable[..., Aggregator]]:
     """Start aggregators on loopback with 4 receiver ports; all are stopped and closed afterwards."""
     running: list[Running] = []
 
-    def start(n_nodes: int, **kwargs: object) -> Aggregator:
-        kwargs.setdefault("scan_deadline", 2.0)
-        kwargs.setdefault("heartbeat", 0.2)
-        agg = Aggregator([LOOPBACK] * N_SECTORS, LOOPBACK, n_nodes, LOOPBACK, **kwargs)
+    def start(n_nodes: int, curve: CurveServerConfig | None = None, **kwargs: object) -> Aggregator:
+        agg = Aggregator(agg_settings(n_nodes, **kwargs), curve)
         running.append(Running(agg))
         return agg
 
@@ -461,7 +470,7 @@ def test_disconnected_node_is_unroutable_and_the_rest_keeps_going(start_aggregat
 
 
 def test_back_pressure_blocks_without_loss(start_aggregator, make_node, pool) -> None:
-    agg = start_aggregator(1, node_sndhwm=8)
+    agg = start_aggregator(1, aggregator_node_hwm=8)
     sub = zmq.Context.instance().socket(zmq.SUB)
     a = make_node(agg.nodes_endpoint, "a", rcvhwm=8)
     try:
@@ -489,7 +498,7 @@ def test_back_pressure_blocks_without_loss(start_aggregator, make_node, pool) ->
 
 def test_stop_while_blocked_on_a_full_node(make_node, pool) -> None:
     """A stop request ends a send that waits on a full node at once, not after stall_timeout."""
-    agg = Aggregator([LOOPBACK] * N_SECTORS, LOOPBACK, 1, None, stall_timeout=30.0, node_sndhwm=4)
+    agg = Aggregator(agg_settings(1, None, aggregator_stall_timeout=30.0, aggregator_node_hwm=4))
     running = Running(agg)
     try:
         a = make_node(agg.nodes_endpoint, "a", rcvhwm=4)
@@ -537,7 +546,7 @@ def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> 
 
 
 def test_stop_says_bye(make_node) -> None:
-    agg = Aggregator([LOOPBACK], LOOPBACK, 1, None, heartbeat=0.2)
+    agg = Aggregator(agg_settings(1, None))
     running = Running(agg)
     try:
         a = make_node(agg.nodes_endpoint, "a")
@@ -561,7 +570,7 @@ def test_run_aggregator_stops_on_sigterm(make_node) -> None:
     killer = threading.Thread(target=kill_when_installed, daemon=True)
     killer.start()
     start = time.monotonic()
-    stats = run_aggregator([LOOPBACK], LOOPBACK, 1, timeout=20)
+    stats = run_aggregator(agg_settings(1, None), timeout=20)
     killer.join(timeout=10)
     assert time.monotonic() - start < 10
     assert stats.received == 0

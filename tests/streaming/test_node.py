@@ -11,6 +11,7 @@ from counting.geometry import ALL_SECTORS, SECTOR_ROWS, ScanShape
 from counting.kernel import Counter, Thresholds
 from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from stemstream_testing.options import options
 from streaming.assembly import FrameAssembler
 from streaming.faults import SenderFaults
 from tests.streaming.harness import start_session
@@ -19,9 +20,9 @@ pytestmark = pytest.mark.timeout(120)
 FIXED = Thresholds(30.5, 600.0)
 
 
-def offline(config: SimulatorConfig, options: CountingOptions):
+def offline(config: SimulatorConfig, opts: CountingOptions):
     cam = SimulatedCamera(config)
-    return count_batches(cam.iter_batches(64), cam.scan, None, options)
+    return count_batches(cam.iter_batches(64), cam.scan, None, opts)
 
 
 def assert_same_events(a, b):
@@ -81,7 +82,7 @@ def test_two_nodes_write_one_file_identical_to_offline_counting(tmp_path, estima
         streamed = session.counted(3)
     finally:
         session.close()
-    ref = offline(config, CountingOptions() if estimated else CountingOptions(fixed=FIXED))
+    ref = offline(config, options() if estimated else options(fixed=FIXED))
     assert_same_events(streamed, ref)
     assert streamed.completeness == 1.0
     assert streamed.metadata["electron_counting"]["background_threshold"] == pytest.approx(
@@ -101,7 +102,7 @@ def test_session_of_several_scans_with_counting_processes(tmp_path):
     finally:
         session.close()
     for cfg, got in zip(configs, written, strict=True):
-        assert_same_events(got, offline(cfg, CountingOptions(fixed=FIXED)))
+        assert_same_events(got, offline(cfg, options(fixed=FIXED)))
     assert sum(r.scans for r in session.results.values()) == 6
 
 
@@ -115,7 +116,7 @@ def test_four_nodes_share_frames_equally(tmp_path):
         session.close()
     frames = [r.frames for r in session.results.values()]
     assert sum(frames) == 256 and max(frames) - min(frames) <= 1
-    assert_same_events(got, offline(config, CountingOptions(fixed=FIXED)))
+    assert_same_events(got, offline(config, options(fixed=FIXED)))
 
 
 def test_lost_sectors_end_the_scan_by_deadline_and_are_marked(tmp_path):
@@ -151,7 +152,7 @@ def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
     from streaming.sender import run_sender
 
     config = SimulatorConfig(ScanShape(8, 8), dose=100.0, seed=11)
-    session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"slots": 2, "batch_size": 4})
+    session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"node_slots": 2, "node_batch": 4})
     try:
         for m in range(4):  # one receiver after another: the worst possible skew
             run_sender(
@@ -165,4 +166,4 @@ def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
     finally:
         session.close()
     assert got.completeness == 1.0
-    assert_same_events(got, offline(config, CountingOptions(fixed=FIXED)))
+    assert_same_events(got, offline(config, options(fixed=FIXED)))

@@ -1,0 +1,61 @@
+"""What the aggregator counts and what its monitors see."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from streaming import protocol as p
+from streaming.node_registry import NodeRegistry
+from streaming.scan_tracker import OpenScan
+
+ENDED_MEMORY = 1024  # ended scans remembered (late sectors are recognised by their scan number)
+
+
+@dataclass
+class AggregatorStats:
+    """Running counters (whole session)."""
+
+    received: int = 0  # valid sectors received
+    forwarded: int = 0  # sectors sent to a node
+    malformed: int = 0  # messages that failed validation
+    unroutable: int = 0  # sectors whose node was gone or stalled
+    late: int = 0  # sectors of an already-ended scan
+    scans: int = 0  # scans begun
+    per_node: dict[str, int] = field(default_factory=dict)  # sectors forwarded, by node name
+    # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest ENDED_MEMORY of them.
+    ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=ENDED_MEMORY), repr=False)
+
+
+def monitor_state(
+    nodes: NodeRegistry, stats: AggregatorStats, scan: OpenScan | None, stopping: bool
+) -> p.AggregatorState:
+    """A snapshot for monitors; safe from another thread."""
+    # Copies first: list() and dict() of builtins run without releasing the GIL, so another thread never
+    # sees a table the loop is changing.
+    entries = list(nodes.by_index.values())
+    per_node = dict(stats.per_node)
+    writer = nodes.writer
+    all_ready = len(entries) == nodes.n_nodes and all(n.connected and n.ready for n in entries)
+    if stopping:
+        name = "stopped"
+    elif scan is not None:
+        name = "streaming"
+    else:
+        name = "armed" if all_ready else "waiting"
+    return p.AggregatorState(
+        state=name,
+        scan_number=scan.number if scan is not None else -1,
+        nodes_connected=sum(n.connected for n in entries),
+        nodes_ready=sum(n.connected and n.ready for n in entries),
+        n_nodes=nodes.n_nodes,
+        received=stats.received,
+        forwarded=stats.forwarded,
+        malformed=stats.malformed,
+        unroutable=stats.unroutable,
+        per_node=per_node,
+        time=time.time(),
+        late=stats.late,
+        writer=writer.name if writer is not None else "",
+    )

@@ -1,0 +1,67 @@
+"""The one place settings become component configs: node streamer, scan writer, aggregator.
+
+Component configs carry no defaults of their own and no renamed fields: every default lives in the
+settings sections (streaming.settings, counting.settings).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from counting.settings import CountingSettings, fixed_thresholds, threshold_config
+from streaming.node import NodeConfig
+from streaming.security import CurveClientConfig, CurveServerConfig
+from streaming.settings import CurveSettings, StreamingSettings
+from streaming.writer import WriterConfig
+
+
+def writer_config(streaming: StreamingSettings, counting: CountingSettings, output_dir: Path) -> WriterConfig:
+    """The scan writer's config."""
+    return WriterConfig(
+        output_dir=Path(output_dir),
+        session_id=streaming.session_id,
+        name_template=streaming.name_template,
+        fixed=fixed_thresholds(counting),
+        estimate=threshold_config(counting),
+        writer_deadline=streaming.writer_deadline,
+    )
+
+
+def node_config(
+    streaming: StreamingSettings,
+    counting: CountingSettings,
+    *,
+    aggregator: str,
+    output_dir: Path,
+    name: str | None = None,
+    max_scans: int | None = None,
+) -> NodeConfig:
+    """A node streamer's config: the settings plus where this node connects and writes."""
+    return NodeConfig(
+        aggregator=aggregator,
+        name=name or f"{socket.gethostname()}-{os.getpid()}",
+        output_dir=Path(output_dir),
+        streaming=streaming,
+        estimate=threshold_config(counting),
+        writer=writer_config(streaming, counting, output_dir),
+        curve=client_curve(streaming.curve),
+        max_scans=max_scans,
+    )
+
+
+def server_curve(curve: CurveSettings) -> CurveServerConfig | None:
+    """The aggregator's CURVE config from its key files, or None (plain: loopback or a trusted network)."""
+    if curve.server_secret_file is None:
+        return None
+    return CurveServerConfig.from_files(curve.server_secret_file, curve.allowed_clients)
+
+
+def client_curve(curve: CurveSettings) -> CurveClientConfig | None:
+    """A node's (or monitor's) CURVE config from its key files, or None."""
+    if curve.client_secret_file is None and curve.server_public_file is None:
+        return None
+    if curve.client_secret_file is None or curve.server_public_file is None:
+        raise ValueError("CURVE needs both client_secret_file and server_public_file on a node")
+    return CurveClientConfig.from_files(curve.client_secret_file, curve.server_public_file)
