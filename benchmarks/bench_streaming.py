@@ -30,10 +30,10 @@ import zmq
 
 from counting.geometry import ScanShape
 from counting.offline import count_raw_scan
-from counting.pipeline import CountingOptions
 from counting.raw import open_raw_scan, write_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import write_counted_scan
+from stemstream_testing.options import options
 from streaming import protocol as p
 from streaming.sender import run_sender
 from tasks.processes import rss_kb
@@ -227,7 +227,7 @@ def write_raw(config: SimulatorConfig, work: Path) -> dict:
 def count_offline(raw_dir: Path, work: Path) -> dict:
     """Count the raw files offline into an HDF5 (the file workflow's second step)."""
     t0 = time.perf_counter()
-    counted = count_raw_scan(open_raw_scan(sorted(raw_dir.glob("*.data"))), None, CountingOptions())
+    counted = count_raw_scan(open_raw_scan(sorted(raw_dir.glob("*.data"))), None, options())
     write_counted_scan(work / "offline.h5", counted)
     return {"count_s": time.perf_counter() - t0}
 

@@ -37,10 +37,11 @@ def main() -> None:
     data = report.as_dict()
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(data, indent=2))
-    for row in report.rows:
+    for r in report.results:
         print(
-            f"scan {row['scan']:3d}: {row['status']}, {row['verified']}, {row['frames']} frames, "
-            f"{row['completeness %']} %, file {row['seconds to counted file']} s after the last data"
+            f"scan {r.scan_number:3d}: {r.record.status}, {'passed' if r.verified else 'FAILED'}, "
+            f"{r.record.frames_written} frames, {100 * r.record.completeness:.2f} %, "
+            f"file {r.record.seconds_to_file:.3f} s after the last data"
         )
     print(
         f"{report.complete_scans}/{a.scans} scans complete and verified; {report.frames_lost} frames and "

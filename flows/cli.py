@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from counting.errors import StemstreamError
-from flows.settings import given, load_settings
+from flows.settings import given, load_settings, use_settings_file
 
 app = typer.Typer(
     name="stemstream",
@@ -51,6 +51,25 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@app.callback()
+def _global_options(
+    settings: Annotated[
+        Path | None,
+        typer.Option(
+            "--settings",
+            help="a settings file written by a session (JSON): every setting in it wins over the "
+            "environment and stemstream.toml",
+        ),
+    ] = None,
+) -> None:
+    """Stream 4D Camera data to HPC nodes, electron-count it, and write stempy-format sparse HDF5."""
+    try:
+        use_settings_file(settings)
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _parse_scan(text: str) -> tuple[int, int]:
@@ -133,6 +152,7 @@ def count(
     from counting.dark import load_dark, load_frame_array
     from counting.offline import count_raw_scan, raw_paths
     from counting.raw import open_raw_scan
+    from counting.settings import counting_options
     from counting.sparse import write_counted_scan
 
     check_threshold_pair(background_threshold, xray_threshold)
@@ -168,6 +188,8 @@ def count(
             progress=lambda n: progress.advance(task, n),
         )
     elapsed = time.perf_counter() - t0
+    if force:
+        out.unlink(missing_ok=True)  # asked for; the write itself never replaces a file
     write_counted_scan(out, counted)
     _print_summary(out, counted, elapsed)
 
@@ -176,25 +198,6 @@ def check_threshold_pair(background: float | None, xray: float | None) -> None:
     """Fixed thresholds come as a pair or not at all."""
     if (background is None) != (xray is None):
         raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
-
-
-def counting_options(cfg: Any) -> Any:
-    """CountingOptions from the counting settings."""
-    from counting.kernel import Thresholds
-    from counting.pipeline import CountingOptions
-    from counting.thresholds import ThresholdConfig
-
-    fixed = None
-    if cfg.background_threshold is not None and cfg.xray_threshold is not None:
-        fixed = Thresholds(cfg.background_threshold, cfg.xray_threshold)
-    estimate = ThresholdConfig(
-        number_of_samples=cfg.number_of_samples,
-        num_blocks=cfg.sample_frames,
-        background_n_sigma=cfg.background_n_sigma,
-        xray_n_sigma=cfg.xray_n_sigma,
-        seed=cfg.seed,
-    )
-    return CountingOptions(fixed=fixed, estimate=estimate, workers=cfg.workers)
 
 
 def _progress() -> Progress:
@@ -286,7 +289,6 @@ def demo(
     width, height = _parse_scan(scan)
     settings = load_settings()
     _embedded_prefect(settings.output_dir)
-    os.environ["STEMSTREAM_SESSION__NODES"] = str(nodes)
     from flows.session import session
 
     console.print(
@@ -300,29 +302,15 @@ def demo(
         scan_height=height,
         dose=dose if dose is not None else settings.simulator.dose,
         backend="local",
+        nodes=nodes,
         postprocess=postprocess,
         frame_rate=frame_rate,
         return_state=True,
     )
     elapsed = time.perf_counter() - t0
-    rows = state.result(raise_on_failure=False)  # failed sessions carry their summary rows too
-    if isinstance(rows, list) and rows:
-        shown = [
-            "scan",
-            "verified",
-            "frames",
-            "events per frame",
-            "completeness %",
-            "seconds to counted file",
-        ]
-        if any(r["frames incomplete"] or r["sectors dropped by receivers"] for r in rows):
-            shown[4:4] = ["frames incomplete", "sectors dropped by receivers"]  # losses never go unshown
-        table = Table(title="session summary")
-        for key in shown:
-            table.add_column(key, justify="right")
-        for row in rows:
-            table.add_row(*(str(row[k]) for k in shown))
-        console.print(table)
+    results = state.result(raise_on_failure=False)  # failed sessions carry their scan results too
+    if isinstance(results, list) and results:
+        print_summary(results)
     sessions = sorted((settings.output_dir / "sessions").glob("*"), key=lambda p: p.stat().st_mtime)
     if sessions:
         console.print(f"HDF5 files: {settings.session.scan_dir or sessions[-1] / 'scans'}")
@@ -332,6 +320,20 @@ def demo(
     if not state.is_completed():
         raise RuntimeError(f"the session failed: {state.message}")
     console.print(f"[green]session completed in {elapsed:.1f} s[/]")
+
+
+def print_summary(results: list) -> None:
+    """The session's summary table in the terminal (labels from flows.summary)."""
+    from flows.summary import summary_row, terminal_columns
+
+    shown = terminal_columns(results)
+    table = Table(title="session summary")
+    for key in shown:
+        table.add_column(key, justify="right")
+    for result in results:
+        row = summary_row(result)
+        table.add_row(*(str(row[k]) for k in shown))
+    console.print(table)
 
 
 @app.command()

@@ -22,28 +22,6 @@ def _streaming_settings(**overrides: Any) -> Settings:
     return load_settings(streaming=given(**overrides))
 
 
-def server_curve(settings: Settings) -> Any:
-    """The aggregator's CURVE config from settings, or None (plain, localhost only)."""
-    from streaming.security import CurveServerConfig
-
-    c = settings.streaming.curve
-    if c.server_secret_file is None:
-        return None
-    return CurveServerConfig.from_files(c.server_secret_file, c.allowed_clients)
-
-
-def client_curve(settings: Settings) -> Any:
-    """A node's CURVE config from settings, or None."""
-    from streaming.security import CurveClientConfig
-
-    c = settings.streaming.curve
-    if c.client_secret_file is None and c.server_public_file is None:
-        return None
-    if c.client_secret_file is None or c.server_public_file is None:
-        raise ValueError("CURVE needs both client_secret_file and server_public_file on a node")
-    return CurveClientConfig.from_files(c.client_secret_file, c.server_public_file)
-
-
 def send(
     aggregator: Annotated[
         list[str], typer.Option(help="aggregator receiver address(es): 1, or 4 (one per module)")
@@ -130,6 +108,7 @@ def aggregator(
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
     from streaming.aggregator import run_aggregator
+    from streaming.components import server_curve
 
     _configure_logging(verbose)
     settings = _streaming_settings(
@@ -141,103 +120,63 @@ def aggregator(
         aggregator_receiver_hwm=receiver_hwm,
         aggregator_node_hwm=node_hwm,
     )
-    st = settings.streaming
-    stats = run_aggregator(
-        st.receivers,
-        st.nodes_bind,
-        st.n_nodes,
-        st.monitor_bind,
-        st.scan_deadline,
-        st.heartbeat,
-        server_curve(settings),
-        timeout=timeout,
-        receiver_hwm=st.aggregator_receiver_hwm,
-        node_hwm=st.aggregator_node_hwm,
-    )
+    stats = run_aggregator(settings.streaming, server_curve(settings.streaming.curve), timeout=timeout)
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
 
 
 def node(
     aggregator: Annotated[str, typer.Option(help="the aggregator's node address (this node connects out)")],
-    output_dir: Annotated[Path | None, typer.Option(help="host the scan writer and write scans here")] = None,
-    writer: Annotated[
-        str | None, typer.Option(help="or: the address of the writer another node hosts")
-    ] = None,
-    writer_bind: Annotated[
-        str | None, typer.Option(help="where the hosted writer listens for other nodes")
-    ] = None,
-    writer_port: Annotated[
-        int | None,
+    output_dir: Annotated[
+        Path,
         typer.Option(
-            help="under Slurm: rank 0 hosts the writer on this port of the launch node, others connect"
+            help="where scans are written (by node 0, which the aggregator picks; same on every node)"
         ),
-    ] = None,
-    dark: Annotated[Path | None, typer.Option(help="dark reference .npy")] = None,
+    ],
+    dark: Annotated[Path | None, typer.Option(help="dark reference .npy (default: counting.dark)")] = None,
     gain: Annotated[Path | None, typer.Option(help="gain .npy")] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="counting processes")] = None,
     background_threshold: Annotated[
         float | None, typer.Option(help="fixed background threshold, ADU")
     ] = None,
     xray_threshold: Annotated[float | None, typer.Option(help="fixed x-ray threshold, ADU")] = None,
+    writer_bind: Annotated[
+        str | None,
+        typer.Option(help="where this node's writer listens if it becomes node 0 (streaming.writer_bind)"),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="node name (default host-pid)")] = None,
     max_scans: Annotated[int | None, typer.Option(help="exit after this many scans")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a node streamer: reassemble, count in worker processes, send events to the scan writer."""
+    """Run a node streamer: the same command on every node; the aggregator says which one hosts the scan
+    writer. Reassembles frames, counts them in worker processes, sends the events to the writer."""
     from counting.dark import load_dark, load_frame_array
-    from flows.cli import check_threshold_pair, counting_options
-    from streaming.node import NodeConfig, run_node
+    from flows.cli import check_threshold_pair
+    from streaming.components import node_config
+    from streaming.node import run_node
 
     _configure_logging(verbose)
     check_threshold_pair(background_threshold, xray_threshold)
-    if writer_port is not None:
-        output_dir, writer, writer_bind = slurm_writer_role(output_dir, writer_port)
-        if writer is not None:
-            background_threshold = xray_threshold = None  # the writer's host decides thresholds for all
     settings = load_settings(
-        counting=given(background_threshold=background_threshold, xray_threshold=xray_threshold)
+        counting=given(background_threshold=background_threshold, xray_threshold=xray_threshold, dark=dark),
+        streaming=given(node_workers=workers, writer_bind=writer_bind),
     )
-    st = settings.streaming
-    opts = counting_options(settings.counting)
-    extra = {} if name is None else {"name": name}
-    config = NodeConfig(
+    config = node_config(
+        settings.streaming,
+        settings.counting,
         aggregator=aggregator,
         output_dir=output_dir,
-        writer=writer,
-        writer_bind=writer_bind,
-        workers=workers if workers is not None else st.node_workers,
-        batch_size=st.node_batch,
-        slots=st.node_slots,
-        fixed=opts.fixed,
-        estimate=opts.estimate,
-        session_id=st.session_id,
-        name_template=st.name_template,
-        scan_deadline=st.node_deadline,
-        frame_timeout=st.frame_timeout,
-        hold_limit=st.node_hold_limit,
-        writer_deadline=st.writer_deadline,
-        heartbeat=st.heartbeat,
-        curve=client_curve(settings),
+        name=name,
         max_scans=max_scans,
-        **extra,
     )
-    dark_arr = load_dark(str(dark)) if dark is not None else None
+    dark_path = settings.counting.dark
+    if dark_path is None:
+        logging.getLogger("stemstream").warning(
+            "no dark reference (counting.dark or --dark): counting with a zero dark and fitted thresholds"
+        )
+    dark_arr = load_dark(str(dark_path)) if dark_path is not None else None
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     counters = run_node(config, dark_arr, gain_arr)
     logging.getLogger("stemstream").info("node finished: %s", counters)
-
-
-def slurm_writer_role(output_dir: Path | None, port: int) -> tuple[Path | None, str | None, str | None]:
-    """(output_dir, writer, writer_bind) for this task: Slurm rank 0 hosts the writer, the others connect."""
-    import os
-
-    if output_dir is None:
-        raise typer.BadParameter("--writer-port needs --output-dir (used by the rank that hosts the writer)")
-    host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
-    address = f"tcp://{host}:{port}"
-    if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-        return output_dir, None, address
-    return None, address, None
 
 
 def register(app: typer.Typer, wrap: Any) -> None:

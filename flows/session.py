@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import signal
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,9 +19,11 @@ from pydantic import Field
 from counting.dark import dark_reference
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from flows.settings import Settings, given, load_settings
+from flows.settings import Settings, given, load_settings, write_settings_file
+from flows.summary import summary_row
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
-from tasks.plan import SessionPlan, local_plan
+from tasks.plan import SessionPlan, local_addresses
+from tasks.scan_result import ScanResult
 from tasks.steps import (
     acquire_scan,
     allocate_nodes,
@@ -38,10 +39,10 @@ from tasks.steps import (
 def make_backends(settings: Settings):
     """The node and aggregator backends the settings ask for (the one place the choice is made)."""
     if settings.session.backend == "local":
-        return LocalNodes(settings.streaming, settings.counting), LocalAggregator(settings.streaming)
+        return LocalNodes(), LocalAggregator()
     return (
-        SlurmNodes(settings.sfapi, settings.slurm, settings.streaming, settings.counting),
-        SshAggregator(settings.ssh, settings.streaming, settings.session.aggregator_remote_command),
+        SlurmNodes(settings.sfapi, settings.slurm),
+        SshAggregator(settings.ssh, settings.session.aggregator_remote_command),
     )
 
 
@@ -50,31 +51,41 @@ def _session_id() -> int:
     return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 100000
 
 
-def _plan(
+def _session_settings(
     settings: Settings, session_dir: Path, dark: Path | None, nodes: int, session_id: int
-) -> SessionPlan:
-    scans = settings.session.scan_dir or session_dir / "scans"
-    curve = settings.streaming.curve
-    keys = {
-        "curve_client_secret_file": curve.client_secret_file,
-        "curve_server_public_file": curve.server_public_file,
-    }
+) -> Settings:
+    """The settings every process of this session runs with: the user's, plus this session's addresses,
+    node count, id and dark reference."""
+    streaming = {"n_nodes": nodes, "session_id": session_id}
     if settings.session.backend == "local":
-        return replace(local_plan(session_dir, scans, nodes, session_id, dark), **keys)
+        streaming |= local_addresses()
+    counting = {"dark": dark} if dark is not None else {}
+    return settings.model_copy(
+        update={
+            "streaming": settings.streaming.model_copy(update=streaming),
+            "counting": settings.counting.model_copy(update=counting),
+        }
+    )
+
+
+def _plan(settings: Settings, session_dir: Path, max_scans: int | None = None) -> SessionPlan:
+    """Where everything goes; writes the session's settings file where its processes read it."""
+    scans = settings.session.scan_dir or session_dir / "scans"
     st = settings.streaming
+    if settings.session.backend == "local":
+        settings_file = session_dir / "settings.json"
+    else:  # the nodes read it from the scan directory, which they share with this machine
+        settings_file = scans / ".stemstream" / f"settings-{st.session_id:05d}.json"
+    write_settings_file(settings, settings_file)
     return SessionPlan(
-        session_id,
-        session_dir,
-        scans,
-        nodes,
-        st.receivers,
-        st.nodes_bind,
-        st.nodes_connect or st.nodes_bind,
-        st.monitor_bind or "",
-        st.monitor_connect or st.monitor_bind or "",
-        st.writer_port,
-        dark,
-        **keys,
+        session_id=st.session_id,
+        session_dir=session_dir,
+        output_dir=scans,
+        settings_file=settings_file,
+        streaming=st,
+        nodes_connect=st.nodes_connect or st.nodes_bind,
+        monitor_connect=st.monitor_connect or st.monitor_bind or "",
+        max_scans=max_scans,
     )
 
 
@@ -87,10 +98,11 @@ def _simulated_dark(session_dir: Path, seed: int) -> Path:
 
 
 def _cleanup_hook(flow, flow_run, state) -> None:
-    """On failure, crash or cancellation: stop whatever the state file says is still running."""
-    settings = load_settings()
-    session_dir = settings.output_dir / "sessions" / str(flow_run.id)
+    """On failure, crash or cancellation: stop whatever the state file says is still running, with the
+    backends rebuilt from the session's own settings file."""
+    session_dir = load_settings().output_dir / "sessions" / str(flow_run.id)
     info = read_state(session_dir)
+    settings = load_settings(Path(info["settings_file"])) if info.get("settings_file") else load_settings()
     local = list(info.get("local_pids", []))
     if info.get("aggregator") == "LocalAggregator" and info.get("aggregator_pid"):
         local.append(info["aggregator_pid"])
@@ -149,10 +161,11 @@ def session(
     run_id = str(current_run.get_id() or f"local-{os.getpid()}")
     session_dir = (settings.output_dir / "sessions" / run_id).resolve()
     session_dir.mkdir(parents=True, exist_ok=True)
-    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulate else None
-    plan = _plan(settings, session_dir, dark, s.nodes, _session_id())
+    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulate else settings.counting.dark
+    settings = _session_settings(settings, session_dir, dark, s.nodes, _session_id())
+    plan = _plan(settings, session_dir)
     node_backend, aggregator = make_backends(settings)
-    record_state(plan, backend=s.backend, flow_run=run_id)
+    record_state(plan, backend=s.backend, flow_run=run_id, settings_file=str(plan.settings_file))
     logger.info(
         "session %05d: %d scan(s) of %dx%d on %d node(s), backend %s; files in %s",
         plan.session_id,
@@ -163,7 +176,7 @@ def session(
         s.backend,
         plan.output_dir,
     )
-    rows: list[dict] = []
+    results: list[ScanResult] = []
     failures: list[str] = []
     node_lost = ""
     analyses = []
@@ -175,7 +188,7 @@ def session(
         wait_nodes_ready(plan, node_backend, aggregator, s.nodes_ready_timeout)
         for k in range(n_scans):
             number = first_scan + k
-            record = acquire_scan(
+            result = acquire_scan(
                 plan,
                 node_backend,
                 aggregator,
@@ -189,67 +202,47 @@ def session(
                 frame_rate,
                 lost_node_wait=settings.streaming.writer_deadline + 30.0,
             )
-            verified = verify_scan_file(
-                record["path"], scan_width, scan_height, s.min_completeness, return_state=True
-            )
+            path = result.record.path or ""
+            verified = verify_scan_file(path, scan_width, scan_height, s.min_completeness, return_state=True)
             v = verified.data if hasattr(verified, "data") else None
             if verified.is_failed():
                 failures.append(verified.message)
-            rows.append(_row(number, record, v, verified.is_completed()))
+            result.verified = verified.is_completed()
+            result.verify_sha256 = getattr(v, "sha256", None)
+            results.append(result)
             if s.postprocess and verified.is_completed():
-                analyses.append(postprocess_scan.submit(record["path"], str(session_dir / "analysis")))
-            if record.get("node_failure"):
-                node_lost = _node_lost_message(number, record)
+                analyses.append(postprocess_scan.submit(path, str(session_dir / "analysis")))
+            if result.node_failure:
+                node_lost = _node_lost_message(result)
                 logger.error(node_lost)
                 break
         for fut in analyses:
             fut.wait()
     finally:
         release(node_backend, aggregator)
-    summarise(rows)
+    summarise([summary_row(r) for r in results])
     failed_analyses = [f for f in analyses if f.state.is_failed()]
     if node_lost:
-        return Failed(message=node_lost, data=rows)
+        return Failed(message=node_lost, data=results)
     if failures or failed_analyses:
         return Failed(
             message=f"{len(failures)} of {n_scans} scan(s) failed verification"
             + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
             + (": " + " | ".join(failures) if failures else ""),
-            data=rows,
+            data=results,
         )
     done = "counted, verified and analysed" if s.postprocess else "counted and verified"
-    return Completed(message=f"{n_scans} scan(s) {done}", data=rows)
+    return Completed(message=f"{n_scans} scan(s) {done}", data=results)
 
 
-def _node_lost_message(number: int, record: dict) -> str:
+def _node_lost_message(result: ScanResult) -> str:
     """Why the session stops after a node loss, and what became of the scan in flight."""
-    missing = record["frames_incomplete"]
+    r = result.record
     return (
-        f"a node streamer was lost during scan {number}; the session stops (policy: a lost node ends the "
-        f"session). Scan {number} was written {record['status']}: {missing} of {record['expected_frames']} "
-        f"frames incomplete, marked in its sector_masks.\n{record['node_failure']}"
+        f"a node streamer was lost during scan {r.scan_number}; the session stops (policy: a lost node ends "
+        f"the session). Scan {r.scan_number} was written {r.status}: {r.frames_incomplete} of "
+        f"{r.expected_frames} frames incomplete, marked in its sector_masks.\n{result.node_failure}"
     )
-
-
-def _row(number: int, record: dict, verified, ok: bool) -> dict:
-    frames = max(record.get("frames_written", 0), 1)
-    return {
-        "scan": number,
-        "file": Path(record["path"]).name if record.get("path") else "",
-        "status": record["status"],
-        "verified": "passed" if ok else "FAILED",
-        "frames": record["frames_written"],
-        "events per frame": round(record["events"] / frames, 1),
-        "completeness %": round(100 * record["completeness"], 3),
-        "frames incomplete": record["frames_incomplete"],
-        "sectors dropped by receivers": record.get("sectors_overflowed", 0),
-        "sectors lost in transit": record.get("sectors_lost_in_transit", 0),
-        "counted frames/s": round(
-            record["frames_written"] / max(record["written_time"] - record["first_data_time"], 1e-9)
-        ),
-        "seconds to counted file": round(record["written_time"] - record["last_data_time"], 3),
-        "sha256": (getattr(verified, "sha256", None) or record.get("sha256") or "")[:16],
-    }
 
 
 @flow(name="stemstream-experiment")

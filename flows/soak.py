@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flows.settings import load_settings
+from flows.summary import summary_row
 from tasks.processes import process_tree, rss_kb
+from tasks.scan_result import ScanResult
 
 
 @dataclass
@@ -27,7 +29,7 @@ class SoakReport:
     state: str
     message: str
     wall_s: float
-    rows: list[dict] = field(default_factory=list)  # the session summary, one row per scan
+    results: list[ScanResult] = field(default_factory=list)  # one per scan
     rss_mb: list[float] = field(default_factory=list)  # peak RSS of all session processes during scan k
     private_mb: list[float] = field(default_factory=list)  # the same for their private heaps (RssAnon)
     samples: int = 0
@@ -35,18 +37,20 @@ class SoakReport:
     @property
     def complete_scans(self) -> int:
         """Scans written complete and verified."""
-        return sum(r["status"] == "complete" and r["verified"] == "passed" for r in self.rows)
+        return sum(r.complete_and_verified for r in self.results)
 
     @property
     def frames_lost(self) -> int:
         """Frames missing or incomplete over all scans, scans that never came included."""
-        missing_scans = self.scans - len(self.rows)
-        return sum(r["frames incomplete"] for r in self.rows) + missing_scans * self.width * self.height
+        missing_scans = self.scans - len(self.results)
+        return (
+            sum(r.record.frames_incomplete for r in self.results) + missing_scans * self.width * self.height
+        )
 
     @property
     def sectors_lost(self) -> int:
         """Sectors dropped by the receivers or lost between aggregator and nodes."""
-        return sum(r["sectors dropped by receivers"] + r["sectors lost in transit"] for r in self.rows)
+        return sum(r.sectors_overflowed + r.record.sectors_lost_in_transit for r in self.results)
 
     @staticmethod
     def _window(series: list[float], last: bool) -> float:
@@ -90,6 +94,7 @@ class SoakReport:
     def as_dict(self) -> dict:
         """JSON-friendly form with the derived figures."""
         d = asdict(self)
+        d["results"] = [summary_row(r) for r in self.results]
         d.update(
             complete_scans=self.complete_scans,
             frames_lost=self.frames_lost,
@@ -166,7 +171,7 @@ def run_soak(
     finally:
         sampler.stop_event.set()
         sampler.join(10)
-    rows = state.result(raise_on_failure=False)
+    results = state.result(raise_on_failure=False)
     peaks: dict[int, int] = {}
     private: dict[int, int] = {}
     for written, kb, anon in sampler.samples:
@@ -181,7 +186,7 @@ def run_soak(
         state=state.name,
         message=str(state.message or ""),
         wall_s=round(time.time() - t0, 1),
-        rows=rows if isinstance(rows, list) else [],
+        results=results if isinstance(results, list) else [],
         rss_mb=[round(peaks[k] / 1024, 1) for k in sorted(peaks)],
         private_mb=[round(private[k] / 1024, 1) for k in sorted(private)],
         samples=len(sampler.samples),

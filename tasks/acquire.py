@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 from counting.errors import TransientError
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from streaming.scan_record import ScanRecord
 from streaming.scan_sender import send_simulated_scan
+from tasks.scan_result import CameraCounts
 
 
 class ScanTimeout(TransientError, TimeoutError):
@@ -26,7 +27,7 @@ def trigger_simulated_scan(
     seed: int,
     rate: float | None = None,
     timeout: float = 600.0,
-) -> dict[str, int]:
+) -> CameraCounts:
     """Play a simulated scan into the aggregator, as the four receiving servers would; returns counts.
 
     rate None: the camera waits for the pipeline (a file replay; nothing is lost). A rate in frames/s: the
@@ -37,23 +38,23 @@ def trigger_simulated_scan(
     results = send_simulated_scan(
         camera, receivers, rate, scan_number=scan_number, realtime=rate is not None, send_timeout=timeout
     )
-    return {
-        "sectors_sent": sum(r.sent for r in results),
-        "sectors_dropped": sum(r.dropped for r in results),
-        "sectors_overflowed": sum(r.overflowed for r in results),
-    }
+    return CameraCounts(
+        sectors_sent=sum(r.sent for r in results),
+        sectors_dropped=sum(r.dropped for r in results),
+        sectors_overflowed=sum(r.overflowed for r in results),
+    )
 
 
 def wait_for_scan(
     output_dir: Path, scan_number: int, timeout: float, check: Callable[[], None] | None = None
-) -> dict:
+) -> ScanRecord:
     """The stop record of a scan once the writer has written it (its HDF5 is then on disk)."""
     deadline = time.monotonic() + timeout
     pattern = f"*_{scan_number:05d}.json"
     while time.monotonic() < deadline:
         found = sorted(output_dir.glob(pattern)) if output_dir.exists() else []
         if found:
-            return json.loads(found[-1].read_text())
+            return ScanRecord.load(found[-1])
         if check is not None:
             check()
         time.sleep(0.05)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from counting.settings import CountingSettings
-from streaming.settings import StreamingSettings
-from tasks.plan import SessionPlan, aggregator_command, node_command, node_env, shell
+from counting.errors import PermanentError
+from tasks.plan import SessionPlan, aggregator_command, node_command, shell
 from tasks.processes import ProcessGroup
 from tasks.remote import SshSettings, start_remote_process, stop_remote_process
 from tasks.sfapi import SfapiAllocator, SfapiSettings
@@ -28,15 +28,18 @@ from tasks.slurm import SlurmSettings, render_batch_script
 log = logging.getLogger(__name__)
 
 
-class NodeFailure(RuntimeError):
+class NodeFailure(PermanentError, RuntimeError):
     """A node streamer (or its job) stopped while the session needed it.
 
-    writer_alive: the node hosting the scan writer (rank 0) still runs, so the scan in flight can still be
-    written (by the writer's deadline) with the lost node's frames marked missing.
+    lost: names of the node streamers that stopped (empty: the whole job). writer_alive: the node hosting
+    the scan writer still runs, so the scan in flight can still be written (by the writer's deadline) with
+    the lost node's frames marked missing; decided by whoever knows the writer's host (the aggregator's
+    monitor says it).
     """
 
-    def __init__(self, message: str, writer_alive: bool = False) -> None:
+    def __init__(self, message: str, lost: list[str] | None = None, writer_alive: bool = False) -> None:
         super().__init__(message)
+        self.lost = lost or []
         self.writer_alive = writer_alive
 
 
@@ -75,31 +78,19 @@ class Aggregator(Protocol):
 
 @dataclass
 class LocalNodes:
-    """N node streamer processes on this machine, launched exactly as srun launches them."""
+    """N node streamer processes on this machine, all started with the same command, as srun does."""
 
-    streaming: StreamingSettings
-    counting: CountingSettings
     group: ProcessGroup | None = None
     job_id: str | None = None
 
     def start(self, plan: SessionPlan) -> str:
-        """Start the node processes (rank i gets SLURM_PROCID=i)."""
+        """Start the node processes; the aggregator tells each its role."""
         self.group = ProcessGroup(plan.session_dir / "logs")
         self.job_id = f"local-{os.getpid()}-{plan.session_id}"
-        argv, env = node_command(plan, self.counting), node_env(plan, self.streaming, self.counting)
+        argv = node_command(plan)
         log.info("node command: %s", shell(argv))
         for rank in range(plan.n_nodes):
-            self.group.start(
-                f"node{rank}",
-                argv,
-                {
-                    **env,
-                    "SLURM_PROCID": str(rank),
-                    "SLURM_NODEID": str(rank),
-                    "SLURM_JOB_ID": self.job_id,
-                    "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1",
-                },
-            )
+            self.group.start(f"node{rank}", argv, {"HDF5_USE_FILE_LOCKING": "FALSE"})
         return self.job_id
 
     def wait_started(self) -> None:
@@ -113,9 +104,9 @@ class LocalNodes:
         dead = self.group.dead()
         if dead:
             c = dead[0]
-            writer_alive = self.group.children[0].alive()  # rank 0 hosts the scan writer
             raise NodeFailure(
-                f"node streamer {c.name} exited with code {c.popen.returncode}:\n{c.tail()}", writer_alive
+                f"node streamer {c.name} exited with code {c.popen.returncode}:\n{c.tail()}",
+                [node_name(d.pid) for d in dead],
             )
 
     def stop(self) -> None:
@@ -131,17 +122,14 @@ class SlurmNodes:
 
     sfapi: SfapiSettings
     slurm: SlurmSettings
-    streaming: StreamingSettings
-    counting: CountingSettings
     job_id: str | None = None
     _allocator: SfapiAllocator | None = field(default=None, repr=False)
 
     def start(self, plan: SessionPlan) -> str:
         """Render the batch script and submit it; the job id is returned at once."""
         slurm = self.slurm.model_copy(update={"nodes": plan.n_nodes})
-        script = render_batch_script(
-            slurm, node_command(plan, self.counting), node_env(plan, self.streaming, self.counting)
-        )
+        # As production on NERSC's file systems; all other configuration is in the settings file.
+        script = render_batch_script(slurm, node_command(plan), {"HDF5_USE_FILE_LOCKING": "FALSE"})
         (plan.session_dir / "node_streamers.sh").write_text(script)
         self._allocator = SfapiAllocator(self.sfapi)
         self.job_id = self._allocator.submit(script)
@@ -173,7 +161,6 @@ class SlurmNodes:
 class LocalAggregator:
     """The aggregator as a local process."""
 
-    streaming: StreamingSettings
     group: ProcessGroup | None = None
 
     @property
@@ -184,7 +171,7 @@ class LocalAggregator:
     def start(self, plan: SessionPlan) -> None:
         """Start it on the plan's addresses."""
         self.group = ProcessGroup(plan.session_dir / "logs")
-        self.group.start("aggregator", aggregator_command(plan, self.streaming))
+        self.group.start("aggregator", aggregator_command(plan))
 
     def check(self) -> None:
         """Raise if the aggregator process exited."""
@@ -204,17 +191,21 @@ class SshAggregator:
     """The aggregator on the aggregator host, started and stopped over SSH."""
 
     ssh: SshSettings
-    streaming: StreamingSettings
     remote_command: list[str] | None = None  # how to run stemstream there (default: the local CLI path)
     pid: int | None = None
 
     def start(self, plan: SessionPlan) -> None:
         """Start the aggregator for this session on the remote host; reads back its PID."""
-        argv = aggregator_command(plan, self.streaming)
+        logs = plan.session_dir / "logs"
+        remote_settings = str(logs / "aggregator-settings.json")  # written there over the same SSH session
+        argv = aggregator_command(plan, remote_settings)
         if self.remote_command is not None:
             argv = [*self.remote_command, *argv[3:]]
         self.pid = start_remote_process(
-            self.ssh, argv, str(plan.session_dir / "logs" / "aggregator-remote.log")
+            self.ssh,
+            argv,
+            str(logs / "aggregator-remote.log"),
+            files={remote_settings: plan.settings_file.read_text()},
         )
 
     def check(self) -> None:
@@ -225,6 +216,11 @@ class SshAggregator:
         if self.pid is not None:
             stop_remote_process(self.ssh, self.pid)
             self.pid = None
+
+
+def node_name(pid: int) -> str:
+    """A node streamer's default name on this host, as it introduces itself to the aggregator."""
+    return f"{socket.gethostname()}-{pid}"
 
 
 def record_state(plan: SessionPlan, **fields: object) -> None:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import base64
 import getpass
 import logging
 import posixpath
@@ -123,18 +124,34 @@ def run_remote(
 
 
 def start_remote_process(
-    settings: SshSettings, command: list[str] | str, log_path: str, *, settle: float = 0.2
+    settings: SshSettings,
+    command: list[str] | str,
+    log_path: str,
+    *,
+    settle: float = 0.2,
+    files: dict[str, str] | None = None,
 ) -> int:
     """Start a detached process on the host (output appended to log_path) and return its PID.
 
+    files: {remote path: text} written first (e.g. the session's settings file for the aggregator); they
+    travel inside the same command, base64-encoded, so no second channel or file transfer is needed.
     The process gets its own session, so ``stop_remote_process`` can end it with all its children. If it
     is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log.
     """
     text = command if isinstance(command, str) else shlex.join(command)
     log_q = shlex.quote(log_path)
+    writes = []
+    for path, content in (files or {}).items():
+        encoded = base64.b64encode(content.encode()).decode()
+        q = shlex.quote(path)
+        writes += [
+            f"mkdir -p {shlex.quote(posixpath.dirname(path) or '.')} || exit {_START_FAILED}",
+            f"echo {encoded} | base64 -d > {q} || exit {_START_FAILED}",
+        ]
     # The inner subshell exits at once, so the process is re-parented and the SSH channel is not held open.
     script = [
         _ALIVE,
+        *writes,
         f"mkdir -p {shlex.quote(posixpath.dirname(log_path) or '.')} || exit {_START_FAILED}",
         f"pid=$(nohup setsid {text} >>{log_q} 2>&1 </dev/null & echo $!)",
         f"sleep {settle:.3f}",

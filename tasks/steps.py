@@ -27,6 +27,7 @@ from tasks.acquire import trigger_simulated_scan, wait_for_scan
 from tasks.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
+from tasks.scan_result import CameraCounts, ScanResult
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -115,7 +116,7 @@ def acquire_scan(
     simulate: bool = True,
     rate: float | None = None,
     lost_node_wait: float = 60.0,
-) -> dict:
+) -> ScanResult:
     """Acquire one scan (in the demo: trigger the simulated camera), follow it, wait for its counted file.
 
     A node lost mid-scan does not end the wait at once while the scan writer's host still runs: the writer
@@ -129,7 +130,7 @@ def acquire_scan(
     state = follower.latest()
     base = state.forwarded if state is not None else 0
     shown = [0.0]
-    watch = _NodeWatch(nodes, scan_number, lost_node_wait, logger)
+    watch = _NodeWatch(nodes, scan_number, lost_node_wait, logger, follower)
 
     with ThreadPoolExecutor(1, thread_name_prefix="acquire") as pool:
         camera = (
@@ -166,20 +167,18 @@ def acquire_scan(
         finally:
             follower.close()
     update_progress_artifact(progress_id, 100.0)
-    record.update(sent)
-    record["frames_incomplete"] = record["expected_frames"] - record["complete_frames"]
-    if watch.failure is not None:
-        record["node_failure"] = str(watch.failure)
-    _log_scan(logger, scan_number, record)
-    return record
+    result = ScanResult(record, sent, str(watch.failure) if watch.failure is not None else None)
+    _log_scan(logger, result)
+    return result
 
 
 class _NodeWatch:
     """Checks the node streamers while a scan runs. A lost node whose scan writer host still runs is
     remembered and then waited on for at most ``wait`` seconds, so the scan in flight can still be written."""
 
-    def __init__(self, nodes: Nodes, scan_number: int, wait: float, logger) -> None:
+    def __init__(self, nodes: Nodes, scan_number: int, wait: float, logger, monitor: MonitorFollower) -> None:
         self.nodes, self.scan_number, self.wait, self.logger = nodes, scan_number, wait, logger
+        self.monitor = monitor
         self.failure: NodeFailure | None = None
         self._give_up = float("inf")
 
@@ -189,6 +188,10 @@ class _NodeWatch:
             try:
                 self.nodes.check()
             except NodeFailure as exc:
+                state = self.monitor.latest()
+                writer = state.writer if state is not None else ""
+                if exc.lost and writer and writer not in exc.lost:
+                    exc.writer_alive = True  # the aggregator says who hosts the writer, and it is not lost
                 if not exc.writer_alive:
                     raise
                 self.failure, self._give_up = exc, time.monotonic() + self.wait
@@ -206,40 +209,40 @@ class _NodeWatch:
             )
 
 
-def _camera_counts(camera, failure: NodeFailure | None, logger) -> dict:
+def _camera_counts(camera, failure: NodeFailure | None, logger) -> CameraCounts | None:
     """What the simulated camera sent; after a node loss its own error is secondary and only logged."""
     if camera is None:
-        return {}
+        return None
     try:
         return camera.result()
     except Exception as exc:
         if failure is None:
             raise
         logger.warning("simulated camera after the node loss: %s", exc)
-        return {}
+        return None
 
 
-def _log_scan(logger, scan_number: int, record: dict) -> None:
+def _log_scan(logger, result: ScanResult) -> None:
     """One line per scan; a warning that says what was lost and where when anything was."""
+    r = result.record
     logger.info(
         "scan %d: %s, %d frames, %.2f %% complete, file on disk %.2f s after the last data",
-        scan_number,
-        record["status"],
-        record["frames_written"],
-        100 * record["completeness"],
-        record["written_time"] - record["last_data_time"],
+        r.scan_number,
+        r.status,
+        r.frames_written,
+        100 * r.completeness,
+        r.seconds_to_file,
     )
-    missing = record["frames_incomplete"]
-    if missing or record.get("sectors_overflowed") or record.get("sectors_lost_in_transit"):
+    if r.frames_incomplete or result.sectors_overflowed or r.sectors_lost_in_transit:
         logger.warning(
             "scan %d: %d of %d frames incomplete (marked in the file's sector_masks); %d sector(s) dropped "
             "by the receivers because the pipeline did not take them in time, %d lost between aggregator "
             "and nodes",
-            scan_number,
-            missing,
-            record["expected_frames"],
-            record.get("sectors_overflowed", 0),
-            record.get("sectors_lost_in_transit", 0),
+            r.scan_number,
+            r.frames_incomplete,
+            r.expected_frames,
+            result.sectors_overflowed,
+            r.sectors_lost_in_transit,
         )
 
 

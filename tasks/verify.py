@@ -2,12 +2,11 @@
 
 Plain code (no Prefect): ``verify_scan`` never raises for a bad file; every defect becomes a line in
 ``VerifyResult.problems`` and ``ok=False``. The checksum is compared with the stop record the writer leaves
-beside the file (``<name>.json``, ``streaming.writer.ScanRecord``) when there is one.
+beside the file (``<name>.json``, ``streaming.scan_record.ScanRecord``) when there is one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ import numpy as np
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS
 from counting.sparse import FORMAT_VERSION, file_sha256
-from streaming.writer import record_path
+from streaming.scan_record import ScanRecord, record_path
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,10 @@ def _check_record(path: Path, sha256: str, problems: list[str]) -> bool | None:
     if not rec_path.is_file():
         return None
     try:
-        record = json.loads(rec_path.read_text())
-    except (OSError, ValueError) as exc:
-        problems.append(f"stop record {rec_path.name} is unreadable: {exc}")
+        expected = ScanRecord.load(rec_path).sha256
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        problems.append(f"stop record {rec_path.name} is unreadable: {exc!r}")
         return None
-    expected = record.get("sha256") if isinstance(record, dict) else None
     if not expected:
         return None
     if expected != sha256:

@@ -150,15 +150,6 @@ def nersc(
         scan_timeout=60,
         aggregator_remote_command=[sys.executable, "-m", "flows.cli"],
     )
-    writer_port, *ports = free_ports(4)
-    receivers, nodes_bind, monitor_bind = (f"tcp://127.0.0.1:{port}" for port in ports)
-    # Not the default writer port (17500): two sessions on one host (two test runs at once) would collide.
-    set_env(
-        monkeypatch,
-        "streaming",
-        receivers=[receivers],
-        nodes_bind=nodes_bind,
-        monitor_bind=monitor_bind,
-        writer_port=writer_port,
-    )
+    receivers, nodes_bind, monitor_bind = (f"tcp://127.0.0.1:{port}" for port in free_ports(3))
+    set_env(monkeypatch, "streaming", receivers=[receivers], nodes_bind=nodes_bind, monitor_bind=monitor_bind)
     return NerscSetup(fake, sshd, stemstream_env, receivers, nodes_bind, monitor_bind)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -222,12 +222,12 @@ def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_
 
     records = assert_scans(session_dir, 2, 16, 16)
     assert [r["scan_number"] for r in records] == [1, 2]
-    rows = state.result()
-    assert [(r["scan"], r["status"], r["verified"], r["frames"]) for r in rows] == [
-        (1, "complete", "passed", 256),
-        (2, "complete", "passed", 256),
+    results = state.result()
+    assert [(r.scan_number, r.record.status, r.verified, r.record.frames_written) for r in results] == [
+        (1, "complete", True, 256),
+        (2, "complete", True, 256),
     ]
-    assert all(r["completeness %"] == 100.0 for r in rows)
+    assert all(r.record.completeness == 1.0 for r in results)
 
     artifacts = artifacts_of(state.state_details.flow_run_id)
     summary = artifacts["session-summary"]
@@ -258,18 +258,24 @@ def test_local_node_killed_mid_scan_the_scan_is_written_with_its_losses_then_the
     set_env(monkeypatch, "session", scan_timeout=60, nodes_ready_timeout=60)
     set_env(monkeypatch, "streaming", writer_deadline=3)
     killed: list[int] = []
+    names: list[str] = []
     rate = 40.0  # frames/s in real time: a 16x16 scan takes 6.4 s, so the kill lands inside scan 2
 
     def kill_node1_during_scan_2() -> None:
-        """2.5 s after scan 1 is written, SIGKILL node 1 alone (its counting worker is orphaned)."""
+        """2.5 s after scan 1 is written, SIGKILL the node that does not host the writer (its counting
+        worker is orphaned)."""
         sessions = stemstream_env / "sessions"
         if not wait_until(lambda: list(sessions.glob("*/scans/*_00001.json")), timeout=60):
             return
         time.sleep(2.5)
         session_dir = next(sessions.iterdir())
         pids = read_state_file(session_dir)["local_pids"]
-        os.kill(pids[1], signal.SIGKILL)
-        killed.append(pids[1])
+        log = (session_dir / "logs" / "aggregator.log").read_text()
+        writer = re.search(r"scan writer of this session: \S+ on (\S+),", log).group(1)
+        victim = next(pid for pid in pids if not writer.endswith(f"-{pid}"))
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        names.append(f"node{pids.index(victim)}")
 
     saboteur = in_background(kill_node1_during_scan_2)
     t0 = time.monotonic()
@@ -282,7 +288,7 @@ def test_local_node_killed_mid_scan_the_scan_is_written_with_its_losses_then_the
     assert state.is_failed()
     text = message(state)
     assert "a node streamer was lost during scan 2; the session stops" in text, text
-    assert "node streamer node1 exited with code -9" in text, text
+    assert f"node streamer {names[0]} exited with code -9" in text, text
 
     files = sorted((session_dir / "scans").glob("*.h5"))
     assert [f.name[-8:] for f in files] == ["00001.h5", "00002.h5"]  # scan 3 never started
@@ -337,11 +343,6 @@ def test_local_camera_faster_than_the_pipeline_loses_data_loudly(
 
 
 # ---- nersc backend: sfapi_client -> fake SFAPI, aggregator over SSH -----------------------------------
-def expected_writer_port() -> int:
-    """The free writer port the nersc fixture chose."""
-    return int(os.environ["STEMSTREAM_STREAMING__WRITER_PORT"])
-
-
 @pytest.mark.timeout(120)
 def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
     state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
@@ -362,13 +363,19 @@ def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
     assert job.script == (session_dir / "node_streamers.sh").read_text()
     [step] = job.steps
     argv = step.argv
-    assert argv[argv.index("node") - 2 :][:3] == ["-m", "flows.cli", "node"]
+    assert argv[argv.index("--settings") - 2 :][:3] == ["-m", "flows.cli", "--settings"]
     assert argv[argv.index("--aggregator") + 1] == nersc.nodes_bind
-    assert argv[argv.index("--writer-port") + 1] == str(expected_writer_port())
-    assert job.env["STEMSTREAM_STREAMING__SESSION_ID"].isdigit()
-    assert job.task_ids == [0]  # one srun task per node, SLURM_PROCID 0 hosts the writer
+    # One route for settings: the session's file, beside the scans the nodes share; no STEMSTREAM_ exports.
+    settings = json.loads(Path(argv[argv.index("--settings") + 1]).read_text())
+    assert (
+        settings["streaming"]["nodes_bind"] == nersc.nodes_bind and settings["session"]["backend"] == "nersc"
+    )
+    assert not [name for name in job.env if name.startswith("STEMSTREAM_")]
+    assert job.env["HDF5_USE_FILE_LOCKING"] == "FALSE"
+    assert job.task_ids == [0]  # one srun task per node
     node_log = nersc.fake.root / f"pscratch/logs/stemstream-nodes_{job.jobid}.out"
     assert "welcomed as node 0 of 1" in node_log.read_text()
+    assert "hosting the scan writer" in node_log.read_text()
 
     info = read_state_file(session_dir)
     assert info["backend"] == "nersc" and info["job_id"] == job.jobid
@@ -509,21 +516,15 @@ def test_secrets_never_reach_logs_artifacts_or_messages(
     server_public, server_secret = write_keypair(keys, "aggregator")
     client_public, client_secret = write_keypair(keys, "session")
     set_env(monkeypatch, "ssh", key_path=locked, key_passphrase=passphrase)
-    set_env(
-        monkeypatch, "streaming__curve", client_secret_file=client_secret, server_public_file=server_public
-    )
-    # The aggregator host has its own settings; here they travel on its command line as environment.
+    # Key file paths (never keys) of every host are part of the session's settings, which reach the
+    # aggregator and the nodes as one settings file.
     set_env(
         monkeypatch,
-        "session",
-        aggregator_remote_command=[
-            "env",
-            f"STEMSTREAM_STREAMING__CURVE__SERVER_SECRET_FILE={server_secret}",
-            f"STEMSTREAM_STREAMING__CURVE__ALLOWED_CLIENTS={json.dumps([str(client_public)])}",
-            sys.executable,
-            "-m",
-            "flows.cli",
-        ],
+        "streaming__curve",
+        client_secret_file=client_secret,
+        server_public_file=server_public,
+        server_secret_file=server_secret,
+        allowed_clients=[str(client_public)],
     )
     secrets = [passphrase]
     secrets += [line for line in sfapi_pem.splitlines() if "-----" not in line]

@@ -29,9 +29,9 @@ def test_soak_session_loses_nothing_and_memory_stays_flat(
         monkeypatch.setenv(f"STEMSTREAM_STREAMING__{name}", str(value))
     report = run_soak(n_scans=12, width=32, height=32, nodes=2, every=0.1)
     assert report.state == "Completed", report.message
-    assert [r["scan"] for r in report.rows] == list(range(1, 13))
+    assert [r.scan_number for r in report.results] == list(range(1, 13))
     assert report.complete_scans == 12 and report.frames_lost == 0 and report.sectors_lost == 0
-    assert all(r["completeness %"] == 100.0 for r in report.rows)
+    assert all(r.record.completeness == 1.0 for r in report.results)
     # Memory was really sampled, in most scans, from every process of the session (two nodes with a
     # counting worker each and the aggregator: hundreds of MB).
     assert len(report.rss_mb) >= 8 and report.rss_early_mb > 300 and report.private_early_mb > 100

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -14,15 +12,16 @@ import pytest
 
 from counting.geometry import ALL_SECTORS, ScanShape
 from counting.kernel import Thresholds
-from counting.pipeline import CountingOptions, count_batches
+from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, write_counted_scan
-from streaming.writer import ScanRecord, record_path
+from stemstream_testing.options import options
+from streaming.scan_record import ScanRecord, ScanStatus, record_path
 from tasks.verify import VerifyResult, file_sha256, verify_scan, verify_scans
 
 WIDTH, HEIGHT = 64, 48
 # Fixed thresholds (the simulator's read noise is 2.4 ADU, an electron ~200 ADU): no estimation, fast.
-OPTIONS = CountingOptions(fixed=Thresholds(12.0, 2000.0), workers=2)
+OPTIONS = options(fixed=Thresholds(12.0, 2000.0), workers=2)
 
 
 def _count(width: int, height: int, dose: float, seed: int) -> CountedScan:
@@ -34,7 +33,7 @@ def _write_record(path: Path, scan: CountedScan) -> None:
     """The writer's stop record for a scan file, with the file's checksum."""
     record = ScanRecord(
         scan_number=1,
-        status="complete",
+        status=ScanStatus.COMPLETE,
         path=str(path),
         scan_width=scan.scan.width,
         scan_height=scan.scan.height,
@@ -50,7 +49,7 @@ def _write_record(path: Path, scan: CountedScan) -> None:
         thresholds=[12.0, 2000.0],
         sha256=file_sha256(path),
     )
-    record_path(path).write_text(json.dumps(asdict(record)))
+    record.save(record_path(path))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""The session summary at the edge: display labels for typed scan results, made in this one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.scan_result import ScanResult
+
+# label -> how it is computed from a ScanResult
+COLUMNS = {
+    "scan": lambda r: r.scan_number,
+    "file": lambda r: Path(r.record.path).name if r.record.path else "",
+    "status": lambda r: str(r.record.status),
+    "verified": lambda r: "passed" if r.verified else "FAILED",
+    "frames": lambda r: r.record.frames_written,
+    "events per frame": lambda r: round(r.record.events_per_frame, 1),
+    "completeness %": lambda r: round(100 * r.record.completeness, 3),
+    "frames incomplete": lambda r: r.record.frames_incomplete,
+    "sectors dropped by receivers": lambda r: r.sectors_overflowed,
+    "sectors lost in transit": lambda r: r.record.sectors_lost_in_transit,
+    "counted frames/s": lambda r: round(r.record.counted_frames_per_second),
+    "seconds to counted file": lambda r: round(r.record.seconds_to_file, 3),
+    "sha256": lambda r: (r.verify_sha256 or r.record.sha256 or "")[:16],
+}
+# What the terminal shows of each scan; the loss columns are added when any scan lost something.
+TERMINAL = ["scan", "verified", "frames", "events per frame", "completeness %", "seconds to counted file"]
+LOSSES = ["frames incomplete", "sectors dropped by receivers"]
+
+
+def summary_row(result: ScanResult) -> dict:
+    """One row of the session's summary table."""
+    return {label: value(result) for label, value in COLUMNS.items()}
+
+
+def terminal_columns(results: list[ScanResult]) -> list[str]:
+    """The columns to print: the losses never go unshown."""
+    lossy = any(r.record.frames_incomplete or r.sectors_overflowed for r in results)
+    return TERMINAL[:4] + LOSSES + TERMINAL[4:] if lossy else list(TERMINAL)
