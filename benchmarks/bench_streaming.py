@@ -17,180 +17,33 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from counting.geometry import ScanShape
-from counting.offline import count_raw_scan
-from counting.raw import open_raw_scan, write_raw_scan
-from counting.simulator import SimulatedCamera, SimulatorConfig
-from counting.sparse import write_counted_scan
-from stemstream_testing.options import options
-from streaming import protocol as p
-from streaming.sender import run_sender
-from tasks.processes import rss_kb
+# stemstream_testing (test support) is not installed: import it from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from counting.geometry import ScanShape  # noqa: E402
+from counting.offline import count_raw_scan  # noqa: E402
+from counting.raw import open_raw_scan, write_raw_scan  # noqa: E402
+from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
+from counting.sparse import write_counted_scan  # noqa: E402
+from stemstream_testing.options import options  # noqa: E402
+from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CLI = [sys.executable, "-m", "flows.cli"]
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-class Pipeline:
-    """An aggregator process and n node processes on ipc:// sockets in a scratch directory."""
-
-    def __init__(self, work: Path, n_nodes: int, workers: int):
-        self.work = work
-        self.out = work / "out"
-        ipc = f"ipc://{work}"
-        self.receiver = f"{ipc}/receiver"
-        self.nodes_addr = f"{ipc}/nodes"
-        self.monitor = f"{ipc}/monitor"
-        env = {
-            **os.environ,
-            "STEMSTREAM_STREAMING__NODE_SLOTS": "16",
-            "STEMSTREAM_STREAMING__NODE_BATCH": "32",
-            "STEMSTREAM_STREAMING__SCAN_DEADLINE": "2",
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.logs = []
-        self.procs: list[subprocess.Popen] = []
-        self.procs.append(
-            self._spawn(
-                [
-                    "aggregator",
-                    "--receivers",
-                    self.receiver,
-                    "--nodes-bind",
-                    self.nodes_addr,
-                    "--nodes",
-                    str(n_nodes),
-                    "--monitor-bind",
-                    self.monitor,
-                ],
-                env,
-                "agg",
-            )
-        )
-        writer = f"{ipc}/writer"
-        for i in range(n_nodes):
-            role = (
-                ["--output-dir", str(self.out), "--writer-bind", writer] if i == 0 else ["--writer", writer]
-            )
-            self.procs.append(
-                self._spawn(
-                    [
-                        "node",
-                        "--aggregator",
-                        self.nodes_addr,
-                        *role,
-                        "--name",
-                        f"node{i}",
-                        "--workers",
-                        str(workers),
-                    ],
-                    env,
-                    f"node{i}",
-                )
-            )
-        self.node_pids = [pr.pid for pr in self.procs[1:]]
-        self.peak_rss: dict[str, int] = {}
-        self._sampling = True
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-        self._wait_armed(n_nodes)
-
-    def _spawn(self, args: list[str], env: dict, name: str) -> subprocess.Popen:
-        log = open(self.work / f"{name}.log", "w")  # noqa: SIM115 - closed in close()
-        self.logs.append(log)
-        return subprocess.Popen([*CLI, *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.work)
-
-    def _sample(self) -> None:
-        while self._sampling:
-            for i, pid in enumerate(self.node_pids):
-                self.peak_rss[f"node{i}"] = max(self.peak_rss.get(f"node{i}", 0), rss_kb(pid, "VmHWM"))
-                for c in _children(pid):
-                    key = f"node{i}-worker"
-                    self.peak_rss[key] = max(self.peak_rss.get(key, 0), rss_kb(c, "VmHWM"))
-            time.sleep(0.1)
-
-    def _wait_armed(self, n: int, timeout: float = 60.0) -> None:
-        state = self.last_state(lambda s: s.nodes_ready >= n, timeout)
-        if state is None:
-            raise RuntimeError(f"nodes not ready; see logs in {self.work}")
-
-    def last_state(self, until, timeout: float) -> p.AggregatorState | None:
-        """Read monitor states until ``until(state)`` holds (bounded)."""
-        ctx = zmq.Context.instance()
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(self.monitor)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if sub.poll(200):
-                    kind, body = sub.recv_multipart()
-                    state = p.decode(kind, body, p.AggregatorState)
-                    if until(state):
-                        return state
-            return None
-        finally:
-            sub.close(0)
-
-    def send(self, source, scan_number: int) -> tuple[float, float]:
-        """Send a scan (a SimulatorConfig, or raw v5 file paths) from four threads, one per module;
-        returns (first send, last sector handed to the OS) wall times."""
-        sources = [
-            SimulatedCamera(source) if isinstance(source, SimulatorConfig) else open_raw_scan(source)
-            for _ in range(4)
-        ]
-        t0 = time.time()
-        ends = {}
-
-        def one(m: int) -> None:
-            run_sender(sources[m], [self.receiver], m, scan_number=scan_number, send_timeout=120)
-            ends[m] = time.time()
-
-        with ThreadPoolExecutor(4) as ex:
-            list(ex.map(one, range(4)))
-        return t0, max(ends.values())
-
-    def record(self, scan_number: int, timeout: float = 300.0) -> dict:
-        """The writer's stop record for a scan (bounded wait)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = list(self.out.glob(f"*_{scan_number:05d}.json"))
-            if found:
-                return json.loads(found[0].read_text())
-            time.sleep(0.01)
-        raise TimeoutError(f"scan {scan_number} not written; see logs in {self.work}")
-
-    def close(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL)."""
-        self._sampling = False
-        for pr in self.procs[::-1]:
-            pr.terminate()
-        for pr in self.procs:
-            try:
-                pr.wait(15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-                pr.wait(5)
-        for log in self.logs:
-            log.close()
+def pipeline(work: Path, n_nodes: int, workers: int) -> ProcessPipeline:
+    """An aggregator and n node processes (workers counting processes each) on ipc:// sockets in work."""
+    streaming = {"node_slots": 16, "node_batch": 32, "scan_deadline": 2.0, "node_workers": workers}
+    return ProcessPipeline(
+        work, n_nodes, transport="ipc", streaming=streaming, names="node{}", rss_interval=0.1
+    )
 
 
 def stempy_offline_fps(raw_dir: Path) -> float:
@@ -244,8 +97,7 @@ def main() -> None:
     out: dict = {"cpus": os.cpu_count(), "workers_per_node": a.workers, "scans": {}}
     with tempfile.TemporaryDirectory(prefix="stemstream-bench-", dir="/tmp") as tmp:
         tmp = Path(tmp)
-        (tmp / "two").mkdir()
-        pipe = Pipeline(tmp / "two", 2, a.workers)
+        pipe = pipeline(tmp / "two", 2, a.workers)
         raw_dirs: dict[int, Path] = {}
         fws: dict[int, dict] = {}
         for k, side in enumerate(sizes):  # the file workflow's first half: the raw files, on disk
@@ -259,26 +111,27 @@ def main() -> None:
                 # Receivers stream from RAM: raw files in the page cache (zero-copy) when they fit in it,
                 # else the simulator (its sectors are copied before sending).
                 source = sorted(raw_dirs[side].glob("*.data")) if side in raw_dirs and side <= 128 else cfg
-                t_first, t_last = pipe.send(source, scan_number=k + 1)
-                rec = pipe.record(k + 1)
+                sent = pipe.send(source, scan_number=k + 1)
+                t_first, t_last = sent.started, sent.ended
+                rec, _ = pipe.record(k + 1)
                 n = side * side
                 res = {
                     "frames": n,
                     "source": "raw files (page cache)" if isinstance(source, list) else "simulator",
-                    "status": rec["status"],
-                    "frames_written": rec["frames_written"],
-                    "completeness": rec["completeness"],
+                    "status": str(rec.status),
+                    "frames_written": rec.frames_written,
+                    "completeness": rec.completeness,
                     "send_s": t_last - t_first,
-                    "first_sector_to_file_s": rec["written_time"] - t_first,
-                    "last_sector_to_file_s": rec["written_time"] - t_last,
-                    "counted_fps": n / (rec["written_time"] - t_first),
-                    "node_peak_rss_kb": dict(pipe.peak_rss),
+                    "first_sector_to_file_s": rec.written_time - t_first,
+                    "last_sector_to_file_s": rec.written_time - t_last,
+                    "counted_fps": n / (rec.written_time - t_first),
+                    "node_peak_rss_kb": dict(pipe.memory.hwm_kb),
                 }
                 out["scans"][f"{side}x{side}"] = res
                 print(
                     f"{side}x{side} ({res['source']}): {n} frames, {res['status']}, "
                     f"{res['counted_fps']:.0f} counted frames/s, last sector -> file "
-                    f"{res['last_sector_to_file_s']:.2f} s, peak RSS kB {pipe.peak_rss}"
+                    f"{res['last_sector_to_file_s']:.2f} s, peak RSS kB {pipe.memory.hwm_kb}"
                 )
         finally:
             pipe.close()
@@ -305,13 +158,15 @@ def main() -> None:
             f"{first['counted_fps']:.0f} frames/s = {out['streaming_vs_stempy_offline']:.1f}x"
         )
         # d: four nodes
-        (tmp / "four").mkdir()
-        pipe4 = Pipeline(tmp / "four", 4, 0)
+        pipe4 = pipeline(tmp / "four", 4, 0)
         try:
             side = sizes[0]
             pipe4.send(SimulatorConfig(ScanShape(side, side), dose=50.0, seed=9), scan_number=1)
             pipe4.record(1)
-            state = pipe4.last_state(lambda s: sum(s.per_node.values()) >= 4 * side * side, 30)
+            try:
+                state = pipe4.wait_state(lambda s: sum(s.per_node.values()) >= 4 * side * side, 30)
+            except TimeoutError:
+                state = None
             shares = {k: v / 4 for k, v in (state.per_node if state else {}).items()}  # sectors -> frames
             equal = side * side / 4
             out["load_balance_4_nodes"] = {
