@@ -92,7 +92,7 @@ class Aggregator:
         self.nodes = NodeRegistry(st.n_nodes)
         self._scan: OpenScan | None = None
         self._held: tuple[SectorHeader, list] | None = None  # first sector of a scan waiting for the arm
-        self._ended: OrderedDict[int, None] = OrderedDict()
+        self._ended: OrderedDict[int, float] = OrderedDict()  # scan number -> when it ended (monotonic)
         self._next_state = 0.0
         self._stopping = False
         self._stop_event: threading.Event | None = None
@@ -138,12 +138,15 @@ class Aggregator:
         self._stop_event, self._until = stop_event, until
         self._end = None if timeout is None else time.monotonic() + timeout
         log.info(
-            "aggregator: receivers %s, nodes %s (%d), monitor %s; node and monitor sockets %s",
+            "aggregator: receivers %s, nodes %s (%d), monitor %s; node and monitor sockets %s; queues: "
+            "%d sectors per receiver connection, %d per node",
             self.receiver_endpoints,
             self.nodes_endpoint,
             self.n_nodes,
             self.monitor_endpoint,
             self.security,
+            self.settings.aggregator_receiver_hwm,
+            self.settings.aggregator_node_hwm,
         )
         try:
             while not self._stop_requested():
@@ -218,13 +221,14 @@ class Aggregator:
             return
         scan = self._scan
         if scan is None or header.scan_number != scan.number:
-            if header.scan_number in self._ended:
+            if self._is_late(header.scan_number):
                 self.stats.late += 1
                 if self.stats.late & (self.stats.late - 1) == 0:  # powers of two: never a log flood
                     log.warning(
-                        "late sector #%d dropped: scan %d already ended (a new scan needs a new scan number)",
+                        "late sector #%d dropped: scan %d ended less than %g s ago",
                         self.stats.late,
                         header.scan_number,
+                        self.scan_deadline,
                     )
                 return
             if scan is not None:
@@ -234,6 +238,17 @@ class Aggregator:
                 return
             self._begin_scan(header)
         self._forward(header, parts)
+
+    def _is_late(self, number: int) -> bool:
+        """A sector of a scan that ended less than scan_deadline ago is late; after that the same number
+        begins a new scan (the detector resets its scan numbers)."""
+        ended = self._ended.get(number)
+        if ended is None:
+            return False
+        if time.monotonic() - ended < self.scan_deadline:
+            return True
+        del self._ended[number]
+        return False
 
     def _on_malformed(self, exc: WireError) -> None:
         self.stats.malformed += 1
@@ -269,9 +284,9 @@ class Aggregator:
             self._forward(header, parts)
 
     def _begin_scan(self, header: SectorHeader) -> None:
-        scan = OpenScan(header, self.n_nodes, time.monotonic())
-        self._scan = scan
         self.stats.scans += 1
+        scan = OpenScan(header, self.n_nodes, time.monotonic(), f"{self.session_id:08x}-{self.stats.scans}")
+        self._scan = scan
         for node in self.nodes.by_index.values():
             node.ready = False  # the arm is used up: each node re-arms after its done
         for node in self.nodes.by_index.values():
@@ -295,13 +310,15 @@ class Aggregator:
             node.index,
             self.n_nodes,
             self.session_id,
+            scan.key,
         )
 
     def _end_scan(self, reason: str) -> None:
         scan = self._scan
         assert scan is not None
         self._scan = None
-        self._ended[scan.number] = None
+        self._ended.pop(scan.number, None)
+        self._ended[scan.number] = time.monotonic()
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
         expected = scan.sectors_expected

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 from counting.settings import CountingSettings, fixed_thresholds, threshold_config
-from streaming.node import NodeConfig
+from streaming.node_config import NodeConfig
 from streaming.security import CurveClientConfig, CurveServerConfig
 from streaming.settings import CurveSettings, StreamingSettings
 from streaming.writer import WriterConfig
@@ -23,6 +23,7 @@ def writer_config(streaming: StreamingSettings, counting: CountingSettings, outp
         output_dir=Path(output_dir),
         session_id=streaming.session_id,
         name_template=streaming.name_template,
+        timezone=streaming.timezone,
         fixed=fixed_thresholds(counting),
         estimate=threshold_config(counting),
         writer_deadline=streaming.writer_deadline,

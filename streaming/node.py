@@ -16,72 +16,29 @@ A hosted writer that cannot store a scan stops the node at once and ``run`` rais
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zmq
 
-from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS
 from counting.kernel import Thresholds
-from counting.thresholds import ThresholdConfig
 from streaming import protocol as p
+from streaming.aggregator_link import AggregatorLink
 from streaming.assembly import FrameAssembler, Sealed
 from streaming.calibration import calibration_digest, calibration_parts
 from streaming.counting_pool import CountingPool, CountResult, SlotMemory
 from streaming.hold_queue import HoldQueue
 from streaming.hosted_writer import HostedWriter
+from streaming.node_config import NodeConfig, NodeCounters, NodeRefused
 from streaming.node_scan import NodeScan
 from streaming.scan_files import ScanWriterError, check_output_dir
-from streaming.security import CurveClientConfig, apply_client
-from streaming.settings import StreamingSettings
 from streaming.wire import WireError, decode_message
-from streaming.writer import WriterConfig
 from streaming.writer_client import WriterClient
 
 log = logging.getLogger(__name__)
-
-
-class NodeRefused(PermanentError):
-    """The aggregator refused this node (all slots taken, another output directory, another protocol)."""
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Everything a node streamer needs; built by streaming.components from the settings."""
-
-    aggregator: str
-    name: str
-    output_dir: Path  # where scans go if this node hosts the writer (every node is started with it)
-    streaming: StreamingSettings
-    estimate: ThresholdConfig  # how many complete frames to offer for threshold estimation
-    writer: WriterConfig  # used when this node hosts the writer
-    curve: CurveClientConfig | None
-    max_scans: int | None  # stop after this many scans (tests, one-shot runs)
-
-    def __post_init__(self) -> None:
-        st = self.streaming
-        if st.node_batch < 1 or st.node_slots < 2 or st.node_workers < 0:
-            raise ValueError("need node_batch >= 1, node_slots >= 2, node_workers >= 0")
-
-
-@dataclass
-class NodeCounters:
-    """What a node has seen, for logs, heartbeats and tests."""
-
-    scans: int = 0
-    sectors: int = 0
-    malformed: int = 0
-    stray: int = 0  # sectors of a scan this node is not in
-    frames: int = 0
-    incomplete_frames: int = 0
-    duplicates: int = 0
-    late_sectors: int = 0
 
 
 class NodeStreamer:
@@ -99,25 +56,14 @@ class NodeStreamer:
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
         self.hosted = HostedWriter(config.writer, st, self._ctx)
         self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
-        self.refused: str | None = None  # why the aggregator refused us; run() then raises
         self.memory = SlotMemory(st.node_slots, st.node_batch, shared=st.node_workers > 0)
         self.assembler = FrameAssembler(self.memory.slots())
         self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
-        self._agg = self._ctx.socket(zmq.DEALER)
-        self._agg.setsockopt(zmq.LINGER, 2000)
-        self._agg.setsockopt(zmq.RCVHWM, 4 * st.node_batch)  # back-pressure starts here
-        if config.curve is not None:
-            apply_client(self._agg, config.curve)
-        self._agg.connect(config.aggregator)
+        self.link = AggregatorLink(self._ctx, config)
+        self._agg = self.link.socket
         self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch)
         self._held = HoldQueue(st.node_hold_limit)
         self._scan: NodeScan | None = None
-        self.node_index = -1
-        self._welcomed = False
-        self._refused_since = 0.0  # when a not-final refusal first came
-        self._last_agg = time.monotonic()
-        self._last_hb = 0.0
-        self._last_hello = 0.0
 
     # ------------------------------------------------------------------------------------------- running
     def stop(self) -> None:
@@ -134,20 +80,30 @@ class NodeStreamer:
             self._serve()
         finally:
             self.close()
-        if self.refused is not None:
-            raise NodeRefused(f"{self.config.name} refused by the aggregator: {self.refused}")
+        if self.link.refused is not None:
+            raise NodeRefused(f"{self.config.name} refused by the aggregator: {self.link.refused}")
         if self.writer_error is not None:
             raise ScanWriterError(f"scan writer failed: {self.writer_error}")
         return self.counters
 
     def _serve(self) -> None:
-        self._hello()
+        st = self.config.streaming
+        log.info(
+            "%s: %d slots of %d frames, %d counting worker(s), hold limit %d sectors; scans named %s",
+            self.config.name,
+            st.node_slots,
+            st.node_batch,
+            st.node_workers,
+            st.node_hold_limit,
+            self.config.writer.name_template,
+        )
+        self.link.hello(self.hosted.address)
         poller = zmq.Poller()
         registered: list = []
         generation = -1
         reading = False
         writer_socket = None
-        while not self._stop.is_set() and self.refused is None:
+        while not self._stop.is_set() and self.link.refused is None:
             if generation != self.pool.generation:  # a restarted worker has a new pipe
                 for conn in registered:
                     poller.unregister(conn)
@@ -186,24 +142,11 @@ class NodeStreamer:
         try:
             self.writer_error = self.hosted.stop()  # waits for pending writes, which may fail too
         finally:  # sockets and shared memory are released even if the writer's stop raised
-            self._agg.close(linger=2000)
+            self.link.close()
             # Nothing queued for a writer that failed is worth waiting for.
             self.writer.close(linger_ms=0 if self.writer_error else 2000)
             self._ctx.term()
             self.memory.close()
-
-    def _hello(self) -> None:
-        hello = p.Hello(self.config.name, os.getpid(), output_dir=str(self.config.output_dir))
-        self._agg.send_multipart(p.encode(hello))
-        if self.hosted.address:
-            self._agg.send_multipart(p.encode(self._writer_at()))
-        self._last_hello = time.monotonic()
-
-    def _writer_at(self) -> p.WriterAt:
-        return p.WriterAt(self.config.name, self.hosted.address, str(self.config.output_dir))
-
-    def _send_ready(self, last_scan: int) -> None:
-        self._agg.send_multipart(p.encode(p.Ready(self.config.name, last_scan)))
 
     # ------------------------------------------------------------------------------------------- aggregator
     def _drain_aggregator(self) -> None:
@@ -212,7 +155,7 @@ class NodeStreamer:
             if not self._can_read() or not self._agg.poll(0):
                 return
             parts = self._agg.recv_multipart(copy=False)
-            self._last_agg = time.monotonic()
+            self.link.last_heard = time.monotonic()
             kind = parts[0].bytes
             if self._held.must_hold(kind):
                 self._held.hold(kind, parts)
@@ -246,10 +189,7 @@ class NodeStreamer:
             log.warning("%s: dropped a malformed control message: %s", self.config.name, exc)
 
     def _on_welcome(self, w: p.Welcome) -> None:
-        first = not self._welcomed
-        self.node_index, self._welcomed = w.node_index, True
-        if first:
-            log.info("%s: welcomed as node %d of %d", self.config.name, w.node_index, w.n_nodes)
+        self.link.welcome(w)
         if w.host_writer and not self.hosted.address:
             address = self.hosted.start(self._dark, self._gain)
             log.info(
@@ -258,32 +198,16 @@ class NodeStreamer:
                 address,
                 self.config.output_dir,
             )
-            self._agg.send_multipart(p.encode(self._writer_at()))
+            self.link.writer_at(address)
             self.writer.connect(self.hosted.local_address)
         elif w.writer and not (self.hosted.address and w.writer == self.hosted.address):
             self.writer.connect(w.writer)
         if self.writer.connected and self._scan is None:
-            self._send_ready(-1)  # armed only once counted frames have somewhere to go
+            self.link.ready(-1)  # armed only once counted frames have somewhere to go
 
     def _on_bye(self, bye: p.Bye) -> None:
-        if not self._welcomed:
-            now = time.monotonic()
-            if not bye.final:  # e.g. every slot taken: the node this one replaces may not be noticed yet
-                st = self.config.streaming
-                self._refused_since = self._refused_since or now
-                if now - self._refused_since < st.node_timeout + 2 * st.heartbeat:
-                    if self._refused_since == now:
-                        log.warning(
-                            "%s: %s; asking again for %g s", self.config.name, bye.reason, st.node_timeout
-                        )
-                    return
-            self.refused = bye.reason
-            log.error("%s: refused by the aggregator: %s", self.config.name, bye.reason)
-            return
-        log.warning("%s: the aggregator went away (%s)", self.config.name, bye.reason)
-        if self._scan is not None and self._scan.end is None:
+        if self.link.bye(bye) and self._scan is not None and self._scan.end is None:
             self._close_scan("aggregator-stopped")
-        self._welcomed = False
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
         """Place a sector; returns False when it needs a slot and none is free (it is then held)."""
@@ -379,7 +303,7 @@ class NodeStreamer:
                 n = len(r.events)
                 # send_multipart copies each part (copy=True), so slot views are safe to reuse at once.
                 self.writer.send(
-                    p.EventsHeader(self.config.name, scan.number, n),
+                    p.EventsHeader(self.config.name, scan.number, n, scan.begin.scan_key),
                     slot.positions[:n],
                     slot.frame_numbers[:n],
                     slot.masks[:n],
@@ -438,7 +362,7 @@ class NodeStreamer:
             return
         to_writer, to_aggregator = scan.done_messages(self.config.name, self.counters.duplicates)
         self.writer.send(to_writer)
-        self._agg.send_multipart(p.encode(to_aggregator))
+        self.link.send(to_aggregator)
         log.info(
             "%s: scan %d done: %d sectors, %d frames (%d incomplete), %s",
             self.config.name,
@@ -450,7 +374,7 @@ class NodeStreamer:
         )
         self._scan = None
         self.counters.scans += 1
-        self._send_ready(scan.number)
+        self.link.ready(scan.number)
 
     # ------------------------------------------------------------------------------------------- timers
     def _housekeeping(self) -> None:
@@ -471,7 +395,7 @@ class NodeStreamer:
                     self._sealed(s)
                 self._replay_held()
         scan = self._scan
-        if scan is not None and scan.end is None and now - self._last_agg > st.node_deadline:
+        if scan is not None and scan.end is None and now - self.link.last_heard > st.node_deadline:
             log.warning(
                 "%s: scan %d: aggregator silent for %.1f s, ending the scan",
                 self.config.name,
@@ -479,14 +403,9 @@ class NodeStreamer:
                 st.node_deadline,
             )
             self._close_scan("node-deadline")
-        if now - self._last_hb > st.heartbeat:
-            state = "streaming" if self._scan is not None else "ready"
-            self._agg.send_multipart(
-                p.encode(p.Heartbeat(self.config.name, state, scan.number if scan else -1))
-            )
-            self._last_hb = now
-        if not self._welcomed and now - self._last_hello > max(st.heartbeat, 1.0):
-            self._hello()  # a restarted aggregator learns about us again
+        scan = self._scan
+        state = "streaming" if scan is not None else "ready"
+        self.link.tick(now, state, scan.number if scan else -1, self.hosted.address)
 
 
 def run_node(config: NodeConfig, dark: np.ndarray | None, gain: np.ndarray | None = None) -> NodeCounters:

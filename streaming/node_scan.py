@@ -54,14 +54,14 @@ class NodeScan:
         numbers = [int(n) for n in slot.frame_numbers[rows]]
         self.samples_sent += len(rows)
         last = self.samples_sent >= wanted
-        header = p.SampleHeader(writer.name, self.number, numbers, last)
+        header = p.SampleHeader(writer.name, self.number, numbers, last, self.begin.scan_key)
         writer.send(header, *[slot.frames[r].tobytes() for r in rows])
         self.samples_closed = last
 
     def close_samples(self, writer: WriterClient) -> None:
         """No more samples will come from this node (the scan ended before it had enough)."""
         if not self.samples_closed and self.thresholds is None:
-            writer.send(p.SampleHeader(writer.name, self.number, [], True))
+            writer.send(p.SampleHeader(writer.name, self.number, [], True, self.begin.scan_key))
             self.samples_closed = True
 
     def done_messages(self, name: str, duplicates: int) -> tuple[p.NodeScanDone, p.Done]:
@@ -80,6 +80,7 @@ class NodeScan:
                 self.counting_seconds,
                 self.late,
                 self.evicted,
+                self.begin.scan_key,
             ),
             p.Done(name, self.number, self.sectors, self.frames, self.incomplete, reason),
         )

@@ -126,6 +126,7 @@ class ScanBegin:
     node_index: int
     n_nodes: int
     session_id: int = 0
+    scan_key: str = ""  # unique per scan the aggregator begins, even when a scan number comes again
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class NodeScanBegin:
     n_nodes: int
     node_index: int
     session_id: int = 0
+    scan_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ class SampleHeader:
     scan_number: int
     frame_numbers: list[int]
     last: bool
+    scan_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ class EventsHeader:
     name: str
     scan_number: int
     frames: int
+    scan_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,7 @@ class NodeScanDone:
     counting_seconds: float = 0.0
     late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
     evicted_slots: int = 0  # batches sealed early because their frames waited too long
+    scan_key: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,16 @@ caller decides (the scan writer stops its host: every later scan would fail the 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from counting.errors import PermanentError
 from counting.sparse import CountedScan, counted_scan_image, write_file_atomically
@@ -25,20 +28,53 @@ class ScanWriterError(PermanentError, RuntimeError):
     """The scan writer cannot store scans: its output directory is unusable or a scan failed to write."""
 
 
+_ID_IN_NAME = re.compile(r"_(\d{5,})_\d{5,}(?:-\d+)?\.h5$")  # FOURD_<date>_<id>_<scan>.h5
+_STATE_DIR = ".stemstream"
+
+
+class ScanIds:
+    """Unique scan ids for one output directory: they never repeat there, across sessions, restarts and
+    writers, whatever the scan numbers do (the detector resets them). The last id is kept in
+    ``.stemstream/last-scan-id`` under a file lock; ids already in file names count too, so a lost
+    counter file cannot bring an id back."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def next(self) -> int:
+        """Take the next id."""
+        state = self.directory / _STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        counter = state / "last-scan-id"
+        with open(state / "scan-ids.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another writer on this directory waits here, briefly
+            try:
+                last = int(counter.read_text()) if counter.exists() else 0
+            except ValueError:
+                last = 0
+            taken = (_ID_IN_NAME.search(p.name) for p in self.directory.glob("*.h5"))
+            last = max([last, *(int(m.group(1)) for m in taken if m)])
+            tmp = counter.with_name(".last-scan-id.partial")
+            tmp.write_text(str(last + 1))
+            os.replace(tmp, counter)
+        return last + 1
+
+
 @dataclass(frozen=True)
 class ScanNaming:
-    """File names of a session's scans."""
+    """File names of scans: production's FOURD_<yymmdd_HHMM>_<id:05>_<scan:05>.h5 by default, the time in
+    the facility's time zone, so stempy's get_scan_path finds a scan by its unique id."""
 
     output_dir: Path
     name_template: str
     session_id: int
+    timezone: str
 
-    def path_for(self, scan_number: int, started: float) -> Path:
+    def path_for(self, scan_id: int, scan_number: int, started: float) -> Path:
         """The scan's file name; a name already taken gets a numbered variant, so nothing is overwritten."""
+        date = datetime.fromtimestamp(started, ZoneInfo(self.timezone)).strftime("%y%m%d_%H%M")
         path = self.output_dir / self.name_template.format(
-            date=datetime.fromtimestamp(started).strftime("%y%m%d_%H%M"),
-            session=self.session_id,
-            scan=scan_number,
+            date=date, id=scan_id, scan=scan_number, session=self.session_id
         )
         candidate, k = path, 1
         while candidate.exists() or record_path(candidate).exists():

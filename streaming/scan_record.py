@@ -48,6 +48,7 @@ class ScanRecord:
     last_data_time: float = 0.0
     written_time: float = 0.0
     counting_seconds: float = 0.0
+    scan_id: int = 0  # unique in the output directory (0: written before ids existed)
     extra: dict = field(default_factory=dict)  # fields a newer writer added: kept, not lost
 
     @property

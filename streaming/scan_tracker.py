@@ -10,8 +10,9 @@ from streaming.wire import SectorHeader
 class OpenScan:
     """Bookkeeping of the open scan: expected counts from the headers, what arrived, what went where."""
 
-    def __init__(self, header: SectorHeader, n_nodes: int, now: float) -> None:
+    def __init__(self, header: SectorHeader, n_nodes: int, now: float, key: str) -> None:
         self.number = header.scan_number
+        self.key = key  # unique: a scan number may come again
         self.width = header.scan_width
         self.height = header.scan_height
         self.started = now

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class CurveSettings(BaseModel):
@@ -23,6 +24,15 @@ class CurveSettings(BaseModel):
 
 class StreamingSettings(BaseModel):
     """Aggregator and node streamer parameters."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as America/Los_Angeles)") from None
+        return v
 
     receivers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:6001"])
     nodes_bind: str = "tcp://127.0.0.1:17000"
@@ -64,7 +74,12 @@ class StreamingSettings(BaseModel):
         "(default: node 0's host name)",
     )
     session_id: int = Field(0, ge=0, le=99999)
-    name_template: str = "FOURD_{date}_{session:05d}_{scan:05d}.h5"
+    name_template: str = Field(
+        "FOURD_{date}_{id:05d}_{scan:05d}.h5",
+        description="scan file names: {date} yymmdd_HHMM in the facility's time zone, {id} the scan's unique "
+        "id in the output directory, {scan} the detector's scan number, {session} the session id",
+    )
+    timezone: str = Field("America/Los_Angeles", description="the facility's time zone, for file names")
     send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
     aggregator_receiver_hwm: int = Field(
         1000,

@@ -34,7 +34,7 @@ from counting.sparse import CountedScan, ScanAccumulator
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
 from streaming import protocol as p
 from streaming.calibration import calibration_digest, calibration_parts
-from streaming.scan_files import ScanNaming, ScanWriterError, check_output_dir, write_scan
+from streaming.scan_files import ScanIds, ScanNaming, ScanWriterError, check_output_dir, write_scan
 from streaming.scan_record import ScanRecord, ScanStatus
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class WriterConfig:
     output_dir: Path
     session_id: int
     name_template: str
+    timezone: str  # the facility's: file names carry its local date and time
     fixed: Thresholds | None
     estimate: ThresholdConfig
     writer_deadline: float  # write what there is when a scan has been silent this long
@@ -58,6 +59,7 @@ class WriterConfig:
 class _Scan:
     begin: p.NodeScanBegin
     started: float
+    scan_id: int  # unique in the output directory
     nodes: dict[bytes, str] = field(default_factory=dict)  # identity -> node name
     done: dict[str, p.NodeScanDone] = field(default_factory=dict)
     samples: dict[int, np.ndarray] = field(default_factory=dict)
@@ -91,13 +93,14 @@ class ScanWriter:
         self._sock.setsockopt(zmq.RCVHWM, 0)  # events are small; never drop a node's counted frames
         self._sock.bind(bind)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._scans: dict[int, _Scan] = {}
+        self._scans: dict[str, _Scan] = {}  # by scan key: a scan number may come again
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemstream-h5")
         self._pending: list[Future] = []
         self.records: list[ScanRecord] = []
         self.malformed = 0
         self.error: str | None = None  # set (once) when a scan or its stop record could not be written
-        self._naming = ScanNaming(config.output_dir, config.name_template, config.session_id)
+        self._naming = ScanNaming(config.output_dir, config.name_template, config.session_id, config.timezone)
+        self._ids = ScanIds(config.output_dir)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -151,14 +154,16 @@ class ScanWriter:
             log.warning("writer dropped a malformed message: %s", exc)
 
     def _on_begin(self, identity: bytes, begin: p.NodeScanBegin) -> None:
-        scan = self._scans.get(begin.scan_number)
+        key = _key(begin)
+        scan = self._scans.get(key)
         if scan is None:
-            scan = _Scan(begin, time.time(), last_activity=time.monotonic())
+            scan = _Scan(begin, time.time(), self._ids.next(), last_activity=time.monotonic())
             scan.accumulator = ScanAccumulator(ScanShape(begin.scan_width, begin.scan_height))
-            self._scans[begin.scan_number] = scan
+            self._scans[key] = scan
             log.info(
-                "scan %d: %dx%d from %d node(s)",
+                "scan %d (id %05d): %dx%d from %d node(s)",
                 begin.scan_number,
+                scan.scan_id,
                 begin.scan_width,
                 begin.scan_height,
                 begin.n_nodes,
@@ -173,7 +178,7 @@ class ScanWriter:
             self._send(identity, scan.thresholds)
 
     def _on_samples(self, header: p.SampleHeader, parts: list) -> None:
-        scan = self._scan(header.scan_number)
+        scan = self._scan(header)
         if scan.thresholds is not None:
             return  # fixed or already estimated: samples are not needed
         if len(parts) != len(header.frame_numbers):
@@ -210,7 +215,7 @@ class ScanWriter:
             self._send(identity, scan.thresholds)
 
     def _on_events(self, header: p.EventsHeader, parts: list) -> None:
-        scan = self._scan(header.scan_number)
+        scan = self._scan(header)
         if len(parts) != 5:
             raise p.ProtocolError("events message must carry 5 arrays")
         positions, numbers, masks, offsets, indices = (
@@ -232,16 +237,16 @@ class ScanWriter:
         scan.last_activity = now
 
     def _on_done(self, done: p.NodeScanDone) -> None:
-        scan = self._scan(done.scan_number)
+        scan = self._scan(done)
         scan.done[done.name] = done
         scan.last_activity = time.monotonic()
         if len(scan.done) >= scan.begin.n_nodes:
             self._finish(scan)
 
-    def _scan(self, number: int) -> _Scan:
-        scan = self._scans.get(number)
+    def _scan(self, message: p.SampleHeader | p.EventsHeader | p.NodeScanDone) -> _Scan:
+        scan = self._scans.get(_key(message))
         if scan is None:
-            raise p.ProtocolError(f"message for scan {number}, which no node began")
+            raise p.ProtocolError(f"message for scan {message.scan_number}, which no node began")
         return scan
 
     def _send(self, identity: bytes, message: object) -> None:
@@ -266,7 +271,7 @@ class ScanWriter:
                 self._finish(scan)
 
     def _finish(self, scan: _Scan) -> None:
-        del self._scans[scan.begin.scan_number]
+        del self._scans[_key(scan.begin)]
         last = time.time()
         self._pending.append(self._pool.submit(self._write, scan, last))
 
@@ -279,6 +284,7 @@ class ScanWriter:
             "electron_counting": dict(t.metadata) if t is not None else {},
             "stemstream": {
                 "scan_number": b.scan_number,
+                "scan_id": scan.scan_id,
                 "session_id": self.config.session_id,
                 "aggregator_session": b.session_id,
                 "nodes": b.n_nodes,
@@ -288,12 +294,13 @@ class ScanWriter:
                 "incomplete_frames": sum(d.incomplete_frames for d in scan.done.values()),
                 "counting_seconds": sum(d.counting_seconds for d in scan.done.values()),
                 "late_sectors": sum(d.late_sectors for d in scan.done.values()),
+                "evicted_batches": sum(d.evicted_slots for d in scan.done.values()),
                 "duplicate_sectors": sum(d.duplicates for d in scan.done.values()),
             },
         }
         meta["electron_counting"].pop("error", None)
         counted = scan.accumulator.finish(meta)
-        path = self._naming.path_for(b.scan_number, scan.started)
+        path = self._naming.path_for(scan.scan_id, b.scan_number, scan.started)
         record = self._record(scan, counted, path, reasons, thresholds, last_data)
         error = write_scan(counted, path, record)
         if error is not None:
@@ -335,6 +342,7 @@ class ScanWriter:
             status = ScanStatus.COMPLETE if complete and lost == 0 else ScanStatus.INCOMPLETE
         return ScanRecord(
             scan_number=b.scan_number,
+            scan_id=scan.scan_id,
             status=status,
             path=str(path),
             scan_width=b.scan_width,
@@ -366,3 +374,8 @@ class ScanWriter:
             else:
                 still.append(fut)
         self._pending = still
+
+
+def _key(message: p.NodeScanBegin | p.SampleHeader | p.EventsHeader | p.NodeScanDone) -> str:
+    """The scan a message belongs to: its aggregator key (the number alone, from older nodes)."""
+    return message.scan_key or f"number-{message.scan_number}"

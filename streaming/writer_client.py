@@ -61,6 +61,7 @@ class WriterClient:
                 begin.n_nodes,
                 begin.node_index,
                 begin.session_id,
+                begin.scan_key,
             )
         )
 

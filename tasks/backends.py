@@ -27,6 +27,10 @@ from tasks.slurm import SlurmSettings, render_batch_script
 
 log = logging.getLogger(__name__)
 
+# The session's processes get its settings as one file: none of this environment reaches them, so the
+# file is the only route (no stale or partial STEMSTREAM_ variable can disagree with it).
+SETTINGS_ENV = "STEMSTREAM_"
+
 
 class NodeFailure(PermanentError, RuntimeError):
     """A node streamer (or its job) stopped while the session needed it.
@@ -90,7 +94,9 @@ class LocalNodes:
         argv = node_command(plan)
         log.info("node command: %s", shell(argv))
         for rank in range(plan.n_nodes):
-            self.group.start(f"node{rank}", argv, {"HDF5_USE_FILE_LOCKING": "FALSE"})
+            self.group.start(
+                f"node{rank}", argv, {"HDF5_USE_FILE_LOCKING": "FALSE"}, drop_env_prefix=SETTINGS_ENV
+            )
         return self.job_id
 
     def wait_started(self) -> None:
@@ -171,7 +177,7 @@ class LocalAggregator:
     def start(self, plan: SessionPlan) -> None:
         """Start it on the plan's addresses."""
         self.group = ProcessGroup(plan.session_dir / "logs")
-        self.group.start("aggregator", aggregator_command(plan))
+        self.group.start("aggregator", aggregator_command(plan), drop_env_prefix=SETTINGS_ENV)
 
     def check(self) -> None:
         """Raise if the aggregator process exited."""

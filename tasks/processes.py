@@ -48,9 +48,15 @@ class ProcessGroup:
     children: list[Child] = field(default_factory=list)
 
     def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        drop_env_prefix: str | None = None,
     ) -> Child:
-        """Start a process; its stdout and stderr go to <log_dir>/<name>.log."""
+        """Start a process; its stdout and stderr go to <log_dir>/<name>.log. drop_env_prefix: variables
+        of this environment that the child must not inherit (e.g. settings it gets as a file instead)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as out:
@@ -59,7 +65,7 @@ class ProcessGroup:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**_inherited(drop_env_prefix), **(env or {})},
                 cwd=cwd,
                 start_new_session=True,
             )
@@ -89,6 +95,10 @@ class ProcessGroup:
         codes = {c.name: c.popen.returncode for c in self.children}
         self.children = []
         return codes
+
+
+def _inherited(drop_prefix: str | None) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not (drop_prefix and k.startswith(drop_prefix))}
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

@@ -586,3 +586,56 @@ def test_failed_session_alerts_the_webhook(stemstream_env: Path, monkeypatch: py
     assert f"scan output directory {scan_dir} is not writable" in body
     assert blocker.read_text().startswith("a file where") and not list(stemstream_env.rglob("*.h5"))
     assert_nothing_left(session_dir)
+
+
+# ---- one route for settings ----------------------------------------------------------------------------
+TOML_ONLY = """
+[streaming]
+node_slots = 5
+aggregator_receiver_hwm = 123
+name_template = "TOMLONLY_{session:05d}_{scan:05d}.h5"
+"""
+
+
+def _session_with_toml_only_settings(output_dir: Path) -> tuple[State, Path]:
+    config = Path(os.environ["STEMSTREAM_CONFIG"])
+    config.write_text(TOML_ONLY)
+    return run_session(output_dir, n_scans=1, scan_width=8, scan_height=8)
+
+
+@pytest.mark.timeout(120)
+def test_a_setting_only_in_the_toml_file_reaches_every_local_process(stemstream_env: Path) -> None:
+    """Node slots, a queue length and the file-name template set only in the session's TOML file are what
+    the aggregator and both nodes use: they get them from the session's settings file, the only route
+    (no STEMSTREAM_ variable is passed on to them)."""
+    state, session_dir = _session_with_toml_only_settings(stemstream_env)
+    assert state.is_completed(), message(state)
+    [h5] = (session_dir / "scans").glob("*.h5")
+    assert h5.name.startswith("TOMLONLY_") and h5.name.endswith("_00001.h5")
+    logs = session_dir / "logs"
+    for node in ("node0", "node1"):
+        assert ": 5 slots of 32 frames" in (logs / f"{node}.log").read_text()
+    assert "123 sectors per receiver connection" in (logs / "aggregator.log").read_text()
+    settings = json.loads((session_dir / "settings.json").read_text())
+    assert settings["streaming"]["node_slots"] == 5
+    info = read_state_file(session_dir)
+    for pid in info["local_pids"]:
+        assert not alive(pid)
+    assert_nothing_left(session_dir)
+
+
+@pytest.mark.timeout(120)
+def test_a_setting_only_in_the_toml_file_reaches_the_slurm_nodes_and_the_ssh_aggregator(
+    nersc: NerscSetup,
+) -> None:
+    state, session_dir = _session_with_toml_only_settings(nersc.output_dir)
+    assert state.is_completed(), message(state)
+    [h5] = (session_dir / "scans").glob("*.h5")
+    assert h5.name.startswith("TOMLONLY_")
+    job = only_job(nersc.fake.jobs)
+    node_log = (nersc.fake.root / f"pscratch/logs/stemstream-nodes_{job.jobid}.out").read_text()
+    assert ": 5 slots of 32 frames" in node_log
+    remote_log = (session_dir / "logs" / "aggregator-remote.log").read_text()
+    assert "123 sectors per receiver connection" in remote_log
+    assert "node_slots" not in job.script  # the batch script carries the settings file's path, not values
+    assert_job_released(nersc, job)

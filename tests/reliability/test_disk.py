@@ -80,8 +80,8 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Everything in the directory but stop records: scan files, temporaries, probes."""
-    return sorted(f.name for f in directory.iterdir() if f.suffix != ".json")
+    """Everything in the directory but stop records and the scan-id state: scan files, temporaries, probes."""
+    return sorted(f.name for f in directory.iterdir() if f.suffix != ".json" and f.name != ".stemstream")
 
 
 def test_disk_full_mid_session_stops_the_node_at_once_and_leaves_no_partial_file(tmp_path: Path):
@@ -197,7 +197,7 @@ def test_node_with_an_unwritable_output_directory_starts_nothing(tmp_path: Path)
 
 def write_one_scan(out: Path, template: str) -> ScanWriter:
     """A writer that gets one tiny scan (2x2, fixed thresholds) from one node; returns it stopped."""
-    config = WriterConfig(out, 0, template, FIXED, estimation(), 30.0)
+    config = WriterConfig(out, 0, template, "America/Los_Angeles", FIXED, estimation(), 30.0)
     writer = ScanWriter("tcp://127.0.0.1:0", config, None).start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -236,7 +236,7 @@ def test_writer_that_cannot_store_a_scan_records_why_and_leaves_no_partial_file(
     reason = f"cannot write scan 1 to {out}: [Errno 36] File name too long"
     assert writer.error is not None and writer.error.startswith(reason)
     stem = "x" * 234 + "_00001"
-    assert sorted(f.name for f in out.iterdir()) == [f"{stem}.json"]  # no scan file, no temporaries
+    assert leftovers(out) == [] and [f.name for f in out.glob("*.json")] == [f"{stem}.json"]
     record = json.loads((out / f"{stem}.json").read_text())
     assert record["status"] == "failed" and record["error"] == writer.error and record["path"] is None
     assert [r.status for r in writer.records] == ["failed"]
@@ -251,7 +251,11 @@ def test_writer_never_overwrites_an_existing_file(tmp_path: Path):
     writer = write_one_scan(out, "scan_{scan:05d}.h5")
     assert writer.error is None
     assert (out / "scan_00001.h5").read_text() == "kept"
-    assert sorted(f.name for f in out.iterdir()) == ["scan_00001-1.h5", "scan_00001-1.json", "scan_00001.h5"]
+    assert sorted(f.name for f in out.glob("scan_*")) == [
+        "scan_00001-1.h5",
+        "scan_00001-1.json",
+        "scan_00001.h5",
+    ]
     assert [r.path for r in writer.records] == [str(out / "scan_00001-1.h5")]
 
 

@@ -11,6 +11,7 @@ from counting.geometry import ALL_SECTORS, SECTOR_ROWS, ScanShape
 from counting.kernel import Counter, Thresholds
 from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.sparse import read_counted_scan
 from stemstream_testing.options import options
 from streaming.assembly import FrameAssembler
 from streaming.faults import SenderFaults
@@ -167,3 +168,48 @@ def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
         session.close()
     assert got.completeness == 1.0
     assert_same_events(got, offline(config, options(fixed=FIXED)))
+
+
+def test_a_scan_number_that_comes_again_is_a_new_scan_with_its_own_file_and_id(tmp_path):
+    """The detector resets its scan numbers: scan 7 again, after the first scan 7 ended, is a new scan
+    with its own file and unique id; a second session writing to the same directory goes on counting
+    ids from there; names are production's FOURD_<date>_<id>_<scan>.h5 (stempy finds a scan by its id)."""
+    import time
+
+    from stempy.contrib import get_scan_path
+
+    first, again = (SimulatorConfig(ScanShape(8, 6), dose=100.0, seed=s) for s in (31, 32))
+
+    def records(n: int) -> list:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = sorted((tmp_path / "out").glob("FOURD_*.json"))
+            if len(found) >= n:
+                return [json.loads(f.read_text()) for f in found]
+            time.sleep(0.05)
+        raise AssertionError(f"{n} scans not written")
+
+    session = start_session(tmp_path, 2, fixed=FIXED, scan_deadline=0.5)
+    try:
+        session.send(first, scan_number=7)
+        records(1)
+        time.sleep(1.0)  # past the late-sector window (the aggregator's scan deadline)
+        session.send(again, scan_number=7)
+        both = records(2)
+    finally:
+        session.close()
+    session = start_session(tmp_path, 2, fixed=FIXED, scan_deadline=0.5)
+    try:
+        session.send(first, scan_number=1)
+        third = [r for r in records(3) if r["scan_number"] == 1]
+    finally:
+        session.close()
+    ids = sorted(r["scan_id"] for r in both)
+    assert ids == [1, 2] and [r["scan_id"] for r in third] == [3]
+    assert all(r["status"] == "complete" for r in [*both, *third])
+    for record, config in zip(sorted(both, key=lambda r: r["scan_id"]), (first, again), strict=True):
+        path = tmp_path / "out" / record["path"].rsplit("/", 1)[1]
+        assert path.name.startswith("FOURD_") and path.name.endswith(f"_{record['scan_id']:05d}_00007.h5")
+        found, number, scan_id = get_scan_path(tmp_path / "out", scan_id=record["scan_id"])
+        assert (found, number, scan_id) == (path, 7, record["scan_id"])
+        assert_same_events(read_counted_scan(path), offline(config, options(fixed=FIXED)))
