@@ -45,6 +45,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):  # click's own exits (RuntimeError subclasses): not errors
+            raise
         except _USER_ERRORS as exc:
             # escaped: a message's own brackets ("[node0]", a path) are text, not rich markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -265,63 +267,6 @@ def _embedded_prefect(output_dir: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-@app.command()
-@user_errors
-def demo(
-    scans: Annotated[int, typer.Option(min=1, help="scans in the session")] = 3,
-    scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
-    dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
-    nodes: Annotated[int, typer.Option(min=1, help="node streamers")] = 2,
-    postprocess: Annotated[bool, typer.Option(help="py4DSTEM analysis of every scan")] = True,
-    frame_rate: Annotated[
-        float | None,
-        typer.Option(
-            min=1,
-            help="camera frames/s in real time: what the pipeline cannot take is dropped and reported "
-            "(default: the camera waits for the pipeline)",
-        ),
-    ] = None,
-) -> None:
-    """A complete local session on Prefect's embedded server: node streamers, aggregator, simulated camera,
-    counting, verification and py4DSTEM analysis of every scan."""
-    import os
-
-    width, height = _parse_scan(scan)
-    settings = load_settings()
-    _embedded_prefect(settings.output_dir)
-    from flows.session import session
-
-    console.print(
-        f"[bold]stemstream demo[/]: {scans} scan(s) of {width}x{height} through {nodes} node streamer(s), "
-        f"Prefect server in {os.environ['PREFECT_HOME']}"
-    )
-    t0 = time.perf_counter()
-    state = session(
-        n_scans=scans,
-        scan_width=width,
-        scan_height=height,
-        dose=dose if dose is not None else settings.simulator.dose,
-        backend="local",
-        nodes=nodes,
-        postprocess=postprocess,
-        frame_rate=frame_rate,
-        return_state=True,
-    )
-    elapsed = time.perf_counter() - t0
-    results = state.result(raise_on_failure=False)  # failed sessions carry their scan results too
-    if isinstance(results, list) and results:
-        print_summary(results)
-    sessions = sorted((settings.output_dir / "sessions").glob("*"), key=lambda p: p.stat().st_mtime)
-    if sessions:
-        console.print(f"HDF5 files: {settings.session.scan_dir or sessions[-1] / 'scans'}")
-        if postprocess:
-            console.print(f"py4DSTEM images (PNG): {sessions[-1] / 'analysis'}")
-        console.print(f"logs: {sessions[-1] / 'logs'}")
-    if not state.is_completed():
-        raise RuntimeError(f"the session failed: {state.message}")
-    console.print(f"[green]session completed in {elapsed:.1f} s[/]")
-
-
 def print_summary(results: list) -> None:
     """The session's summary table in the terminal (labels from flows.summary)."""
     from flows.summary import summary_row, terminal_columns
@@ -403,9 +348,10 @@ def alerts(
 
 
 def _register_streaming() -> None:
-    from flows import cli_streaming
+    from flows import cli_session, cli_streaming
 
     cli_streaming.register(app, user_errors)
+    cli_session.register(app, user_errors)
 
 
 _register_streaming()

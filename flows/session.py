@@ -7,27 +7,32 @@ import contextlib
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_run
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 from pydantic import Field
 
 from counting.dark import dark_reference
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from flows.settings import Settings, given, load_settings, write_settings_file
+from flows.settings import SessionSettings, Settings, load_settings, write_settings_file
 from flows.summary import summary_row
+from tasks.acquire import CameraRun, ScanTimeout, simulated_scans
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
+from tasks.monitor import latest_state
 from tasks.plan import SessionPlan, local_addresses
 from tasks.scan_result import ScanResult
+from tasks.slurm import walltime_seconds
 from tasks.steps import (
     acquire_scan,
     allocate_nodes,
     arm_aggregator,
+    cancel_requested,
     postprocess_scan,
     release,
     summarise,
@@ -52,12 +57,13 @@ def _session_id() -> int:
 
 
 def _session_settings(
-    settings: Settings, session_dir: Path, dark: Path | None, nodes: int, session_id: int
+    settings: Settings, dark: Path | None, nodes: int, session_id: int, simulated: bool
 ) -> Settings:
-    """The settings every process of this session runs with: the user's, plus this session's addresses,
-    node count, id and dark reference."""
+    """The settings every process of this session runs with: the user's, plus this session's node count,
+    id and dark reference, and (a local session with the simulated camera) free loopback addresses; an
+    instrument session listens where streaming.receivers says, where the camera sends."""
     streaming = {"n_nodes": nodes, "session_id": session_id}
-    if settings.session.backend == "local":
+    if settings.session.backend == "local" and simulated:  # its own camera: any free loopback ports
         streaming |= local_addresses()
     counting = {"dark": dark} if dark is not None else {}
     return settings.model_copy(
@@ -121,6 +127,9 @@ def _cleanup_hook(flow, flow_run, state) -> None:
             allocator.cancel(info["job_id"])
 
 
+_SESSION = SessionSettings.model_fields
+
+
 @flow(
     name="stemstream-session",
     on_failure=[_cleanup_hook],
@@ -128,50 +137,86 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     on_cancellation=[_cleanup_hook],
 )
 def session(
-    n_scans: Annotated[int, Field(ge=1, le=10000)] = 3,
+    camera: Literal["simulated", "instrument"] = "simulated",
+    n_scans: Annotated[int, Field(ge=0, le=100000)] = 3,
+    duration: Annotated[float, Field(ge=0)] = 0.0,
     scan_width: Annotated[int, Field(ge=1, le=4096)] = 64,
     scan_height: Annotated[int, Field(ge=1, le=4096)] = 64,
     dose: Annotated[float, Field(ge=0, le=20000)] = 200.0,
-    nodes: int | None = None,
-    backend: Literal["local", "nersc"] | None = None,
-    first_scan: int = 1,
-    simulate: bool = True,
-    postprocess: bool | None = None,
-    min_completeness: float | None = None,
-    frame_rate: Annotated[float | None, Field(gt=0, le=100000)] = None,
+    nodes: Annotated[int, Field(ge=1, le=4096)] = _SESSION["nodes"].default,
+    backend: Literal["local", "nersc"] = _SESSION["backend"].default,
+    first_scan: Annotated[int, Field(ge=0)] = 1,
+    postprocess: bool = _SESSION["postprocess"].default,
+    min_completeness: Annotated[float, Field(ge=0, le=1)] = _SESSION["min_completeness"].default,
+    frame_rate: Annotated[float, Field(ge=0, le=100000)] = 0.0,
 ):
-    """One streaming session: N scans counted, written, verified and analysed while it runs.
+    """One streaming session: scans counted, written, verified and analysed while it runs.
 
-    frame_rate: the simulated camera's frames/s in real time, as on the instrument: what the pipeline cannot
-    take in time is dropped by the receivers, counted and marked. None: the camera waits for the pipeline.
+    camera "simulated" plays n_scans scans of one shape (each with its own data); camera "instrument"
+    counts every scan the receivers deliver, of any shape and at any pace, until n_scans scans (if not 0),
+    the duration, or a cancellation from the UI. Each scan is verified against its own shape.
 
-    Failure policy: a scan that is incomplete or fails verification is reported and the session goes on
-    (the session ends Failed, and alerts, if any scan failed). A node streamer lost mid-scan ends the
-    session: the scan in flight is still written by the writer's deadline and verified, so its missing
-    frames are on record, then everything is released (the aggregator gives every node a fixed share of
-    each scan, so later scans would lose that share too). A lost writer host or aggregator, or a scan file
-    that cannot be written, ends the session at once.
+    Failure policy: a scan that is incomplete is a warning, one below min_completeness or that otherwise
+    fails verification is reported and the session goes on (the session ends Failed, and alerts). A node
+    streamer lost mid-scan ends the session: the scan in flight is still written by the writer's deadline
+    and verified, so its missing frames are on record, then everything is released. A lost writer host or
+    aggregator, or a scan file that cannot be written, ends the session at once.
+
+    Args:
+        camera: simulated = the flow plays scans from the simulated camera (demo, self-tests); instrument =
+            the flow triggers nothing and counts every scan the receivers deliver.
+        n_scans: Scans to count; 0 = no limit (an instrument session then runs for its duration).
+        duration: Instrument camera: seconds the session counts scans; 0 = the allocation's walltime
+            (NERSC) or until cancelled (local).
+        scan_width: Simulated camera: scan width in positions, the flyback column included.
+        scan_height: Simulated camera: scan height in positions.
+        dose: Simulated camera: mean electrons per frame.
+        nodes: Node streamers, one per allocated node.
+        backend: local = every process on this machine; nersc = realtime nodes through the Superfacility
+            API, the aggregator over SSH.
+        first_scan: Simulated camera: the number of its first scan.
+        postprocess: py4DSTEM analysis of every verified scan.
+        min_completeness: Verification fails below this fraction of sectors; below 1.0 a scan is a warning.
+        frame_rate: Simulated camera: frames/s in real time, dropping (and counting) what the pipeline
+            cannot take; 0 = the camera waits for the pipeline.
     """
     logger = get_run_logger()
-    overrides = given(
-        backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
+    settings = load_settings(
+        session={
+            "backend": backend,
+            "nodes": nodes,
+            "postprocess": postprocess,
+            "min_completeness": min_completeness,
+        }
     )
-    settings = load_settings(session=overrides) if overrides else load_settings()
     s = settings.session
+    simulated = camera == "simulated"
     run_id = str(current_run.get_id() or f"local-{os.getpid()}")
     session_dir = (settings.output_dir / "sessions" / run_id).resolve()
     session_dir.mkdir(parents=True, exist_ok=True)
-    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulate else settings.counting.dark
-    settings = _session_settings(settings, session_dir, dark, s.nodes, _session_id())
+    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulated else settings.counting.dark
+    if dark is None:
+        logger.warning("no dark reference (counting.dark): counting with a zero dark and fitted thresholds")
+    settings = _session_settings(settings, dark, s.nodes, _session_id(), simulated)
     plan = _plan(settings, session_dir)
     node_backend, aggregator = make_backends(settings)
-    record_state(plan, backend=s.backend, flow_run=run_id, settings_file=str(plan.settings_file))
+    record_state(
+        plan,
+        backend=s.backend,
+        flow_run=run_id,
+        settings_file=str(plan.settings_file),
+        scans_dir=str(plan.output_dir),
+    )
+    scans = (
+        simulated_scans(n_scans, scan_width, scan_height, dose, settings.simulator.seed, first_scan)
+        if simulated
+        else []
+    )
     logger.info(
-        "session %05d: %d scan(s) of %dx%d on %d node(s), backend %s; files in %s",
+        "session %05d: %s camera, %s on %d node(s), backend %s; files in %s",
         plan.session_id,
-        n_scans,
-        scan_width,
-        scan_height,
+        camera,
+        f"{n_scans} scan(s) of {scan_width}x{scan_height}" if simulated else _limits(n_scans, duration),
         s.nodes,
         s.backend,
         plan.output_dir,
@@ -179,34 +224,60 @@ def session(
     results: list[ScanResult] = []
     failures: list[str] = []
     node_lost = ""
+    cancelled = False
     analyses = []
+    player: CameraRun | None = None
+    seen = {str(p) for p in plan.output_dir.glob("*.json")} if plan.output_dir.exists() else set()
     try:
         allocate_nodes(node_backend, plan)
         if isinstance(node_backend, LocalNodes) and node_backend.group is not None:
             record_state(plan, local_pids=[c.pid for c in node_backend.group.children])
         arm_aggregator(aggregator, plan)
         wait_nodes_ready(plan, node_backend, aggregator, s.nodes_ready_timeout)
-        for k in range(n_scans):
-            number = first_scan + k
+        ends = _session_end(settings, duration) if not simulated else None
+        record_state(plan, ready=True, receivers=plan.receivers, ends_in=_remaining(ends))
+        logger.info("session ready: receivers %s", " ".join(plan.receivers))
+        if simulated:
+            player = CameraRun(scans, plan.receivers, frame_rate or None, s.scan_timeout).start()
+        k = 0
+        while not n_scans or k < n_scans:
+            expect = scans[k] if simulated else None
+            deadline = time.monotonic() + s.scan_timeout + expect.pause if simulated else ends
             result = acquire_scan(
                 plan,
                 node_backend,
                 aggregator,
-                number,
-                scan_width,
-                scan_height,
-                dose,
-                settings.simulator.seed,
-                s.scan_timeout,
-                simulate,
-                frame_rate,
+                seen,
+                expect,
+                player,
+                deadline,
                 lost_node_wait=settings.streaming.writer_deadline + 30.0,
             )
-            path = result.record.path or ""
-            verified = verify_scan_file(path, scan_width, scan_height, s.min_completeness, return_state=True)
+            if result is None:  # the duration is over, or the run is being cancelled
+                cancelled = cancel_requested()
+                if simulated and not cancelled:
+                    raise ScanTimeout(
+                        f"scan {expect.scan_number}: no counted file within {s.scan_timeout:g} s"
+                    )
+                break
+            k += 1
+            r = result.record
+            path = r.path or ""
+            verified = verify_scan_file(
+                path, r.scan_width, r.scan_height, s.min_completeness, return_state=True
+            )
             v = verified.data if hasattr(verified, "data") else None
             if verified.is_failed():
                 failures.append(verified.message)
+            elif r.completeness < 1.0:
+                logger.warning(
+                    "scan %d: %.2f %% complete (above min_completeness %.2f %%): kept, %d incomplete frame(s) "
+                    "marked in its sector_masks",
+                    r.scan_number,
+                    100 * r.completeness,
+                    100 * s.min_completeness,
+                    r.frames_incomplete,
+                )
             result.verified = verified.is_completed()
             result.verify_sha256 = getattr(v, "sha256", None)
             results.append(result)
@@ -219,20 +290,59 @@ def session(
         for fut in analyses:
             fut.wait()
     finally:
+        if player is not None:
+            player.stop()
+        refused = _refused_report(plan)
         release(node_backend, aggregator)
     summarise([summary_row(r) for r in results])
+    if refused:
+        logger.warning(refused)
     failed_analyses = [f for f in analyses if f.state.is_failed()]
     if node_lost:
         return Failed(message=node_lost, data=results)
     if failures or failed_analyses:
         return Failed(
-            message=f"{len(failures)} of {n_scans} scan(s) failed verification"
+            message=f"{len(failures)} of {len(results)} scan(s) failed verification"
             + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
             + (": " + " | ".join(failures) if failures else ""),
             data=results,
         )
     done = "counted, verified and analysed" if s.postprocess else "counted and verified"
-    return Completed(message=f"{n_scans} scan(s) {done}", data=results)
+    if cancelled:
+        return Cancelled(message=f"cancelled; {len(results)} scan(s) {done}", data=results)
+    return Completed(message=f"{len(results)} scan(s) {done}", data=results)
+
+
+def _limits(n_scans: int, duration: float) -> str:
+    """How an instrument session ends, in words."""
+    limits = [f"after {n_scans} scan(s)"] if n_scans else []
+    limits += [f"after {duration:g} s"] if duration else []
+    return "counting every scan until " + (" or ".join(limits) or "the allocation ends or it is cancelled")
+
+
+def _session_end(settings: Settings, duration: float) -> float | None:
+    """When an instrument session stops waiting for scans (monotonic), or None: until cancelled."""
+    if duration:
+        return time.monotonic() + duration
+    if settings.session.backend == "nersc":  # the allocation's walltime, less a minute to write and release
+        return time.monotonic() + max(walltime_seconds(settings.slurm.walltime) - 60, 60)
+    return None
+
+
+def _remaining(ends: float | None) -> float | None:
+    return None if ends is None else round(ends - time.monotonic(), 1)
+
+
+def _refused_report(plan: SessionPlan) -> str:
+    """Scans that arrived before the session was ready, as the aggregator counted them ("" if none)."""
+    try:
+        state = latest_state(plan.monitor_connect, plan.monitor_curve(), timeout=3.0)
+    except Exception:  # best effort: the aggregator may already be gone after a failure
+        return ""
+    if state is None or not state.refused:
+        return ""
+    scans = ", ".join(f"{n} ({k} sectors)" for n, k in sorted(state.refused_scans.items()))
+    return f"{state.refused} sector(s) refused: scan(s) {scans} arrived before the session was ready"
 
 
 def _node_lost_message(result: ScanResult) -> str:
@@ -248,12 +358,20 @@ def _node_lost_message(result: ScanResult) -> str:
 @flow(name="stemstream-experiment")
 def experiment(
     doses: list[float] = (100.0, 200.0, 400.0),  # a tuple: defaults must not be shared mutable lists
-    scans_per_dose: int = 2,
-    scan_width: int = 64,
-    scan_height: int = 64,
-    backend: Literal["local", "nersc"] | None = None,
+    scans_per_dose: Annotated[int, Field(ge=1)] = 2,
+    scan_width: Annotated[int, Field(ge=1, le=4096)] = 64,
+    scan_height: Annotated[int, Field(ge=1, le=4096)] = 64,
+    backend: Literal["local", "nersc"] = _SESSION["backend"].default,
 ):
-    """A multi-scan experiment: a dose series, one session (allocation) per dose, scans numbered on."""
+    """A multi-scan experiment: a dose series, one session (allocation) per dose, scans numbered on.
+
+    Args:
+        doses: Electrons per frame, one session per dose.
+        scans_per_dose: Simulated scans per dose.
+        scan_width: Scan width in positions.
+        scan_height: Scan height in positions.
+        backend: local = every process on this machine; nersc = realtime nodes through the Superfacility API.
+    """
     states = []
     for i, dose in enumerate(doses):
         states.append(

@@ -93,6 +93,8 @@ class Aggregator:
         self._scan: OpenScan | None = None
         self._held: tuple[SectorHeader, list] | None = None  # first sector of a scan waiting for the arm
         self._ended: OrderedDict[int, float] = OrderedDict()  # scan number -> when it ended (monotonic)
+        self._armed_once = False  # all nodes have been ready at least once (the session's "ready")
+        self._refusing: dict[int, float] = {}  # scan number -> last refused sector (monotonic)
         self._next_state = 0.0
         self._stopping = False
         self._stop_event: threading.Event | None = None
@@ -169,9 +171,12 @@ class Aggregator:
         return self._stopping
 
     def _step(self) -> None:
-        """One poll: control messages, then sectors (only when armed or streaming), then timers."""
+        """One poll: control messages, then sectors (when armed or streaming, and before the first arm, to
+        refuse them), then timers."""
         self._maybe_begin_held()
-        streaming = self._scan is not None or (self._held is None and self.nodes.all_ready())
+        armed = self.nodes.all_ready()
+        self._armed_once = self._armed_once or armed
+        streaming = self._scan is not None or (self._held is None and armed) or not self._armed_once
         poller = self._data_poller if streaming else self._control_poller
         events = dict(poller.poll(self._poll_ms()))
         if self._router in events:
@@ -220,6 +225,8 @@ class Aggregator:
             self._on_malformed(exc)
             return
         scan = self._scan
+        if scan is None and self._refuse(header.scan_number):
+            return
         if scan is None or header.scan_number != scan.number:
             if self._is_late(header.scan_number):
                 self.stats.late += 1
@@ -238,6 +245,25 @@ class Aggregator:
                 return
             self._begin_scan(header)
         self._forward(header, parts)
+
+    def _refuse(self, number: int) -> bool:
+        """Refuse (count, never forward) a scan that began before the session was first armed, and the
+        rest of it: a scan that cannot be counted whole is reported, not written in part."""
+        now = time.monotonic()
+        last = self._refusing.get(number)
+        if self._armed_once and (last is None or now - last >= self.scan_deadline):
+            self._refusing.pop(number, None)
+            return False
+        if last is None:
+            log.warning(
+                "scan %d arrived before every node was ready: refused (its sectors are dropped and counted; "
+                "nothing of it is written); the first scan after ready is counted whole",
+                number,
+            )
+        self._refusing[number] = now
+        self.stats.refused += 1
+        self.stats.refused_scans[number] = self.stats.refused_scans.get(number, 0) + 1
+        return True
 
     def _is_late(self, number: int) -> bool:
         """A sector of a scan that ended less than scan_deadline ago is late; after that the same number

@@ -22,6 +22,8 @@ class AggregatorStats:
     malformed: int = 0  # messages that failed validation
     unroutable: int = 0  # sectors whose node was gone or stalled
     late: int = 0  # sectors of an already-ended scan
+    refused: int = 0  # sectors of scans that began before the session was first ready
+    refused_scans: dict[int, int] = field(default_factory=dict)  # scan number -> sectors refused
     scans: int = 0  # scans begun
     per_node: dict[str, int] = field(default_factory=dict)  # sectors forwarded, by node name
     # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest ENDED_MEMORY of them.
@@ -58,4 +60,8 @@ def monitor_state(
         time=time.time(),
         late=stats.late,
         writer=writer.name if writer is not None else "",
+        refused=stats.refused,
+        scan_expected=scan.sectors_expected if scan is not None else 0,
+        scan_received=scan.received if scan is not None else 0,
+        refused_scans=dict(stats.refused_scans),
     )

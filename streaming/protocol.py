@@ -170,6 +170,10 @@ class AggregatorState:
     time: float = 0.0
     late: int = 0  # sectors of an already-ended scan, dropped
     writer: str = ""  # name of the node that hosts the scan writer ("" until designated)
+    refused: int = 0  # sectors of scans that began before every node was first ready
+    scan_expected: int = 0  # sectors expected of the open scan (0: none open)
+    scan_received: int = 0  # ...and received so far
+    refused_scans: dict[int, int] = field(default_factory=dict)  # those scans: number -> sectors
 
 
 # Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:

@@ -1,9 +1,13 @@
-"""Acquiring a scan: trigger the (simulated) camera, follow it, and wait for its counted file."""
+"""Acquiring scans: the simulated camera playing its scans (the demo, scheduled experiments, tests), and
+waiting for each counted file as the scan writer leaves it, whoever triggered the scan (an instrument
+session triggers nothing: it counts whatever the receivers deliver)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from counting.errors import TransientError
@@ -18,25 +22,38 @@ class ScanTimeout(TransientError, TimeoutError):
     """A scan's file did not appear in time."""
 
 
+@dataclass(frozen=True)
+class ScanRequest:
+    """One scan the simulated camera plays: its number and shape, the pause before it, dose and seed."""
+
+    scan_number: int
+    width: int
+    height: int
+    dose: float
+    seed: int  # the camera's base seed: each scan's own seed derives from it and the scan number
+    pause: float = 0.0  # seconds before this scan starts (a microscopist aligning, a tilt)
+
+
+def simulated_scans(
+    n_scans: int, width: int, height: int, dose: float, base_seed: int, first_scan: int
+) -> list[ScanRequest]:
+    """n scans of one shape, numbered on from first_scan, each with its own seed (so they differ)."""
+    return [ScanRequest(n, width, height, dose, base_seed) for n in range(first_scan, first_scan + n_scans)]
+
+
 def trigger_simulated_scan(
-    receivers: list[str],
-    scan_number: int,
-    width: int,
-    height: int,
-    dose: float,
-    seed: int,
-    rate: float | None = None,
-    timeout: float = 600.0,
+    receivers: list[str], scan: ScanRequest, rate: float | None = None, timeout: float = 600.0
 ) -> CameraCounts:
-    """Play a simulated scan into the aggregator, as the four receiving servers would; returns counts.
+    """Play one simulated scan into the aggregator, as the four receiving servers would; returns counts.
 
     rate None: the camera waits for the pipeline (a file replay; nothing is lost). A rate in frames/s: the
     camera runs in real time, as the instrument does, and the receivers drop (and count) every sector the
     aggregator cannot take at once.
     """
-    camera = SimulatedCamera(SimulatorConfig(ScanShape(width, height), dose=dose, seed=seed))
+    config = SimulatorConfig(ScanShape(scan.width, scan.height), dose=scan.dose, seed=scan.seed)
+    camera = SimulatedCamera(config.for_scan(scan.scan_number))  # same detector, different electrons
     results = send_simulated_scan(
-        camera, receivers, rate, scan_number=scan_number, realtime=rate is not None, send_timeout=timeout
+        camera, receivers, rate, scan_number=scan.scan_number, realtime=rate is not None, send_timeout=timeout
     )
     return CameraCounts(
         sectors_sent=sum(r.sent for r in results),
@@ -45,17 +62,70 @@ def trigger_simulated_scan(
     )
 
 
-def wait_for_scan(
-    output_dir: Path, scan_number: int, timeout: float, check: Callable[[], None] | None = None
-) -> ScanRecord:
-    """The stop record of a scan once the writer has written it (its HDF5 is then on disk)."""
-    deadline = time.monotonic() + timeout
-    pattern = f"*_{scan_number:05d}.json"
-    while time.monotonic() < deadline:
-        found = sorted(output_dir.glob(pattern)) if output_dir.exists() else []
-        if found:
-            return ScanRecord.load(found[-1])
+class CameraRun:
+    """The simulated camera playing its scans one after another in a background thread (pauses included),
+    independent of the session that counts them, as a microscope is."""
+
+    def __init__(
+        self, scans: Sequence[ScanRequest], receivers: list[str], rate: float | None, timeout: float
+    ) -> None:
+        self.scans = list(scans)
+        self._receivers, self._rate, self._timeout = receivers, rate, timeout
+        self.counts: dict[int, CameraCounts] = {}  # by index in scans
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._play, name="simulated-camera", daemon=True)
+
+    def start(self) -> CameraRun:
+        """Start playing."""
+        self._thread.start()
+        return self
+
+    def _play(self) -> None:
+        try:
+            for i, scan in enumerate(self.scans):
+                if self._stop.wait(scan.pause):
+                    return
+                self.counts[i] = trigger_simulated_scan(self._receivers, scan, self._rate, self._timeout)
+        except BaseException as exc:  # surfaced by check(), in the session's thread
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise the camera's own failure, if it had one."""
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the scan being played (pauses end at once)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def wait_for_new_scan(
+    output_dir: Path,
+    seen: set[str],
+    match: Callable[[ScanRecord], bool],
+    deadline: float | None,
+    check: Callable[[], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> ScanRecord | None:
+    """The first stop record not in ``seen`` that ``match``es, once the writer has left it (its HDF5 is on
+    disk); it is added to ``seen``. None when the monotonic ``deadline`` passes (None: no deadline) or
+    ``stop()`` says so. ``check()`` runs between looks (raise to abort)."""
+    while deadline is None or time.monotonic() < deadline:
+        for path in sorted(output_dir.glob("*.json")) if output_dir.exists() else []:
+            if str(path) in seen:
+                continue
+            try:
+                record = ScanRecord.load(path)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a stop record
+            if match(record):
+                seen.add(str(path))
+                return record
         if check is not None:
             check()
+        if stop is not None and stop():
+            return None
         time.sleep(0.05)
-    raise ScanTimeout(f"scan {scan_number}: no counted file in {output_dir} after {timeout:.0f} s")
+    return None

@@ -84,3 +84,11 @@ class MonitorFollower:
     def close(self) -> None:
         """Close the socket."""
         self._sock.close()
+
+
+def latest_state(address: str, curve: CurveClientConfig | None, timeout: float) -> p.AggregatorState | None:
+    """The next state the aggregator publishes (it does every heartbeat), or None within timeout."""
+    try:
+        return wait_for_state(address, lambda _: True, timeout, curve=curve)
+    except MonitorTimeout:
+        return None

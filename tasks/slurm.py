@@ -151,6 +151,12 @@ class SlurmSettings(BaseModel):
         return opts
 
 
+def walltime_seconds(walltime: str) -> int:
+    """A validated [D-]HH:MM:SS walltime in seconds."""
+    days, hours, minutes, seconds = (int(g or 0) for g in _WALLTIME.match(walltime).groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def _check_option(option: str, field: str) -> None:
     """An extra option must be one single-line option starting with '-'."""
     if not option.startswith("-") or "\n" in option or "\r" in option or "#" in option:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import base64
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -19,15 +18,17 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateType
+from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed
 
 from counting.errors import TransientError
-from counting.geometry import N_SECTORS
-from tasks.acquire import trigger_simulated_scan, wait_for_scan
+from streaming.scan_record import ScanRecord
+from tasks.acquire import CameraRun, ScanRequest, wait_for_new_scan
 from tasks.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
-from tasks.scan_result import CameraCounts, ScanResult
+from tasks.scan_result import ScanResult
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -107,69 +108,81 @@ def acquire_scan(
     plan: SessionPlan,
     nodes: Nodes,
     aggregator: Aggregator,
-    scan_number: int,
-    width: int,
-    height: int,
-    dose: float,
-    seed: int,
-    timeout: float,
-    simulate: bool = True,
-    rate: float | None = None,
+    seen: set[str],
+    expect: ScanRequest | None = None,
+    camera: CameraRun | None = None,
+    deadline: float | None = None,
     lost_node_wait: float = 60.0,
-) -> ScanResult:
-    """Acquire one scan (in the demo: trigger the simulated camera), follow it, wait for its counted file.
+) -> ScanResult | None:
+    """Follow the next scan and wait for its counted file: the scan the simulated camera plays next
+    (``expect``), or, in an instrument session, whatever scan the receivers deliver next, of any shape.
 
-    A node lost mid-scan does not end the wait at once while the scan writer's host still runs: the writer
-    writes the scan by its deadline with the lost frames marked missing, and the record comes back with
-    ``node_failure`` set, so the flow can verify it and then apply its policy (see flows/session.py).
+    Returns None when the monotonic ``deadline`` passes first (an instrument session's duration) or the
+    run is being cancelled. A node lost mid-scan does not end the wait at once while the scan writer's host
+    still runs: the writer writes the scan by its deadline with the lost frames marked missing, and the
+    result comes back with ``node_failure`` set, so the flow can verify it and then apply its policy.
     """
     logger = get_run_logger()
     follower = MonitorFollower(plan.monitor_connect, plan.monitor_curve())
-    progress_id = create_progress_artifact(progress=0.0, description=f"scan {scan_number}: sectors forwarded")
-    expected = width * height * N_SECTORS
-    state = follower.latest()
-    base = state.forwarded if state is not None else 0
+    what = f"scan {expect.scan_number}" if expect is not None else "next scan"
+    progress_id = create_progress_artifact(progress=0.0, description=f"{what}: sectors received")
     shown = [0.0]
-    watch = _NodeWatch(nodes, scan_number, lost_node_wait, logger, follower)
+    watch = _NodeWatch(nodes, expect.scan_number if expect else -1, lost_node_wait, logger, follower)
+    cancelling = _CancelWatch()
 
-    with ThreadPoolExecutor(1, thread_name_prefix="acquire") as pool:
-        camera = (
-            pool.submit(
-                trigger_simulated_scan,
-                plan.receivers,
-                scan_number,
-                width,
-                height,
-                dose,
-                seed,
-                rate,
-                timeout=timeout,
-            )
-            if simulate
-            else None
-        )
+    def check() -> None:
+        watch.check()
+        aggregator.check()
+        if camera is not None and watch.failure is None:
+            camera.check()  # a camera failure surfaces here, not as a silent timeout
+        st = follower.latest()
+        if st is not None and st.scan_expected and (expect is None or st.scan_number == expect.scan_number):
+            done = min(100.0, 100.0 * st.scan_received / st.scan_expected)
+            if done - shown[0] >= 5:
+                update_progress_artifact(progress_id, done)
+                shown[0] = done
 
-        def check() -> None:
-            watch.check()
-            aggregator.check()
-            if camera is not None and camera.done() and watch.failure is None:
-                camera.result()  # a sender failure surfaces here, not as a silent timeout
-            st = follower.latest()
-            if st is not None and st.scan_number == scan_number:
-                done = min(100.0, 100.0 * (st.forwarded - base) / expected)
-                if done - shown[0] >= 5:
-                    update_progress_artifact(progress_id, done)
-                    shown[0] = done
+    def match(record: ScanRecord) -> bool:
+        return expect is None or record.scan_number == expect.scan_number
 
-        try:
-            record = wait_for_scan(plan.output_dir, scan_number, timeout, check=check)
-            sent = _camera_counts(camera, watch.failure, logger)
-        finally:
-            follower.close()
+    try:
+        record = wait_for_new_scan(plan.output_dir, seen, match, deadline, check, cancelling)
+    finally:
+        follower.close()
+    if record is None:
+        return None
     update_progress_artifact(progress_id, 100.0)
+    sent = (
+        camera.counts.get(camera.scans.index(expect)) if camera is not None and expect is not None else None
+    )
     result = ScanResult(record, sent, str(watch.failure) if watch.failure is not None else None)
     _log_scan(logger, result)
     return result
+
+
+def cancel_requested() -> bool:
+    """Is this flow run being cancelled (asked now)?"""
+    return _CancelWatch()()
+
+
+class _CancelWatch:
+    """True once this flow run is being cancelled (from the UI or the API), asked at most every 2 s."""
+
+    def __init__(self, every: float = 2.0) -> None:
+        self.every, self._last, self._cancelling = every, 0.0, False
+        self._run_id = current_flow_run.get_id()
+
+    def __call__(self) -> bool:
+        if self._run_id is None or self._cancelling or time.monotonic() - self._last < self.every:
+            return self._cancelling
+        self._last = time.monotonic()
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(self._run_id).state
+        except Exception:  # the API briefly unreachable: ask again later, never end a session for it
+            return False
+        self._cancelling = state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+        return self._cancelling
 
 
 class _NodeWatch:
@@ -207,19 +220,6 @@ class _NodeWatch:
                 f"{self.failure}\nscan {self.scan_number}: no counted file within {self.wait:g} s of losing "
                 "the node"
             )
-
-
-def _camera_counts(camera, failure: NodeFailure | None, logger) -> CameraCounts | None:
-    """What the simulated camera sent; after a node loss its own error is secondary and only logged."""
-    if camera is None:
-        return None
-    try:
-        return camera.result()
-    except Exception as exc:
-        if failure is None:
-            raise
-        logger.warning("simulated camera after the node loss: %s", exc)
-        return None
 
 
 def _log_scan(logger, result: ScanResult) -> None:

@@ -123,25 +123,23 @@ def test_nodes_that_cannot_join_get_a_clear_error_and_nothing_is_replaced(raw: P
     assert_identical_to_offline(h5, raw / "offline.h5")
 
 
-def test_node_started_after_the_scan_began_completes_it(raw: Path):
-    """The camera starts while only one of two nodes runs: the aggregator holds the scan (the senders wait)
-    until every node is armed, so the late node loses nothing."""
+def test_scan_before_every_node_is_up_is_refused_and_the_next_is_whole(raw: Path):
+    """The camera sends while only one of two nodes runs (before the session is ready): the aggregator
+    drains that scan and counts it as refused, and writes nothing of it; after the late node joins, the
+    next scan is complete and identical to offline counting."""
     with by_hand(raw, 2) as pipe:
         pipe.start_node("n0")
         wait_ready(pipe, 1)
-        sender = subprocess.Popen(
-            [*CLI, "send", "--aggregator", pipe.receiver, "--raw", "raw", "--timeout", "120"],
-            cwd=raw,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(2.0)
-        assert sender.poll() is None  # waiting for the aggregator, not failed
+        early = send(pipe, "--scan-number", "1")
+        assert early.returncode == 0, early.stderr  # drained, not left waiting
+        refused = pipe.wait_state(lambda s: s.refused_scans.get(1) == 480, timeout=30)
         pipe.start_node("n1")
-        out, err = sender.communicate(timeout=180)
-        assert sender.returncode == 0, err
-        _, h5 = pipe.record(1, timeout=60)
+        pipe.wait_armed(2)
+        assert send(pipe, "--scan-number", "2").returncode == 0
+        record, h5 = pipe.record(2, timeout=60)
+        assert not list((raw / "out").glob("*_00001.h5"))  # nothing of the refused scan
+    assert refused.refused == 480 and record.status == "complete"
+    assert "scan 1 arrived before every node was ready: refused" in pipe.log("agg")
     assert_identical_to_offline(h5, raw / "offline.h5")
 
 

@@ -197,12 +197,26 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
             limit = session_dep.global_concurrency_limit
             assert limit is not None and limit.limit == 1  # one session per microscope
             assert session_dep.parameters == {
+                "camera": "simulated",
                 "n_scans": 3,
+                "duration": 0.0,
                 "scan_width": 64,
                 "scan_height": 64,
                 "dose": 200.0,
+                "nodes": 2,
                 "backend": "local",
+                "postprocess": True,
+                "min_completeness": 0.99,
+                "frame_rate": 0.0,
             }
+            # A run form a microscopist can fill in: every parameter described, typed, with a concrete
+            # default (no "X | None" toggle).
+            props = session_dep.parameter_openapi_schema["properties"]
+            assert set(props) >= set(session_dep.parameters) | {"first_scan"}
+            for name, prop in props.items():
+                assert prop.get("description"), f"{name} has no description"
+                assert "default" in prop and prop["default"] is not None, f"{name} has no concrete default"
+                assert "anyOf" not in prop, f"{name} is a union: {prop}"
             assert session_dep.work_pool_name == "stemstream-local"
             assert "{{ $STEMSTREAM_REPO }}" in json.dumps(session_dep.pull_steps)  # resolved on the worker
             crons = [(s.schedule.cron, s.schedule.timezone) for s in experiment_dep.schedules if s.active]

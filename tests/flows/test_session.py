@@ -57,8 +57,13 @@ API = "/api/v1.2/compute/jobs/perlmutter"
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def run_session(output_dir: Path, **kwargs: Any) -> tuple[State, Path]:
-    """Run the session flow to its final state; returns the state and the session's directory."""
+    """Run the session flow to its final state; returns the state and the session's directory. Backend
+    and node count come from the test's settings, as the CLI passes them (flow parameters win)."""
     kwargs.setdefault("postprocess", False)
+    session_settings = load_settings().session
+    kwargs.setdefault("backend", session_settings.backend)
+    kwargs.setdefault("nodes", session_settings.nodes)
+    kwargs.setdefault("min_completeness", 1.0)  # these tests assert every loss fails verification
     state = session(return_state=True, **kwargs)
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_id is not None

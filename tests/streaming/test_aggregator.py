@@ -329,21 +329,45 @@ def test_routing_whole_frames_even_shares_zero_loss(start_aggregator, make_node,
 
 
 def test_arm_handshake(start_aggregator, make_node, pool) -> None:
+    """Between scans, a new scan waits (in the receivers' queues) until every node has armed again."""
+    agg = start_aggregator(2)
+    a = make_node(agg.nodes_endpoint, "a")
+    b = make_node(agg.nodes_endpoint, "b", rearm=False)
+    joined([a, b])
+    results(send(pool, SMALL, agg.receiver_endpoints, scan_number=1))
+    ended([a, b])
+    before = (agg.stats.received, a.sectors, b.sectors)
+    futures = send(pool, SMALL, agg.receiver_endpoints, scan_number=2)
+    time.sleep(0.6)
+    # Only one of two nodes armed again: nothing more is taken from the receivers, nothing forwarded.
+    assert (agg.stats.received, a.sectors, b.sectors) == before
+    assert len(a.got.begins) == len(b.got.begins) == 1
+    assert agg.state().state == "waiting" and agg.state().nodes_ready == 1
+    b.arm()
+    ended([a, b], scans=2)
+    results(futures)
+    assert a.sectors + b.sectors == 2 * 4 * SMALL.total_frames
+    assert [a.got.ends[1].reason, b.got.ends[1].reason] == ["complete", "complete"]
+    assert agg.stats.refused == 0
+
+
+def test_a_scan_before_the_session_is_ready_is_refused_and_counted(start_aggregator, make_node, pool) -> None:
+    """Before every node has been ready once (the session's 'ready'), a scan is drained from the
+    receivers, counted as refused and never forwarded, to its end; the next scan after ready is whole."""
     agg = start_aggregator(2)
     a = make_node(agg.nodes_endpoint, "a")
     b = make_node(agg.nodes_endpoint, "b", ready=False)
     joined([a, b])
-    futures = send(pool, SMALL, agg.receiver_endpoints, scan_number=1)
-    time.sleep(0.6)
-    # Only one of two nodes is ready: nothing is taken from the receivers, nothing forwarded.
-    assert agg.stats.received == 0 and a.sectors == 0 and b.sectors == 0
-    assert not a.got.begins and not b.got.begins
-    assert agg.state().state == "waiting" and agg.state().nodes_ready == 1
+    results(send(pool, SMALL, agg.receiver_endpoints, scan_number=1))  # drained: the senders finish
+    assert wait_for(lambda: agg.stats.refused == 4 * SMALL.total_frames)
     b.arm()
+    assert wait_for(lambda: agg.state().nodes_ready == 2)
+    results(send(pool, SMALL, agg.receiver_endpoints, scan_number=2))
     ended([a, b])
-    results(futures)
-    assert a.sectors + b.sectors == 4 * SMALL.total_frames
-    assert [a.got.ends[0].reason, b.got.ends[0].reason] == ["complete", "complete"]
+    state = agg.state()
+    assert (state.refused, state.refused_scans) == (4 * SMALL.total_frames, {1: 4 * SMALL.total_frames})
+    assert a.sectors + b.sectors == 4 * SMALL.total_frames  # scan 2 only, whole
+    assert [e.scan_number for e in a.got.ends] == [2] and a.got.ends[0].reason == "complete"
 
 
 def test_extra_node_refused_and_never_fed(start_aggregator, make_node, pool) -> None:
