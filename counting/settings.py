@@ -35,8 +35,13 @@ class SimulatorSettings(BaseModel):
     scan_height: int = Field(64, ge=1)
     frames_per_position: int = Field(1, ge=1)
     dose: float = Field(200.0, ge=0, description="mean electrons per frame")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="the session's seed; scan n uses SimulatorConfig.for_scan(n)")
     dark_frames: int = Field(100, ge=1)
+    flyback: bool = Field(
+        True,
+        description="the last column of every scan row is the beam's flyback, as the 4D Camera records it "
+        "(the scan width includes it; analysis drops it unless analysis.keep_flyback)",
+    )
 
 
 def threshold_config(counting: CountingSettings) -> ThresholdConfig:

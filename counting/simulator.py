@@ -5,7 +5,10 @@ each a gamma-distributed charge (mean ~200 ADU) spread as a pixel-integrated Gau
 a random sub-pixel position, plus rare x-ray hits of thousands of ADU. Unscattered electrons fall uniformly in the
 bright-field disk, which the sample's thickness gradient deflects (so CoM/DPC shows the sample); a
 thickness-dependent fraction is scattered into a halo outside it (so virtual BF shows the sample and ADF its
-inverse). Every frame's true electron pixels and x-ray pixels are kept as ground truth.
+inverse). With flyback (the default, as the real camera), the last column of every scan row is the frame
+recorded while the beam flies back: a displaced, smeared disk, not the sample; the sample ground truth
+(sample_image, disk_shift, scatter_fraction) covers the other columns. Every frame's true electron pixels and
+x-ray pixels are kept as ground truth.
 
 Where the parts live: the config (counting.simulator_config), the sample and the lookup tables
 (counting.simulator_model), the compiled per-frame physics (counting.simulator_kernels) and the frame memory
@@ -28,9 +31,11 @@ import numpy as np
 
 from counting.frame_pool import FramePool
 from counting.geometry import ALL_SECTORS, FRAME_SHAPE, N_SECTORS, SECTOR_ROWS, FrameBatch, ScanShape
-from counting.simulator_config import SimulatorConfig, check_int
+from counting.simulator_config import SimulatorConfig, check_int, scan_seed
 from counting.simulator_kernels import frame_truth, log_capacity, new_scratch, render_batch
 from counting.simulator_model import FRAME_PIXELS, dark_pattern, event_model, noise_frame, specimen
+
+__all__ = ["SimulatedCamera", "SimulatorConfig", "scan_seed"]
 
 _DEFAULT_SECTOR_BATCH = 64
 
@@ -48,10 +53,13 @@ class SimulatedCamera:
         self.config = config
         c = config
         seeds = np.random.SeedSequence(c.seed).spawn(5)
-        self._dark_frames_seed = seeds[3]
+        # The detector (dark pattern, dark frames) draws from the dark seed's own sequence at the same
+        # places; with no detector_seed that is this one, as it always was.
+        detector = np.random.SeedSequence(c.dark_seed).spawn(5)
+        self._dark_frames_seed = detector[3]
         key = np.uint64(seeds[4].generate_state(1, np.uint64)[0])
         self._specimen = specimen(c, np.random.default_rng(seeds[0]))
-        self._dark = dark_pattern(c, np.random.default_rng(seeds[1]))
+        self._dark = dark_pattern(c, np.random.default_rng(detector[1]))
         events = event_model(c, self._specimen, key)
         self._model, self._footprint = events.model, events.footprint
         self._max_e, self._max_xpix = events.max_electrons, events.max_xray_pixels
@@ -85,18 +93,36 @@ class SimulatedCamera:
         """Scan position (y*width + x) of a frame number."""
         return self._index(frame_number) // self.config.frames_per_position
 
+    @property
+    def flyback_column(self) -> int | None:
+        """The scan column (x) recorded during the beam's flyback, the last one; None without flyback."""
+        return self.scan.width - 1 if self.config.flyback else None
+
+    @property
+    def sample_width(self) -> int:
+        """Scan columns on the sample (the ground-truth images' width): the width less the flyback column."""
+        return self.config.sample_width
+
     # --------------------------------------------------------------------------------------- ground truth
     def sample_image(self) -> np.ndarray:
-        """Ground-truth sample thickness in [0, 1) at each scan position, shape (scan height, scan width)."""
+        """Ground-truth sample thickness in [0, 1) at each sample position, shape (scan height, sample_width):
+        the scan without its flyback column, as an analysis that drops it sees the sample."""
         return self._specimen.thickness.copy()
 
     def disk_shift(self) -> np.ndarray:
-        """Bright-field disk deflection (d_row, d_col) in detector pixels, shape (scan height, scan width, 2)."""
+        """Bright-field disk deflection (d_row, d_col) in detector pixels by the sample, shape
+        (scan height, sample_width, 2)."""
         return self._specimen.shift.copy()
 
     def scatter_fraction(self) -> np.ndarray:
-        """Fraction of electrons scattered out of the bright-field disk, shape (scan height, scan width)."""
+        """Fraction of electrons scattered out of the bright-field disk at each scan position, shape
+        (scan height, scan width): the flyback column (if any) included, with its row's mean."""
         return self._specimen.scatter.reshape(self.scan.height, self.scan.width).copy()
+
+    def disk_center(self) -> np.ndarray:
+        """Bright-field disk centre (row, col) in detector pixels at each scan position, shape
+        (scan height, scan width, 2); in the flyback column the centre of the smear."""
+        return self._specimen.centers.reshape(self.scan.height, self.scan.width, 2).copy()
 
     def dark(self) -> np.ndarray:
         """True mean raw value of each pixel without beam (offset + fixed pattern), float32 (576, 576)."""

@@ -2,18 +2,30 @@
 
 Equal configs give identical frames and ground truth (counting.simulator). Every field is checked on
 construction, so a bad value fails here rather than deep inside the compiled kernels.
+
+Flyback: the 4D Camera records one more frame at the end of every scan row, while the beam flies back to
+the start of the next row. With ``flyback`` the last column of the scan is that column (the scan width
+includes it): the sample occupies the first width - 1 columns, and in the flyback column the bright-field
+disk is displaced by FLYBACK_SHIFT and smeared over FLYBACK_SMEAR pixels (the descan cannot follow the
+beam's fast return), with the row's mean scattered fraction (the beam crosses the whole row).
+
+Seeds: ``seed`` draws the sample, the noise and every frame's electrons; ``detector_seed`` (default: the
+seed) draws the detector's fixed dark pattern and its dark frames. ``for_scan(n)`` gives scan n of a
+session its own sample and electrons on the same detector, so one dark reference serves every scan.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from counting.geometry import FRAME_ROWS, ScanShape
 
 BEAM_CENTER = (288.0, 288.0)  # (row, col) of the undeflected bright-field disk centre
+FLYBACK_SHIFT = (40.0, 48.0)  # (row, col) displacement of the disk in flyback frames, pixels (3x the sample's)
+FLYBACK_SMEAR = 160.0  # length along the columns over which a flyback frame's disk is smeared, pixels
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,10 @@ class SimulatorConfig:
     seed: int = 0
     frame_number_start: int = 1
     pool_size: int = 128  # distinct noise backgrounds (memory: pool_size * 663 kB, more if batches are kept)
+    # The last column of the scan is the flyback column (the real camera always records it); as
+    # SimulatorSettings.flyback, kept here so that the many SimulatorConfig(scan, ...) callers get it too.
+    flyback: bool = True
+    detector_seed: int | None = None  # seed of the dark pattern and dark frames; None: the seed
 
     def __post_init__(self) -> None:
         if not isinstance(self.scan, ScanShape):
@@ -48,6 +64,10 @@ class SimulatorConfig:
         check_int("frames_per_position", self.frames_per_position, 1)
         check_int("particles", self.particles, 0)
         check_int("seed", self.seed, 0)
+        if self.detector_seed is not None:
+            check_int("detector_seed", self.detector_seed, 0)
+        if not isinstance(self.flyback, bool):
+            raise ValueError(f"flyback must be True or False, got {self.flyback!r}")
         check_int("frame_number_start", self.frame_number_start, 0)
         check_int("pool_size", self.pool_size, 1)
         _check_range("dose", self.dose, 0.0, 20000.0)
@@ -76,6 +96,30 @@ class SimulatorConfig:
     def total_frames(self) -> int:
         """Frames in the whole scan."""
         return self.scan.positions * self.frames_per_position
+
+    @property
+    def sample_width(self) -> int:
+        """Scan columns on the sample: the width less the flyback column (0 for a 1-column flyback scan)."""
+        return self.scan.width - 1 if self.flyback else self.scan.width
+
+    @property
+    def dark_seed(self) -> int:
+        """The seed of the detector's dark pattern and dark frames."""
+        return self.seed if self.detector_seed is None else self.detector_seed
+
+    def for_scan(self, scan_number: int) -> SimulatorConfig:
+        """This camera's config for scan ``scan_number`` of a session: its own sample and electrons
+        (seed scan_seed(seed, scan_number)) on the same detector (the dark pattern stays this config's)."""
+        return replace(self, seed=scan_seed(self.seed, scan_number), detector_seed=self.dark_seed)
+
+
+def scan_seed(base_seed: int, scan_number: int) -> int:
+    """A seed for scan ``scan_number`` of a session seeded with ``base_seed``: deterministic, different for
+    every (base_seed, scan_number), in [0, 2**63)."""
+    check_int("base_seed", base_seed, 0)
+    check_int("scan_number", scan_number, 0)
+    state = np.random.SeedSequence((int(base_seed), int(scan_number))).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def check_int(name: str, value: object, low: int) -> None:

@@ -2,7 +2,8 @@
 
 Frame i's randomness comes from a counter-based generator seeded by (camera key, i), so a frame's content
 depends only on the config and its index, never on batch size or order. _gen_events draws Poisson(dose)
-electrons (uniform in the bright-field disk, or scattered into the halo beyond it) with gamma-distributed
+electrons (uniform in the bright-field disk, or scattered into the halo beyond it; in a flyback frame the
+disk centre of each electron is spread along a smear) with gamma-distributed
 charges and sub-pixel positions, then Poisson(xray_rate) x-ray hits of 1 or 2x2 pixels. _deposit adds each
 electron as a pixel-integrated Gaussian over its 3x3 pixels (a footprint table) and each x-ray pixel's ADU,
 saturating at uint16, optionally logging (index, old value) so restore can take the frame off again.
@@ -90,41 +91,62 @@ def _quantile(table, u):
 @nb.njit(cache=True)
 def _gen_events(i, model, scratch):
     """Draw frame i's electrons and x-ray pixels into the scratch arrays; returns (electrons, x-ray pixels)."""
-    key, fpp, centers, scatter, radius, halo, e_cdf, x_cdf, charge_tab, halo_tab, xray_adu, xray_2x2 = model
+    (
+        key,
+        fpp,
+        centers,
+        scatter,
+        smear,
+        radius,
+        halo,
+        e_cdf,
+        x_cdf,
+        charge_tab,
+        halo_tab,
+        xray_adu,
+        xray_2x2,
+    ) = model
     st, e_pix, e_qy, e_qx, e_charge, x_pix, x_val = scratch
     st[0] = _mix(key ^ _mix(np.uint64(i) + _GOLDEN))
     p = i // fpp
     cy = centers[p, 0]
-    cx = centers[p, 1]
+    sm = smear[p]
     sc = scatter[p]
     nq = SUBPIXEL_BINS
     ne = _draw_count(e_cdf, _uniform(st))
     for k in range(ne):
-        if _uniform(st) < sc:
-            while True:
+        while True:
+            # A smeared (flyback) disk: each electron's disk centre lies somewhere along the smear. Only
+            # smeared frames draw this number, so the other frames' random streams are unchanged.
+            cx = centers[p, 1] + (sm * (_uniform(st) - 0.5) if sm > 0.0 else 0.0)
+            if _uniform(st) < sc:
+                while True:
+                    while True:
+                        a = 2.0 * _uniform(st) - 1.0
+                        b = 2.0 * _uniform(st) - 1.0
+                        q = a * a + b * b
+                        if 0.0 < q <= 1.0:
+                            break
+                    rr = (radius + halo * _quantile(halo_tab, _uniform(st))) / math.sqrt(q)
+                    y = cy + rr * a
+                    x = cx + rr * b
+                    row = int(math.floor(y + 0.5))
+                    col = int(math.floor(x + 0.5))
+                    if 1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2:
+                        break
+            else:
                 while True:
                     a = 2.0 * _uniform(st) - 1.0
                     b = 2.0 * _uniform(st) - 1.0
-                    q = a * a + b * b
-                    if 0.0 < q <= 1.0:
+                    if a * a + b * b < 1.0:
                         break
-                rr = (radius + halo * _quantile(halo_tab, _uniform(st))) / math.sqrt(q)
-                y = cy + rr * a
-                x = cx + rr * b
+                y = cy + radius * a
+                x = cx + radius * b
                 row = int(math.floor(y + 0.5))
                 col = int(math.floor(x + 0.5))
-                if 1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2:
-                    break
-        else:
-            while True:
-                a = 2.0 * _uniform(st) - 1.0
-                b = 2.0 * _uniform(st) - 1.0
-                if a * a + b * b < 1.0:
-                    break
-            y = cy + radius * a
-            x = cx + radius * b
-            row = int(math.floor(y + 0.5))
-            col = int(math.floor(x + 0.5))
+            # The config keeps an unsmeared disk inside the frame; a smeared one may leave it: draw again.
+            if sm == 0.0 or (1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2):
+                break
         qy = int((y - row + 0.5) * nq)
         qx = int((x - col + 0.5) * nq)
         e_qy[k] = min(max(qy, 0), nq - 1)

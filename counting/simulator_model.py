@@ -3,7 +3,8 @@
 The sample is a thin support film with Gaussian particles: its thickness t in [0, 1) at each scan position.
 Its gradient deflects the bright-field disk (so centre-of-mass / DPC shows the sample), and a fraction of
 the electrons growing with t is scattered out of the disk into a halo (so virtual BF shows the sample and ADF
-its inverse). The detector has a fixed dark pattern (offset + per-pixel variation) and Gaussian read noise.
+its inverse). With flyback, the last scan column is not on the sample: its disk is displaced and smeared
+(counting.simulator_config). The detector has a fixed dark pattern (offset + per-pixel variation) and Gaussian read noise.
 The compiled kernels (counting.simulator_kernels) read lookup tables instead of special functions: Poisson
 CDFs of the electron and x-ray counts, quantiles of an electron's gamma-distributed charge and of the halo
 radius, and the charge cloud's 3x3 footprint per sub-pixel position.
@@ -18,7 +19,7 @@ import numpy as np
 from scipy import special
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS, FRAME_SHAPE, ScanShape
-from counting.simulator_config import BEAM_CENTER, SimulatorConfig
+from counting.simulator_config import BEAM_CENTER, FLYBACK_SHIFT, FLYBACK_SMEAR, SimulatorConfig
 from counting.simulator_kernels import SUBPIXEL_BINS, UINT16_MAX
 
 FRAME_PIXELS = FRAME_ROWS * FRAME_COLS
@@ -28,12 +29,13 @@ _TAIL = 1e-15  # Poisson tables stop where the upper tail is this small
 
 @dataclass(frozen=True)
 class Specimen:
-    """The sample and what it does to the beam at each scan position."""
+    """The sample and what the beam does at each scan position (flyback column included)."""
 
-    thickness: np.ndarray  # (height, width) in [0, 1)
-    shift: np.ndarray  # (height, width, 2) bright-field disk deflection (d_row, d_col), pixels
+    thickness: np.ndarray  # (height, sample width) in [0, 1): the sample columns only
+    shift: np.ndarray  # (height, sample width, 2) bright-field disk deflection (d_row, d_col), pixels
     centers: np.ndarray  # (positions, 2) bright-field disk centre (row, col), pixels
     scatter: np.ndarray  # (positions,) fraction of electrons scattered out of the disk
+    smear: np.ndarray  # (positions,) length along the columns the disk is smeared over (flyback), pixels
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,26 @@ class EventModel:
 
 
 def specimen(config: SimulatorConfig, rng: np.random.Generator) -> Specimen:
-    """The sample of this config and the bright-field disk's centre and scattered fraction per position."""
-    thickness, grad = _make_sample(config.scan, config.particles, rng)
-    gmax = float(np.sqrt((grad**2).sum(axis=-1)).max())
+    """The sample of this config and the bright-field disk's centre, scattered fraction and smear per position.
+
+    The sample covers the first sample_width columns; a flyback column gets the displaced, smeared disk and
+    the mean scattered fraction of its row (the beam crosses the row while that frame is recorded)."""
+    h, ws = config.scan.height, config.sample_width
+    thickness, grad = _make_sample(ScanShape(ws, h), config.particles, rng) if ws else _no_sample(h)
+    gmax = float(np.sqrt((grad**2).sum(axis=-1)).max()) if grad.size else 0.0
     shift = grad * (config.deflection / gmax) if gmax > 0 else np.zeros_like(grad)
-    centers = (np.asarray(BEAM_CENTER) + shift).reshape(-1, 2)
-    scatter = (config.scatter_min + (config.scatter_max - config.scatter_min) * thickness).ravel()
-    return Specimen(thickness, shift, centers, scatter)
+    scatter = config.scatter_min + (config.scatter_max - config.scatter_min) * thickness
+    centers = np.asarray(BEAM_CENTER) + shift
+    smear = np.zeros((h, ws))
+    if config.flyback:
+        row_scatter = scatter.mean(axis=1, keepdims=True) if ws else np.full((h, 1), config.scatter_min)
+        scatter = np.concatenate([scatter, row_scatter], axis=1)
+        flyback_center = np.broadcast_to(np.add(BEAM_CENTER, FLYBACK_SHIFT), (h, 1, 2))
+        centers = np.concatenate([centers, flyback_center], axis=1)
+        smear = np.concatenate([smear, np.full((h, 1), FLYBACK_SMEAR)], axis=1)
+    return Specimen(
+        thickness, shift, np.ascontiguousarray(centers.reshape(-1, 2)), scatter.ravel(), smear.ravel()
+    )
 
 
 def dark_pattern(config: SimulatorConfig, rng: np.random.Generator) -> np.ndarray:
@@ -85,6 +100,7 @@ def event_model(config: SimulatorConfig, sample: Specimen, key: np.uint64) -> Ev
         c.frames_per_position,
         sample.centers,
         sample.scatter,
+        sample.smear,
         float(c.disk_radius),
         float(c.halo_width),
         e_cdf,
@@ -119,6 +135,11 @@ def _footprint_table(sigma: float) -> np.ndarray:
     cdf = special.ndtr((edges[None, :] - d[:, None]) / sigma)
     w = np.diff(cdf, axis=1)
     return w / w.sum(axis=1, keepdims=True)
+
+
+def _no_sample(height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Thickness and gradient of a scan without sample columns (only a flyback column)."""
+    return np.zeros((height, 0)), np.zeros((height, 0, 2))
 
 
 def _make_sample(scan: ScanShape, particles: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,13 @@ def send(
     ],
     raw: Annotated[list[Path] | None, typer.Option(help="raw .data files (or a directory) to send")] = None,
     simulate: Annotated[str | None, typer.Option(help="send a simulated scan WIDTHxHEIGHT instead")] = None,
+    script: Annotated[
+        Path | None,
+        typer.Option(
+            help="play a scan script instead (JSON: shapes, scan numbers, pauses, seeds, doses; see "
+            "streaming/scan_script.py); one line per scan sent"
+        ),
+    ] = None,
     dose: Annotated[float | None, typer.Option(help="simulated electrons per frame")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     scan_number: Annotated[int | None, typer.Option(help="override the scan number")] = None,
@@ -46,7 +53,8 @@ def send(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Emulate the four receiving servers: one process per module sends its sectors to the aggregator."""
+    """Emulate the four receiving servers: one process per module sends its sectors to the aggregator.
+    With --script, the scans of a script one after another (the four receivers as threads)."""
     from counting.geometry import ScanShape
     from counting.offline import raw_paths
     from counting.simulator import SimulatorConfig
@@ -54,9 +62,21 @@ def send(
     from streaming.scan_sender import send_scan
 
     _configure_logging(verbose)
-    if (raw is None) == (simulate is None):
-        raise typer.BadParameter("give --raw FILES or --simulate WIDTHxHEIGHT")
+    if sum(given_ is not None for given_ in (raw, simulate, script)) != 1:
+        raise typer.BadParameter("give one of --raw FILES, --simulate WIDTHxHEIGHT or --script FILE")
     settings = load_settings()
+    rate = rate if rate is not None else settings.streaming.send_rate
+    if realtime and rate is None:
+        raise typer.BadParameter("--realtime needs --rate (or streaming.send_rate): the camera's frames/s")
+    if script is not None:
+        scan_options = {"--dose": dose, "--seed": seed, "--scan-number": scan_number, "--timeout": timeout}
+        not_for_script = [name for name, value in scan_options.items() if value is not None]
+        if threads != 1:
+            not_for_script.append("--threads")
+        if not_for_script:
+            raise typer.BadParameter(f"{', '.join(not_for_script)}: not with --script (the script says)")
+        _send_script(script, aggregator, rate, realtime, settings)
+        return
     if simulate is not None:
         w, h = _parse_scan(simulate)
         sim = settings.simulator
@@ -65,12 +85,10 @@ def send(
             frames_per_position=sim.frames_per_position,
             dose=dose if dose is not None else sim.dose,
             seed=seed if seed is not None else sim.seed,
+            flyback=sim.flyback,
         )
     else:
         source = raw_paths(raw)
-    rate = rate if rate is not None else settings.streaming.send_rate
-    if realtime and rate is None:
-        raise typer.BadParameter("--realtime needs --rate (or streaming.send_rate): the camera's frames/s")
     results = send_scan(
         source,
         aggregator,
@@ -85,6 +103,31 @@ def send(
     overflowed = sum(r.overflowed for r in results.values())
     lost = f", {overflowed} lost: the aggregator did not take them in time" if overflowed else ""
     console.print(f"sent {total} sectors from {len(results)} modules ({dropped} dropped{lost})")
+
+
+def _send_script(
+    script: Path, aggregator: list[str], rate: float | None, realtime: bool, settings: Settings
+) -> None:
+    """`send --script`: play the script, one line per scan as it is sent."""
+    from flows.cli import console
+    from streaming.scan_script import ScriptedSend, load_script, play_script
+
+    loaded = load_script(script, settings.simulator)
+
+    def show(done: ScriptedSend) -> None:
+        s = done.scan
+        lost = (
+            f", {done.overflowed} lost: the aggregator did not take them in time" if done.overflowed else ""
+        )
+        console.print(
+            f"scan {s.scan_number}: {s.width}x{s.height}, seed {s.seed}, dose {s.dose:g}, "
+            f"after {s.pause_before:g} s: sent {done.sent} sectors{lost}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    played = play_script(loaded, aggregator, rate, realtime, on_sent=show)
+    console.print(f"played {len(played)} scans from {script}", highlight=False, soft_wrap=True)
 
 
 def aggregator(

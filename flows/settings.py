@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from counting.settings import CountingSettings, SimulatorSettings
 from streaming.settings import StreamingSettings
+from tasks.analysis_settings import AnalysisSettings
 from tasks.remote import SshSettings
 from tasks.sfapi import SfapiSettings
 from tasks.slurm import SlurmSettings
@@ -67,6 +68,7 @@ class Settings(BaseSettings):
     sfapi: SfapiSettings = SfapiSettings()
     slurm: SlurmSettings = SlurmSettings()
     ssh: SshSettings = SshSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
 
     @field_validator("output_dir")
     @classmethod

@@ -7,6 +7,11 @@ edge blending and a threshold of 0.8, then an aberration fit. Iterations and pad
 64x64 scan takes seconds on two cores. Every step after the DataCube is optional: a failure becomes a
 warning in the result and the other images are still produced.
 
+The flyback column (the last column of every scan row, recorded while the beam flies back to the next row)
+is not sample data: it is dropped before the analysis, as NCEM's notebooks load scans with stempy's
+``SparseArray.from_hdf5(..., keep_flyback=False)``, so the images are width - 1 wide. ``keep_flyback``
+(setting ``analysis.keep_flyback``) keeps it. The HDF5 file always holds every column.
+
 py4DSTEM (1.5-5 s to import) is imported only when an analysis runs.
 """
 
@@ -22,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from counting.geometry import ALL_SECTORS, FRAME_COLS
+from counting.geometry import ALL_SECTORS, FRAME_COLS, ScanShape
 from counting.sparse import CountedScan, read_counted_scan
+from tasks.analysis_settings import AnalysisSettings
 
 if TYPE_CHECKING:
     from py4DSTEM import DataCube
@@ -64,12 +70,19 @@ class AnalysisConfig:
     parallax_aberration_correct: bool = True
     parallax_max_positions: int = 256 * 256  # beyond this parallax is skipped (time and memory grow with it)
     png_dpi: int = 100
+    # Analyse the flyback column too; the default is the setting's (AnalysisSettings: its one default).
+    keep_flyback: bool = AnalysisSettings.model_fields["keep_flyback"].default
 
     def __post_init__(self) -> None:
         if self.bin_frames < 1 or FRAME_COLS % self.bin_frames:
             raise ValueError(f"bin_frames must divide {FRAME_COLS}, got {self.bin_frames}")
         if self.energy_ev <= 0 or self.convergence_semiangle_mrad <= 0 or self.r_pixel_size_angstrom <= 0:
             raise ValueError("energy, convergence semiangle and R pixel size must be positive")
+
+
+def analysis_config(settings: AnalysisSettings, **paper: Any) -> AnalysisConfig:
+    """What analyse_scan runs with, from the analysis settings; ``paper`` overrides other parameters."""
+    return AnalysisConfig(keep_flyback=settings.keep_flyback, **paper)
 
 
 @dataclass
@@ -95,6 +108,25 @@ class Probe:
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
+def drop_flyback(counted: CountedScan) -> CountedScan:
+    """The scan without its flyback column (the last column of every row): width - 1 wide, as stempy's
+    ``SparseArray.from_hdf5(keep_flyback=False)`` loads it. Events are shared, not copied."""
+    h, w = counted.scan.height, counted.scan.width
+    if w < 2:
+        raise ValueError(
+            f"the scan is {w} column wide: only a flyback column, no sample positions to analyse "
+            "(analysis.keep_flyback keeps it)"
+        )
+    k = counted.frames_per_position
+
+    def crop(a: np.ndarray) -> np.ndarray:
+        return a.reshape(h, w, k)[:, : w - 1].reshape(h * (w - 1), k)
+
+    return CountedScan(
+        ScanShape(w - 1, h), crop(counted.events), crop(counted.sector_masks), counted.metadata
+    )
+
+
 def fill_missing_positions(dense: np.ndarray, valid: np.ndarray) -> int:
     """Replace patterns at positions where ``valid`` is False by the mean of their valid 4-neighbours.
 
@@ -174,8 +206,10 @@ def analyse_scan(
 ) -> AnalysisResult:
     """Analyse one counted scan file and write ``<stem>_{bf,adf,com,dpc,parallax,dp_mean}.png`` to out_dir.
 
+    Unless ``config.keep_flyback``, the last scan column (the flyback) is dropped first: every image and the
+    summary's scan_width are then the file's width - 1 (``file_scan_width`` is the file's).
     Raises ``counting.sparse.SparseFormatError`` for an unreadable file and ValueError for a scan without
-    electrons; any later step that fails is reported in ``warnings`` instead."""
+    electrons (or only a flyback column); any later step that fails is reported in ``warnings`` instead."""
     _use_agg()
     h5_path, out_dir = Path(h5_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +217,9 @@ def analyse_scan(
     t_total = time.perf_counter()
 
     counted = run.timed("read", read_counted_scan, h5_path)
+    file_width = counted.scan.width
+    if not config.keep_flyback:
+        counted = drop_flyback(counted)
     dense, filled = run.timed("densify", densify, counted, config.bin_frames, config.fill_incomplete)
     if filled:
         run.warn(f"{filled} positions without complete frames were filled with their neighbours' mean")
@@ -191,6 +228,7 @@ def analyse_scan(
     # is not wanted.
     with np.errstate(divide="ignore", invalid="ignore"):
         summary = _reconstruct(run, counted, dense, filled, config)
+    summary["file_scan_width"] = file_width
     images = run.timed("plots", _save_pngs, run.arrays, out_dir, h5_path.stem, config, run)
     run.timings["total"] = time.perf_counter() - t_total
     log.info("analysed %s in %.1f s (%d warnings)", h5_path.name, run.timings["total"], len(run.warnings))
@@ -271,8 +309,9 @@ def _base_summary(
     counted: CountedScan, dense: np.ndarray, filled: int, probe: Probe, config: AnalysisConfig
 ) -> dict:
     return {
-        "scan_width": counted.scan.width,
+        "scan_width": counted.scan.width,  # as analysed: without the flyback column unless keep_flyback
         "scan_height": counted.scan.height,
+        "flyback_dropped": not config.keep_flyback,
         "frames_per_position": counted.frames_per_position,
         "completeness": counted.completeness,
         "events_per_position": counted.num_events / counted.scan.positions,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_SHAPE, SECTOR_ROWS, FrameBatch, ScanShape
-from counting.simulator import SimulatedCamera, SimulatorConfig
-from counting.simulator_config import BEAM_CENTER
+from counting.simulator import SimulatedCamera, SimulatorConfig, scan_seed
+from counting.simulator_config import BEAM_CENTER, FLYBACK_SHIFT
 
 SMALL = SimulatorConfig(scan=ScanShape(6, 5), pool_size=8)
 
@@ -52,6 +52,8 @@ def _away_from_events(sim: SimulatedCamera, frame_number: int) -> np.ndarray:
         {"pool_size": 0},
         {"pool_size": True},
         {"offset": "20"},
+        {"flyback": 1},
+        {"detector_seed": -2},
     ],
 )
 def test_config_rejects_bad_values(changes):
@@ -189,41 +191,137 @@ def test_xray_hits_at_configured_rate():
 def test_xray_pixels_are_thousands_of_adu_and_clipped_not_wrapped():
     sim = _sim(xray_rate=2.0, xray_adu=50000.0)
     dark = sim.dark()
-    seen = 0
+    seen, brightest = 0, 0
     for fn in sim.frame_numbers:
         frame = sim.frame(fn)
         x = sim.xray_pixels(fn).astype(np.int64)
         r, c = np.divmod(x, FRAME_COLS)
         assert np.all(frame[r, c] - dark[r, c] > 1000)
         seen += len(x)
+        brightest = max(brightest, int(frame.max()))
     assert seen > 0
-    assert frame.dtype == np.uint16 and frame.max() == 65535  # 50000 * (0.5..1.5) saturates, never wraps
+    assert frame.dtype == np.uint16 and brightest == 65535  # 50000 * (0.5..1.5) saturates, never wraps
 
 
 # ------------------------------------------------------------------------------------------- sample
-def test_sample_shows_in_bright_field_dark_field_and_centre_of_mass():
-    # A higher dose than the default keeps the centre-of-mass noise of a 180 px disk below the deflection.
-    sim = SimulatedCamera(dataclasses.replace(SMALL, scan=ScanShape(16, 16), dose=1000.0))
+def _beam_per_position(sim: SimulatedCamera) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground-truth bright-field count, dark-field count and centre of mass per position, (h, w[, 2])."""
     bf, adf, com = [], [], []
     for fn in sim.frame_numbers:
         r, c = np.divmod(sim.ground_truth(fn).astype(np.float64), FRAME_COLS)
         rho2 = (r - BEAM_CENTER[0]) ** 2 + (c - BEAM_CENTER[1]) ** 2
-        inside = rho2 < SMALL.disk_radius**2
-        bf.append(inside.sum())
+        bf.append((rho2 < SMALL.disk_radius**2).sum())
         adf.append((rho2 > (SMALL.disk_radius + 15) ** 2).sum())
         # A circle wider than the largest deflection, so the CoM sees the whole shifted disk.
         disk = rho2 < (SMALL.disk_radius + SMALL.deflection + 2) ** 2
         com.append((r[disk].mean(), c[disk].mean()))
+    shape = (sim.scan.height, sim.scan.width)
+    return np.reshape(bf, shape), np.reshape(adf, shape), np.reshape(com, (*shape, 2))
+
+
+@pytest.mark.parametrize("flyback", [True, False])
+def test_sample_shows_in_bright_field_dark_field_and_centre_of_mass(flyback):
+    # A higher dose than the default keeps the centre-of-mass noise of a 180 px disk below the deflection.
+    sim = SimulatedCamera(dataclasses.replace(SMALL, scan=ScanShape(16, 16), dose=1000.0, flyback=flyback))
+    bf, adf, com = _beam_per_position(sim)
     t = sim.sample_image()
-    assert t.shape == (16, 16) and t.std() > 0.1
+    cols = 15 if flyback else 16  # the sample: every column but the flyback column
+    assert t.shape == (16, cols) and sim.sample_width == cols and t.std() > 0.1
     expected = SMALL.scatter_min + (SMALL.scatter_max - SMALL.scatter_min) * t
-    assert np.allclose(sim.scatter_fraction(), expected)
-    assert np.corrcoef(bf, t.ravel())[0, 1] < -0.8
-    assert np.corrcoef(adf, t.ravel())[0, 1] > 0.8
-    shift = sim.disk_shift().reshape(-1, 2)
-    com = np.array(com)
+    assert np.allclose(sim.scatter_fraction()[:, :cols], expected)
+    assert np.corrcoef(bf[:, :cols].ravel(), t.ravel())[0, 1] < -0.8
+    assert np.corrcoef(adf[:, :cols].ravel(), t.ravel())[0, 1] > 0.8
+    shift = sim.disk_shift()
+    assert shift.shape == (16, cols, 2)
+    assert np.allclose(sim.disk_center()[:, :cols], np.add(BEAM_CENTER, shift))
     for axis in (0, 1):
-        assert np.corrcoef(com[:, axis], shift[:, axis])[0, 1] > 0.5
+        assert np.corrcoef(com[:, :cols, axis].ravel(), shift[..., axis].ravel())[0, 1] > 0.5
+
+
+# ------------------------------------------------------------------------------------------- flyback
+def _centroid_and_spread(sim: SimulatedCamera) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth electrons' distance of their mean from the beam centre, and their column spread, (h, w)."""
+    shape = (sim.scan.height, sim.scan.width)
+    distance, spread = np.zeros(shape), np.zeros(shape)
+    for fn in sim.frame_numbers:
+        y, x = divmod(sim.position_of(fn), sim.scan.width)
+        r, c = np.divmod(sim.ground_truth(fn).astype(np.float64), FRAME_COLS)
+        distance[y, x] = np.hypot(r.mean() - BEAM_CENTER[0], c.mean() - BEAM_CENTER[1])
+        spread[y, x] = c.std()
+    return distance, spread
+
+
+def test_flyback_column_is_not_the_sample():
+    """The last column of every row is the beam's flyback: a displaced, smeared disk, visibly not the
+    sample (its disk is off the beam centre by three times the sample's largest deflection, and wider)."""
+    sim = SimulatedCamera(dataclasses.replace(SMALL, scan=ScanShape(8, 6), dose=1000.0))
+    assert SMALL.flyback and sim.flyback_column == 7 and sim.sample_width == 7
+    assert sim.sample_image().shape == (6, 7) and sim.disk_shift().shape == (6, 7, 2)
+    sample, flyback = (slice(None), slice(0, 7)), (slice(None), 7)
+    distance, _ = _centroid_and_spread(sim)
+    assert distance[sample].max() < SMALL.deflection + 5  # the sample deflects the disk by <= 20 px
+    assert distance[flyback].min() > 2 * SMALL.deflection  # the flyback disk sits 62 px away
+    assert np.allclose(sim.disk_center()[:, 7], np.add(BEAM_CENTER, FLYBACK_SHIFT))
+    # The beam crosses its row during the flyback frame: the row's mean scattered fraction.
+    assert np.allclose(sim.scatter_fraction()[:, 7], sim.scatter_fraction()[:, :7].mean(axis=1))
+    # Smeared along the columns (seen best without the halo's electrons).
+    unscattered = SimulatedCamera(dataclasses.replace(sim.config, scatter_min=0.0, scatter_max=0.0))
+    _, spread = _centroid_and_spread(unscattered)
+    assert spread[flyback].min() > spread[sample].max() + 2
+
+
+def test_flyback_frames_stay_in_the_frame_and_keep_the_dose():
+    sim = SimulatedCamera(dataclasses.replace(SMALL, scan=ScanShape(2, 40), dose=500.0, disk_radius=250.0))
+    counts = []
+    for fn in sim.frame_numbers:
+        if sim.position_of(fn) % 2 == 1:
+            t = sim.ground_truth(fn).astype(np.int64)
+            r, c = np.divmod(t, FRAME_COLS)
+            assert r.min() >= 1 and r.max() <= 574 and c.min() >= 1 and c.max() <= 574
+            counts.append(len(t))
+    assert np.mean(counts) == pytest.approx(500.0, rel=0.1)  # electrons off the detector are drawn again
+
+
+def test_a_one_column_flyback_scan_is_all_flyback():
+    # A session takes its dark from a 1x1 camera: that must still work.
+    sim = _sim(scan=ScanShape(1, 3))
+    assert sim.sample_image().shape == (3, 0) and sim.disk_shift().shape == (3, 0, 2)
+    assert sim.flyback_column == 0 and len(sim.ground_truth(1)) > 0
+    assert np.allclose(sim.scatter_fraction(), SMALL.scatter_min)
+
+
+def test_without_flyback_the_sample_frames_are_the_flyback_configs_sample_frames_random_streams():
+    # Only flyback frames draw the smear: switching flyback off changes no other frame's random stream, so
+    # a sample position's electrons differ only by the sample itself (which is drawn on another grid).
+    on, off = _sim(dose=0.0, xray_rate=2.0), _sim(dose=0.0, xray_rate=2.0, flyback=False)
+    assert off.flyback_column is None and off.sample_image().shape == (5, 6)
+    for fn in on.frame_numbers:
+        assert np.array_equal(on.xray_pixels(fn), off.xray_pixels(fn))
+
+
+# ------------------------------------------------------------------------------------------- seeds per scan
+def test_scan_seed_is_deterministic_and_differs_per_scan():
+    seeds = [scan_seed(5, n) for n in range(50)]
+    assert seeds == [scan_seed(5, n) for n in range(50)]
+    assert len(set(seeds)) == 50 and all(isinstance(s, int) and s >= 0 for s in seeds)
+    assert scan_seed(6, 1) != scan_seed(5, 1)
+    with pytest.raises(ValueError):
+        scan_seed(5, -1)
+
+
+def test_scans_of_a_session_differ_on_the_same_detector():
+    base = dataclasses.replace(SMALL, seed=7)
+    one, two, again = base.for_scan(1), base.for_scan(2), base.for_scan(1)
+    assert one == again and one.seed == scan_seed(7, 1) and one.detector_seed == 7
+    assert one.for_scan(3).detector_seed == 7  # the detector stays the session's
+    a, b, ref = SimulatedCamera(one), SimulatedCamera(two), SimulatedCamera(base)
+    assert not np.array_equal(_frames(a), _frames(b))
+    assert not np.array_equal(a.sample_image(), b.sample_image())
+    assert not np.array_equal(a.ground_truth(1), b.ground_truth(1))
+    # One dark reference serves every scan: the dark pattern and dark frames are the base camera's.
+    for cam in (a, b):
+        assert np.array_equal(cam.dark(), ref.dark())
+        assert np.array_equal(cam.dark_frames(2), ref.dark_frames(2))
 
 
 # ------------------------------------------------------------------------------------------- iterators

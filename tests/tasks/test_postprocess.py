@@ -1,4 +1,7 @@
-"""tasks.postprocess on simulated scans: the images exist and show the simulator's sample as physics says."""
+"""tasks.postprocess on simulated scans: the images exist and show the simulator's sample as physics says.
+
+The simulated scans have a flyback column (the last of each row, as the 4D Camera records it), which the
+analysis drops by default: images are SIDE x (SIDE - 1), the simulator's sample ground truth's shape."""
 
 from __future__ import annotations
 
@@ -16,16 +19,20 @@ from counting.simulator_config import BEAM_CENTER
 from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.options import options
 from stemstream_testing.sparse_images import virtual_images
+from tasks.analysis_settings import AnalysisSettings
 from tasks.postprocess import (
     AnalysisConfig,
     AnalysisResult,
     analyse_scan,
+    analysis_config,
     build_datacube,
     densify,
+    drop_flyback,
     fill_missing_positions,
 )
 
 SIDE = 32
+COLS = SIDE - 1  # the sample's columns: the last column of the scan is the flyback
 DOSE = 1000.0  # electrons per frame: enough for the centre of mass to show the deflection at 32x32
 OPTIONS = options(fixed=Thresholds(12.0, 2000.0), workers=2)
 # The simulated camera has no scan/detector rotation and no defocus.
@@ -84,7 +91,8 @@ def test_all_images_written(analysed: AnalysisResult, scan_file: Path) -> None:
 
 def test_summary_and_calibration(analysed: AnalysisResult) -> None:
     s = analysed.summary
-    assert (s["scan_width"], s["scan_height"], s["pattern_shape"]) == (SIDE, SIDE, [36, 36])
+    assert (s["scan_width"], s["scan_height"], s["pattern_shape"]) == (COLS, SIDE, [36, 36])
+    assert s["file_scan_width"] == SIDE and s["flyback_dropped"] is True
     assert s["completeness"] == 1.0 and s["positions_filled"] == 0
     # The disk is 180 px / 16 = 11.25 binned px; the deflection and the halo blur the mean pattern a little.
     assert 10.0 < analysed.probe_radius_px < 14.0
@@ -97,7 +105,7 @@ def test_summary_and_calibration(analysed: AnalysisResult) -> None:
 def test_virtual_images_show_the_sample(analysed: AnalysisResult, simulated) -> None:
     sample = simulated[0].sample_image()
     bf, adf = analysed.arrays["bf"], analysed.arrays["adf"]
-    assert bf.shape == adf.shape == (SIDE, SIDE)
+    assert bf.shape == adf.shape == sample.shape == (SIDE, COLS)
     assert _r(bf, sample) < -0.6  # thicker scatters more electrons out of the disk
     assert _r(adf, sample) > 0.6  # ... and into the annulus
     assert _r(adf, bf) < -0.6
@@ -114,15 +122,16 @@ def test_centre_of_mass_follows_the_deflection(analysed: AnalysisResult, simulat
 
 def test_parallax_bf_matches_the_virtual_bf(analysed: AnalysisResult) -> None:
     par = analysed.arrays["parallax_bf"]
-    assert par.shape == (SIDE, SIDE)
+    assert par.shape == (SIDE, COLS)
     assert _r(par[4:-4, 4:-4], analysed.arrays["bf"][4:-4, 4:-4]) > 0.6  # edges are blended away
 
 
 def test_sparse_virtual_images_cross_check(analysed: AnalysisResult, simulated) -> None:
     camera, counted = simulated
+    counted = drop_flyback(counted)
     # BF well inside the disk wherever it is deflected (180 - 20 px); ADF beyond it.
     bf, adf = virtual_images(counted, inner=150, outer=280, center=BEAM_CENTER)
-    assert bf.shape == adf.shape == (SIDE, SIDE)
+    assert bf.shape == adf.shape == (SIDE, COLS)
     assert bf.sum() + adf.sum() <= counted.num_events
     assert _r(bf, camera.sample_image()) < -0.6
     assert _r(adf, camera.sample_image()) > 0.6
@@ -149,7 +158,8 @@ def test_missing_frames_are_filled(tmp_path: Path, simulated) -> None:
     camera, counted = simulated
     events, masks = counted.events.copy(), counted.sector_masks.copy()
     rng = np.random.default_rng(5)
-    lost = rng.choice(counted.scan.positions, 30, replace=False)
+    sample_positions = np.arange(counted.scan.positions).reshape(SIDE, SIDE)[:, :COLS].ravel()
+    lost = rng.choice(sample_positions, 30, replace=False)
     for p in lost[:20]:  # frames that never arrived
         events[p, 0] = np.empty(0, np.uint32)
         masks[p, 0] = 0
@@ -164,7 +174,7 @@ def test_missing_frames_are_filled(tmp_path: Path, simulated) -> None:
     assert set(result.images) == set(IMAGE_NAMES)
     bf = result.arrays["bf"]
     rows, cols = np.divmod(lost, SIDE)
-    kept = np.ones((SIDE, SIDE), bool)
+    kept = np.ones((SIDE, COLS), bool)
     kept[rows, cols] = False
     # Filled patterns look like their neighbours: no dark holes, no stripes in the CoM.
     assert bf[~kept].min() > 0.8 * bf[kept].min() and bf[~kept].max() < 1.2 * bf[kept].max()
@@ -222,3 +232,55 @@ def test_empty_scan_and_bad_config() -> None:
         build_datacube(np.zeros((4, 4, 36, 36), np.float32), SIM)
     with pytest.raises(ValueError, match="bin_frames"):
         AnalysisConfig(bin_frames=7)
+
+
+# ------------------------------------------------------------------------------------------- flyback
+def test_the_flyback_column_is_dropped_by_default(
+    analysed: AnalysisResult, simulated, scan_file: Path
+) -> None:
+    """As NCEM loads scans (stempy's keep_flyback=False): the last column's frames take no part."""
+    from stempy.io.sparse_array import SparseArray
+
+    _, counted = simulated
+    cropped = drop_flyback(counted)
+    assert cropped.scan == ScanShape(COLS, SIDE)
+    flyback = np.arange(counted.scan.positions).reshape(SIDE, SIDE)[:, COLS:].ravel()
+    kept = np.setdiff1d(np.arange(counted.scan.positions), flyback)
+    assert cropped.num_events == counted.num_events - sum(len(e) for e in counted.events[flyback].ravel())
+    for got, want in zip(cropped.events.ravel(), counted.events[kept].ravel(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Exactly the frames stempy keeps.
+    stempy = SparseArray.from_hdf5(str(scan_file), keep_flyback=False)
+    assert tuple(stempy.scan_shape) == (SIDE, COLS)
+    for got, want in zip(cropped.events.ravel(), stempy.data.ravel(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The analysis saw only those frames: its mean pattern is theirs.
+    dense, _ = densify(cropped, SIM.bin_frames)
+    np.testing.assert_allclose(analysed.arrays["dp_mean"], dense.mean(axis=(0, 1), dtype=np.float64))
+    full, _ = densify(counted, SIM.bin_frames)
+    assert not np.allclose(analysed.arrays["dp_mean"], full.mean(axis=(0, 1), dtype=np.float64))
+    assert all(a.shape == (SIDE, COLS) for k, a in analysed.arrays.items() if k != "dp_mean")
+
+
+def test_keep_flyback_keeps_it_and_it_is_not_the_sample(tmp_path: Path, scan_file: Path) -> None:
+    settings = AnalysisSettings(keep_flyback=True)
+    config = replace(analysis_config(settings), com_rotation_deg=0.0, com_transpose=False, parallax=False)
+    assert config.keep_flyback
+    result = analyse_scan(scan_file, tmp_path, config)
+    assert result.summary["scan_width"] == result.summary["file_scan_width"] == SIDE
+    assert result.summary["flyback_dropped"] is False
+    bf, com_x, com_y = (result.arrays[k] for k in ("bf", "com_x", "com_y"))
+    assert bf.shape == com_x.shape == (SIDE, SIDE)
+    # The flyback column's disk is displaced and smeared: outside the sample's centre-of-mass range.
+    com = np.hypot(com_x - com_x[:, :COLS].mean(), com_y - com_y[:, :COLS].mean())
+    assert com[:, COLS].min() > 1.5 * com[:, :COLS].max()
+    assert com[:, COLS].mean() > 5 * com[:, :COLS].mean()
+
+
+def test_analysis_settings() -> None:
+    from flows.settings import Settings
+
+    assert Settings().analysis.keep_flyback is False
+    assert AnalysisConfig().keep_flyback is False and analysis_config(AnalysisSettings()) == AnalysisConfig()
+    with pytest.raises(ValueError, match="only a flyback column"):
+        drop_flyback(CountedScan(ScanShape(1, 2), np.empty((2, 1), object), np.zeros((2, 1), np.uint8)))
