@@ -24,7 +24,7 @@ import numpy as np
 from counting.geometry import FRAME_ROWS, ScanShape
 
 BEAM_CENTER = (288.0, 288.0)  # (row, col) of the undeflected bright-field disk centre
-FLYBACK_SHIFT = (40.0, 48.0)  # (row, col) displacement of the disk in flyback frames, pixels (3x the sample's)
+FLYBACK_SHIFT = (40.0, 48.0)  # (row, col) disk displacement in flyback frames, pixels (3x the sample's)
 FLYBACK_SMEAR = 160.0  # length along the columns over which a flyback frame's disk is smeared, pixels
 
 
