@@ -11,6 +11,8 @@ set -euo pipefail
 #   slurmctld slurm-wlm | munged munge | /usr/bin/chromium chromium | /usr/bin/chromedriver chromium-driver
 NEEDED=(
   "/usr/sbin/sshd openssh-server" # the SSH tests drive a real OpenSSH sshd on loopback
+  "/usr/bin/chromium chromium" # the Prefect UI tests drive headless Chromium (never a downloaded browser)
+  "/usr/bin/chromedriver chromium-driver" # ... through chromedriver (Selenium)
 )
 
 have() {

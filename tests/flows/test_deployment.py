@@ -4,84 +4,29 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-MARKER = "STEMSTREAM_E2E_MARKER"  # in the environment of every process this test starts, and their children
+from tests.flows.prefect_processes import (
+    REPO,
+    base_env,
+    deploy,
+    free_port,
+    kill_marked,
+    start_server,
+    start_worker,
+    stop,
+    wait_for,
+)
+
 SMALL = {"n_scans": 1, "scan_width": 8, "scan_height": 8, "postprocess": False}
-
-
-def _prefect() -> list[str]:
-    exe = Path(sys.executable).with_name("prefect")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate: Callable[[], object], timeout: float, what: str, log: Path | None = None) -> None:
-    """Poll until predicate() is true; fail with the log's tail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries this test's marker (all it started, and their children)."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return pids
-
-
-def _stop(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left after grace seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
-
-
-def _run_cli(args: list[str], env: dict[str, str], log: Path, timeout: float = 120) -> None:
-    with log.open("ab") as out:
-        r = subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(args[1:])} failed:\n{log.read_text(errors='replace')[-3000:]}"
 
 
 @contextmanager
@@ -122,23 +67,12 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
 
     t_start = time.monotonic()
     marker = uuid.uuid4().hex
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     out = tmp_path / "out"
     config = tmp_path / "stemstream.toml"
     config.write_text("# empty: never a developer's ./stemstream.toml\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "STEMSTREAM_"))}
-    env.update(
-        {
-            MARKER: marker,
-            "PREFECT_HOME": str(tmp_path / "prefect_home"),
-            "PREFECT_API_URL": api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1",
-            "PREFECT_LOGGING_LEVEL": "INFO",
-        }
-    )
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    env = base_env(marker, tmp_path / "prefect_home", api)
     worker_env = {
         **env,
         "STEMSTREAM_REPO": str(REPO),  # resolved by prefect.yaml's pull step in each flow-run process
@@ -157,35 +91,9 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
     server = worker = None
     leftovers: list[int] = []
     try:
-        # No scheduler: the nightly experiment must not start a run here if the test runs at 02:00 LA time.
-        with server_log.open("wb") as log:
-            server = subprocess.Popen(
-                [*_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-                + ["--no-ui", "--analytics-off", "--no-scheduler"],
-                cwd=tmp_path,
-                env=server_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-        def healthy() -> bool:
-            assert server.poll() is None, f"server exited: {server_log.read_text(errors='replace')[-3000:]}"
-            try:
-                return httpx.get(f"{api}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait(healthy, 90, "the Prefect server's /api/health", server_log)
+        server = start_server(port, env, tmp_path, server_log)  # no UI, no scheduler
         t_server = time.monotonic()
-
-        prefect = _prefect()
-        _run_cli([*prefect, "work-pool", "create", "stemstream-local", "--type", "process"], env, cli_log)
-        _run_cli(
-            [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml")],
-            env,
-            cli_log,
-        )
+        deploy(env, cli_log)
         with temporary_settings(updates={PREFECT_API_URL: api}), _webhook_receiver() as (url, received):
             automation = setup_alerts(url)
             assert setup_alerts(url).id == automation.id  # idempotent: replaced, not duplicated
@@ -222,15 +130,7 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
             crons = [(s.schedule.cron, s.schedule.timezone) for s in experiment_dep.schedules if s.active]
             assert crons == [("0 2 * * *", "America/Los_Angeles")]
 
-            with worker_log.open("wb") as log:
-                worker = subprocess.Popen(
-                    [*prefect, "worker", "start", "--pool", "stemstream-local", "--name", "e2e-worker"],
-                    cwd=tmp_path,  # anywhere: the pull step moves each run into the repository
-                    env=worker_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            worker = start_worker(worker_env, tmp_path, worker_log)
 
             t_run = time.monotonic()
             ok = run_deployment("stemstream-session/session", parameters=SMALL, timeout=150, poll_interval=1)
@@ -251,7 +151,7 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
                 f"{bad.state}\n{worker_log.read_text(errors='replace')[-4000:]}"
             )
             assert "SFAPI credentials" in (bad.state.message or ""), bad.state.message
-            _wait(lambda: received, 30, "the failure alert at the webhook")
+            wait_for(lambda: received, 30, "the failure alert at the webhook")
             t_alert = time.monotonic()
             assert len(received) == 1, received  # one alert, for the failed run only
             alert = received[0]
@@ -265,14 +165,9 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
             f"total {time.monotonic() - t_start:.1f} s"
         )
     finally:
-        _stop(worker)  # first, so no run is left orphaned by a server that went away
-        _stop(server)
-        deadline = time.monotonic() + 15
-        while (leftovers := _marked_pids(marker)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in leftovers:  # ours by the marker: end them so one failure does not leak into the next test
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop(worker)  # first, so no run is left orphaned by a server that went away
+        stop(server)
+        leftovers = kill_marked(marker)
     assert server is not None and server.returncode is not None
     assert worker is not None and worker.returncode is not None
     assert not leftovers, f"processes left running after the test: {leftovers}"
