@@ -36,13 +36,18 @@ def write_simulated_scan(
     frames_per_position: int = 1,
     dark_frames: int = 100,
     files_per_module: int = 1,
+    flyback: bool = True,
 ) -> SimulatedFiles:
     """Simulate a scan into ``out``: data_scan*_module*.data, dark.npy (from dark frames), truth.npz."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     camera = SimulatedCamera(
         SimulatorConfig(
-            ScanShape(width, height), frames_per_position=frames_per_position, dose=dose, seed=seed
+            ScanShape(width, height),
+            frames_per_position=frames_per_position,
+            dose=dose,
+            seed=seed,
+            flyback=flyback,
         )
     )
     dark_path = out / "dark.npy"

@@ -122,6 +122,7 @@ def simulate(
         frames_per_position=sim.frames_per_position,
         dark_frames=sim.dark_frames,
         files_per_module=files_per_module,
+        flyback=sim.flyback,
     )
     console.print(
         f"simulated scan {scan_number}: {sim.scan_width}x{sim.scan_height}, {result.frames} frames, "

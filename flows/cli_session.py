@@ -96,10 +96,12 @@ def run_in_terminal(params: dict, postprocess: bool) -> int:
         print_summary(results)
     if watcher.session_dir is not None:
         info = json.loads((watcher.session_dir / "session.json").read_text())
-        console.print(f"HDF5 files: {info.get('scans_dir', watcher.session_dir / 'scans')}")
-        if postprocess:
-            console.print(f"py4DSTEM images (PNG): {watcher.session_dir / 'analysis'}")
-        console.print(f"logs: {watcher.session_dir / 'logs'}")
+        for line in (
+            f"HDF5 files: {info.get('scans_dir', watcher.session_dir / 'scans')}",
+            *([f"py4DSTEM images (PNG): {watcher.session_dir / 'analysis'}"] if postprocess else []),
+            f"logs: {watcher.session_dir / 'logs'}",
+        ):
+            console.print(line, highlight=False, soft_wrap=True)  # paths whole, on one line
     elapsed = time.time() - t0
     if state.is_completed() or (
         state.is_cancelled() and isinstance(results, list) and all(r.verified for r in results)

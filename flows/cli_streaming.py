@@ -97,6 +97,8 @@ def send(
         scan_number=scan_number,
         timeout=timeout,
         realtime=realtime,
+        # --timeout also bounds the wait for an aggregator that is not up yet (default: 10 s of silence)
+        **({"send_timeout": timeout} if timeout is not None else {}),
     )
     total = sum(r.sent for r in results.values())
     dropped = sum(r.dropped for r in results.values())

@@ -27,6 +27,7 @@ from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregato
 from tasks.monitor import latest_state
 from tasks.plan import SessionPlan, local_addresses
 from tasks.scan_result import ScanResult
+from tasks.sfapi import AllocationCancelled
 from tasks.slurm import walltime_seconds
 from tasks.steps import (
     acquire_scan,
@@ -41,12 +42,17 @@ from tasks.steps import (
 )
 
 
+def _log_to_run(message: str) -> None:
+    """Log to the current run (the allocate-nodes task: its log shows in the flow run)."""
+    get_run_logger().info(message)
+
+
 def make_backends(settings: Settings):
     """The node and aggregator backends the settings ask for (the one place the choice is made)."""
     if settings.session.backend == "local":
         return LocalNodes(), LocalAggregator()
     return (
-        SlurmNodes(settings.sfapi, settings.slurm),
+        SlurmNodes(settings.sfapi, settings.slurm, on_wait=_log_to_run, cancelled=cancel_requested),
         SshAggregator(settings.ssh, settings.session.aggregator_remote_command),
     )
 
@@ -208,7 +214,7 @@ def session(
         scans_dir=str(plan.output_dir),
     )
     scans = (
-        simulated_scans(n_scans, scan_width, scan_height, dose, settings.simulator.seed, first_scan)
+        simulated_scans(n_scans, scan_width, scan_height, dose, settings.simulator, first_scan)
         if simulated
         else []
     )
@@ -282,13 +288,17 @@ def session(
             result.verify_sha256 = getattr(v, "sha256", None)
             results.append(result)
             if s.postprocess and verified.is_completed():
-                analyses.append(postprocess_scan.submit(path, str(session_dir / "analysis")))
+                analyses.append(
+                    postprocess_scan.submit(path, str(session_dir / "analysis"), settings.analysis)
+                )
             if result.node_failure:
                 node_lost = _node_lost_message(result)
                 logger.error(node_lost)
                 break
         for fut in analyses:
             fut.wait()
+    except AllocationCancelled:  # cancelled while the Slurm job waited to start: the job is cancelled too
+        cancelled = True
     finally:
         if player is not None:
             player.stop()

@@ -36,7 +36,12 @@ class SessionSettings(BaseModel):
     nodes: int = Field(2, ge=1, description="node streamers (one per allocated node)")
     nodes_ready_timeout: float = Field(120.0, gt=0, description="seconds for every node to report ready")
     scan_timeout: float = Field(300.0, gt=0, description="seconds for a scan's counted file to appear")
-    min_completeness: float = Field(1.0, ge=0, le=1, description="verification threshold")
+    min_completeness: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="verification fails below this fraction of sectors; below 1.0: a warning",
+    )
     scan_dir: Path | None = Field(
         None,
         description="where the scan writer puts the HDF5 files (default <output_dir>/sessions/<run>/scans); "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from counting.errors import TransientError
 from counting.geometry import ScanShape
+from counting.settings import SimulatorSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.scan_record import ScanRecord
 from streaming.scan_sender import send_simulated_scan
@@ -31,14 +32,18 @@ class ScanRequest:
     height: int
     dose: float
     seed: int  # the camera's base seed: each scan's own seed derives from it and the scan number
+    flyback: bool  # the last column of each row is the beam's flyback, as on the 4D Camera
     pause: float = 0.0  # seconds before this scan starts (a microscopist aligning, a tilt)
 
 
 def simulated_scans(
-    n_scans: int, width: int, height: int, dose: float, base_seed: int, first_scan: int
+    n_scans: int, width: int, height: int, dose: float, simulator: SimulatorSettings, first_scan: int
 ) -> list[ScanRequest]:
-    """n scans of one shape, numbered on from first_scan, each with its own seed (so they differ)."""
-    return [ScanRequest(n, width, height, dose, base_seed) for n in range(first_scan, first_scan + n_scans)]
+    """n scans of one shape, numbered on from first_scan, each with its own data (seed from its number)."""
+    return [
+        ScanRequest(n, width, height, dose, simulator.seed, simulator.flyback)
+        for n in range(first_scan, first_scan + n_scans)
+    ]
 
 
 def trigger_simulated_scan(
@@ -50,7 +55,9 @@ def trigger_simulated_scan(
     camera runs in real time, as the instrument does, and the receivers drop (and count) every sector the
     aggregator cannot take at once.
     """
-    config = SimulatorConfig(ScanShape(scan.width, scan.height), dose=scan.dose, seed=scan.seed)
+    config = SimulatorConfig(
+        ScanShape(scan.width, scan.height), dose=scan.dose, seed=scan.seed, flyback=scan.flyback
+    )
     camera = SimulatedCamera(config.for_scan(scan.scan_number))  # same detector, different electrons
     results = send_simulated_scan(
         camera, receivers, rate, scan_number=scan.scan_number, realtime=rate is not None, send_timeout=timeout

@@ -25,6 +25,7 @@ from prefect.states import Completed, Failed
 from counting.errors import TransientError
 from streaming.scan_record import ScanRecord
 from tasks.acquire import CameraRun, ScanRequest, wait_for_new_scan
+from tasks.analysis_settings import AnalysisSettings
 from tasks.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.monitor import MonitorFollower, wait_for_state
 from tasks.plan import SessionPlan
@@ -258,11 +259,11 @@ def verify_scan_file(path: str, width: int, height: int, min_completeness: float
 
 
 @task(name="postprocess-scan", cache_policy=NO_CACHE)
-def postprocess_scan(path: str, out_dir: str) -> dict:
+def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dict:
     """py4DSTEM analysis of a counted scan; images become artifacts in the Prefect UI."""
-    from tasks.postprocess import AnalysisConfig, analyse_scan
+    from tasks.postprocess import analyse_scan, analysis_config
 
-    result = analyse_scan(Path(path), Path(out_dir), AnalysisConfig())
+    result = analyse_scan(Path(path), Path(out_dir), analysis_config(analysis))
     name = Path(path).stem
     images = "\n".join(
         f"### {label}\n![{label}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"

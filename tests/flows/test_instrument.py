@@ -55,7 +55,7 @@ def session_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], str]:
         "STEMSTREAM_STREAMING__RECEIVERS": json.dumps([recv]),
         "STEMSTREAM_STREAMING__NODES_BIND": nodes,
         "STEMSTREAM_STREAMING__MONITOR_BIND": monitor,
-        "STEMSTREAM_STREAMING__SCAN_DEADLINE": "1",
+        "STEMSTREAM_STREAMING__SCAN_DEADLINE": "3",  # the four sender processes start up to ~2 s apart
         "STEMSTREAM_COUNTING__DARK": str(tmp_path / "raw0" / "dark.npy"),
         "STEMSTREAM_SESSION__POSTPROCESS": "false",
         "STEMSTREAM_SESSION__SCAN_TIMEOUT": "3",  # the old per-scan limit: pauses are longer than this
@@ -136,7 +136,7 @@ def test_instrument_session_counts_any_scan_at_any_pace(raw_scans: Path) -> None
         ready = session.wait_line("ready:")
         assert early.wait(120) == 0, early.stdout.read()
         for k, (number, _) in enumerate(SCRIPT):
-            time.sleep(4.0)  # the microscopist aligns: longer than session.scan_timeout (3 s)
+            time.sleep(5.0)  # the microscopist aligns: longer than session.scan_timeout (3 s)
             sent = run(
                 ["send", "--aggregator", recv, "--raw", f"raw{k}", "--scan-number", str(number)], raw_scans
             )
