@@ -117,6 +117,19 @@ def _scan_size(text: str) -> tuple[int, int]:
     return _parse_scan(text)
 
 
+def _script(path: Path | None, camera: str) -> str:
+    """The script's absolute path for the flow ("" for none), checked now: one clear error, no session."""
+    if path is None:
+        return ""
+    if camera != "simulated":
+        raise typer.BadParameter("--script plays the simulated camera: use it with --camera simulated")
+    from flows.settings import load_settings as _load
+    from streaming.scan_script import load_script
+
+    load_script(path, _load().simulator)  # ScriptError names the file and the field
+    return str(path.resolve())
+
+
 def apply_settings(assignments: list[str] | None) -> None:
     """--set SECTION.FIELD=VALUE: any setting, for this command (as STEMSTREAM_SECTION__FIELD would)."""
     for item in assignments or []:
@@ -145,6 +158,10 @@ def session(
         float, typer.Option(min=0, help="simulated camera: frames/s in real time (0: wait for the pipeline)")
     ] = 0.0,
     postprocess: Annotated[bool | None, typer.Option(help="py4DSTEM analysis of every scan")] = None,
+    script: Annotated[
+        Path | None,
+        typer.Option(help="simulated camera: play this scan script (see `stemstream send --script`)"),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -176,6 +193,7 @@ def session(
         postprocess=s.postprocess if postprocess is None else postprocess,
         min_completeness=s.min_completeness,
         frame_rate=frame_rate,
+        script=_script(script, camera),
     )
     raise typer.Exit(run_in_terminal(params, params["postprocess"]))
 
@@ -192,6 +210,12 @@ def demo(
             min=1,
             help="camera frames/s in real time: what the pipeline cannot take is dropped and reported "
             "(default: the camera waits for the pipeline)",
+        ),
+    ] = None,
+    script: Annotated[
+        Path | None,
+        typer.Option(
+            help="play a microscopist's scan script instead (shapes, numbers, pauses; see send --script)"
         ),
     ] = None,
 ) -> None:
@@ -215,6 +239,7 @@ def demo(
         postprocess=postprocess,
         min_completeness=settings.session.min_completeness,
         frame_rate=frame_rate or 0.0,
+        script=_script(script, "simulated"),
     )
     raise typer.Exit(run_in_terminal(params, postprocess))
 

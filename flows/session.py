@@ -22,7 +22,7 @@ from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import SessionSettings, Settings, load_settings, write_settings_file
 from flows.summary import summary_row
-from tasks.acquire import CameraRun, ScanTimeout, simulated_scans
+from tasks.acquire import CameraRun, ScanTimeout, scripted_scans, simulated_scans
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
 from tasks.monitor import latest_state
 from tasks.plan import SessionPlan, local_addresses
@@ -155,6 +155,7 @@ def session(
     postprocess: bool = _SESSION["postprocess"].default,
     min_completeness: Annotated[float, Field(ge=0, le=1)] = _SESSION["min_completeness"].default,
     frame_rate: Annotated[float, Field(ge=0, le=100000)] = 0.0,
+    script: str = "",
 ):
     """One streaming session: scans counted, written, verified and analysed while it runs.
 
@@ -185,6 +186,8 @@ def session(
         min_completeness: Verification fails below this fraction of sectors; below 1.0 a scan is a warning.
         frame_rate: Simulated camera: frames/s in real time, dropping (and counting) what the pipeline
             cannot take; 0 = the camera waits for the pipeline.
+        script: Simulated camera: a JSON scan script to play instead (shapes, scan numbers, pauses, seeds;
+            see stemstream send --script); empty = n_scans scans of scan_width x scan_height.
     """
     logger = get_run_logger()
     settings = load_settings(
@@ -213,16 +216,18 @@ def session(
         settings_file=str(plan.settings_file),
         scans_dir=str(plan.output_dir),
     )
-    scans = (
-        simulated_scans(n_scans, scan_width, scan_height, dose, settings.simulator, first_scan)
-        if simulated
-        else []
-    )
+    if not simulated:
+        scans = []
+    elif script:
+        scans = scripted_scans(Path(script), settings.simulator)
+        n_scans = len(scans)
+    else:
+        scans = simulated_scans(n_scans, scan_width, scan_height, dose, settings.simulator, first_scan)
     logger.info(
         "session %05d: %s camera, %s on %d node(s), backend %s; files in %s",
         plan.session_id,
         camera,
-        f"{n_scans} scan(s) of {scan_width}x{scan_height}" if simulated else _limits(n_scans, duration),
+        _simulated(scans, script) if simulated else _limits(n_scans, duration),
         s.nodes,
         s.backend,
         plan.output_dir,
@@ -258,6 +263,7 @@ def session(
                 player,
                 deadline,
                 lost_node_wait=settings.streaming.writer_deadline + 30.0,
+                index=k,
             )
             if result is None:  # the duration is over, or the run is being cancelled
                 cancelled = cancel_requested()
@@ -321,6 +327,12 @@ def session(
     if cancelled:
         return Cancelled(message=f"cancelled; {len(results)} scan(s) {done}", data=results)
     return Completed(message=f"{len(results)} scan(s) {done}", data=results)
+
+
+def _simulated(scans: list, script: str) -> str:
+    """What the simulated camera plays, in words."""
+    shapes = sorted({f"{s.config.scan.width}x{s.config.scan.height}" for s in scans})
+    return f"{len(scans)} scan(s) of {', '.join(shapes)}" + (f" from {script}" if script else "")
 
 
 def _limits(n_scans: int, duration: float) -> str:

@@ -15,6 +15,7 @@ from counting.geometry import ScanShape
 from counting.settings import SimulatorSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.scan_record import ScanRecord
+from streaming.scan_script import load_script
 from streaming.scan_sender import send_simulated_scan
 from tasks.scan_result import CameraCounts
 
@@ -25,25 +26,31 @@ class ScanTimeout(TransientError, TimeoutError):
 
 @dataclass(frozen=True)
 class ScanRequest:
-    """One scan the simulated camera plays: its number and shape, the pause before it, dose and seed."""
+    """One scan the simulated camera plays: its number, its simulated data, and the pause before it."""
 
     scan_number: int
-    width: int
-    height: int
-    dose: float
-    seed: int  # the camera's base seed: each scan's own seed derives from it and the scan number
-    flyback: bool  # the last column of each row is the beam's flyback, as on the 4D Camera
+    config: SimulatorConfig
     pause: float = 0.0  # seconds before this scan starts (a microscopist aligning, a tilt)
 
 
 def simulated_scans(
     n_scans: int, width: int, height: int, dose: float, simulator: SimulatorSettings, first_scan: int
 ) -> list[ScanRequest]:
-    """n scans of one shape, numbered on from first_scan, each with its own data (seed from its number)."""
-    return [
-        ScanRequest(n, width, height, dose, simulator.seed, simulator.flyback)
-        for n in range(first_scan, first_scan + n_scans)
-    ]
+    """n scans of one shape, numbered on from first_scan, each its own sample on the same detector."""
+    base = SimulatorConfig(
+        ScanShape(width, height),
+        frames_per_position=simulator.frames_per_position,
+        dose=dose,
+        seed=simulator.seed,
+        flyback=simulator.flyback,
+    )
+    return [ScanRequest(n, base.for_scan(n)) for n in range(first_scan, first_scan + n_scans)]
+
+
+def scripted_scans(path: Path, simulator: SimulatorSettings) -> list[ScanRequest]:
+    """The scans of a microscopist's script (streaming.scan_script: shapes, numbers, pauses, seeds)."""
+    script = load_script(path, simulator)
+    return [ScanRequest(s.scan_number, script.config(s), s.pause_before) for s in script.scans]
 
 
 def trigger_simulated_scan(
@@ -55,12 +62,13 @@ def trigger_simulated_scan(
     camera runs in real time, as the instrument does, and the receivers drop (and count) every sector the
     aggregator cannot take at once.
     """
-    config = SimulatorConfig(
-        ScanShape(scan.width, scan.height), dose=scan.dose, seed=scan.seed, flyback=scan.flyback
-    )
-    camera = SimulatedCamera(config.for_scan(scan.scan_number))  # same detector, different electrons
     results = send_simulated_scan(
-        camera, receivers, rate, scan_number=scan.scan_number, realtime=rate is not None, send_timeout=timeout
+        SimulatedCamera(scan.config),
+        receivers,
+        rate,
+        scan_number=scan.scan_number,
+        realtime=rate is not None,
+        send_timeout=timeout,
     )
     return CameraCounts(
         sectors_sent=sum(r.sent for r in results),

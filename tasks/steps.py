@@ -114,9 +114,11 @@ def acquire_scan(
     camera: CameraRun | None = None,
     deadline: float | None = None,
     lost_node_wait: float = 60.0,
+    index: int = -1,
 ) -> ScanResult | None:
     """Follow the next scan and wait for its counted file: the scan the simulated camera plays next
-    (``expect``), or, in an instrument session, whatever scan the receivers deliver next, of any shape.
+    (``expect``, the camera's scan ``index``), or, in an instrument session, whatever scan the receivers
+    deliver next, of any shape.
 
     Returns None when the monotonic ``deadline`` passes first (an instrument session's duration) or the
     run is being cancelled. A node lost mid-scan does not end the wait at once while the scan writer's host
@@ -153,9 +155,7 @@ def acquire_scan(
     if record is None:
         return None
     update_progress_artifact(progress_id, 100.0)
-    sent = (
-        camera.counts.get(camera.scans.index(expect)) if camera is not None and expect is not None else None
-    )
+    sent = camera.counts.get(index) if camera is not None else None
     result = ScanResult(record, sent, str(watch.failure) if watch.failure is not None else None)
     _log_scan(logger, result)
     return result
