@@ -40,7 +40,7 @@ class SessionWatcher(threading.Thread):
             found = [d for d in self.sessions.glob("*") if d.is_dir() and d.stat().st_mtime >= self.since]
             if not found:
                 return
-            self.session_dir = max(found, key=lambda d: d.stat().st_mtime)
+            self.session_dir = max(found, key=lambda d: d.stat().st_mtime).resolve()
         try:
             state = json.loads((self.session_dir / "session.json").read_text())
         except (OSError, ValueError):
@@ -225,9 +225,8 @@ def demo(
 
     width, height = _scan_size(scan)
     settings = load_settings()
-    console.print(
-        f"[bold]stemstream demo[/]: {scans} scan(s) of {width}x{height} through {nodes} node streamer(s)"
-    )
+    what = f"the scans of {script}" if script else f"{scans} scan(s) of {width}x{height}"
+    console.print(f"[bold]stemstream demo[/]: {what} through {nodes} node streamer(s)", soft_wrap=True)
     params = dict(
         camera="simulated",
         n_scans=scans,
