@@ -8,11 +8,17 @@ set -euo pipefail
 
 # What the tests run -> the Debian package that provides it. A binary is an absolute path, or a command
 # name looked up on PATH and in /usr/sbin and /sbin. To need another package, add one line here, e.g.
-#   slurmctld slurm-wlm | munged munge | /usr/bin/chromium chromium | /usr/bin/chromedriver chromium-driver
+#   /usr/bin/gdb gdb
 NEEDED=(
   "/usr/sbin/sshd openssh-server" # the SSH tests drive a real OpenSSH sshd on loopback
   "/usr/bin/chromium chromium" # the Prefect UI tests drive headless Chromium (never a downloaded browser)
   "/usr/bin/chromedriver chromium-driver" # ... through chromedriver (Selenium)
+  # The NERSC tests submit to a real Slurm on loopback (stemstream_testing/slurm_cluster.py): the
+  # controller, one node daemon per simulated node, the client commands, and munge for authentication.
+  "/usr/sbin/slurmctld slurm-wlm"
+  "/usr/sbin/slurmd slurm-wlm"
+  "/usr/bin/sbatch slurm-wlm" # slurm-client, a dependency of slurm-wlm: sbatch squeue scontrol scancel sinfo
+  "/usr/sbin/munged munge"
 )
 
 have() {

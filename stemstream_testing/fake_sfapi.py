@@ -1,10 +1,22 @@
-"""A loopback fake of the NERSC Superfacility API (v1.2) whose jobs really run, as local processes.
+"""A loopback fake of the NERSC Superfacility API (v1.2) whose jobs really run: on a real Slurm, or as
+local processes.
 
 It speaks the wire format sfapi_client 0.6 uses, so the real client (OAuth, HTTP, parsing) is exercised:
 ``POST /token`` (client_credentials + private_key_jwt), ``GET status[/<machine>]``,
-``POST/GET/DELETE compute/jobs/<machine>[/<id>]`` (sbatch, squeue/sacct, scancel) and ``GET tasks/<id>``.
+``POST/GET/DELETE compute/jobs/<machine>[/<id>]`` (sbatch, squeue/sacct, scancel), ``GET tasks/<id>`` and
+``GET utilities/download/<machine>/<path>``. "Remote" (Perlmutter) paths in ``#SBATCH -o`` and downloads
+map under ``root``.
 
-Jobs: a submitted batch script is parsed (``#SBATCH`` options, ``export NAME=value`` lines and ``srun``
+**On a real Slurm** (``slurm=SlurmCluster(...)``, stemstream_testing/slurm_cluster.py): a submission is
+``sbatch --parsable`` of the script as sent (run in ``root`` with a login-like environment, never the
+caller's, and ``--output`` mapped under ``root``; sbatch does not create that directory, as on Perlmutter);
+its error, if any, is the task's error. squeue queries are ``squeue -j``; sacct queries (there is no
+accounting daemon) are ``scontrol show job`` while ``MinJobAge`` keeps the job, then the job-completion
+file; DELETE is ``scancel``. States, reasons and exit codes are Slurm's own. ``close()`` cancels every job
+this fake submitted. Faults are made with Slurm itself (``scontrol update nodename=... state=down``).
+
+**In process** (no ``slurm``), for unit tests that need speed or states Slurm cannot be asked for: a
+submitted batch script is parsed (``#SBATCH`` options, ``export NAME=value`` lines and ``srun``
 lines). The job stays PENDING for ``pending_polls`` state queries, then goes RUNNING and each srun line
 starts its tasks as local processes (``subprocess.Popen``, one process group each) with the script's exports
 on top of the fake's environment plus ``SLURM_PROCID``/``SLURM_NODEID``/``SLURM_JOB_ID``/... per task.
@@ -14,14 +26,17 @@ TIMEOUT. A job without srun lines just holds its "nodes" until cancelled or out 
 (DELETE), a forced terminal state or ``close()`` sends SIGTERM to every process group and SIGKILL after
 ``kill_grace`` seconds, and records the exit codes.
 
-Not modelled: the rest of the script (it is never run by a shell), ``$VAR`` expansion in exports, job
-arrays, heterogeneous jobs. Paths in ``#SBATCH -o`` map under ``root`` (the "remote" file system).
+Not modelled in process (Slurm does all of it): the rest of the script (it is never run by a shell),
+``$VAR`` expansion in exports, job arrays, heterogeneous jobs, requeueing after a node failure, a missing
+``-o`` directory (the in-process runner creates it), a task's orphaned child keeping its step alive.
 
-Faults, as options: ``pending_polls``, ``stuck_pending``, ``fail_next_requests(n, status)``,
-``delay_responses(seconds)``, ``expire_tokens()``, ``reject_next_submit(message)``, ``error_next_queries(n)``,
-``set_state(job_id, "NODE_FAIL")``. ``jobs`` and ``requests`` are there for assertions.
+Faults, as options: ``fail_next_requests(n, status)``, ``delay_responses(seconds)``, ``expire_tokens()``,
+``reject_next_submit(message)``, ``error_next_queries(n)`` (both modes); ``pending_polls``,
+``stuck_pending``, ``set_state(job_id, "NODE_FAIL")`` (in process only). ``jobs`` and ``requests`` are there
+for assertions.
 
-CLI for manual demos: ``python -m stemstream_testing.fake_sfapi --root DIR --port 0`` prints the base URL.
+CLI for manual demos: ``python -m stemstream_testing.fake_sfapi --root DIR --port 0 [--slurm DIR --nodes 2]``
+prints the base URL (and, with --slurm, starts a loopback Slurm cluster for its jobs and stops it after).
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import getpass
 import itertools
 import json
 import logging
@@ -46,8 +62,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from stemstream_testing.slurm_cluster import SlurmCluster
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +110,10 @@ _SBATCH_ALIASES = {
     "--output": "output",
     "--reservation": "reservation",
     "--exclusive": "exclusive",
+    "--no-requeue": "no_requeue",
+    "--requeue": "requeue",
 }
-_SBATCH_FLAGS = {"--exclusive"}
+_SBATCH_FLAGS = {"--exclusive", "--no-requeue", "--requeue"}
 # srun options that take a value as the next word when written without "=".
 _SRUN_VALUED = {
     "-N", "--nodes", "-n", "--ntasks", "--ntasks-per-node", "-c", "--cpus-per-task", "-J", "--job-name",
@@ -102,8 +123,50 @@ _SRUN_VALUED = {
 }  # fmt: skip
 
 
+# squeue format codes -> the field names SFAPI's squeue output uses (sfapi_client's JobSqueue model).
+_SQUEUE_FIELDS = (
+    ("%i", "jobid"),
+    ("%T", "state"),
+    ("%j", "name"),
+    ("%q", "qos"),
+    ("%a", "account"),
+    ("%u", "user"),
+    ("%D", "nodes"),
+    ("%r", "reason"),
+    ("%V", "submit_time"),
+    ("%S", "start_time"),
+    ("%M", "time"),
+    ("%l", "time_limit"),
+    ("%N", "nodelist"),
+    ("%P", "partition"),
+)
+# scontrol / job-completion keys -> sacct's field names (sfapi_client's JobSacct model).
+_SACCT_FIELDS = (
+    ("JobState", "state"),
+    ("Reason", "reason"),
+    ("ExitCode", "exitcode"),
+    ("JobName", "jobname"),
+    ("Name", "jobname"),
+    ("Account", "account"),
+    ("QOS", "qos"),
+    ("NumNodes", "nnodes"),
+    ("NodeCnt", "nnodes"),
+    ("NodeList", "nodelist"),
+    ("RunTime", "elapsed"),
+    ("SubmitTime", "submit"),
+    ("StartTime", "start"),
+    ("EndTime", "end"),
+    ("TimeLimit", "timelimit"),
+    ("Partition", "partition"),
+)
+
+
 class FakeSfapiError(RuntimeError):
     """The fake was given a script or an option it cannot model."""
+
+
+class _SlurmCommandError(RuntimeError):
+    """A Slurm client command failed (slurmctld busy or down): SFAPI answers status ERROR."""
 
 
 @dataclass
@@ -129,7 +192,8 @@ class FakeJob:
     nodes: int
     walltime: float | None
     output: Path
-    state: str = "PENDING"
+    state: str = "PENDING"  # in process; on Slurm, ask FakeSfapi.job_state (this stays "SLURM")
+    slurm: bool = False  # submitted to a real Slurm (its processes are Slurm's, not in ``processes``)
     polls: int = 0
     pinned: bool = False  # a state forced by set_state: the fake no longer advances it
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -172,8 +236,10 @@ class FakeSfapi:
         kill_grace: float = 2.0,
         env: Mapping[str, str] | None = None,
         machines: tuple[str, ...] = ("perlmutter",),
+        slurm: SlurmCluster | None = None,
     ) -> None:
         self.root = Path(root)
+        self.slurm = slurm  # jobs go to this real Slurm; None: the in-process job runner
         self.pending_polls = pending_polls
         self.stuck_pending = stuck_pending
         self.token_lifetime = token_lifetime
@@ -221,7 +287,9 @@ class FakeSfapi:
             jobs = list(self.jobs.values())
         self.httpd.shutdown()
         self.httpd.server_close()
-        for job in jobs:
+        if self.slurm is not None:
+            self._close_slurm_jobs([job.jobid for job in jobs if job.slurm])
+        for job in (j for j in jobs if not j.slurm):
             with self._lock:
                 if job.state not in TERMINAL_STATES:
                     job.state = "CANCELLED"
@@ -269,8 +337,13 @@ class FakeSfapi:
         return token
 
     def set_state(self, jobid: str, state: str) -> None:
-        """Force a job's state; a terminal state (NODE_FAIL, ...) also kills its processes."""
+        """Force a job's state; a terminal state (NODE_FAIL, ...) also kills its processes (in process only)."""
         job = self.jobs[str(jobid)]
+        if job.slurm:
+            raise FakeSfapiError(
+                f"job {jobid} runs on a real Slurm: change it with Slurm (scontrol update nodename=... "
+                "state=down, scancel), not set_state"
+            )
         with self._lock:
             job.state = state
             job.pinned = True
@@ -279,15 +352,30 @@ class FakeSfapi:
         if state in TERMINAL_STATES:
             self._stop_job(job)
 
+    def job_state(self, jobid: str) -> str:
+        """The job's state as the server sees it (Slurm's, or the in-process runner's); "" if unknown."""
+        job = self.jobs.get(str(jobid))
+        if job is not None and job.slurm and self.slurm is not None:
+            return self._slurm_row(str(jobid)).get("state", "")
+        return job.state if job is not None else ""
+
+    def job_pids(self, jobid: str) -> list[int]:
+        """The job's live processes (on Slurm: its slurmstepd and tasks) or, in process, every one it started."""
+        job = self.jobs[str(jobid)]
+        if job.slurm and self.slurm is not None:
+            return self.slurm.job_processes(str(jobid))
+        return job.pids
+
     def wait_state(self, jobid: str, states: set[str] | frozenset[str], timeout: float = 10.0) -> str:
         """Block until the job is in one of these states (test helper); TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
+        state = ""
         while time.monotonic() < deadline:
-            state = self.jobs[str(jobid)].state
+            state = self.job_state(jobid)
             if state in states:
                 return state
-            time.sleep(0.02)
-        raise TimeoutError(f"job {jobid} still {self.jobs[str(jobid)].state} after {timeout}s")
+            time.sleep(0.02 if self.slurm is None else 0.1)
+        raise TimeoutError(f"job {jobid} still {state} after {timeout}s")
 
     # ---- HTTP ------------------------------------------------------------------------------------
     def _handle(self, h: _Handler, method: str) -> None:
@@ -348,6 +436,8 @@ class FakeSfapi:
         parts = rest.split("/")
         if method == "GET" and parts[0] == "status":
             return self._status(h, parts[1] if len(parts) > 1 else None)
+        if method == "GET" and parts[:2] == ["utilities", "download"] and len(parts) >= 4:
+            return self._download(h, parts[2], "/".join(parts[3:]))
         if method == "GET" and parts[0] == "tasks" and len(parts) == 2:
             task = self.tasks.get(parts[1])
             return h.send_json(200 if task else 404, task or {"detail": f"no task {parts[1]}"})
@@ -385,13 +475,25 @@ class FakeSfapi:
         self.tasks[task_id] = {"id": task_id, "status": "completed", "result": json.dumps(result)}
         return task_id
 
+    def _download(self, h: _Handler, machine: str, path: str) -> None:
+        """utilities/download: a text file of the "remote" file system (under root)."""
+        if machine not in self.machines:
+            return h.send_json(404, {"detail": f"unknown machine {machine}"})
+        local = self._local(posixpath.normpath("/" + path))
+        try:
+            text = local.read_text(errors="replace")
+        except OSError as exc:
+            error = f"{path}: {os.strerror(exc.errno or 0)}"
+            return h.send_json(200, {"status": "ERROR", "file": None, "is_binary": False, "error": error})
+        return h.send_json(200, {"status": "OK", "file": text, "is_binary": False, "error": None})
+
     def _submit(self, h: _Handler, form: dict[str, list[str]]) -> None:
         with self._lock:
             injected = self._submit_errors.pop(0) if self._submit_errors else None
         try:
             if injected:
                 raise FakeSfapiError(injected)
-            job = self._new_job(form)
+            job = self._new_job(form) if self.slurm is None else self._sbatch(form)
         except (FakeSfapiError, OSError, ValueError) as exc:
             result = {"status": "error", "jobid": None, "error": f"sbatch: error: {exc}"}
         else:
@@ -422,6 +524,12 @@ class FakeSfapi:
         sacct = (query.get("sacct") or ["false"])[0].lower() == "true"
         kwargs = dict(kv.split("=", 1) for kv in query.get("kwargs", []) if "=" in kv)
         ids = kwargs["jobid"].split(",") if "jobid" in kwargs else list(self.jobs)
+        if self.slurm is not None:
+            try:
+                rows = self._sacct_rows(ids) if sacct else self._squeue_rows(ids)
+            except _SlurmCommandError as exc:  # slurmctld busy or down: what SFAPI passes on
+                return h.send_json(200, {"status": "ERROR", "output": None, "error": str(exc)})
+            return h.send_json(200, {"status": "OK", "output": rows, "error": None})
         rows = []
         for jobid in ids:
             job = self.jobs.get(jobid)
@@ -439,11 +547,18 @@ class FakeSfapi:
                     "account": job.directives.get("account"),
                     "user": "fake",
                     "nodes": str(job.nodes),
+                    "reason": "Priority" if job.state == "PENDING" else "None",
                 }
             )
         return h.send_json(200, {"status": "OK", "output": rows, "error": None})
 
     def _cancel(self, h: _Handler, jobid: str) -> None:
+        if self.slurm is not None:
+            proc = self.slurm.run(["scancel", jobid], check=False, env=self._login_env())
+            if proc.returncode != 0:
+                error = (proc.stderr or proc.stdout).strip()
+                return h.send_json(200, {"status": "ERROR", "output": None, "error": error})
+            return h.send_json(200, {"status": "OK", "output": [], "error": None})
         job = self.jobs.get(jobid)
         if job is None:
             error = f"scancel: error: Kill job error on job id {jobid}: Invalid job id specified"
@@ -458,7 +573,102 @@ class FakeSfapi:
         self._stop_job(job)
         return h.send_json(200, {"status": "OK", "output": [], "error": None})
 
-    # ---- jobs ------------------------------------------------------------------------------------
+    # ---- jobs on a real Slurm -----------------------------------------------------------------------
+    def _login_env(self) -> dict[str, str]:
+        """The environment sbatch runs in: a login shell's (as SFAPI's), never this process's, plus env."""
+        user = os.environ.get("USER") or getpass.getuser()
+        base = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": os.environ.get("HOME", "/root"),
+            "USER": user,
+            "LOGNAME": user,
+            "SHELL": "/bin/bash",
+            "LANG": "C.UTF-8",
+        }
+        return {**base, **self.env}
+
+    def _sbatch(self, form: dict[str, list[str]]) -> FakeJob:
+        """Submit the script to the real Slurm; sbatch's own refusal becomes the task's error."""
+        assert self.slurm is not None
+        script = (form.get("job") or [""])[0]
+        if (form.get("isPath") or ["false"])[0].lower() == "true":
+            script = self._local(script).read_text()
+        directives = parse_sbatch(script)
+        output = directives.get("output", "slurm-%j.out")
+        mapped = self._local(posixpath.normpath(output)) if output.startswith("/") else self.root / output
+        proc = self.slurm.run(
+            ["sbatch", "--parsable", f"--output={mapped}"],
+            input=script,
+            check=False,
+            cwd=self.root,
+            env=self._login_env(),
+        )
+        if proc.returncode != 0:
+            raise FakeSfapiError((proc.stderr or proc.stdout).strip().removeprefix("sbatch: error: "))
+        jobid = proc.stdout.strip().split(";")[0]
+        name = directives.get("job_name", "")
+        try:
+            steps = [
+                parse_srun(line, _int_range_min(directives.get("nodes", "1"))) for line in srun_lines(script)
+            ]
+        except (FakeSfapiError, ValueError):
+            steps = []  # Slurm is the judge of the script here; the parsed steps are only for assertions
+        job = FakeJob(
+            jobid=jobid,
+            script=script,
+            directives=directives,
+            env=parse_exports(script),
+            steps=steps,
+            nodes=_int_range_min(directives.get("nodes", "1")),
+            walltime=parse_walltime(directives["time"]) if "time" in directives else None,
+            output=Path(str(mapped).replace("%x", name or "sbatch").replace("%j", jobid)),
+            state="SLURM",
+            slurm=True,
+        )
+        with self._lock:
+            self.jobs[jobid] = job
+        return job
+
+    def _squeue_rows(self, ids: list[str]) -> list[dict[str, str]]:
+        """squeue -j (live jobs only, as SFAPI's squeue); an unknown id is no row, not an error."""
+        assert self.slurm is not None
+        fmt = "|".join(f for f, _ in _SQUEUE_FIELDS)
+        argv = ["squeue", "--noheader", "-o", fmt] + (["-j", ",".join(ids)] if ids else [])
+        proc = self.slurm.run(argv, check=False, env=self._login_env())
+        if proc.returncode != 0:
+            if "Invalid job id" in proc.stderr:
+                return []
+            raise _SlurmCommandError(proc.stderr.strip() or f"squeue exited {proc.returncode}")
+        names = [name for _, name in _SQUEUE_FIELDS]
+        return [dict(zip(names, line.split("|"))) for line in proc.stdout.splitlines() if line.strip()]
+
+    def _sacct_rows(self, ids: list[str]) -> list[dict[str, str]]:
+        """What sacct would say, without an accounting daemon: scontrol while Slurm keeps the job, then the
+        job-completion file."""
+        rows = [self._slurm_row(jobid) for jobid in ids]
+        return [row for row in rows if row]
+
+    def _slurm_row(self, jobid: str) -> dict[str, str]:
+        """One job in sacct's field names, from scontrol or the job-completion file; {} if Slurm never knew it."""
+        assert self.slurm is not None
+        info = self.slurm.job(jobid) or self.slurm.completed_job(jobid)
+        if not info:
+            return {}
+        return {sacct: info[key] for key, sacct in _SACCT_FIELDS if key in info} | {"jobid": jobid}
+
+    def _close_slurm_jobs(self, ids: list[str]) -> None:
+        """Cancel every job this fake submitted (already-ended ones are a no-op for scancel) and wait until
+        their processes are gone."""
+        assert self.slurm is not None
+        if not ids:
+            return
+        with contextlib.suppress(Exception):
+            self.slurm.run(["scancel", *ids], check=False, env=self._login_env())
+        deadline = time.monotonic() + self.slurm.kill_wait + 10
+        while time.monotonic() < deadline and any(self.slurm.job_processes(j) for j in ids):
+            time.sleep(0.1)
+
+    # ---- jobs in process --------------------------------------------------------------------------
     def _local(self, remote: str) -> Path:
         """Where a "remote" Perlmutter path lives under root."""
         return self.root / remote.lstrip("/")
@@ -824,16 +1034,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--pending-polls", type=int, default=1)
+    parser.add_argument("--pending-polls", type=int, default=1, help="in-process jobs only")
+    parser.add_argument(
+        "--slurm",
+        type=Path,
+        metavar="DIR",
+        help="run the jobs on a loopback Slurm cluster kept in DIR (started now, stopped on exit)",
+    )
+    parser.add_argument("--nodes", type=int, default=2, help="nodes of that Slurm cluster")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     args.root.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with FakeSfapi(args.root, host=args.host, port=args.port, pending_polls=args.pending_polls) as fake:
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.slurm is not None:
+            from stemstream_testing.slurm_cluster import SlurmCluster
+
+            cluster = stack.enter_context(SlurmCluster(args.slurm.resolve(), nodes=args.nodes))
+        fake = stack.enter_context(
+            FakeSfapi(
+                args.root.resolve(),
+                host=args.host,
+                port=args.port,
+                pending_polls=args.pending_polls,
+                slurm=cluster,
+            )
+        )
         print(fake.base_url, flush=True)
         print(f"token_url {fake.token_url}", file=sys.stderr, flush=True)
         print(f"access_token {fake.issue_token()}", file=sys.stderr, flush=True)
+        if cluster is not None:
+            print(
+                f"export SLURM_CONF={cluster.conf}   # squeue, scontrol, scancel", file=sys.stderr, flush=True
+            )
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
     return 0

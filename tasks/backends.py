@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +25,7 @@ from counting.errors import PermanentError
 from tasks.plan import SessionPlan, aggregator_command, node_command, shell
 from tasks.processes import ProcessGroup
 from tasks.remote import SshSettings, start_remote_process, stop_remote_process
-from tasks.sfapi import SfapiAllocator, SfapiSettings
+from tasks.sfapi import JobStatus, SfapiAllocator, SfapiSettings
 from tasks.slurm import SlurmSettings, render_batch_script
 
 log = logging.getLogger(__name__)
@@ -124,11 +127,18 @@ class LocalNodes:
 
 @dataclass
 class SlurmNodes:
-    """Node streamers in a realtime Slurm job submitted through SFAPI."""
+    """Node streamers in a realtime Slurm job submitted through SFAPI.
+
+    on_wait: where the pending time and Slurm's reason go while the job waits to start (the session: its
+    run log); cancelled: asked while it waits, True ends the wait and cancels the job (the session: is the
+    flow run being cancelled?).
+    """
 
     sfapi: SfapiSettings
     slurm: SlurmSettings
     job_id: str | None = None
+    on_wait: Callable[[str], None] | None = field(default=None, repr=False)
+    cancelled: Callable[[], bool] | None = field(default=None, repr=False)
     _allocator: SfapiAllocator | None = field(default=None, repr=False)
 
     def start(self, plan: SessionPlan) -> str:
@@ -142,14 +152,42 @@ class SlurmNodes:
         return self.job_id
 
     def wait_started(self) -> None:
-        """Wait for RUNNING (the realtime queue usually starts within a minute); cancels on failure."""
-        self._allocator.wait_running(self.job_id)
+        """Wait for RUNNING as long as sfapi.start_timeout allows, reporting the pending time and Slurm's
+        reason; the job is cancelled on a failure, a timeout or a cancellation (AllocationCancelled)."""
+        self._allocator.wait_running(self.job_id, on_wait=self.on_wait, cancelled=self.cancelled)
 
     def check(self) -> None:
-        """Raise NodeFailure if the job is no longer RUNNING."""
-        state = self._allocator.state(self.job_id)
-        if state != "RUNNING":
-            raise NodeFailure(f"Slurm job {self.job_id} is {state}, not RUNNING")
+        """Raise NodeFailure if the job is no longer RUNNING: Slurm's state, reason and the job output's end."""
+        status = self._allocator.status(self.job_id)
+        if status.state != "RUNNING":
+            raise NodeFailure(self._ended(self._settled(status)))
+
+    def _settled(self, status: JobStatus, wait: float = 15.0) -> JobStatus:
+        """A COMPLETING job's final state (FAILED, NODE_FAIL, TIMEOUT, ...), once Slurm has ended its
+        processes (bounded: then COMPLETING it stays)."""
+        deadline = time.monotonic() + wait
+        while status.state == "COMPLETING" and time.monotonic() < deadline:
+            time.sleep(min(self.sfapi.poll_interval, 1.0))
+            status = self._allocator.status(self.job_id)
+        return status
+
+    def output_path(self) -> str | None:
+        """The job's output file on the machine (#SBATCH -o), when log_dir is absolute."""
+        if self.job_id is None or not posixpath.isabs(self.slurm.log_dir):
+            return None
+        return posixpath.join(self.slurm.log_dir, f"{self.slurm.job_name}_{self.job_id}.out")
+
+    def _ended(self, status: JobStatus) -> str:
+        message = f"Slurm job {self.job_id} is {status.describe()}, not RUNNING"
+        if status.exit_code not in ("", "0:0"):
+            message += f"; exit code {status.exit_code}"
+        path = self.output_path()
+        tail = self._allocator.read_output(path) if path else ""
+        if tail:
+            message += f"\nend of the job's output ({path}):\n{tail}"
+        elif path:
+            message += f"; its output: {path}"
+        return message
 
     def stop(self) -> None:
         """Cancel the job (idempotent) and close the API session."""

@@ -13,6 +13,12 @@ private_key_jwt) and the HTTP. What this module adds, and why:
 * Our own terminal states. The client's TERMINAL_STATES lacks NODE_FAIL, BOOT_FAIL, DEADLINE and REVOKED,
   so its waits never end for them; :func:`SfapiAllocator.wait_running` fails on any state that cannot
   turn into RUNNING, and on a timeout.
+* Slurm's reason with every state (:class:`JobStatus`): why a job pends (PartitionNodeLimit, Priority,
+  ReqNodeNotAvail, ...) or why it ended (NonZeroExitCode, NodeDown, TimeLimit, JobLaunchFailure), with a
+  hint in words. A realtime job may wait in the queue for many minutes (rarely, up to ~25): the wait is as
+  long as ``start_timeout`` (30 min by default), reports the pending time and the reason every
+  ``pending_log_interval`` seconds, and stops at once, cancelling the job, when the caller says the session
+  is being cancelled. A job given up on is always cancelled, so it can never start later for nobody.
 * Token refresh after a 401: the client session is rebuilt once, which fetches a new token.
 * No secrets in messages or logs: errors carry the HTTP status and the URL path, never headers or bodies.
 """
@@ -27,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +93,57 @@ WAITING_STATES = frozenset(
 )
 _MAX_BACKOFF = 10.0
 
+# Slurm's reasons (squeue %r, scontrol Reason=), by prefix, in words an operator can act on.
+REASON_HINTS = (
+    ("PartitionNodeLimit", "the job asks for more nodes than the partition allows (slurm.nodes)"),
+    ("QOSMaxNodePerJobLimit", "the job asks for more nodes than the QOS allows (slurm.nodes)"),
+    ("QOSGrpNodeLimit", "the QOS's nodes are all in use (another realtime job of the project?)"),
+    ("AssocGrpNodeLimit", "the project's node limit is in use"),
+    ("ReqNodeNotAvail", "nodes the job needs are down, drained or reserved"),
+    ("Nodes_required_for_job_are_DOWN", "nodes the job needs are down, drained or reserved"),
+    ("Resources", "waiting for nodes to become free"),
+    ("Priority", "other jobs are ahead in the queue"),
+    ("Reservation", "waiting for its reservation"),
+    ("JobHeld", "the job is held (scontrol release)"),
+    ("BeginTime", "the job's start time is in the future"),
+    ("NonZeroExitCode", "a node streamer exited non-zero and --kill-on-bad-exit ended the job"),
+    ("NodeDown", "a node of the allocation failed"),
+    ("TimeLimit", "the job reached its walltime (slurm.walltime)"),
+    ("JobLaunchFailure", "Slurm could not start the batch script: does slurm.log_dir exist on the machine?"),
+)
+
+
+def reason_hint(reason: str) -> str:
+    """What Slurm's reason means, in words ("" for none or an unknown one)."""
+    return next((hint for prefix, hint in REASON_HINTS if reason.startswith(prefix)), "")
+
+
+def _minutes(seconds: float) -> str:
+    """A duration for people: 45 s, 3 min 20 s, 1 h 5 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s" if seconds % 60 else f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's Slurm state, with Slurm's reason and exit code where the query gives them."""
+
+    job_id: str
+    state: str
+    reason: str = ""  # "" when Slurm gives none ("None")
+    exit_code: str = ""  # "exit:signal" (sacct), "" when not known
+
+    def describe(self) -> str:
+        """e.g. "PENDING (Slurm's reason: PartitionNodeLimit: the job asks for more nodes than ...)"."""
+        if not self.reason:
+            return self.state
+        hint = reason_hint(self.reason)
+        return f"{self.state} (Slurm's reason: {self.reason}{': ' + hint if hint else ''})"
+
 
 class AllocationError(StemstreamError, RuntimeError):
     """Base of every allocation failure (never raised itself); messages never contain keys or secrets."""
@@ -110,23 +168,42 @@ class SfapiRequestFailed(PermanentError, AllocationError):
 class JobFailedError(PermanentError, AllocationError):
     """The job reached a state from which it will never be RUNNING (NODE_FAIL, CANCELLED, ...)."""
 
-    def __init__(self, job_id: str, state: str) -> None:
-        super().__init__(f"Slurm job {job_id} is {state}: it will not run")
+    def __init__(self, job_id: str, state: str, reason: str = "") -> None:
+        why = JobStatus(job_id, state, reason).describe()
+        super().__init__(f"Slurm job {job_id} is {state}: it will not run" + why[len(state) :])
         self.job_id = job_id
         self.state = state
+        self.reason = reason
 
 
 class JobStartTimeout(PermanentError, AllocationError):
     """The job did not reach RUNNING within the start timeout (the whole wait: a retry would only wait more)."""
 
-    def __init__(self, job_id: str, timeout: float, last_state: str) -> None:
+    def __init__(self, job_id: str, timeout: float, last_state: str, reason: str = "") -> None:
+        why = JobStatus(job_id, last_state, reason).describe()[len(last_state) :].strip()
         super().__init__(
-            f"Slurm job {job_id} not RUNNING after {timeout:.0f} s (last state {last_state}); "
-            "check the realtime QOS grant, the reservation and the queue"
+            f"Slurm job {job_id} not RUNNING after {timeout:.0f} s (last state {last_state})"
+            + (f"; {why[1:-1]}" if why else "")
+            + "; the job is cancelled. Check the realtime QOS grant, the reservation and the queue, "
+            "or wait longer (sfapi.start_timeout)"
         )
         self.job_id = job_id
         self.timeout = timeout
         self.last_state = last_state
+        self.reason = reason
+
+
+class AllocationCancelled(PermanentError, AllocationError):
+    """The session was cancelled while its job waited to start; the job is cancelled (never left queued)."""
+
+    def __init__(self, job_id: str, waited: float, status: JobStatus) -> None:
+        super().__init__(
+            f"cancelled while Slurm job {job_id} waited {_minutes(waited)} to start, "
+            f"{status.describe()}; the job is cancelled"
+        )
+        self.job_id = job_id
+        self.waited = waited
+        self.status = status
 
 
 class SfapiSettings(BaseModel):
@@ -145,7 +222,15 @@ class SfapiSettings(BaseModel):
     submit_timeout: float = Field(
         120.0, gt=0, description="seconds for sbatch (the SFAPI task) to return a job id"
     )
-    start_timeout: float = Field(600.0, gt=0, description="seconds for the job to reach RUNNING")
+    start_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="seconds the session waits for its job to start (the realtime queue: usually seconds, "
+        "rarely up to ~25 min); then the job is cancelled and the session fails",
+    )
+    pending_log_interval: float = Field(
+        60.0, gt=0, description="seconds between reports of the pending time and Slurm's reason"
+    )
     api_timeout: float = Field(60.0, gt=0, description="seconds one API operation may take, retries included")
     request_timeout: float = Field(10.0, gt=0, description="seconds one HTTP request may take")
     api_retries: int = Field(6, ge=1, description="attempts per API operation")
@@ -295,34 +380,79 @@ class SfapiAllocator:
 
     def state(self, job_id: str) -> str:
         """The job's Slurm state (squeue, else sacct); UNKNOWN when neither lists it."""
-        state = self._query_state(job_id, sacct=False)
-        return state if state is not None else (self._query_state(job_id, sacct=True) or UNKNOWN)
+        return self.status(job_id).state
+
+    def status(self, job_id: str) -> JobStatus:
+        """The job's state with Slurm's reason (squeue, else sacct); state UNKNOWN when neither lists it."""
+        status = self._query_status(job_id, sacct=False)
+        if status is None:
+            status = self._query_status(job_id, sacct=True)
+        return status or JobStatus(job_id, UNKNOWN)
 
     def wait_running(
-        self, job_id: str, timeout: float | None = None, *, cancel_on_failure: bool = True
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        *,
+        cancel_on_failure: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> str:
-        """Poll until the job is RUNNING; JobFailedError or JobStartTimeout (after cancelling it) otherwise."""
-        timeout = self._settings.start_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        state = UNKNOWN
+        """Poll until the job is RUNNING; JobFailedError, JobStartTimeout or AllocationCancelled otherwise,
+        after cancelling the job.
+
+        While it waits, the pending time and Slurm's reason are logged (and passed to ``on_wait``) at once and
+        then every ``pending_log_interval`` s; ``cancelled()`` is asked on every poll: True ends the wait."""
+        s = self._settings
+        timeout = s.start_timeout if timeout is None else timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        next_report = start
         try:
             while True:
-                state = self.state(job_id)
-                if state == RUNNING:
-                    log.info("Slurm job %s is RUNNING", job_id)
-                    return state
-                if state not in WAITING_STATES:
-                    raise JobFailedError(job_id, state)
+                status = self.status(job_id)
+                waited = time.monotonic() - start
+                if status.state == RUNNING:
+                    log.info("Slurm job %s is RUNNING (%s in the queue)", job_id, _minutes(waited))
+                    return status.state
+                if status.state not in WAITING_STATES:
+                    raise JobFailedError(job_id, status.state, status.reason)
+                if cancelled is not None and cancelled():
+                    raise AllocationCancelled(job_id, waited, status)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise JobStartTimeout(job_id, timeout, state)
-                log.debug("Slurm job %s is %s; %.0f s left to start", job_id, state, remaining)
-                time.sleep(min(self._settings.poll_interval, remaining))
-        except AllocationError:
+                    raise JobStartTimeout(job_id, timeout, status.state, status.reason)
+                if time.monotonic() >= next_report:
+                    message = (
+                        f"Slurm job {job_id} waiting to start for {_minutes(waited)}: {status.describe()}; "
+                        f"waiting up to {_minutes(timeout)} (sfapi.start_timeout)"
+                    )
+                    log.info(message)
+                    if on_wait is not None:
+                        on_wait(message)
+                    next_report = time.monotonic() + s.pending_log_interval
+                time.sleep(min(s.poll_interval, remaining))
+        except BaseException:  # KeyboardInterrupt and Prefect's timeout too: never leave the job queued
             if cancel_on_failure:
                 # A job that starts after we gave up would hold realtime nodes nobody uses.
                 _cancel_logging_errors(self, job_id)
             raise
+
+    def read_output(self, path: str, lines: int = 20) -> str:
+        """The last lines of a text file on the machine (the job's output), through SFAPI; "" if unreadable."""
+        machine = self._settings.machine
+        try:
+            reply = self._call(
+                f"download {path}",
+                lambda c: c.get(f"utilities/download/{machine}/{path}", {"binary": False}).json(),
+            )
+        except AllocationError as exc:
+            log.warning("could not read %s through SFAPI: %s", path, exc)
+            return ""
+        if str(reply.get("status", "")).upper() == "ERROR" or not isinstance(reply.get("file"), str):
+            log.warning("could not read %s through SFAPI: %s", path, reply.get("error"))
+            return ""
+        return "\n".join(reply["file"].rstrip("\n").splitlines()[-lines:])
 
     def cancel(self, job_id: str) -> None:
         """Cancel the job; a job that is already gone is fine (logged), a refused cancel of a live one raises."""
@@ -368,7 +498,7 @@ class SfapiAllocator:
                 )
             time.sleep(min(1.0, self._settings.poll_interval))
 
-    def _query_state(self, job_id: str, *, sacct: bool) -> str | None:
+    def _query_status(self, job_id: str, *, sacct: bool) -> JobStatus | None:
         """One squeue or sacct query through SFAPI; None when the job is not listed."""
         # Raw request instead of Compute.jobs(): the client turns an ERROR reply into a TypeError and
         # fails validation on state strings its enum lacks.
@@ -385,8 +515,15 @@ class SfapiAllocator:
         rows = [r for r in reply.get("output") or [] if str(r.get("jobid")) == str(job_id)]
         if not rows:
             return None
-        state = str(rows[0].get("state") or UNKNOWN).split()[0]  # sacct says "CANCELLED by 12345"
-        return state.rstrip("+")  # sacct marks truncated states with "+"
+        row = rows[0]
+        state = str(row.get("state") or UNKNOWN).split()[0]  # sacct says "CANCELLED by 12345"
+        reason = str(row.get("reason") or "").strip()
+        return JobStatus(
+            job_id,
+            state.rstrip("+"),  # sacct marks truncated states with "+"
+            "" if reason in ("None", "(null)") else reason,
+            str(row.get("exitcode") or ""),
+        )
 
     def _session(self) -> _BoundedClient:
         if self._client is None:

@@ -39,6 +39,8 @@ _MANAGED_SBATCH = {
     "--output": "log_dir",
     "--reservation": "reservation",
     "--exclusive": "(always set)",
+    "--no-requeue": "(always set)",
+    "--requeue": "(never: a requeued job would start the streamers again with no session)",
 }
 _MANAGED_SRUN = {"-N", "--nodes", "-n", "--ntasks", "--ntasks-per-node", "-K", "--kill-on-bad-exit"}
 
@@ -134,9 +136,9 @@ class SlurmSettings(BaseModel):
             _check_option(line, "extra_sbatch")
             name = line.split("=", 1)[0].split()[0]
             if name in _MANAGED_SBATCH:
-                raise ValueError(
-                    f"extra_sbatch {line!r} repeats an option set by slurm.{_MANAGED_SBATCH[name]}"
-                )
+                owner = _MANAGED_SBATCH[name]
+                where = f"the template {owner}" if owner.startswith("(") else f"slurm.{owner}"
+                raise ValueError(f"extra_sbatch {line!r} repeats an option set by {where}")
         return lines
 
     @field_validator("srun_options")

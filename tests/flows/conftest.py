@@ -1,5 +1,6 @@
 """Fixtures for the flow tests: one Prefect test harness per pytest session, stemstream settings in the
-environment (as the flow reads them), and the NERSC stand-ins (loopback fake SFAPI, real sshd).
+environment (as the flow reads them), and the NERSC stand-ins (loopback fake SFAPI, in front of a real
+loopback Slurm cluster or of its in-process job runner; a real sshd).
 
 Prefect reads PREFECT_HOME and the analytics switches when it is imported, so they are set here, before
 anything imports prefect. The harness is not autouse: only tests that run flows ask for it (pytestmark in
@@ -30,11 +31,21 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME, te
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
+from stemstream_testing.slurm_cluster import SlurmCluster  # noqa: E402
+from streaming.security import write_keypair  # noqa: E402
 from tasks.remote import SshSettings  # noqa: E402
 
-# Shared with tests/tasks: a real OpenSSH sshd on loopback, SFAPI client keys, the loopback fake SFAPI (that
-# conftest also silences authlib's httpx deprecation warning before sfapi_client is first imported).
-from tests.tasks.conftest import fake, sfapi_pem, sshd  # noqa: E402, F401
+# Shared with tests/tasks: a real OpenSSH sshd on loopback, SFAPI client keys, the loopback fake SFAPI, the
+# loopback Slurm cluster (one per pytest session) and the fake in front of it (that conftest also silences
+# authlib's httpx deprecation warning before sfapi_client is first imported).
+from tests.tasks.conftest import (  # noqa: E402, F401
+    fake,
+    sfapi_pem,
+    slurm,
+    slurm_cluster,
+    slurm_fake,
+    sshd,
+)
 from tests.tasks.helpers import CLIENT_ID, free_port  # noqa: E402
 
 ENV_PREFIX = "STEMSTREAM_"
@@ -111,6 +122,55 @@ def nersc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> NerscSetup:
     """Settings for backend=nersc: SFAPI is the loopback fake, the aggregator host is the loopback sshd."""
+    return _nersc_settings(stemstream_env, fake, sfapi_pem, sshd, tmp_path, monkeypatch)
+
+
+@dataclass(frozen=True)
+class NerscSlurmSetup(NerscSetup):
+    """A nersc-backend setup whose SFAPI submits to the real loopback Slurm cluster."""
+
+    slurm: SlurmCluster | None = None
+    curve: Path | None = None  # the CURVE key directory (aggregator and session key pairs)
+
+
+@pytest.fixture
+def nersc_slurm(
+    stemstream_env: Path,
+    slurm_fake: FakeSfapi,  # noqa: F811
+    slurm: SlurmCluster,  # noqa: F811
+    sfapi_pem: str,  # noqa: F811
+    sshd: SshSettings,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> NerscSlurmSetup:
+    """backend=nersc on real Slurm: the fake SFAPI submits to the loopback cluster (2 nodes), the batch
+    script's log directory is /pscratch/logs under the fake's root, CURVE between the aggregator (started
+    over SSH) and the nodes, 2 node streamers."""
+    setup = _nersc_settings(stemstream_env, slurm_fake, sfapi_pem, sshd, tmp_path, monkeypatch)
+    set_env(monkeypatch, "sfapi", poll_interval=0.2, pending_log_interval=1)
+    set_env(monkeypatch, "session", nodes=2)
+    curve = tmp_path / "curve"
+    server_public, server_secret = write_keypair(curve, "aggregator")
+    client_public, client_secret = write_keypair(curve, "session")
+    set_env(
+        monkeypatch,
+        "streaming__curve",
+        client_secret_file=client_secret,
+        server_public_file=server_public,
+        server_secret_file=server_secret,
+        allowed_clients=[str(client_public)],
+    )
+    return NerscSlurmSetup(**setup.__dict__, slurm=slurm, curve=curve)
+
+
+def _nersc_settings(
+    stemstream_env: Path,
+    fake: FakeSfapi,  # noqa: F811
+    sfapi_pem: str,  # noqa: F811
+    sshd: SshSettings,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> NerscSetup:
     key = tmp_path / "sfapi_key.pem"
     key.write_text(sfapi_pem)
     key.chmod(0o600)

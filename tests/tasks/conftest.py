@@ -1,4 +1,5 @@
-"""Fixtures for tasks/: a real OpenSSH sshd on loopback, the loopback fake SFAPI, SFAPI test keys."""
+"""Fixtures for tasks/: a real OpenSSH sshd on loopback, a real Slurm cluster on loopback, the loopback fake
+SFAPI (jobs on that Slurm, or in process), SFAPI test keys."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
+from stemstream_testing.slurm_cluster import SlurmCluster, SlurmClusterError  # noqa: E402
 from tasks.remote import SshSettings  # noqa: E402
 from tasks.sfapi import SfapiSettings  # noqa: E402
 
-from .helpers import CLIENT_ID, alive, free_port, keygen  # noqa: E402
+from .helpers import CLIENT_ID, alive, free_port, keygen, wait_until  # noqa: E402
 
 
 # ---- SFAPI ---------------------------------------------------------------------------------------
@@ -51,19 +53,85 @@ def fake(tmp_path: Path, sfapi_pem: str) -> Iterator[FakeSfapi]:
 
 @pytest.fixture
 def sfapi_settings(fake: FakeSfapi, sfapi_pem: str) -> SfapiSettings:
-    return SfapiSettings(
-        api_base_url=fake.base_url,
-        token_url=fake.token_url,
-        client_id=CLIENT_ID,
-        secret=SecretStr(sfapi_pem),
-        poll_interval=0.05,
-        submit_timeout=5,
-        start_timeout=5,
-        api_timeout=5,
-        request_timeout=2,
-        api_retries=5,
-        retry_backoff=0.05,
+    return _sfapi_settings(fake, sfapi_pem)
+
+
+def _sfapi_settings(fake: FakeSfapi, pem: str, **update: object) -> SfapiSettings:
+    values: dict[str, object] = {
+        "api_base_url": fake.base_url,
+        "token_url": fake.token_url,
+        "client_id": CLIENT_ID,
+        "secret": SecretStr(pem),
+        "poll_interval": 0.05,
+        "submit_timeout": 5,
+        "start_timeout": 5,
+        "api_timeout": 5,
+        "request_timeout": 2,
+        "api_retries": 5,
+        "retry_backoff": 0.05,
+    }
+    return SfapiSettings(**(values | update))
+
+
+# ---- Slurm ---------------------------------------------------------------------------------------
+# One cluster per pytest session, shared by tests/tasks and tests/flows (whose conftest imports these
+# fixtures, which makes a second fixture definition): the first user starts it, the last one stops it.
+_CLUSTER: dict[str, object] = {"cluster": None, "users": 0}
+SLURM_NODES = 2
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """munged, slurmctld and two slurmd (node1, node2) on loopback, started once; every daemon stopped."""
+    if _CLUSTER["cluster"] is None:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=SLURM_NODES)
+        try:
+            cluster.start()
+        except SlurmClusterError as exc:  # a missing package must fail the tests, never skip them
+            pytest.fail(f"cannot start the loopback Slurm cluster: {exc}")
+        _CLUSTER["cluster"] = cluster
+    _CLUSTER["users"] = int(_CLUSTER["users"]) + 1  # type: ignore[call-overload]
+    cluster = _CLUSTER["cluster"]
+    assert isinstance(cluster, SlurmCluster)
+    try:
+        yield cluster
+    finally:
+        _CLUSTER["users"] = int(_CLUSTER["users"]) - 1  # type: ignore[call-overload]
+        if _CLUSTER["users"] == 0:
+            _CLUSTER["cluster"] = None
+            daemons = cluster.pids
+            cluster.stop()
+            left = [pid for pid in daemons if alive(pid)] + cluster.leftover_pids()
+            assert not left, f"the Slurm cluster left processes behind: {left}"
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The cluster for one test, all nodes idle; afterwards every job is cancelled, every node resumed,
+    and no process of any job is left."""
+    slurm_cluster.reset()
+    yield slurm_cluster
+    slurm_cluster.reset()
+    assert wait_until(lambda: not slurm_cluster.job_processes(), timeout=slurm_cluster.kill_wait + 10), (
+        f"job processes left behind: {slurm_cluster.job_processes()}"
     )
+
+
+@pytest.fixture
+def slurm_fake(tmp_path: Path, sfapi_pem: str, slurm: SlurmCluster) -> Iterator[FakeSfapi]:
+    """The fake SFAPI in front of the real Slurm; the "remote" file system (root) has /pscratch/logs."""
+    root = tmp_path / "nersc"
+    (root / "pscratch" / "logs").mkdir(parents=True)
+    with FakeSfapi(root, clients={CLIENT_ID: sfapi_pem}, slurm=slurm) as fake:
+        yield fake
+    for jobid in fake.jobs:  # close() cancelled every job it submitted and waited for its processes
+        assert not slurm.job_processes(jobid), f"job {jobid} left processes behind"
+
+
+@pytest.fixture
+def slurm_sfapi_settings(slurm_fake: FakeSfapi, sfapi_pem: str) -> SfapiSettings:
+    """Client settings for the fake in front of Slurm (polls a real squeue: 0.1 s apart)."""
+    return _sfapi_settings(slurm_fake, sfapi_pem, poll_interval=0.1, start_timeout=20)
 
 
 # ---- SSH -----------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
 """SfapiAllocator and allocate() with the real sfapi_client against the loopback fake SFAPI.
 
-The fake really runs the batch script's srun line as local processes, so these tests see node streamers
-start, and see cancel, NODE_FAIL and walltime end them. Every test also checks that no key, token or
-client assertion shows up in the logs (autouse fixture) and, where an error is raised, in its text.
+Jobs run on a real Slurm (the loopback cluster of stemstream_testing/slurm_cluster.py, behind the fake
+SFAPI): the rendered batch script runs under bash on two Slurm nodes and srun starts its tasks, so these
+tests see Slurm's own states, reasons and exit codes for a cancel, a failing task (--kill-on-bad-exit), a
+node set down (NODE_FAIL), a job that cannot start (PENDING with its reason), a missing log directory and
+a refused submission. The in-process job runner stays where speed or an unreachable state needs it:
+allocate()'s ways out, the walltime, states Slurm cannot be asked for (BOOT_FAIL, DEADLINE, REVOKED), API
+faults and credentials. Every test also checks that no key, token or client assertion shows up in the
+logs (autouse fixture) and, where an error is raised, in its text.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,8 +33,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
 from stemstream_testing.fake_sfapi import FakeSfapi
+from stemstream_testing.slurm_cluster import SlurmCluster
 from tasks.sfapi import (
     UNKNOWN,
+    AllocationCancelled,
     AllocationError,
     JobFailedError,
     JobStartTimeout,
@@ -43,25 +51,31 @@ from tasks.slurm import SlurmSettings, render_batch_script
 
 from .helpers import CLIENT_ID, alive, wait_until
 
-# Each task writes <marker dir>/<SLURM_PROCID> = "jobid nodeid child_pid exported", starts a child, then waits.
+# Each task writes <marker dir>/<SLURM_PROCID> = "jobid nodeid child_pid exported node leaked", starts a
+# child, then waits.
 NODE_CODE = """\
 import os, pathlib, subprocess, sys, time
 child = subprocess.Popen(["sleep", "60"])
 env = os.environ
 line = f"{env['SLURM_JOB_ID']} {env['SLURM_NODEID']} {child.pid} {env['STEMSTREAM_TEST']}"
+line += f" {env['SLURMD_NODENAME']} {env.get('STEMSTREAM_LEAK', '-')}"
 pathlib.Path(env["MARKERS"], env["SLURM_PROCID"]).write_text(line)
 if env["SLURM_PROCID"] == env.get("FAIL_RANK"):
+    child.kill()
     sys.exit(3)
 time.sleep(float(env.get("LIFETIME", "60")))
+child.kill()  # an orphan would keep the step alive (it holds srun's output) and escape proctrack/linuxproc
 """
 
 
-def node_script(markers: Path, nodes: int = 3, walltime: str = "00:30:00", **env: str) -> str:
+def node_script(
+    markers: Path, nodes: int = 3, walltime: str = "00:30:00", log_dir: str = "/pscratch/logs", **env: str
+) -> str:
     """A batch script whose node command is NODE_CODE, with markers written into a fresh directory."""
     markers.mkdir()
     program = markers.parent / f"{markers.name}_node.py"
     program.write_text(NODE_CODE)
-    slurm = SlurmSettings(account="m1234", nodes=nodes, walltime=walltime, log_dir="/pscratch/logs")
+    slurm = SlurmSettings(account="m1234", nodes=nodes, walltime=walltime, log_dir=log_dir)
     exports = {"MARKERS": str(markers), "STEMSTREAM_TEST": "exported", **env}
     return render_batch_script(slurm, [sys.executable, str(program)], exports)
 
@@ -81,14 +95,17 @@ def secrets_seen(fake: FakeSfapi, pem: str) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_secret_in_logs(caplog: pytest.LogCaptureFixture, fake: FakeSfapi, sfapi_pem: str) -> Iterator[None]:
+def no_secret_in_logs(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, sfapi_pem: str
+) -> Iterator[None]:
     caplog.set_level(logging.DEBUG)  # every logger, httpx/httpcore/authlib included
     yield
     # caplog.text holds only the current phase (teardown) here, so collect every phase's records.
     formatter = logging.Formatter("%(name)s %(message)s")
     records = [r for phase in ("setup", "call", "teardown") for r in caplog.get_records(phase)]
     text = "\n".join(formatter.format(r) for r in records)
-    leaked = [s[:12] + "..." for s in secrets_seen(fake, sfapi_pem) if s in text]
+    fakes = [v for v in (request.node.funcargs or {}).values() if isinstance(v, FakeSfapi)]
+    leaked = [s[:12] + "..." for f in fakes for s in secrets_seen(f, sfapi_pem) if s in text]
     assert not leaked, f"secrets in the logs: {leaked}"
 
 
@@ -97,59 +114,159 @@ def assert_clean(exc: BaseException, fake: FakeSfapi, pem: str) -> None:
     assert not [s for s in secrets_seen(fake, pem) if s in text]
 
 
-# ---- jobs really run ---------------------------------------------------------------------------
-def test_submit_starts_one_process_per_node_and_cancel_kills_them(
-    fake: FakeSfapi, sfapi_settings: SfapiSettings, tmp_path: Path
+# ---- jobs really run, on Slurm ---------------------------------------------------------------------
+def test_submit_runs_one_task_per_slurm_node_and_cancel_ends_them(
+    slurm_fake: FakeSfapi,
+    slurm_sfapi_settings: SfapiSettings,
+    slurm: SlurmCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("STEMSTREAM_LEAK", "1")  # the submitter's environment never reaches the job
     markers = tmp_path / "markers"
-    with SfapiAllocator(sfapi_settings) as allocator:
-        job_id = allocator.submit(node_script(markers, nodes=3))
-        job = fake.jobs[job_id]
-        assert job.qos == "realtime" and job.directives["account"] == "m1234" and job.nodes == 3
-        assert allocator.state(job_id) == "PENDING"  # pending_polls=1
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
+        job_id = allocator.submit(node_script(markers, nodes=2))
+        job = slurm_fake.jobs[job_id]
+        assert job.qos == "realtime" and job.directives["account"] == "m1234" and job.nodes == 2
+        info = slurm.job(job_id)
+        assert info["Account"] == "m1234" and info["Features"] == "cpu" and info["NumNodes"].startswith("2")
+        assert info["Requeue"] == "0" and info["OverSubscribe"] == "NO"  # --no-requeue, --exclusive
         assert allocator.wait_running(job_id) == "RUNNING"
-        assert wait_until(lambda: len(list(markers.iterdir())) == 3)
+        assert wait_until(lambda: len(list(markers.iterdir())) == 2, timeout=10)
         seen = markers_of(markers)
-        assert sorted(seen) == [0, 1, 2]  # SLURM_PROCID
-        assert {tuple(v[:2]) for v in seen.values()} == {(job_id, "0"), (job_id, "1"), (job_id, "2")}
+        assert sorted(seen) == [0, 1]  # SLURM_PROCID: one task per node
+        assert {tuple(v[:2]) for v in seen.values()} == {(job_id, "0"), (job_id, "1")}
+        assert {v[4] for v in seen.values()} == {"node1", "node2"}  # srun placed one task on each node
         assert all(v[3] == "exported" for v in seen.values())  # the script's export reached the tasks
+        assert all(v[5] == "-" for v in seen.values())
         children = [int(v[2]) for v in seen.values()]
-        assert all(alive(pid) for pid in job.pids + children)
+        assert all(alive(pid) for pid in children)
+        assert set(children) <= set(slurm_fake.job_pids(job_id))
 
         allocator.cancel(job_id)
 
-        assert allocator.state(job_id) == "CANCELLED"
-        assert not any(alive(pid) for pid in job.pids + children)  # the tasks' children too
-        assert job.exit_codes == [-15, -15, -15]
+        assert slurm_fake.wait_state(job_id, {"CANCELLED"}) == "CANCELLED"
+        assert wait_until(lambda: not slurm_fake.job_pids(job_id), timeout=10)
+        assert not any(alive(pid) for pid in children)  # the tasks' children too
         allocator.cancel(job_id)  # idempotent: already gone is fine
-    assert (fake.root / f"pscratch/logs/stemstream-nodes_{job_id}.out").exists()
+    output = slurm_fake.root / f"pscratch/logs/stemstream-nodes_{job_id}.out"
+    assert "CANCELLED" in output.read_text()  # slurmstepd's own words, in the job's output file
 
 
 def test_job_completes_when_every_task_exits_zero(
-    fake: FakeSfapi, sfapi_settings: SfapiSettings, tmp_path: Path
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, tmp_path: Path
 ) -> None:
-    with SfapiAllocator(sfapi_settings) as allocator:
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
         job_id = allocator.submit(node_script(tmp_path / "m", nodes=2, LIFETIME="0.3"))
         allocator.wait_running(job_id)
-        assert fake.wait_state(job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
-        assert fake.jobs[job_id].exit_codes == [0, 0]
-        assert allocator.state(job_id) == "COMPLETED"  # from sacct once it left squeue
+        assert slurm_fake.wait_state(job_id, {"COMPLETED", "FAILED"}, timeout=20) == "COMPLETED"
+        status = allocator.status(job_id)  # from "sacct" once it left squeue
+        assert (status.state, status.exit_code) == ("COMPLETED", "0:0")
 
 
 def test_one_failing_task_fails_the_job_and_stops_the_others(
-    fake: FakeSfapi, sfapi_settings: SfapiSettings, tmp_path: Path
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, slurm: SlurmCluster, tmp_path: Path
 ) -> None:
-    with SfapiAllocator(sfapi_settings) as allocator:
-        job_id = allocator.submit(node_script(tmp_path / "m", nodes=3, FAIL_RANK="1"))
+    markers = tmp_path / "m"
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
+        job_id = allocator.submit(node_script(markers, nodes=2, FAIL_RANK="1"))
         allocator.wait_running(job_id)
-        assert fake.wait_state(job_id, {"COMPLETED", "FAILED"}) == "FAILED"
-        job = fake.jobs[job_id]
-        codes = dict(zip(job.task_ids, job.exit_codes))
-        assert codes[1] == 3 and codes[0] == codes[2] == -15  # --kill-on-bad-exit
-        assert allocator.state(job_id) == "FAILED"
+        assert slurm_fake.wait_state(job_id, {"COMPLETED", "FAILED"}, timeout=20) == "FAILED"
+        status = allocator.status(job_id)
+        assert status.reason == "NonZeroExitCode" and status.exit_code != "0:0"
+        assert "--kill-on-bad-exit ended the job" in status.describe()
+        survivor = int(markers_of(markers)[0][2])  # task 0's child: Slurm ended it, not the test
+        assert wait_until(lambda: not alive(survivor) and not slurm_fake.job_pids(job_id), timeout=10)
+        output = allocator.read_output(f"/pscratch/logs/stemstream-nodes_{job_id}.out")
+        assert "task 1: Exited with exit code 3" in output, output
+
+
+def test_node_set_down_while_running_is_node_fail_and_never_requeued(
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    markers = tmp_path / "m"
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
+        job_id = allocator.submit(node_script(markers, nodes=2))
+        allocator.wait_running(job_id)
+        assert wait_until(lambda: len(list(markers.iterdir())) == 2, timeout=10)
+        slurm.set_node_state("node2", "down")
+        assert slurm_fake.wait_state(job_id, {"NODE_FAIL", "PENDING", "REQUEUED"}) == "NODE_FAIL"
+        assert wait_until(lambda: not slurm_fake.job_pids(job_id), timeout=10)
+        time.sleep(1)  # without --no-requeue, Slurm would have put it back in the queue by now
+        status = allocator.status(job_id)
+        assert (status.state, status.reason) == ("NODE_FAIL", "NodeDown")
+        assert "a node of the allocation failed" in status.describe()
+        allocator.cancel(job_id)  # already ended: fine
+
+
+def test_a_job_that_cannot_start_reports_slurms_reason_then_is_cancelled(
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, slurm: SlurmCluster
+) -> None:
+    """More nodes than the cluster has: PENDING (PartitionNodeLimit), reported while it waits."""
+    settings = slurm_sfapi_settings.model_copy(update={"pending_log_interval": 0.5})
+    script = render_batch_script(SlurmSettings(account="m1", nodes=3, log_dir="/pscratch/logs"), ["true"])
+    reports: list[str] = []
+    t = time.monotonic()
+    with SfapiAllocator(settings) as allocator, pytest.raises(JobStartTimeout) as info:
+        job_id = allocator.submit(script)
+        allocator.wait_running(job_id, timeout=2.5, on_wait=reports.append)
+    assert 2.5 <= time.monotonic() - t < 8
+    assert info.value.last_state == "PENDING" and info.value.reason == "PartitionNodeLimit"
+    assert "more nodes than the partition allows" in str(info.value)
+    assert len(reports) >= 3 and "PartitionNodeLimit" in reports[-1], reports  # at intervals
+    assert re.search(r"waiting to start for \d+ s: PENDING", reports[-1]), reports
+    assert slurm_fake.wait_state(info.value.job_id, {"CANCELLED"}) == "CANCELLED"  # never left queued
+
+
+def test_the_caller_can_end_the_wait_for_a_job_on_a_drained_node(
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, slurm: SlurmCluster
+) -> None:
+    """A drained node keeps the job PENDING with Slurm's reason; a cancellation ends the wait at once and
+    cancels the job."""
+    slurm.set_node_state("node2", "drain")
+    script = render_batch_script(SlurmSettings(account="m1", nodes=2, log_dir="/pscratch/logs"), ["true"])
+    reports: list[str] = []
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
+        job_id = allocator.submit(script)
+        with pytest.raises(AllocationCancelled) as info:
+            allocator.wait_running(
+                job_id,
+                on_wait=reports.append,
+                cancelled=lambda: bool(allocator.status(job_id).reason),  # once Slurm says why it waits
+            )
+    assert info.value.status.state == "PENDING"
+    assert "DRAINED" in info.value.status.reason or "ReqNodeNotAvail" in info.value.status.reason
+    assert "nodes the job needs are down, drained or reserved" in str(info.value)
+    assert slurm_fake.wait_state(job_id, {"CANCELLED"}) == "CANCELLED"
+
+
+def test_a_missing_log_directory_fails_the_job_at_launch(
+    slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings, tmp_path: Path
+) -> None:
+    """sbatch does not create the -o directory: Slurm cannot start the script (JobLaunchFailure)."""
+    script = node_script(tmp_path / "m", nodes=1, log_dir="/pscratch/no-such-dir")
+    with SfapiAllocator(slurm_sfapi_settings) as allocator:
+        job_id = allocator.submit(script)
+        assert slurm_fake.wait_state(job_id, {"FAILED", "RUNNING", "COMPLETED"}, timeout=20) == "FAILED"
+        with pytest.raises(JobFailedError) as info:
+            allocator.wait_running(job_id)
+    assert info.value.reason == "JobLaunchFailure"
+    assert "does slurm.log_dir exist" in str(info.value)
+    assert not list((tmp_path / "m").iterdir())  # no task ever ran
+
+
+def test_sbatch_refusal_is_a_submit_error(slurm_fake: FakeSfapi, slurm_sfapi_settings: SfapiSettings) -> None:
+    script = render_batch_script(SlurmSettings(account="m1", constraint="gpu"), ["true"])
+    with (
+        pytest.raises(JobSubmitError, match="Invalid feature specification"),
+        SfapiAllocator(slurm_sfapi_settings) as allocator,
+    ):
+        allocator.submit(script)
+    assert not slurm_fake.jobs
 
 
 def test_walltime_ends_the_job(fake: FakeSfapi, sfapi_settings: SfapiSettings, tmp_path: Path) -> None:
+    """In process: Slurm's walltimes are whole minutes (the real one is tests/flows/test_nersc_slurm.py)."""
     with SfapiAllocator(sfapi_settings) as allocator:
         job_id = allocator.submit(node_script(tmp_path / "m", nodes=1, walltime="00:00:01"))
         allocator.wait_running(job_id)
@@ -207,20 +324,6 @@ def test_states_missing_from_the_clients_terminal_list_fail_fast(
     assert info.value.state == state
     [job] = fake.jobs.values()
     assert ("DELETE", f"/api/v1.2/compute/jobs/perlmutter/{job.jobid}") in fake.requests  # cancel attempted
-
-
-def test_node_fail_while_running_kills_the_processes(
-    fake: FakeSfapi, sfapi_settings: SfapiSettings, tmp_path: Path
-) -> None:
-    markers = tmp_path / "m"
-    with SfapiAllocator(sfapi_settings) as allocator:
-        job_id = allocator.submit(node_script(markers, nodes=2))
-        allocator.wait_running(job_id)
-        assert wait_until(lambda: len(list(markers.iterdir())) == 2)
-        fake.set_state(job_id, "NODE_FAIL")
-        assert not any(alive(pid) for pid in fake.jobs[job_id].pids)
-        assert allocator.state(job_id) == "NODE_FAIL"
-        allocator.cancel(job_id)  # already ended: logged, not raised
 
 
 def test_direct_wait_running_cancels_on_timeout(fake: FakeSfapi, sfapi_settings: SfapiSettings) -> None:
@@ -467,3 +570,47 @@ def test_fake_cli_prints_its_base_url(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_fake_cli_with_a_slurm_cluster_runs_jobs_and_stops_every_daemon(
+    tmp_path: Path, sfapi_settings: SfapiSettings
+) -> None:
+    """The by-hand set-up of the README: the fake SFAPI in front of its own loopback Slurm cluster."""
+    err = tmp_path / "cli.err"
+    with err.open("wb") as err_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stemstream_testing.fake_sfapi",
+                "--root",
+                str(tmp_path / "nersc"),
+                "--slurm",
+                str(tmp_path / "slurm"),
+                "--nodes",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+    conf = tmp_path / "slurm" / "slurm.conf"
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:"), err.read_text()
+        assert f"export SLURM_CONF={conf}" in err.read_text()
+        cluster = SlurmCluster(tmp_path / "slurm", nodes=1)  # the same cluster, seen from outside
+        settings = sfapi_settings.model_copy(
+            update={"api_base_url": base_url, "token_url": base_url.replace("/api/v1.2", "/token")}
+        )
+        script = render_batch_script(SlurmSettings(account="m1", nodes=1), ["sleep", "30"])
+        with SfapiAllocator(settings) as allocator:
+            job_id = allocator.submit(script)
+            assert allocator.wait_running(job_id) == "RUNNING"
+            assert cluster.job(job_id)["JobState"] == "RUNNING"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    assert not cluster.leftover_pids()  # daemons and the job's processes: all gone
+    assert (tmp_path / "nersc" / f"stemstream-nodes_{job_id}.out").exists()  # log_dir "." = the root

@@ -1,4 +1,5 @@
-"""The node-streamer batch script: golden file, quoting, validation, and what the fake SFAPI reads from it."""
+"""The node-streamer batch script: golden file, quoting, validation, what the fake SFAPI reads from it, and
+what a real sbatch says of it (the loopback Slurm cluster)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from stemstream_testing.fake_sfapi import parse_exports, parse_sbatch, parse_srun, srun_lines
+from stemstream_testing.slurm_cluster import SlurmCluster
 from tasks.slurm import SlurmConfigError, SlurmSettings, render_batch_script
 
 GOLDEN = Path(__file__).parent / "golden" / "node_streamers.sh"
@@ -58,6 +60,7 @@ def test_rendered_script_as_slurm_reads_it() -> None:
         "time": "01:30:00",
         "job_name": "stemstream-nodes",
         "exclusive": "1",
+        "no_requeue": "1",
         "output": "/pscratch/sd/u/user/stemstream_logs/%x_%j.out",
         "reservation": "ncem_rt",
         "--mail-type": "END",
@@ -67,6 +70,21 @@ def test_rendered_script_as_slurm_reads_it() -> None:
     step = parse_srun(line, job_nodes=4)
     assert (step.nodes, step.ntasks, step.kill_on_bad_exit) == (4, 4, True)
     assert step.argv == command  # the space in "session 7" survived as one argument
+
+
+def test_real_sbatch_accepts_the_rendered_script(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """sbatch --test-only (nothing is submitted) on the loopback cluster: every option is one Slurm knows."""
+    slurm = SlurmSettings(
+        account="m1234", nodes=2, walltime="00:05:00", log_dir=str(tmp_path), extra_sbatch=["--mail-type=END"]
+    )
+    script = render_batch_script(slurm, ["stemstream", "node"], {"HDF5_USE_FILE_LOCKING": "FALSE"})
+    proc = slurm_cluster.run(["sbatch", "--test-only"], input=script, check=False, cwd=tmp_path)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+    unknown_feature = render_batch_script(
+        slurm.model_copy(update={"constraint": "gpu"}), ["stemstream", "node"]
+    )
+    proc = slurm_cluster.run(["sbatch", "--test-only"], input=unknown_feature, check=False, cwd=tmp_path)
+    assert proc.returncode != 0 and "Invalid feature specification" in proc.stderr, proc.stderr
 
 
 def test_minimal_script_has_no_optional_lines() -> None:

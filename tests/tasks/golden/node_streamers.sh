@@ -8,6 +8,9 @@
 #SBATCH -t 01:30:00
 #SBATCH -J stemstream-nodes
 #SBATCH --exclusive
+# After a node failure Slurm would put the job back in the queue and start the streamers again later, with
+# no session waiting for them: never requeue; the session sees NODE_FAIL and releases everything.
+#SBATCH --no-requeue
 #SBATCH -o /pscratch/sd/u/user/stemstream_logs/%x_%j.out
 #SBATCH --reservation=ncem_rt
 #SBATCH --mail-type=END
