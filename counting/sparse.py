@@ -16,23 +16,25 @@ fewer frames get empty event lists (and mask 0) in the remaining slots, exactly 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py import h5s
 
 from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS, ScanShape
+from counting.h5_storage import TempHDF5
 from counting.kernel import EventList
 
 FORMAT_VERSION = 3
 _VLEN_U32 = h5py.vlen_dtype(np.uint32)
+_CHUNK = 16384  # frame slots per HDF5 write
 
 
 class SparseFormatError(PermanentError, ValueError):
@@ -146,18 +148,18 @@ class ScanAccumulator:
 
 
 def write_counted_scan(path: str | os.PathLike, scan: CountedScan) -> Path:
-    """Write a counted scan atomically; a storage failure raises OSError and leaves no file behind."""
+    """Write a counted scan atomically, straight to disk in chunks (counting.h5_storage); a storage failure
+    raises OSError and leaves no file behind, and an existing file is never replaced (FileExistsError)."""
     path = Path(path)
-    write_file_atomically(path, counted_scan_image(scan))
+    with TempHDF5(path.parent, path.name, reserve=estimated_file_size(scan)) as tmp:
+        _write_layout(tmp.h5, scan)
+        tmp.close()
+        tmp.link(path)
     return path
 
 
 def counted_scan_image(scan: CountedScan) -> bytes:
-    """The scan's HDF5 file, built in memory (only programming errors can fail here, never the disk)."""
-    # HDF5 never writes to disk itself: when a write fails (disk full, quota, EFBIG) HDF5 2.x raises
-    # RuntimeError or OSError at random points, cannot close the file, and can crash the process at exit
-    # (seen with h5py 3.16, HDF5 2.0).
-    # Built in memory and written by Python, a full disk is one plain OSError and nothing is left open.
+    """The scan's HDF5 file as bytes, built in memory (for tests and small scans)."""
     name = f"stemstream-image-{uuid.uuid4().hex}"  # the core driver tells open files apart by name
     with h5py.File(name, "w", driver="core", backing_store=False) as f:
         _write_layout(f, scan)
@@ -165,47 +167,53 @@ def counted_scan_image(scan: CountedScan) -> bytes:
         return f.id.get_file_image()
 
 
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then link it to its final name, which must
-    not exist (FileExistsError: nothing is ever overwritten); on any failure remove the temporary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with open(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # atomic, and unlike rename it refuses to replace an existing file
-        tmp.unlink()
-    except BaseException:
-        with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
-            tmp.unlink(missing_ok=True)
-        raise
+def estimated_file_size(scan: CountedScan) -> int:
+    """About the bytes of the scan's file: its events, HDF5's 32 bytes per frame slot, masks, metadata."""
+    events = sum(len(e) for e in scan.events.ravel())
+    return 4 * events + 40 * scan.events.size + 8 * scan.scan.positions + (64 << 10)
+
+
+def create_layout(f: h5py.File, scan: ScanShape, slots: int) -> h5py.Dataset:
+    """Everything known before the events: the version, scan positions, and the empty frames dataset of
+    ``slots`` entries (positions * frames per position), which is returned."""
+    f.attrs["version"] = FORMAT_VERSION
+    group = f.create_group("electron_events")
+    sp = group.create_dataset("scan_positions", data=np.arange(scan.positions, dtype=np.int64))
+    sp.attrs["Nx"] = scan.width
+    sp.attrs["Ny"] = scan.height
+    frames = group.create_dataset("frames", (slots,), dtype=_VLEN_U32)
+    frames.attrs["Nx"] = FRAME_ROWS
+    frames.attrs["Ny"] = FRAME_COLS
+    return frames
+
+
+def write_slots(frames: h5py.Dataset, start: int, events: Sequence[np.ndarray]) -> None:
+    """Write consecutive frame slots start, start+1, ... (uint32 event arrays), in one HDF5 write."""
+    n = len(events)
+    if n == 0:
+        return
+    data = np.empty(n, dtype=_VLEN_U32)
+    for i, e in enumerate(events):  # element by element: equal-length arrays must not become 2-D
+        data[i] = np.ascontiguousarray(e, dtype=np.uint32)
+    file_space = frames.id.get_space()
+    file_space.select_hyperslab((start,), (n,))
+    frames.id.write(h5s.create_simple((n,)), file_space, data)
+
+
+def finish_layout(f: h5py.File, sector_masks: np.ndarray, metadata: dict) -> None:
+    """What is known at the end: the sector masks (positions, frames per position) and the metadata."""
+    group = f["electron_events"]
+    masks = group.create_dataset("sector_masks", data=np.asarray(sector_masks, np.uint8))
+    masks.attrs["description"] = "bit m set when sector (module) m of the frame arrived; 15 = complete"
+    _save_dict(f.create_group("metadata"), metadata)
 
 
 def _write_layout(f: h5py.File, scan: CountedScan) -> None:
-    f.attrs["version"] = FORMAT_VERSION
-    group = f.create_group("electron_events")
-    sp = group.create_dataset("scan_positions", data=np.arange(scan.scan.positions, dtype=np.int64))
-    sp.attrs["Nx"] = scan.scan.width
-    sp.attrs["Ny"] = scan.scan.height
-    frames = group.create_dataset("frames", (scan.events.size,), dtype=_VLEN_U32)
-    frames.attrs["Nx"] = FRAME_ROWS
-    frames.attrs["Ny"] = FRAME_COLS
-    if scan.events.size:
-        flat = scan.events.ravel()
-        if len({len(e) for e in flat}) == 1:
-            # h5py stacks equal-length arrays into 2-D and refuses the write (e.g. a vacuum scan with no
-            # events at all), so write them one by one; only this rare case pays for it.
-            for i, e in enumerate(flat):
-                frames[i] = e
-        else:
-            frames[...] = flat
-    masks = group.create_dataset("sector_masks", data=scan.sector_masks.astype(np.uint8))
-    masks.attrs["description"] = "bit m set when sector (module) m of the frame arrived; 15 = complete"
-    meta = f.create_group("metadata")
-    _save_dict(meta, scan.metadata)
+    frames = create_layout(f, scan.scan, scan.events.size)
+    flat = scan.events.ravel()
+    for start in range(0, len(flat), _CHUNK):
+        write_slots(frames, start, flat[start : start + _CHUNK])
+    finish_layout(f, scan.sector_masks, scan.metadata)
 
 
 def _save_dict(group: h5py.Group, d: dict) -> None:

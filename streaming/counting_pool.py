@@ -4,6 +4,12 @@ The node process assembles frames into slots of a shared-memory block; a worker 
 place and sends back only the events. Each worker has its own duplex pipe, so the node can poll the pipes
 together with its ZeroMQ sockets, and a worker that dies is noticed at once (its pipe closes): it is
 restarted and the slots it held are counted again, so no frame is lost to a crashed worker.
+
+Nothing per scan restarts or recompiles anything: the workers start, and compile (or load from numba's
+cache) the counting kernel, when the pool is made, which is before the node reports ready; a new dark and
+gain reach the running workers in shared memory, announced by a small message on their pipes (a 2.6 MB
+message could block the node while a worker is busy), each task naming the calibration it is counted
+with; new thresholds only prepare a new Counter in the worker (tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -19,6 +26,10 @@ import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
 from counting.kernel import Counter, EventList, Thresholds
+
+WARM_UP_TIMEOUT = 120.0  # seconds for the workers to start and load the kernel (a cold numba cache compiles)
+_WARM_UP_THRESHOLDS = Thresholds(20.5, 600.0)
+_KEEP_CALIBRATIONS = 4  # recent calibrations a worker keeps, and shared blocks the pool keeps
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +65,51 @@ class SlotMemory:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """A dark reference and gain to count with; tasks name it by version."""
+
+    version: int
+    dark: np.ndarray | None
+    gain: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class CalibrationRef:
+    """A calibration in a shared-memory block: the dark, then the gain, as float32 frames when present."""
+
+    version: int
+    block: str
+    has_dark: bool
+    has_gain: bool
+
+    def load(self) -> Calibration:
+        """Copy the calibration out of its block (FileNotFoundError if the pool has dropped it)."""
+        shm = SharedMemory(name=self.block)
+        try:
+            frames = np.ndarray((2, *FRAME_SHAPE), np.float32, buffer=shm.buf)
+            dark = frames[0].copy() if self.has_dark else None
+            gain = frames[1].copy() if self.has_gain else None
+            del frames
+        finally:
+            shm.close()
+        return Calibration(self.version, dark, gain)
+
+
+@dataclass(frozen=True)
 class CountTask:
-    """Count frames[:n] of a slot with these thresholds."""
+    """Count frames[:n] of a slot with these thresholds and this calibration (a Calibration version)."""
 
     task_id: int
     slot: int
     n: int
     background: float
     xray: float
+    calibration: int = 0
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """Count a synthetic frame once (loads the kernel) and answer with a CountResult of task_id -1."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +122,29 @@ class CountResult:
     seconds: float
 
 
-def _worker_main(conn: Connection, shm_name: str, shape: tuple, dark, gain) -> None:
-    """Worker process: count slots on request until told to stop."""
-    import time
-
+def _worker_main(conn: Connection, shm_name: str, shape: tuple, calibration: Calibration) -> None:
+    """Worker process: count slots on request until told to stop; take new calibrations as they come."""
     shm = SharedMemory(name=shm_name)
     try:
         slots = np.ndarray(shape, np.uint16, buffer=shm.buf)
-        counters: dict[tuple[float, float], Counter] = {}
+        calibrations = {calibration.version: calibration}
+        counters: dict[tuple[int, float, float], Counter] = {}
         while True:
             task = conn.recv()
             if task is None:
                 break
-            key = (task.background, task.xray)
-            if key not in counters:
-                counters = {key: Counter(dark, Thresholds(*key), gain)}  # one scan's thresholds at a time
+            if isinstance(task, CalibrationRef):
+                calibrations[task.version] = task.load()  # a dropped block: exit, and be restarted
+                for old in sorted(calibrations)[:-_KEEP_CALIBRATIONS]:
+                    del calibrations[old]
+                continue
+            if isinstance(task, WarmUp):
+                conn.send(_warm_up(calibrations[max(calibrations)]))
+                continue
+            key = (task.calibration, task.background, task.xray)
+            if key not in counters:  # one scan's thresholds at a time
+                cal = calibrations[task.calibration]
+                counters = {key: Counter(cal.dark, Thresholds(task.background, task.xray), cal.gain)}
             t0 = time.perf_counter()
             events = counters[key].count(slots[task.slot, : task.n])
             conn.send(CountResult(task.task_id, task.slot, events, time.perf_counter() - t0))
@@ -99,18 +155,40 @@ def _worker_main(conn: Connection, shm_name: str, shape: tuple, dark, gain) -> N
         shm.close()
 
 
+def _warm_up(calibration: Calibration) -> CountResult:
+    """Count one synthetic frame with the calibration, as a real task would (same types, same kernel)."""
+    frames = np.zeros((1, *FRAME_SHAPE), np.uint16)
+    frames[0, 100:103, 200:203] = 400  # a few candidates, so the whole kernel path runs
+    frames[0, 101, 201] = 500
+    t0 = time.perf_counter()
+    events = Counter(calibration.dark, _WARM_UP_THRESHOLDS, calibration.gain).count(frames)
+    return CountResult(-1, -1, events, time.perf_counter() - t0)
+
+
 class CountingPool:
     """Counts slots in ``workers`` processes, or inline in the caller when workers == 0."""
 
-    def __init__(self, memory: SlotMemory, dark: np.ndarray | None, gain: np.ndarray | None, workers: int):
+    def __init__(
+        self,
+        memory: SlotMemory,
+        dark: np.ndarray | None,
+        gain: np.ndarray | None,
+        workers: int,
+        warm_up_timeout: float = WARM_UP_TIMEOUT,
+    ):
+        """Start the workers and warm them up (or the inline counter, with workers == 0): returns once
+        each has counted a frame, so the first scan counts as fast as later ones."""
         self.memory = memory
-        self.dark, self.gain = dark, gain
         self.workers = workers
+        self._calibration = Calibration(0, dark, gain)
+        self._recent: dict[int, Calibration] = {0: self._calibration}  # versions tasks in flight may name
+        self._blocks: dict[int, SharedMemory] = {}  # shared copies of recent calibrations, by version
         self._ctx = mp.get_context("spawn")
         self._procs: list[mp.Process | None] = [None] * workers
         self._conns: list[Connection | None] = [None] * workers
         self._held: list[dict[int, CountTask]] = [{} for _ in range(workers)]
         self._inline: list[CountResult] = []
+        self._early: list[CountResult] = []  # results that arrived while warming up
         self._inline_counter: dict[tuple[float, float], Counter] = {}
         self._next_id = 0
         self._rr = 0
@@ -121,12 +199,59 @@ class CountingPool:
             raise ValueError("worker processes need shared slot memory")
         for i in range(workers):
             self._start(i)
+        self.warm_up(warm_up_timeout)
+
+    @property
+    def dark(self) -> np.ndarray | None:
+        """The dark reference counted with now."""
+        return self._calibration.dark
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        """The gain counted with now."""
+        return self._calibration.gain
+
+    def warm_up(self, timeout: float = WARM_UP_TIMEOUT) -> float:
+        """Have every worker (or the inline counter) count a synthetic frame and wait for all of them; returns
+        the seconds it took. A worker that does not answer in time is only logged: it warms up on its own."""
+        t0 = time.monotonic()
+        if self.workers == 0:
+            _warm_up(self._calibration)
+            return time.monotonic() - t0
+        waiting = set()
+        for i, conn in enumerate(self._conns):
+            with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is restarted by collect()
+                conn.send(WarmUp())
+                waiting.add(i)
+        from multiprocessing.connection import wait
+
+        deadline = t0 + timeout
+        while waiting and time.monotonic() < deadline:
+            for conn in wait([self._conns[i] for i in waiting], timeout=deadline - time.monotonic()):
+                i = self._conns.index(conn)
+                try:
+                    while conn.poll():
+                        result = conn.recv()
+                        if result.task_id == -1:
+                            waiting.discard(i)
+                        else:  # cannot happen before the first submit; kept all the same
+                            self._held[i].pop(result.task_id, None)
+                            self._early.append(result)
+                except (EOFError, OSError):
+                    waiting.discard(i)
+                    self._restart(i)
+        seconds = time.monotonic() - t0
+        if waiting:
+            log.warning("counting worker(s) %s not warmed up after %.0f s", sorted(waiting), seconds)
+        else:
+            log.info("%d counting worker(s) started and warmed up in %.2f s", self.workers, seconds)
+        return seconds
 
     def _start(self, i: int) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(child, self.memory.name, self.memory.array.shape, self.dark, self.gain),
+            args=(child, self.memory.name, self.memory.array.shape, self._calibration),
             name=f"stemstream-count-{i}",
             daemon=True,
         )
@@ -145,7 +270,14 @@ class CountingPool:
 
     def submit(self, slot: int, n: int, thresholds: Thresholds) -> int:
         """Queue a slot for counting; returns the task id."""
-        task = CountTask(self._next_id, slot, n, float(thresholds.background), float(thresholds.xray))
+        task = CountTask(
+            self._next_id,
+            slot,
+            n,
+            float(thresholds.background),
+            float(thresholds.xray),
+            self._calibration.version,
+        )
         self._next_id += 1
         if self.workers == 0:
             self._inline.append(self._count_inline(task))
@@ -163,8 +295,6 @@ class CountingPool:
             self._restart(i)
 
     def _count_inline(self, task: CountTask) -> CountResult:
-        import time
-
         key = (task.background, task.xray)
         if key not in self._inline_counter:
             self._inline_counter = {key: Counter(self.dark, Thresholds(*key), self.gain)}
@@ -179,8 +309,8 @@ class CountingPool:
             return out
         from multiprocessing.connection import wait
 
-        ready = wait(self.connections(), timeout=timeout)
-        results: list[CountResult] = []
+        results, self._early = self._early, []
+        ready = wait(self.connections(), timeout=0 if results else timeout)
         for conn in ready:
             i = self._conns.index(conn)
             try:
@@ -212,21 +342,50 @@ class CountingPool:
         if self._conns[i] is not None:
             self._conns[i].close()
         self._start(i)
-        for task in list(self._held[i].values()):
+        held = list(self._held[i].values())
+        for version in sorted({t.calibration for t in held} - {self._calibration.version}):
+            with contextlib.suppress(BrokenPipeError, OSError):  # an older one its recounted tasks name
+                self._conns[i].send(self._shared(self._recent[version]))
+        for task in held:
             self._dispatch(i, task)
 
     def recalibrate(self, dark: np.ndarray | None, gain: np.ndarray | None) -> None:
-        """Count with another dark and gain from now on (restarts the workers; none may hold a slot)."""
-        if self.outstanding:
-            raise RuntimeError("cannot change the calibration while slots are being counted")
-        self.dark, self.gain = dark, gain
+        """Count with another dark and gain from the next submitted task on. The running workers get it
+        through their pipes, no process restarts; tasks already submitted keep the calibration they had."""
+        self._calibration = Calibration(self._calibration.version + 1, dark, gain)
+        in_flight = {t.calibration for held in self._held for t in held.values()}
+        self._recent = {v: c for v, c in self._recent.items() if v in in_flight}
+        self._recent[self._calibration.version] = self._calibration
         self._inline_counter = {}
-        if self.workers:
-            self.close()
-            self.closing = False
-            for i in range(self.workers):
-                self._start(i)
-            self.generation += 1
+        if not self.workers:
+            return
+        ref = self._shared(self._calibration)
+        for i, conn in enumerate(self._conns):
+            if conn is None:
+                continue
+            try:
+                conn.send(ref)
+            except (BrokenPipeError, OSError):
+                self._restart(i)  # started with the new calibration
+
+    def _shared(self, calibration: Calibration) -> CalibrationRef:
+        """The calibration's shared-memory block (made now if needed; only the newest few are kept)."""
+        if calibration.version not in self._blocks:
+            shm = SharedMemory(create=True, size=2 * FRAME_BYTES * 2)  # two float32 frames
+            frames = np.ndarray((2, *FRAME_SHAPE), np.float32, buffer=shm.buf)
+            for k, a in enumerate((calibration.dark, calibration.gain)):
+                if a is not None:
+                    frames[k] = a
+            del frames
+            self._blocks[calibration.version] = shm
+            for old in sorted(self._blocks)[:-_KEEP_CALIBRATIONS]:
+                _drop_block(self._blocks.pop(old))
+        return CalibrationRef(
+            calibration.version,
+            self._blocks[calibration.version].name,
+            calibration.dark is not None,
+            calibration.gain is not None,
+        )
 
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes (for monitoring and fault-injection tests)."""
@@ -250,3 +409,12 @@ class CountingPool:
                 conn.close()
         self._procs = [None] * self.workers
         self._conns = [None] * self.workers
+        for shm in self._blocks.values():
+            _drop_block(shm)
+        self._blocks = {}
+
+
+def _drop_block(shm: SharedMemory) -> None:
+    shm.close()
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()

@@ -1,4 +1,5 @@
-"""A finished scan onto disk: the HDF5 (atomically, never over an existing file) and its stop record.
+"""A finished scan onto disk: the HDF5 (written while it streamed: counting.scan_file) under its final name,
+never over an existing file, and its stop record.
 
 Storage failures are reported, not raised: the record then says "failed" with the OS reason and the
 caller decides (the scan writer stops its host: every later scan would fail the same way).
@@ -7,18 +8,18 @@ caller decides (the scan writer stops its host: every later scan would fail the 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from counting.errors import PermanentError
-from counting.sparse import CountedScan, counted_scan_image, write_file_atomically
+from counting.scan_file import ScanFile
 from streaming.scan_record import ScanRecord, ScanStatus, record_path
 
 log = logging.getLogger(__name__)
@@ -85,23 +86,40 @@ class ScanNaming:
         return candidate
 
 
-def write_scan(counted: CountedScan, path: Path, record: ScanRecord) -> str | None:
-    """Write the scan's HDF5 and then its stop record; returns the storage error, or None when stored."""
-    image = counted_scan_image(counted)  # in memory: an error here is a bug, not a storage failure
+def write_scan(
+    scan_file: ScanFile, metadata: dict, path: Path, record: ScanRecord, renamed: Callable[[], Path]
+) -> str | None:
+    """Finish the scan's HDF5 (written while the scan streamed), give it its final name and write its stop
+    record; returns the storage error, or None when stored. ``renamed`` gives another free name, for a
+    name taken meanwhile (nothing is ever replaced)."""
     error = None
     try:
-        write_file_atomically(path, image)
-        record.sha256 = hashlib.sha256(image).hexdigest()
-    except OSError as exc:  # only the disk: full, quota, EFBIG, read-only, gone
-        record.status, record.path = ScanStatus.FAILED, None
+        scan_file.finish(metadata)
+        record.sha256 = scan_file.sha256()
+        path = _link(scan_file, path, renamed)
+        record.path = str(path)
+    except Exception as exc:  # noqa: BLE001 - full disk, quota, EFBIG, read-only, gone, or HDF5's own error
+        scan_file.discard()
+        record.status, record.path, record.sha256 = ScanStatus.FAILED, None, None
         error = record.error = f"cannot write scan {record.scan_number} to {path.parent}: {exc}"
-    del image
     record.written_time = _now()
     try:
         record.save(record_path(path))
     except OSError as exc:  # best effort when the scan failed; a lost record is fatal all the same
         error = error or f"cannot write the stop record of scan {record.scan_number} to {path.parent}: {exc}"
     return error
+
+
+def _link(scan_file: ScanFile, path: Path, renamed: Callable[[], Path]) -> Path:
+    for _ in range(10):
+        try:
+            scan_file.link(path)
+            return path
+        except FileExistsError:
+            taken, path = path, renamed()
+            log.warning("%s appeared meanwhile; writing %s instead", taken.name, path.name)
+    scan_file.link(path)  # the last try: FileExistsError is then the failure
+    return path
 
 
 def check_output_dir(directory: Path) -> None:

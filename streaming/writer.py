@@ -5,10 +5,16 @@ DEALER sockets (protocol.W_*). Per scan it
   * estimates the thresholds every node counts with, from the lowest-numbered complete frames the nodes
     offer (so streamed and offline counting of the same data use the same sample frames), unless they
     are fixed;
-  * collects counted frames in any order;
-  * when every node reports the scan done (or nothing arrived for ``writer_deadline`` seconds), writes the
-    HDF5 atomically in a background thread, so the next scan can stream meanwhile, then a JSON stop
-    record beside it saying what exists: status, expected and written frames, completeness, checksum.
+  * writes counted frames to the scan's HDF5 as they arrive, in any order, under a temporary name
+    (counting.scan_file: the writer's memory does not grow with the scan; the module says why this design);
+  * when every node reports the scan done (or nothing arrived for ``writer_deadline`` seconds), finishes
+    the file in a background thread, so the next scan can stream meanwhile: masks and metadata, fsync,
+    its final name (atomically, never over an existing file), then a JSON stop record beside it saying what
+    exists: status, expected and written frames, completeness, checksum.
+
+Nothing per scan waits on more than its data: the threshold estimation is compiled and loaded when the
+writer starts (before its node reports ready), thresholds go out the moment the last node's samples are in,
+and the file is finished the moment the last node is done.
 
 Storage failures are fatal: the output directory is probed before serving (ScanWriterError if it is not
 writable), and when a scan cannot be written (disk full, quota, read-only) its file is not left behind, its
@@ -18,6 +24,7 @@ fail the same way, so the writer's host fails loudly at once rather than streami
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +37,7 @@ import zmq
 
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.kernel import EventList, Thresholds
-from counting.sparse import CountedScan, ScanAccumulator
+from counting.scan_file import ScanFile, ScanTally
 from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
 from streaming import protocol as p
 from streaming.calibration import calibration_digest, calibration_parts
@@ -60,12 +67,13 @@ class _Scan:
     begin: p.NodeScanBegin
     started: float
     scan_id: int  # unique in the output directory
+    path: Path  # its final name
+    file: ScanFile  # written as counted frames arrive
     nodes: dict[bytes, str] = field(default_factory=dict)  # identity -> node name
     done: dict[str, p.NodeScanDone] = field(default_factory=dict)
     samples: dict[int, np.ndarray] = field(default_factory=dict)
     samples_closed: set[str] = field(default_factory=set)
     thresholds: p.ScanThresholds | None = None
-    accumulator: ScanAccumulator | None = None
     frames: int = 0
     first_data: float = 0.0
     last_activity: float = 0.0
@@ -83,6 +91,10 @@ class ScanWriter:
         context: zmq.Context | None = None,
     ):
         check_output_dir(config.output_dir)  # before binding anything: nothing to undo when it fails
+        if config.fixed is None:
+            warm_up_estimation(
+                config.estimate, dark, gain
+            )  # so the first scan waits no longer than later ones
         self.config = config
         self.dark, self.gain = dark, gain
         self._calibration_parts = calibration_parts(dark, gain)
@@ -134,6 +146,9 @@ class ScanWriter:
             fut.result(timeout)
         self._reap()
         self._pool.shutdown(wait=True)
+        for scan in self._scans.values():  # never finished: nothing of them is left behind
+            scan.file.discard()
+        self._scans.clear()
 
     # ------------------------------------------------------------------------------------------- messages
     def _handle(self, frames: list) -> None:
@@ -157,9 +172,14 @@ class ScanWriter:
         key = _key(begin)
         scan = self._scans.get(key)
         if scan is None:
-            scan = _Scan(begin, time.time(), self._ids.next(), last_activity=time.monotonic())
-            scan.accumulator = ScanAccumulator(ScanShape(begin.scan_width, begin.scan_height))
+            started, scan_id = time.time(), self._ids.next()
+            path = self._naming.path_for(scan_id, begin.scan_number, started)
+            shape = ScanShape(begin.scan_width, begin.scan_height)
+            scan = _Scan(begin, started, scan_id, path, ScanFile(path.parent, path.name, shape))
+            scan.last_activity = time.monotonic()
             self._scans[key] = scan
+            if scan.file.error is not None:
+                log.error("scan %d: its file cannot be stored (%s)", begin.scan_number, scan.file.error)
             log.info(
                 "scan %d (id %05d): %dx%d from %d node(s)",
                 begin.scan_number,
@@ -230,11 +250,13 @@ class ScanWriter:
             raise p.ProtocolError("events arrays do not match the frame count")
         if offsets[0] != 0 or offsets[-1] != len(indices) or np.any(np.diff(offsets) < 0):
             raise p.ProtocolError("events offsets are inconsistent")
-        scan.accumulator.add(positions, numbers, masks, EventList(indices.copy(), offsets.copy()))
+        failed = scan.file.error
+        scan.file.add(positions, numbers, masks, EventList(indices.copy(), offsets.copy()))
+        if scan.file.error is not None and failed is None:
+            log.error("scan %d: storing it failed (%s); counting on", scan.begin.scan_number, scan.file.error)
         scan.frames += n
-        now = time.monotonic()
         scan.first_data = scan.first_data or time.time()
-        scan.last_activity = now
+        scan.last_activity = time.monotonic()
 
     def _on_done(self, done: p.NodeScanDone) -> None:
         scan = self._scan(done)
@@ -299,10 +321,15 @@ class ScanWriter:
             },
         }
         meta["electron_counting"].pop("error", None)
-        counted = scan.accumulator.finish(meta)
-        path = self._naming.path_for(scan.scan_id, b.scan_number, scan.started)
-        record = self._record(scan, counted, path, reasons, thresholds, last_data)
-        error = write_scan(counted, path, record)
+        tally = scan.file.tally()
+        record = self._record(scan, tally, scan.path, reasons, thresholds, last_data)
+        error = write_scan(
+            scan.file,
+            meta,
+            scan.path,
+            record,
+            lambda: self._naming.path_for(scan.scan_id, b.scan_number, scan.started),
+        )
         if error is not None:
             log.error("scan %d: %s", b.scan_number, error)
             self._fail(error)
@@ -311,7 +338,7 @@ class ScanWriter:
         log.info(
             "scan %d written: %s (%d frames, %.2f %% complete, %s)",
             b.scan_number,
-            path.name,
+            Path(record.path).name,
             record.frames_written,
             100 * record.completeness,
             record.status,
@@ -326,7 +353,7 @@ class ScanWriter:
     def _record(
         self,
         scan: _Scan,
-        counted: CountedScan,
+        counted: ScanTally,
         path: Path,
         reasons: list[str],
         thresholds: list[float],
@@ -379,3 +406,18 @@ class ScanWriter:
 def _key(message: p.NodeScanBegin | p.SampleHeader | p.EventsHeader | p.NodeScanDone) -> str:
     """The scan a message belongs to: its aggregator key (the number alone, from older nodes)."""
     return message.scan_key or f"number-{message.scan_number}"
+
+
+def warm_up_estimation(config: ThresholdConfig, dark: np.ndarray | None, gain: np.ndarray | None) -> None:
+    """Estimate thresholds once on synthetic frames: compiles (or loads from numba's cache) what estimation
+    runs and imports the fit, so the first scan's thresholds take no longer than any later scan's."""
+    rng = np.random.default_rng(0)
+    base = np.zeros(FRAME_SHAPE) if dark is None else np.clip(np.round(dark), 0, 60000)
+    frames = (base + rng.poisson(20.0, (2, *FRAME_SHAPE))).astype(np.uint16)
+    small = ThresholdConfig(
+        min(config.number_of_samples, 64), 2, config.background_n_sigma, config.xray_n_sigma, config.seed
+    )
+    with contextlib.suppress(
+        ThresholdError
+    ):  # a fit of synthetic noise may fail; running the code is the point
+        estimate_thresholds(frames, dark, small, gain)
