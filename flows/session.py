@@ -26,6 +26,7 @@ from tasks.acquire import CameraRun, ScanTimeout, scripted_scans, simulated_scan
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
 from tasks.monitor import latest_state
 from tasks.plan import SessionPlan, local_addresses
+from tasks.processes import carrying
 from tasks.scan_result import ScanResult
 from tasks.sfapi import AllocationCancelled
 from tasks.slurm import walltime_seconds
@@ -115,12 +116,10 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     session_dir = load_settings().output_dir / "sessions" / str(flow_run.id)
     info = read_state(session_dir)
     settings = load_settings(Path(info["settings_file"])) if info.get("settings_file") else load_settings()
-    local = list(info.get("local_pids", []))
-    if info.get("aggregator") == "LocalAggregator" and info.get("aggregator_pid"):
-        local.append(info["aggregator_pid"])
-    for pid in local:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+    for token in info.get("process_tokens", []):  # local processes, by the token in their environment
+        for pid in carrying(token):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     if info.get("aggregator") == "SshAggregator" and info.get("aggregator_pid"):
         from tasks.remote import stop_remote_process
 
@@ -240,10 +239,19 @@ def session(
     player: CameraRun | None = None
     seen = {str(p) for p in plan.output_dir.glob("*.json")} if plan.output_dir.exists() else set()
     try:
-        allocate_nodes(node_backend, plan)
+        # Its timeout above the job's own start wait, which ends first, with Slurm's reason, job cancelled.
+        wait = settings.sfapi.submit_timeout + settings.sfapi.start_timeout + 300
+        allocate_nodes.with_options(timeout_seconds=wait)(node_backend, plan)
         if isinstance(node_backend, LocalNodes) and node_backend.group is not None:
-            record_state(plan, local_pids=[c.pid for c in node_backend.group.children])
+            record_state(
+                plan,
+                local_pids=[c.pid for c in node_backend.group.children],
+                process_tokens=[node_backend.group.token],
+            )
         arm_aggregator(aggregator, plan)
+        if isinstance(aggregator, LocalAggregator) and aggregator.group is not None:
+            tokens = [g.token for g in (getattr(node_backend, "group", None), aggregator.group) if g]
+            record_state(plan, process_tokens=tokens)
         wait_nodes_ready(plan, node_backend, aggregator, s.nodes_ready_timeout)
         ends = _session_end(settings, duration) if not simulated else None
         record_state(plan, ready=True, receivers=plan.receivers, ends_in=_remaining(ends))

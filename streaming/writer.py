@@ -207,10 +207,13 @@ class ScanWriter:
             scan.samples[int(number)] = np.frombuffer(part.buffer, np.uint16).reshape(FRAME_SHAPE).copy()
         if header.last:
             scan.samples_closed.add(header.name)
+        scan.last_activity = time.monotonic()
         self._maybe_estimate(scan)
 
-    def _maybe_estimate(self, scan: _Scan) -> None:
-        if scan.thresholds is not None or len(scan.samples_closed) < scan.begin.n_nodes:
+    def _maybe_estimate(self, scan: _Scan, waited_out: bool = False) -> None:
+        """Thresholds once every node closed its offer (or, waited_out, from what the others offered: a
+        node that died before closing its offer must not leave the survivors' frames uncounted)."""
+        if scan.thresholds is not None or (len(scan.samples_closed) < scan.begin.n_nodes and not waited_out):
             return
         cfg = self.config.estimate
         numbers = sorted(scan.samples)[: cfg.sample_frames]
@@ -284,7 +287,24 @@ class ScanWriter:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for scan in list(self._scans.values()):
-            if now - scan.last_activity > self.config.writer_deadline:
+            if (
+                now - scan.last_activity > self.config.writer_deadline
+                and scan.thresholds is None
+                and scan.samples
+            ):
+                # Nodes wait for thresholds that wait for a node that went silent: estimate from what the
+                # others offered, so they count and send what they hold; the deadline starts again.
+                log.warning(
+                    "scan %d: %d of %d node(s) offered threshold samples within %.0f s; estimating from "
+                    "those",
+                    scan.begin.scan_number,
+                    len(scan.samples_closed),
+                    scan.begin.n_nodes,
+                    self.config.writer_deadline,
+                )
+                self._maybe_estimate(scan, waited_out=True)
+                scan.last_activity = now
+            elif now - scan.last_activity > self.config.writer_deadline:
                 log.warning(
                     "scan %d: no data for %.0f s, writing what arrived",
                     scan.begin.scan_number,

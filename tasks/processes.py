@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class ProcessGroup:
 
     log_dir: Path
     children: list[Child] = field(default_factory=list)
+    # In every child's environment (inherited by its own children): how stop() finds what is left of this
+    # group without signalling a process group id that the system may have given to someone else since.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def start(
         self,
@@ -65,7 +69,7 @@ class ProcessGroup:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**_inherited(drop_env_prefix), **(env or {})},
+                env={**_inherited(drop_env_prefix), **(env or {}), _TOKEN: self.token},
                 cwd=cwd,
                 start_new_session=True,
             )
@@ -79,9 +83,11 @@ class ProcessGroup:
         return [c for c in self.children if not c.alive()]
 
     def stop(self, grace: float = 10.0) -> dict[str, int | None]:
-        """SIGTERM every process group, wait up to grace seconds, then SIGKILL; returns exit codes."""
+        """SIGTERM every running child's process group, wait up to grace seconds, then SIGKILL; then SIGKILL
+        whatever is left of the group (counting workers of a child that died first); returns exit codes."""
         for c in self.children:
-            _signal_group(c.popen, signal.SIGTERM)
+            if c.alive():  # not yet reaped: its pid, and so its process group id, is still ours
+                _signal_group(c.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for c in self.children:
             try:
@@ -90,11 +96,27 @@ class ProcessGroup:
                 log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", c.name, c.pid, grace)
                 _signal_group(c.popen, signal.SIGKILL)
                 c.popen.wait(5)
-        for c in self.children:
-            _signal_group(c.popen, signal.SIGKILL)  # grandchildren (counting workers) of a finished child
+        for pid in carrying(self.token):  # by our token, never by a group id that may be reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         codes = {c.name: c.popen.returncode for c in self.children}
         self.children = []
         return codes
+
+
+_TOKEN = "STEMSTREAM_PROCESS_GROUP"
+
+
+def carrying(token: str) -> list[int]:
+    """Live processes whose environment carries this group token."""
+    needle = f"{_TOKEN}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
 
 
 def _inherited(drop_prefix: str | None) -> dict[str, str]:
