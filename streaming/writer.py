@@ -337,6 +337,10 @@ class ScanWriter:
                 "counting_seconds": sum(d.counting_seconds for d in scan.done.values()),
                 "late_sectors": sum(d.late_sectors for d in scan.done.values()),
                 "evicted_batches": sum(d.evicted_slots for d in scan.done.values()),
+                # What the frames were counted against: a zero dark is said, never implied.
+                "dark_reference": "none: zero dark, fitted thresholds"
+                if self.dark is None
+                else f"float32 dark, digest {self._calibration[:16]}",
                 "duplicate_sectors": sum(d.duplicates for d in scan.done.values()),
             },
         }

@@ -212,4 +212,7 @@ def test_a_scan_number_that_comes_again_is_a_new_scan_with_its_own_file_and_id(t
         assert path.name.startswith("FOURD_") and path.name.endswith(f"_{record['scan_id']:05d}_00007.h5")
         found, number, scan_id = get_scan_path(tmp_path / "out", scan_id=record["scan_id"])
         assert (found, number, scan_id) == (path, 7, record["scan_id"])
-        assert_same_events(read_counted_scan(path), offline(config, options(fixed=FIXED)))
+        counted = read_counted_scan(path)
+        assert_same_events(counted, offline(config, options(fixed=FIXED)))
+        # no dark reference was given: the file says so
+        assert counted.metadata["stemstream"]["dark_reference"] == "none: zero dark, fitted thresholds"
