@@ -10,6 +10,9 @@ threads here emulating the receivers (simulated camera, one camera shared by the
   c. a 512x512 scan (262,144 frames): complete, last sector -> file (target <= 3 s), and the peak memory of
      the writer's host (node 0) and of the other node during it, against the same figures for 64x64
      (target: within 10 %): VmRSS (with the fixed shared slot memory) and RssAnon (private memory alone);
+     and, to see the writer's own memory apart from the nodes' bounded queues (whose filling depends on how
+     long back-pressure lasts, not on the scan's size), a scan writer alone in a process, fed the counted
+     events of a 64x64 and of a 512x512 scan (200 events/frame, two nodes' batches of 32) at --writer-rate;
   d. load balance across 4 nodes: each node's share of frames;
   e. the file workflow for 64x64: write the raw files, then count them offline.
 
@@ -32,17 +35,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 # stemstream_testing (test support) is not installed: import it from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from counting.geometry import ScanShape  # noqa: E402
+from counting.geometry import ALL_SECTORS, ScanShape  # noqa: E402
 from counting.offline import count_raw_scan  # noqa: E402
 from counting.raw import open_raw_scan, write_raw_scan  # noqa: E402
 from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
 from counting.sparse import write_counted_scan  # noqa: E402
 from stemstream_testing.options import options  # noqa: E402
 from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
+from streaming import protocol as p  # noqa: E402
+from streaming.scan_record import ScanRecord  # noqa: E402
 from tasks.processes import process_tree, rss_kb  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,6 +61,29 @@ def pipeline(work: Path, n_nodes: int, workers: int) -> ProcessPipeline:
     return ProcessPipeline(
         work, n_nodes, transport="ipc", streaming=streaming, names="node{}", rss_interval=0.1
     )
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def pipeline_cpu(pipe: ProcessPipeline) -> dict[str, float]:
+    """CPU seconds so far of the aggregator, each node and its workers, and this process (the senders)."""
+    out = {"senders": sum(os.times()[:2])}
+    for name, proc in pipe.procs.items():
+        main, *workers = process_tree(proc.pid)
+        out[name] = cpu_seconds(main)
+        if workers:
+            out[f"{name}-workers"] = sum(cpu_seconds(w) for w in workers)
+    return out
 
 
 class ScanMemory:
@@ -89,11 +118,14 @@ def stream_scan(pipe: ProcessPipeline, side: int, number: int, seed: int, nodes:
     """One simulated scan through the pipeline; its timings (from the stop record) and memory."""
     camera = SimulatedCamera(SimulatorConfig(ScanShape(side, side), dose=DOSE, seed=seed))
     pipe.wait_armed(2, 60)
+    cpu0 = pipeline_cpu(pipe)
     with ScanMemory(nodes) as memory:
         sent = pipe.send(camera, scan_number=number, send_timeout=300)
         rec, _ = pipe.record(number, timeout=1200)
+    cpu1 = pipeline_cpu(pipe)
     n = side * side
     first_to_file = rec.written_time - sent.started
+    cpu = {k: 1e3 * (cpu1[k] - cpu0.get(k, 0.0)) / n for k in cpu1}
     return {
         "side": side,
         "frames": n,
@@ -105,6 +137,94 @@ def stream_scan(pipe: ProcessPipeline, side: int, number: int, seed: int, nodes:
         "last_sector_to_file_s": rec.written_time - sent.ended,
         "counted_fps": n / first_to_file,
         "peak_kb": dict(memory.peak),
+        "cpu_ms_per_frame": cpu,
+        # of the machine's CPUs, the share this pipeline (and its senders) had during the scan
+        "cpu_share": sum(cpu.values()) * n / 1e3 / (first_to_file * (os.cpu_count() or 1)),
+    }
+
+
+WRITER_PROCESS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from counting.kernel import Thresholds
+from stemstream_testing.options import estimation
+from streaming.writer import ScanWriter, WriterConfig
+config = WriterConfig(Path(sys.argv[1]), 0, "scan_{scan:05d}.h5", "UTC", Thresholds(30.5, 600.0), estimation(), 60.0)
+writer = ScanWriter("tcp://127.0.0.1:0", config, None).start()
+print(writer.endpoint, flush=True)
+sys.stdin.read()  # until the benchmark closes it
+writer.stop()
+"""
+
+
+def writer_alone(work: Path, side: int, rate: float, events_per_frame: int = 200) -> dict:
+    """A scan writer in a process of its own, fed one scan's counted events as two nodes send them (batches
+    of 32, frames alternating between the nodes) at ``rate`` frames/s: its peak memory and end latency."""
+    import subprocess
+
+    repo = str(Path(__file__).resolve().parents[1])
+    out = work / f"writer{side}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_PROCESS, str(out), repo], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    ctx = zmq.Context()
+    socks = []
+    try:
+        endpoint = proc.stdout.readline().decode().strip()
+        rng = np.random.default_rng(0)
+        pool = [rng.integers(0, 576 * 576, 32 * events_per_frame).astype(np.uint32) for _ in range(8)]
+        offsets = (np.arange(33) * events_per_frame).astype(np.int64)
+        masks = np.full(32, ALL_SECTORS, np.uint8)
+        for k in range(2):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(endpoint)
+            sock.send_multipart(p.encode(p.NodeScanBegin(f"n{k}", 1, side, side, 2, k)))
+            socks.append(sock)
+        n = side * side
+        with ScanMemory({"writer": proc.pid}) as memory:
+            t0 = time.perf_counter()
+            for b, start in enumerate(range(0, n, 64)):
+                for k, sock in enumerate(socks):
+                    numbers = np.arange(start + k, min(start + 64, n), 2, dtype=np.int64)
+                    m = len(numbers)
+                    sock.send_multipart(
+                        [
+                            *p.encode(p.EventsHeader(f"n{k}", 1, m)),
+                            numbers,
+                            numbers,
+                            masks[:m],
+                            offsets[: m + 1],
+                            pool[b % len(pool)][: m * events_per_frame],
+                        ]
+                    )
+                ahead = (start + 64) / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            for k, sock in enumerate(socks):
+                sock.send_multipart(p.encode(p.NodeScanDone(f"n{k}", 1, 2 * n, 2 * n, n // 2, 0, 0, "end")))
+            sent = time.time()
+            deadline = time.monotonic() + 300
+            while not (out / "scan_00001.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            record = ScanRecord.load(out / "scan_00001.json")
+        hwm = rss_kb(proc.pid, "VmHWM")
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        ctx.term()
+        proc.stdin.close()
+        proc.wait(60)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "frames": n,
+        "status": str(record.status),
+        "file_bytes": record.events * 4,
+        "last_events_to_file_s": record.written_time - sent,
+        "peak_rss_kb": memory.peak["writer VmRSS"],
+        "peak_rss_anon_kb": memory.peak["writer RssAnon"],
+        "vm_hwm_kb": hwm,
     }
 
 
@@ -168,6 +288,7 @@ def run(a: argparse.Namespace, tmp: Path) -> dict:
         "workers_per_node": a.workers,
         "dose": DOSE,
         "load_average_before": os.getloadavg(),
+        "writer_rate": a.writer_rate,
         "scans": {},
     }
     # The offline side first (raw files for stempy and the file workflow), while nothing else runs.
@@ -196,7 +317,9 @@ def run(a: argparse.Namespace, tmp: Path) -> dict:
         r = stream_scan(pipe, side, number, number, nodes)
         print(
             f"  scan {number}: {side}x{side} {r['status']}, {r['counted_fps']:.0f} frames/s, first sector -> "
-            f"file {r['first_sector_to_file_s']:.3f} s, last sector -> file {r['last_sector_to_file_s']:.3f} s"
+            f"file {r['first_sector_to_file_s']:.3f} s, last sector -> file {r['last_sector_to_file_s']:.3f} s; "
+            f"CPU share {100 * r['cpu_share']:.0f} %, CPU ms/frame "
+            + " ".join(f"{k} {v:.3f}" for k, v in r["cpu_ms_per_frame"].items())
         )
         return r
 
@@ -216,6 +339,9 @@ def run(a: argparse.Namespace, tmp: Path) -> dict:
     finally:
         pipe.close()
     out["load_average_after"] = os.getloadavg()
+    if a.big:
+        alone = {f"{side}x{side}": writer_alone(tmp, side, a.writer_rate) for side in (64, a.big)}
+        out["writer_alone"] = alone
 
     # d: four nodes
     pipe4 = pipeline(tmp / "four", 4, 0)
@@ -290,6 +416,19 @@ def summarize(out: dict, big: int) -> list[str]:
                 f"  peak {k}{role}: 64x64 {m['64x64_kb'] / 1024:.0f} MB, {key} {m[f'{key}_kb'] / 1024:.0f} MB "
                 f"({100 * (m['ratio'] - 1):+.1f} %)"
             )
+    alone = out.get("writer_alone")
+    if alone:
+        small, large = alone["64x64"], alone[key]
+        for k in ("peak_rss_kb", "peak_rss_anon_kb"):
+            large[f"{k}_vs_64x64"] = large[k] / small[k]
+        lines.append(
+            f"writer alone (fed at {out.get('writer_rate', 0):.0f} frames/s): peak VmRSS 64x64 "
+            f"{small['peak_rss_kb'] / 1024:.0f} MB, {key} {large['peak_rss_kb'] / 1024:.0f} MB "
+            f"({100 * (large['peak_rss_kb_vs_64x64'] - 1):+.1f} %); RssAnon {small['peak_rss_anon_kb'] / 1024:.0f} "
+            f"-> {large['peak_rss_anon_kb'] / 1024:.0f} MB ({100 * (large['peak_rss_anon_kb_vs_64x64'] - 1):+.1f} %); "
+            f"{key} file {large['file_bytes'] / 1e6:.0f} MB of events on disk "
+            f"{large['last_events_to_file_s']:.2f} s after its last events"
+        )
     fw = out.get("file_workflow_64x64")
     if fw:
         latency = scans["64x64"]["last_sector_to_file_s"]
@@ -311,6 +450,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each scan up to 64x64 (median)")
     ap.add_argument("--stempy-max", type=int, default=64, help="largest side stempy counts offline")
     ap.add_argument("--workers", type=int, default=1, help="counting processes per node")
+    ap.add_argument("--writer-rate", type=float, default=5000.0, help="frames/s fed to the writer alone")
     ap.add_argument("--json", type=Path, default=RESULTS / "streaming.json")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="stemstream-bench-", dir="/tmp") as tmp:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import h5py
 
+METADATA_CACHE = 2 << 20  # HDF5's metadata cache (it holds the event heaps being filled): fixed, not adaptive
 RESERVE_MIN = 1 << 20  # first reservation step
 RESERVE_MAX = 64 << 20  # steps double up to this
 # File systems without fallocate (some FUSE mounts): no reservation, failures still come as kept errors.
@@ -181,6 +182,7 @@ class TempHDF5:
                 self.storage.reserve(reserve)
                 self.storage.check()  # no room: fail now, before HDF5 starts
             self.h5 = h5py.File(self.storage, "w")
+            _bound_metadata_cache(self.h5)
         except BaseException:
             self.discard()
             raise
@@ -229,6 +231,14 @@ class TempHDF5:
         if unlink:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
+
+
+def _bound_metadata_cache(f: h5py.File) -> None:
+    """Keep HDF5's metadata cache at a fixed size (by default it may grow to 32 MB as the file grows)."""
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.min_size = config.max_size = METADATA_CACHE
+    f.id.set_mdc_config(config)
 
 
 def create_temporary(directory: Path, name: str, suffix: str) -> tuple[int, Path]:

@@ -318,6 +318,12 @@ class ScanWriter:
         self._pending.append(self._pool.submit(self._write, scan, last))
 
     def _write(self, scan: _Scan, last_data: float) -> ScanRecord:
+        try:
+            return self._store(scan, last_data)
+        finally:
+            scan.file.discard()  # whatever is left of it (nothing, once stored), even after a bug
+
+    def _store(self, scan: _Scan, last_data: float) -> ScanRecord:
         b = scan.begin
         reasons = sorted({d.reason for d in scan.done.values()}) or ["deadline"]
         t = scan.thresholds
