@@ -27,21 +27,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any, TypeVar
 
 import authlib.deprecate  # loaded first, so the filter below can override its "always"
 import httpx
 import tenacity
-from pydantic import BaseModel, Field, SecretStr, field_validator
 
 # Authlib 1.9 warns at import that its httpx module is deprecated in favour of httpx2 and forces that
 # warning to "always"; sfapi_client still uses httpx, so it is noise on every command (notes/deps.md).
@@ -49,205 +44,52 @@ warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationW
 
 from authlib.common.errors import AuthlibBaseError  # noqa: E402
 from sfapi_client import Client  # noqa: E402
-from sfapi_client.compute import Machine  # noqa: E402
 from sfapi_client.exceptions import ClientKeyError, SfApiError  # noqa: E402
 
-from counting.errors import PermanentError, StemstreamError, TransientError  # noqa: E402
+from tasks.sfapi_credentials import credentials  # noqa: E402
+from tasks.sfapi_errors import (  # noqa: E402
+    AllocationCancelled,
+    AllocationError,
+    JobFailedError,
+    JobStartTimeout,
+    JobSubmitError,
+    SfapiCredentialsError,
+    SfapiRequestFailed,
+    SfapiUnavailable,
+)
+from tasks.sfapi_settings import SfapiSettings  # noqa: E402
+from tasks.slurm_jobs import (  # noqa: E402
+    RUNNING,
+    TERMINAL_STATES,
+    UNKNOWN,
+    WAITING_STATES,
+    JobStatus,
+    minutes,
+    reason_hint,
+)
+
+# The allocation's API: what this module raises and returns, importable from here.
+__all__ = [
+    "AllocationCancelled",
+    "AllocationError",
+    "JobFailedError",
+    "JobStartTimeout",
+    "JobStatus",
+    "JobSubmitError",
+    "SfapiAllocator",
+    "SfapiCredentialsError",
+    "SfapiRequestFailed",
+    "SfapiSettings",
+    "SfapiUnavailable",
+    "allocate",
+    "reason_hint",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RUNNING = "RUNNING"
-UNKNOWN = "UNKNOWN"  # neither squeue nor sacct knows the job (yet: sacct can lag right after submit)
-# States a job never leaves (Slurm's "base states" that end a job); the client's own list misses four.
-TERMINAL_STATES = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "REVOKED",
-        "SPECIAL_EXIT",
-        "TIMEOUT",
-    }
-)
-# States from which a job may still start; anything else (terminal or ending) fails wait_running.
-WAITING_STATES = frozenset(
-    {
-        "PENDING",
-        "CONFIGURING",
-        "REQUEUED",
-        "REQUEUE_FED",
-        "REQUEUE_HOLD",
-        "RESV_DEL_HOLD",
-        "RESIZING",
-        "SUSPENDED",
-        "STOPPED",
-        UNKNOWN,
-    }
-)
 _MAX_BACKOFF = 10.0
-
-# Slurm's reasons (squeue %r, scontrol Reason=), by prefix, in words an operator can act on.
-REASON_HINTS = (
-    ("PartitionNodeLimit", "the job asks for more nodes than the partition allows (slurm.nodes)"),
-    ("QOSMaxNodePerJobLimit", "the job asks for more nodes than the QOS allows (slurm.nodes)"),
-    ("QOSGrpNodeLimit", "the QOS's nodes are all in use (another realtime job of the project?)"),
-    ("AssocGrpNodeLimit", "the project's node limit is in use"),
-    ("ReqNodeNotAvail", "nodes the job needs are down, drained or reserved"),
-    ("Nodes_required_for_job_are_DOWN", "nodes the job needs are down, drained or reserved"),
-    ("Resources", "waiting for nodes to become free"),
-    ("Priority", "other jobs are ahead in the queue"),
-    ("Reservation", "waiting for its reservation"),
-    ("JobHeld", "the job is held (scontrol release)"),
-    ("BeginTime", "the job's start time is in the future"),
-    ("NonZeroExitCode", "a node streamer exited non-zero and --kill-on-bad-exit ended the job"),
-    ("NodeDown", "a node of the allocation failed"),
-    ("TimeLimit", "the job reached its walltime (slurm.walltime)"),
-    ("JobLaunchFailure", "Slurm could not start the batch script: does slurm.log_dir exist on the machine?"),
-)
-
-
-def reason_hint(reason: str) -> str:
-    """What Slurm's reason means, in words ("" for none or an unknown one)."""
-    return next((hint for prefix, hint in REASON_HINTS if reason.startswith(prefix)), "")
-
-
-def _minutes(seconds: float) -> str:
-    """A duration for people: 45 s, 3 min 20 s, 1 h 5 min."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s" if seconds % 60 else f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """A job's Slurm state, with Slurm's reason and exit code where the query gives them."""
-
-    job_id: str
-    state: str
-    reason: str = ""  # "" when Slurm gives none ("None")
-    exit_code: str = ""  # "exit:signal" (sacct), "" when not known
-
-    def describe(self) -> str:
-        """e.g. "PENDING (Slurm's reason: PartitionNodeLimit: the job asks for more nodes than ...)"."""
-        if not self.reason:
-            return self.state
-        hint = reason_hint(self.reason)
-        return f"{self.state} (Slurm's reason: {self.reason}{': ' + hint if hint else ''})"
-
-
-class AllocationError(StemstreamError, RuntimeError):
-    """Base of every allocation failure (never raised itself); messages never contain keys or secrets."""
-
-
-class SfapiUnavailable(TransientError, AllocationError):
-    """SFAPI could not be reached or kept failing (network, 5xx, machine down); retrying later may work."""
-
-
-class SfapiCredentialsError(PermanentError, AllocationError):
-    """The SFAPI client credentials are missing, unreadable or refused."""
-
-
-class JobSubmitError(PermanentError, AllocationError):
-    """sbatch (through SFAPI) refused the job, or its outcome is unknown; do not blindly resubmit."""
-
-
-class SfapiRequestFailed(PermanentError, AllocationError):
-    """SFAPI refused a request or answered it unusably (a 4xx, an unexpected reply); it would again."""
-
-
-class JobFailedError(PermanentError, AllocationError):
-    """The job reached a state from which it will never be RUNNING (NODE_FAIL, CANCELLED, ...)."""
-
-    def __init__(self, job_id: str, state: str, reason: str = "") -> None:
-        why = JobStatus(job_id, state, reason).describe()
-        super().__init__(f"Slurm job {job_id} is {state}: it will not run" + why[len(state) :])
-        self.job_id = job_id
-        self.state = state
-        self.reason = reason
-
-
-class JobStartTimeout(PermanentError, AllocationError):
-    """The job did not reach RUNNING within the start timeout (the whole wait: a retry would only wait more)."""
-
-    def __init__(self, job_id: str, timeout: float, last_state: str, reason: str = "") -> None:
-        why = JobStatus(job_id, last_state, reason).describe()[len(last_state) :].strip()
-        super().__init__(
-            f"Slurm job {job_id} not RUNNING after {timeout:.0f} s (last state {last_state})"
-            + (f"; {why[1:-1]}" if why else "")
-            + "; the job is cancelled. Check the realtime QOS grant, the reservation and the queue, "
-            "or wait longer (sfapi.start_timeout)"
-        )
-        self.job_id = job_id
-        self.timeout = timeout
-        self.last_state = last_state
-        self.reason = reason
-
-
-class AllocationCancelled(PermanentError, AllocationError):
-    """The session was cancelled while its job waited to start; the job is cancelled (never left queued)."""
-
-    def __init__(self, job_id: str, waited: float, status: JobStatus) -> None:
-        super().__init__(
-            f"cancelled while Slurm job {job_id} waited {_minutes(waited)} to start, "
-            f"{status.describe()}; the job is cancelled"
-        )
-        self.job_id = job_id
-        self.waited = waited
-        self.status = status
-
-
-class SfapiSettings(BaseModel):
-    """How to reach SFAPI and how long to wait for it; the key is a secret or a 0600 key file."""
-
-    api_base_url: str = "https://api.nersc.gov/api/v1.2"
-    token_url: str = "https://oidc.nersc.gov/c2id/token"
-    client_id: str = Field("", description="SFAPI client id; may come from the key file instead")
-    key_path: Path | None = Field(
-        None,
-        description="0600 file: a PEM, a JWK JSON, sfapi's 'client_id line + PEM' or {client_id, secret} JSON",
-    )
-    secret: SecretStr | None = Field(None, description="the private key itself: a PEM or a JWK as JSON")
-    machine: str = "perlmutter"
-    poll_interval: float = Field(5.0, gt=0, description="seconds between job-state queries")
-    submit_timeout: float = Field(
-        120.0, gt=0, description="seconds for sbatch (the SFAPI task) to return a job id"
-    )
-    start_timeout: float = Field(
-        1800.0,
-        gt=0,
-        description="seconds the session waits for its job to start (the realtime queue: usually seconds, "
-        "rarely up to ~25 min); then the job is cancelled and the session fails",
-    )
-    pending_log_interval: float = Field(
-        60.0, gt=0, description="seconds between reports of the pending time and Slurm's reason"
-    )
-    api_timeout: float = Field(60.0, gt=0, description="seconds one API operation may take, retries included")
-    request_timeout: float = Field(10.0, gt=0, description="seconds one HTTP request may take")
-    api_retries: int = Field(6, ge=1, description="attempts per API operation")
-    retry_backoff: float = Field(1.0, gt=0, description="first back-off in seconds; doubles, at most 10 s")
-
-    @field_validator("machine")
-    @classmethod
-    def _machine(cls, v: str) -> str:
-        try:
-            return Machine(v).value
-        except ValueError:
-            raise ValueError(f"unknown SFAPI machine {v!r}; e.g. {Machine.perlmutter.value}") from None
-
-    @field_validator("key_path")
-    @classmethod
-    def _expand(cls, v: Path | None) -> Path | None:
-        return None if v is None else v.expanduser()
 
 
 class _BoundedClient(Client):
@@ -345,7 +187,7 @@ class SfapiAllocator:
 
     def __init__(self, settings: SfapiSettings) -> None:
         self._settings = settings
-        self._client_id, self._key = _credentials(settings)
+        self._client_id, self._key = credentials(settings)
         self._client: _BoundedClient | None = None
 
     def __enter__(self) -> SfapiAllocator:
@@ -413,7 +255,7 @@ class SfapiAllocator:
                 status = self.status(job_id)
                 waited = time.monotonic() - start
                 if status.state == RUNNING:
-                    log.info("Slurm job %s is RUNNING (%s in the queue)", job_id, _minutes(waited))
+                    log.info("Slurm job %s is RUNNING (%s in the queue)", job_id, minutes(waited))
                     return status.state
                 if status.state not in WAITING_STATES:
                     raise JobFailedError(job_id, status.state, status.reason)
@@ -424,8 +266,8 @@ class SfapiAllocator:
                     raise JobStartTimeout(job_id, timeout, status.state, status.reason)
                 if time.monotonic() >= next_report:
                     message = (
-                        f"Slurm job {job_id} waiting to start for {_minutes(waited)}: {status.describe()}; "
-                        f"waiting up to {_minutes(timeout)} (sfapi.start_timeout)"
+                        f"Slurm job {job_id} waiting to start for {minutes(waited)}: {status.describe()}; "
+                        f"waiting up to {minutes(timeout)} (sfapi.start_timeout)"
                     )
                     log.info(message)
                     if on_wait is not None:
@@ -617,74 +459,6 @@ def _cancel_logging_errors(allocator: SfapiAllocator, job_id: str) -> None:
         allocator.cancel(job_id)
     except AllocationError as exc:
         log.error("could not cancel Slurm job %s (%s): cancel it by hand (scancel %s)", job_id, exc, job_id)
-
-
-# ---- credentials --------------------------------------------------------------------------------
-def _credentials(settings: SfapiSettings) -> tuple[str, str | dict[str, Any]]:
-    """(client_id, private key as PEM text or JWK dict) from the settings' secret or key file."""
-    if settings.secret is not None:
-        raw, source = settings.secret.get_secret_value(), "sfapi.secret"
-    elif settings.key_path is not None:
-        raw, source = _read_key_file(settings.key_path), str(settings.key_path)
-    else:
-        raise SfapiCredentialsError(
-            "no SFAPI credentials: set sfapi.secret (PEM or JWK JSON) or sfapi.key_path"
-        )
-    client_id, key = _parse_key(raw, source)
-    client_id = settings.client_id or client_id
-    if not client_id:
-        raise SfapiCredentialsError(f"no SFAPI client id: set sfapi.client_id (none found in {source})")
-    return client_id, key
-
-
-def _read_key_file(path: Path) -> str:
-    """The key file's text; it must be private (mode 0600) like sfapi_client demands."""
-    try:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SfapiCredentialsError(f"SFAPI key file {path} is readable by others: chmod 600 {path}")
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SfapiCredentialsError(
-            f"cannot read SFAPI key file {path}: {os.strerror(exc.errno or 0)}"
-        ) from None
-
-
-def _parse_key(raw: str, source: str) -> tuple[str, str | dict[str, Any]]:
-    """Split a key text into (client id if it holds one, PEM or JWK dict); never echoes the text."""
-    text = raw.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise SfapiCredentialsError(f"the SFAPI key in {source} is not valid JSON") from None
-        if isinstance(data.get("secret"), dict | str):  # sfapi's {"client_id": ..., "secret": <JWK>}
-            client_id, data = str(data.get("client_id") or ""), data["secret"]
-            if isinstance(data, str):
-                return client_id, _parse_key(data, source)[1]
-        else:
-            client_id = ""
-        if not isinstance(data, dict) or data.get("kty") != "RSA" or "d" not in data:
-            raise SfapiCredentialsError(f"the SFAPI key in {source} is not a private RSA JWK")
-        return client_id, data
-    client_id = ""
-    if not text.startswith("-----BEGIN"):  # sfapi's key file: the client id on the first line, then the PEM
-        client_id, _, text = text.partition("\n")
-        client_id, text = client_id.strip(), text.strip()
-    _check_pem(text, source)
-    return client_id, text + "\n"
-
-
-def _check_pem(pem: str, source: str) -> None:
-    """Fail early and clearly on a key the token request could not sign with."""
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        serialization.load_pem_private_key(pem.encode(), password=None)
-    except (ValueError, TypeError):
-        raise SfapiCredentialsError(
-            f"the SFAPI key in {source} is not an unencrypted PEM private key (or a JWK)"
-        ) from None
 
 
 # ---- the allocation as a context manager -----------------------------------------------------------

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("counting", "streaming", "tasks", "flows")
 # Bases of a family that callers catch as a whole; each of their subclasses picks a branch, and the base
 # itself is never raised (checked below), so it sits on neither.
-FAMILIES = {"tasks.sfapi.AllocationError", "tasks.remote.RemoteError"}
+FAMILIES = {"tasks.sfapi_errors.AllocationError", "tasks.remote.RemoteError"}
 
 
 def _name(cls: type) -> str:
@@ -51,7 +51,7 @@ def test_the_walk_finds_the_product_exceptions() -> None:
     names = {_name(c) for c in EXCEPTIONS}
     assert {
         "counting.raw.RawFormatError",
-        "tasks.sfapi.SfapiUnavailable",
+        "tasks.sfapi_errors.SfapiUnavailable",
         "tasks.remote.RemoteError",
     } <= names
     assert len(names) >= 20, sorted(names)
