@@ -1,6 +1,6 @@
 """End-to-end streaming on this machine, side by side in one run, with real processes:
 `stemstream aggregator` and two `stemstream node` processes (one counting worker each, ipc://), four sender
-threads here emulating the receivers (simulated camera, one camera shared by the four), all on this machine.
+threads here emulating the receivers (simulated camera, one per thread), all on this machine.
 
   a. per-scan overhead: first sector -> file on disk for a 16x16 scan (the session's first scan, and the
      median of the next ones) next to 64x64;
@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import zmq
 
@@ -76,8 +77,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def pipeline_cpu(pipe: ProcessPipeline) -> dict[str, float]:
-    """CPU seconds so far of the aggregator, each node and its workers, and this process (the senders)."""
-    out = {"senders": sum(os.times()[:2])}
+    """CPU seconds so far of the aggregator, each node and its workers, and the sender threads (this process
+    but its main thread, which makes the simulated cameras before each scan's clock starts)."""
+    out = {"senders": sum(os.times()[:2]) - time.thread_time()}
     for name, proc in pipe.procs.items():
         main, *workers = process_tree(proc.pid)
         out[name] = cpu_seconds(main)
@@ -115,23 +117,27 @@ class ScanMemory:
 
 
 def stream_scan(pipe: ProcessPipeline, side: int, number: int, seed: int, nodes: dict[str, int]) -> dict:
-    """One simulated scan through the pipeline; its timings (from the stop record) and memory."""
-    camera = SimulatedCamera(SimulatorConfig(ScanShape(side, side), dose=DOSE, seed=seed))
+    """One simulated scan through the pipeline; its timings (from the stop record), losses and memory."""
+    config = SimulatorConfig(ScanShape(side, side), dose=DOSE, seed=seed)  # a camera per sender thread
     pipe.wait_armed(2, 60)
     cpu0 = pipeline_cpu(pipe)
     with ScanMemory(nodes) as memory:
-        sent = pipe.send(camera, scan_number=number, send_timeout=300)
-        rec, _ = pipe.record(number, timeout=1200)
+        sent = pipe.send(config, scan_number=number, send_timeout=300)
+        rec, h5 = pipe.record(number, timeout=1200)
     cpu1 = pipeline_cpu(pipe)
     n = side * side
     first_to_file = rec.written_time - sent.started
     cpu = {k: 1e3 * (cpu1[k] - cpu0.get(k, 0.0)) / n for k in cpu1}
+    with h5py.File(h5) as f:  # what the nodes had to drop, if anything (overload: frames sealed incomplete)
+        provenance = dict(f["metadata/stemstream"].attrs)
     return {
         "side": side,
         "frames": n,
         "status": str(rec.status),
         "frames_written": rec.frames_written,
         "completeness": rec.completeness,
+        "late_sectors": int(provenance.get("late_sectors", 0)),
+        "evicted_batches": int(provenance.get("evicted_batches", 0)),
         "send_s": sent.ended - sent.started,
         "first_sector_to_file_s": first_to_file,
         "last_sector_to_file_s": rec.written_time - sent.ended,
@@ -316,7 +322,8 @@ def run(a: argparse.Namespace, tmp: Path) -> dict:
         number += 1
         r = stream_scan(pipe, side, number, number, nodes)
         print(
-            f"  scan {number}: {side}x{side} {r['status']}, {r['counted_fps']:.0f} frames/s, first sector -> "
+            f"  scan {number}: {side}x{side} {r['status']} ({100 * r['completeness']:.1f} %, "
+            f"{r['evicted_batches']} batches sealed incomplete), {r['counted_fps']:.0f} frames/s, first sector -> "
             f"file {r['first_sector_to_file_s']:.3f} s, last sector -> file {r['last_sector_to_file_s']:.3f} s; "
             f"CPU share {100 * r['cpu_share']:.0f} %, CPU ms/frame "
             + " ".join(f"{k} {v:.3f}" for k, v in r["cpu_ms_per_frame"].items())
@@ -407,8 +414,8 @@ def summarize(out: dict, big: int) -> list[str]:
                 mem[k]["ratio"] = r["peak_kb"][k] / max(small["peak_kb"][k], 1)
         out["memory_64_vs_big"] = mem
         lines.append(
-            f"{key}: {r['status']}, {r['frames_written']:,} of {r['frames']:,} frames, last sector -> file "
-            f"{r['last_sector_to_file_s']:.2f} s"
+            f"{key}: {r['status']} ({100 * r['completeness']:.2f} % of sectors), {r['frames_written']:,} of "
+            f"{r['frames']:,} frames, last sector -> file {r['last_sector_to_file_s']:.2f} s"
         )
         for k, m in mem.items():
             role = " (writer host)" if k.startswith(out["writer_host"]) else ""

@@ -29,6 +29,7 @@ from counting.kernel import Counter, EventList, Thresholds
 
 WARM_UP_TIMEOUT = 120.0  # seconds for the workers to start and load the kernel (a cold numba cache compiles)
 _WARM_UP_THRESHOLDS = Thresholds(20.5, 600.0)
+PAGE_VALUES = 2048  # uint16 values per 4 KiB page
 _KEEP_CALIBRATIONS = 4  # recent calibrations a worker keeps, and shared blocks the pool keeps
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class SlotMemory:
         self._shm = SharedMemory(create=True, size=size) if shared else None
         buf = self._shm.buf if self._shm is not None else bytearray(size)
         self.array = np.ndarray((n_slots, batch_size, *FRAME_SHAPE), np.uint16, buffer=buf)
+        # Touch every page now: otherwise the first scan pays the page faults of hundreds of MB (first use
+        # of each slot), and the first scan must be as fast as the later ones.
+        self.array[...] = 0
 
     @property
     def name(self) -> str | None:
@@ -127,6 +131,7 @@ def _worker_main(conn: Connection, shm_name: str, shape: tuple, calibration: Cal
     shm = SharedMemory(name=shm_name)
     try:
         slots = np.ndarray(shape, np.uint16, buffer=shm.buf)
+        int(slots.reshape(-1)[::PAGE_VALUES].sum())  # map every page now, not during the first scan
         calibrations = {calibration.version: calibration}
         counters: dict[tuple[int, float, float], Counter] = {}
         while True:
