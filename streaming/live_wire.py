@@ -1,0 +1,64 @@
+"""Wire formats of the live view: a node's snapshots to the view, and the counted-data tap.
+
+Every message is multipart: a kind tag, a msgpack header (a map), then raw little-endian arrays whose
+names, dtypes and lengths the header's ``arrays`` lists in order.
+
+    node -> view (PUSH, connecting out)   [b"live.snap", header, arrays...]
+        header: node, node_index, n_nodes, scan_number, scan_key, width, height, expected_frames, seq,
+        final, frames, sectors, events, geometry (cx, cy, bf_radius, adf_inner, adf_outer or nil),
+        dropped_batches, dropped_snapshots, counted_at (wall time of the newest batch in it), lo, hi;
+        arrays: counts, bf, adf, sum_col, sum_row, frames for positions lo..hi-1 (this node's sums so far:
+        cumulative, so a later snapshot makes up for a dropped one), and pattern (576*576 uint32).
+
+    tap (PUB on the node)   [b"tap.begin", header]  a scan begins: scan_number, scan_key, width, height,
+                                                    expected_frames, node, node_index, n_nodes
+                            [b"tap.events", header, positions int64, frame_numbers int64, masks uint8,
+                                offsets int64 (frames + 1), indices uint32]   one counted batch:
+                                header scan_number, scan_key, node, seq (per node, from 0), frames
+                            [b"tap.end", header]    the node counted everything of the scan: scan_number,
+                                                    scan_key, node, batches, frames (published in all)
+"""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+SNAP = b"live.snap"
+TAP_BEGIN = b"tap.begin"
+TAP_EVENTS = b"tap.events"
+TAP_END = b"tap.end"
+TAP_ARRAYS = (("positions", "<i8"), ("frame_numbers", "<i8"), ("masks", "u1"), ("offsets", "<i8"), ("indices", "<u4"))
+
+
+class LiveWireError(ValueError):
+    """A live-view or tap message is malformed."""
+
+
+def encode(kind: bytes, header: dict, arrays: dict[str, np.ndarray] | None = None) -> list:
+    """[kind, msgpack header (with the arrays' names, dtypes, lengths), array buffers...]."""
+    arrays = arrays or {}
+    listed = [[name, a.dtype.str, len(a)] for name, a in arrays.items()]
+    parts = [kind, msgpack.packb({**header, "arrays": listed})]
+    return parts + [np.ascontiguousarray(a) for a in arrays.values()]
+
+
+def decode(parts: list) -> tuple[bytes, dict, dict[str, np.ndarray]]:
+    """(kind, header, arrays by name) of a message; raises LiveWireError."""
+    raw = [bytes(p.buffer) if hasattr(p, "buffer") else bytes(p) for p in parts]
+    if len(raw) < 2:
+        raise LiveWireError("a live message has a kind and a header")
+    try:
+        header = msgpack.unpackb(raw[1])
+        listed = header.pop("arrays", [])
+        if not isinstance(header, dict) or len(listed) != len(raw) - 2:
+            raise LiveWireError("header and array parts do not match")
+        arrays = {}
+        for (name, dtype, n), buf in zip(listed, raw[2:], strict=True):
+            a = np.frombuffer(buf, dtype=np.dtype(dtype))
+            if len(a) != n:
+                raise LiveWireError(f"array {name} has {len(a)} entries, header says {n}")
+            arrays[name] = a
+    except (ValueError, TypeError, msgpack.ExtraData) as exc:
+        raise LiveWireError(f"malformed live message: {exc}") from None
+    return raw[0], header, arrays
