@@ -1,0 +1,213 @@
+"""The microscope's record of a scan (its tags, calibrations and HAADF image) in the scan's HDF5.
+
+Layout added to a counted scan (stempy's for the image; stempy reads what it knows and ignores the rest):
+
+    /stem/images                  float32 (1, height, width): the HAADF image, attrs names = ["HAADF"]
+                                  (stempy.io.save_stem_images' layout), source = the microscope's file
+    /metadata/microscope          attrs: source_file, source_format, source_sha256, source_mtime,
+                                  scan_number, step_y_angstrom, step_x_angstrom, convergence_semiangle_mrad,
+                                  convergence_source, energy_ev (a value the file lacks is left out)
+    /metadata/microscope/tags     the file's image tags, one group per tag group
+
+How it is added without ever putting the counted events at risk: the finished file is never opened for
+writing. A copy of it (checked against the checksum the writer recorded, so a file changed meanwhile is
+never touched) gets the new groups, is fsynced and then takes the file's name in one atomic rename; a
+crash leaves either the file as the writer wrote it or the complete new one, never half of either, and a
+file that already has microscope metadata is refused (nothing is replaced). The copy costs one read and
+one write of the file, in 1 MiB chunks (flat memory), once per scan, off the data path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from counting.errors import PermanentError
+from counting.h5_storage import create_temporary
+
+MICROSCOPE_GROUP = "metadata/microscope"
+STEM_IMAGES = "stem/images"
+_CHUNK = 1 << 20
+
+
+class MicroscopeMetadataError(PermanentError, ValueError):
+    """Microscope metadata cannot be read, or cannot be added to a scan file."""
+
+
+@dataclass(frozen=True)
+class MicroscopeMetadata:
+    """What the microscope recorded about one scan; a calibration it lacks is None."""
+
+    source: str  # the file it came from
+    source_format: str  # "dm4" | "json"
+    source_sha256: str
+    source_mtime: float
+    scan_number: int | None = None  # as the file says (NCEM: 4Dcamera Parameters.scan_number)
+    step_angstrom: tuple[float, float] | None = None  # real-space step (y, x) between scan positions, Å
+    convergence_semiangle_mrad: float | None = None
+    convergence_source: str = ""  # the tag path or setting it came from
+    energy_ev: float | None = None  # beam energy (the accelerating voltage times e)
+    tags: dict = field(default_factory=dict, repr=False)  # nested tag groups, plain values
+    haadf: np.ndarray | None = field(default=None, repr=False)  # (height, width)
+
+    def attrs(self) -> dict:
+        """The /metadata/microscope attributes (missing values left out)."""
+        out: dict = {
+            "source_file": self.source,
+            "source_format": self.source_format,
+            "source_sha256": self.source_sha256,
+            "source_mtime": float(self.source_mtime),
+            "scan_number": self.scan_number,
+            "convergence_semiangle_mrad": self.convergence_semiangle_mrad,
+            "convergence_source": self.convergence_source or None,
+            "energy_ev": self.energy_ev,
+        }
+        if self.step_angstrom is not None:
+            out["step_y_angstrom"], out["step_x_angstrom"] = (float(s) for s in self.step_angstrom)
+        if self.haadf is not None:
+            out["haadf_shape"] = list(self.haadf.shape)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def summary(self) -> dict:
+        """The calibrations and source as plain JSON values (for stop records and the catalogue)."""
+        out = {k: v for k, v in self.attrs().items() if k != "haadf_shape"}
+        out["haadf"] = self.haadf is not None
+        return out
+
+
+def file_digest(path: Path) -> str:
+    """Hex sha256 of a file, in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def attach_microscope(path: str | os.PathLike, meta: MicroscopeMetadata, expected_sha256: str | None) -> str:
+    """Add ``meta`` to the finished scan file at ``path`` (see the module docstring: a checked copy renamed
+    over it); returns the new file's sha256. MicroscopeMetadataError if the file changed since the writer
+    recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError for storage."""
+    path = Path(path)
+    before = path.stat()
+    try:
+        with h5py.File(path, "r") as f:  # refuse before copying anything
+            taken = [name for name in (MICROSCOPE_GROUP, STEM_IMAGES) if name in f]
+    except OSError as exc:
+        raise MicroscopeMetadataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    if taken:
+        raise MicroscopeMetadataError(f"{path.name} already has /{taken[0]}: nothing is replaced")
+    fd, tmp = create_temporary(path.parent, path.name, "microscope")
+    try:
+        digest = _copy(path, fd)
+        if expected_sha256 and digest != expected_sha256:
+            raise MicroscopeMetadataError(
+                f"{path.name} changed since it was written (sha256 {digest[:12]} is not the recorded "
+                f"{expected_sha256[:12]}): microscope metadata not added"
+            )
+        os.close(fd)
+        fd = -1
+        with h5py.File(tmp, "a") as f:
+            _write(f, meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        new_digest = file_digest(tmp)
+        now = path.stat()
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+            raise MicroscopeMetadataError(f"{path.name} changed while its microscope metadata was added")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return new_digest
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def read_microscope(path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
+    """The /metadata/microscope attributes (with ``tags``) and the HAADF image of a scan file, or ({}, None)."""
+    with h5py.File(path, "r") as f:
+        attrs: dict = {}
+        if MICROSCOPE_GROUP in f:
+            group = f[MICROSCOPE_GROUP]
+            attrs = {k: _plain(v) for k, v in group.attrs.items()}
+            if "tags" in group:
+                attrs["tags"] = _load(group["tags"])
+        haadf = None
+        if STEM_IMAGES in f:
+            images = f[STEM_IMAGES]
+            names = [_plain(n) for n in images.attrs.get("names", [])]
+            index = names.index("HAADF") if "HAADF" in names else 0
+            haadf = np.asarray(images[index])
+        return attrs, haadf
+
+
+# ------------------------------------------------------------------------------------------- internal
+def _copy(source: Path, fd: int) -> str:
+    h = hashlib.sha256()
+    with open(source, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    os.fsync(fd)
+    return h.hexdigest()
+
+
+def _write(f: h5py.File, meta: MicroscopeMetadata) -> None:
+    group = f.require_group("metadata").create_group("microscope")
+    for key, value in meta.attrs().items():
+        group.attrs[key] = value
+    group.attrs["attached_time"] = time.time()
+    _save(group.create_group("tags"), meta.tags)
+    if meta.haadf is not None:
+        images = f.require_group("stem").create_dataset(
+            "images", data=np.asarray(meta.haadf, np.float32)[None]
+        )
+        images.attrs["names"] = ["HAADF"]
+        images.attrs["source"] = meta.source
+
+
+def _save(group: h5py.Group, tags: dict) -> None:
+    for key, value in tags.items():
+        name = str(key).replace("/", "_") or "_"
+        if isinstance(value, dict):
+            _save(group.require_group(name), value)
+        elif value is not None:
+            with contextlib.suppress(TypeError, ValueError):  # a value HDF5 cannot hold is left out
+                group.attrs[name] = value
+
+
+def _load(group: h5py.Group) -> dict:
+    out: dict = {k: _plain(v) for k, v in group.attrs.items()}
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            out[key] = _load(item)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    return value
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
