@@ -1,11 +1,14 @@
 """Analyse a counted scan with py4DSTEM: probe, virtual BF/ADF, centre of mass, DPC phase, parallax; PNGs.
 
 Plain code (no Prefect). Follows the Welborn 2024 paper's processing (swelborn/welborn-microscopy-streaming-
-paper-with-code): frames binned by 16 (576² -> 36²), a dense ``py4DSTEM.DataCube`` calibrated with the 0.36 Å
-step and Q = 17.1 mrad / probe radius, DPC with a forced CoM rotation and q_highpass 0.03, parallax with
-edge blending and a threshold of 0.8, then an aberration fit. Iterations and padding are scaled down so a
-64x64 scan takes seconds on two cores. Every step after the DataCube is optional: a failure becomes a
-warning in the result and the other images are still produced.
+paper-with-code): frames binned by 16 (576² -> 36²), a dense ``py4DSTEM.DataCube``, DPC with a forced CoM
+rotation and q_highpass 0.03, parallax with edge blending and a threshold of 0.8, then an aberration fit
+(fitted defocus = -C1). Calibrations come from the microscope's metadata in the file (tasks.calibration:
+the scan step in Å, and Q = convergence semi-angle / measured disk radius, so CoM is in mrad); without it
+the nominal 0.36 Å and 17.1 mrad of the paper are used where py4DSTEM needs numbers, CoM is in detector
+pixels, and every output says "uncalibrated". Iterations and padding are scaled down so a 64x64 scan takes
+seconds on two cores. Every step after the DataCube is optional: a failure becomes a warning in the result
+and the other images are still produced.
 
 The flyback column (the last column of every scan row, recorded while the beam flies back to the next row)
 is not sample data: it is dropped before the analysis, as NCEM's notebooks load scans with stempy's
@@ -21,15 +24,18 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from counting.geometry import ALL_SECTORS, FRAME_COLS, ScanShape
+from counting.geometry import FRAME_COLS
 from counting.sparse import CountedScan, read_counted_scan
+from tasks.analysis_data import densify, drop_flyback, fill_missing_positions  # noqa: F401 (its API)
+from tasks.analysis_images import save_pngs
 from tasks.analysis_settings import AnalysisSettings
+from tasks.calibration import Calibration, calibration_from_metadata
 
 if TYPE_CHECKING:
     from py4DSTEM import DataCube
@@ -96,6 +102,8 @@ class AnalysisResult:
     warnings: list[str]
     summary: dict
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the scan-sized maps
+    calibration: dict = field(default_factory=dict)  # Calibration.as_dict: "calibrated" or why not
+    fitted: dict = field(default_factory=dict)  # fitted numbers: defocus, rotations (for the catalogue)
 
 
 @dataclass(frozen=True)
@@ -107,69 +115,7 @@ class Probe:
     qy0: float
 
 
-# ------------------------------------------------------------------------------------------- pure helpers
-def drop_flyback(counted: CountedScan) -> CountedScan:
-    """The scan without its flyback column (the last column of every row): width - 1 wide, as stempy's
-    ``SparseArray.from_hdf5(keep_flyback=False)`` loads it. Events are shared, not copied."""
-    h, w = counted.scan.height, counted.scan.width
-    if w < 2:
-        raise ValueError(
-            f"the scan is {w} column wide: only a flyback column, no sample positions to analyse "
-            "(analysis.keep_flyback keeps it)"
-        )
-    k = counted.frames_per_position
-
-    def crop(a: np.ndarray) -> np.ndarray:
-        return a.reshape(h, w, k)[:, : w - 1].reshape(h * (w - 1), k)
-
-    return CountedScan(
-        ScanShape(w - 1, h), crop(counted.events), crop(counted.sector_masks), counted.metadata
-    )
-
-
-def fill_missing_positions(dense: np.ndarray, valid: np.ndarray) -> int:
-    """Replace patterns at positions where ``valid`` is False by the mean of their valid 4-neighbours.
-
-    Works outwards in passes (a pass uses only positions known before it), so holes larger than one position
-    fill from their rim inwards. Modifies ``dense`` (h, w, qx, qy) in place; returns positions filled."""
-    h, w = valid.shape
-    known = valid.copy()
-    filled = 0
-    while True:
-        todo = np.argwhere(~known)
-        if not len(todo):
-            return filled
-        done = []
-        for y, x in todo:
-            nbrs = [
-                (y + dy, x + dx)
-                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))
-                if 0 <= y + dy < h and 0 <= x + dx < w and known[y + dy, x + dx]
-            ]
-            if nbrs:
-                dense[y, x] = np.mean([dense[p] for p in nbrs], axis=0)
-                done.append((y, x))
-        if not done:  # nothing valid anywhere: leave the data as it is
-            return filled
-        for y, x in done:
-            known[y, x] = True
-        filled += len(done)
-
-
-def densify(counted: CountedScan, bin_frames: int, fill_incomplete: bool = True) -> tuple[np.ndarray, int]:
-    """Binned dense float32 patterns (h, w, 576/bin, 576/bin), frames of a position summed; and positions filled.
-
-    Positions with no frame at all are always filled from their neighbours (as the paper's utils replace
-    all-zero patterns); with ``fill_incomplete`` so are positions missing a frame or a sector, since a
-    missing 144-row sector moves the centre of mass far more than any sample does."""
-    dense = counted.to_dense(bin_frames, np.float32)
-    masks = counted.sector_masks.reshape(counted.scan.height, counted.scan.width, -1)
-    valid = (masks == ALL_SECTORS).all(axis=-1) if fill_incomplete else (masks != 0).any(axis=-1)
-    if valid.all():
-        return dense, 0
-    return dense, fill_missing_positions(dense, valid)
-
-
+# ------------------------------------------------------------------------------------------- datacube
 def build_datacube(dense: np.ndarray, config: AnalysisConfig) -> tuple[DataCube, Probe]:
     """A calibrated py4DSTEM DataCube and the probe measured on its mean pattern (Q = semiangle / radius)."""
     import py4DSTEM
@@ -220,6 +166,11 @@ def analyse_scan(
     file_width = counted.scan.width
     if not config.keep_flyback:
         counted = drop_flyback(counted)
+    cal = calibration_from_metadata(
+        counted.metadata.get("microscope"), counted.scan.height, counted.scan.width, not config.keep_flyback
+    )
+    config = calibrated_config(config, cal)
+    log.info("%s: %s", h5_path.name, cal.describe())
     dense, filled = run.timed("densify", densify, counted, config.bin_frames, config.fill_incomplete)
     if filled:
         run.warn(f"{filled} positions without complete frames were filled with their neighbours' mean")
@@ -227,9 +178,13 @@ def analyse_scan(
     # py4DSTEM divides by empty sums on sparse, low-dose patterns: the NaNs are handled, the console noise
     # is not wanted.
     with np.errstate(divide="ignore", invalid="ignore"):
-        summary = _reconstruct(run, counted, dense, filled, config)
+        summary = _reconstruct(run, counted, dense, filled, config, cal)
     summary["file_scan_width"] = file_width
-    images = run.timed("plots", _save_pngs, run.arrays, out_dir, h5_path.stem, config, run)
+    fitted = summary["fitted"]
+    images = run.timed(
+        "plots", save_pngs, run.arrays, out_dir, h5_path.stem, config.png_dpi, cal, run.warn,
+        fitted.get("defocus_angstrom"),
+    )  # fmt: skip
     run.timings["total"] = time.perf_counter() - t_total
     log.info("analysed %s in %.1f s (%d warnings)", h5_path.name, run.timings["total"], len(run.warnings))
     return AnalysisResult(
@@ -240,26 +195,53 @@ def analyse_scan(
         warnings=run.warnings,
         summary=summary,
         arrays=run.arrays,
+        calibration=summary["calibration"],
+        fitted=fitted,
     )
 
 
+def calibrated_config(config: AnalysisConfig, cal: Calibration) -> AnalysisConfig:
+    """The config with the scan's own calibrations in place of the nominal constants, where known."""
+    values = {
+        "r_pixel_size_angstrom": cal.step_angstrom,
+        "convergence_semiangle_mrad": cal.convergence_semiangle_mrad,
+        "energy_ev": cal.energy_ev,
+    }
+    return replace(config, **{k: v for k, v in values.items() if v is not None})
+
+
 def _reconstruct(
-    run: _Run, counted: CountedScan, dense: np.ndarray, filled: int, config: AnalysisConfig
+    run: _Run, counted: CountedScan, dense: np.ndarray, filled: int, config: AnalysisConfig, cal: Calibration
 ) -> dict:
     """DataCube and probe (required), then the optional reconstructions; returns the summary."""
     dc, probe = run.timed("datacube", build_datacube, dense, config)
-    q_mrad = config.convergence_semiangle_mrad / probe.radius
+    # CoM in mrad when the semi-angle is known, else in detector pixels (binned pixels x the binning).
+    com_scale = cal.q_pixel_mrad(probe.radius) or float(config.bin_frames)
     run.arrays["dp_mean"] = dense.mean(axis=(0, 1), dtype=np.float64)
     summary = _base_summary(counted, dense, filled, probe, config)
+    summary["calibration"] = cal.as_dict(probe.radius)
+    summary["com_units"] = "mrad" if cal.reciprocal_space else "detector px"
 
     if config.virtual:
         summary["virtual"] = run.optional("virtual", _virtual, dc, probe, config)
     if config.dpc:
-        summary["dpc"] = run.optional("dpc", _dpc, dc, config, q_mrad)
+        summary["dpc"] = run.optional("dpc", _dpc, dc, config, com_scale)
     if config.parallax:
         summary["parallax"] = run.optional("parallax", _parallax, dc, config)
-
+    summary["fitted"] = _fitted(summary, cal)
     return summary
+
+
+def _fitted(summary: dict, cal: Calibration) -> dict:
+    """The fitted numbers worth keeping per scan (py4DSTEM: defocus = -C1), and whether they are physical."""
+    out: dict = {"calibrated": cal.calibrated}
+    dpc, par = summary.get("dpc") or {}, summary.get("parallax") or {}
+    if dpc.get("error") is None and "rotation_deg" in dpc:
+        out["dpc_rotation_deg"] = dpc["rotation_deg"]
+    if par.get("error") is None and "C1_angstrom" in par:
+        out["defocus_angstrom"] = -par["C1_angstrom"]
+        out["parallax_rotation_deg"] = par.get("rotation_deg")
+    return out
 
 
 class _Run:
@@ -338,7 +320,7 @@ def _virtual(dc: DataCube, probe: Probe, config: AnalysisConfig) -> tuple[dict, 
     return arrays, {"bf_radius_px": r_bf, "adf_radii_px": [r_in, r_out]}
 
 
-def _dpc(dc: DataCube, config: AnalysisConfig, q_mrad: float) -> tuple[dict, dict]:
+def _dpc(dc: DataCube, config: AnalysisConfig, scale: float) -> tuple[dict, dict]:
     from py4DSTEM.process.phase import DPC
 
     dpc = DPC(datacube=dc, energy=config.energy_ev, device="cpu", verbose=False)
@@ -348,10 +330,11 @@ def _dpc(dc: DataCube, config: AnalysisConfig, q_mrad: float) -> tuple[dict, dic
         plot_center_of_mass=False,
         plot_rotation=False,
     )
-    # Measured CoM relative to its scan mean, in mrad: the beam deflection, in the detector frame.
+    # Measured CoM (binned pixels) relative to its scan mean, times ``scale``: the beam deflection in the
+    # detector frame, in mrad (calibrated) or detector pixels.
     com_x = np.asarray(dpc._com_measured_x, np.float64)
     com_y = np.asarray(dpc._com_measured_y, np.float64)
-    arrays = {"com_x": (com_x - com_x.mean()) * q_mrad, "com_y": (com_y - com_y.mean()) * q_mrad}
+    arrays = {"com_x": (com_x - com_x.mean()) * scale, "com_y": (com_y - com_y.mean()) * scale}
     dpc.reconstruct(
         max_iter=config.dpc_max_iter, q_highpass=config.dpc_q_highpass, reset=True, progress_bar=False
     )
@@ -413,64 +396,3 @@ def _crop(image: np.ndarray, h: int, w: int, pad: int) -> np.ndarray:
     if image.shape == (h, w):
         return image
     return image[pad // 2 : pad // 2 + h, pad // 2 : pad // 2 + w]
-
-
-# ------------------------------------------------------------------------------------------- images
-_PANELS: dict[str, list[tuple[str, str, str]]] = {
-    # image name: [(array, title, colormap)]
-    "bf": [("bf", "virtual bright field", "gray")],
-    "adf": [("adf", "virtual annular dark field", "gray")],
-    "com": [("com_x", "CoM x (rows), mrad", "RdBu_r"), ("com_y", "CoM y (columns), mrad", "RdBu_r")],
-    "dpc": [("dpc_phase", "DPC phase, rad", "magma")],
-    "parallax": [
-        ("parallax_bf", "parallax aligned BF", "gray"),
-        ("parallax_phase", "CTF-corrected", "magma"),
-    ],
-    "dp_mean": [("dp_mean", "mean diffraction pattern (log)", "inferno")],
-}
-
-
-def _save_pngs(arrays: dict, out_dir: Path, stem: str, config: AnalysisConfig, run: _Run) -> dict[str, Path]:
-    images: dict[str, Path] = {}
-    for name, panels in _PANELS.items():
-        present = [p for p in panels if p[0] in arrays]
-        if not present:
-            continue
-        path = out_dir / f"{stem}_{name}.png"
-        try:
-            _save_figure(path, [(arrays[key], title, cmap) for key, title, cmap in present], config.png_dpi)
-        except Exception as exc:  # a plotting failure costs one image, not the analysis
-            run.warn(f"{name} image failed: {type(exc).__name__}: {exc}")
-            continue
-        images[name] = path
-    return images
-
-
-def _save_figure(path: Path, panels: list[tuple[np.ndarray, str, str]], dpi: int) -> None:
-    # A bare Figure (no pyplot): no global figure registry, safe from worker threads.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
-    for k, (data, title, cmap) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        shown = np.log1p(np.clip(data, 0, None)) if "log" in title else data
-        lo, hi = _limits(shown, symmetric=cmap == "RdBu_r")
-        im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, path)  # a reader never sees half a PNG
-
-
-def _limits(data: np.ndarray, symmetric: bool) -> tuple[float, float]:
-    """Display range from the 1st-99th percentiles, so a few hot or dead positions do not wash out contrast."""
-    finite = data[np.isfinite(data)]
-    if not finite.size:
-        return 0.0, 1.0
-    lo, hi = np.percentile(finite, [1, 99])
-    if symmetric:
-        m = max(abs(lo), abs(hi)) or 1.0
-        return -m, m
-    return (float(lo), float(hi)) if hi > lo else (float(lo) - 0.5, float(lo) + 0.5)
