@@ -10,26 +10,31 @@ link_metadata, record_analysis, add_note, find_scan, search, darks, newest_dark)
 ``catalogue.entries``; :func:`open_catalogue` opens the one the settings name.
 """
 
-from catalogue.database import (
-    AmbiguousScan,
-    CatalogueError,
-    CatalogueMissing,
-    CatalogueUnavailable,
-    ScanNotFound,
-)
-from catalogue.entries import (
-    AnalysisView,
-    DarkEntry,
-    DarkView,
-    NoteView,
-    ScanEntry,
-    ScanQuery,
-    ScanView,
-    SessionEntry,
-)
-from catalogue.settings import CatalogueSettings, catalogue_url
-from catalogue.store import Catalogue
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolve on first use, so that importing catalogue.settings (the settings object does, in every
+# process) loads neither SQLAlchemy nor Alembic.
+_WHERE = {
+    "AmbiguousScan": "catalogue.database",
+    "CatalogueError": "catalogue.database",
+    "CatalogueMissing": "catalogue.database",
+    "CatalogueUnavailable": "catalogue.database",
+    "ScanNotFound": "catalogue.database",
+    "AnalysisView": "catalogue.entries",
+    "DarkEntry": "catalogue.entries",
+    "DarkView": "catalogue.entries",
+    "NoteView": "catalogue.entries",
+    "ScanEntry": "catalogue.entries",
+    "ScanQuery": "catalogue.entries",
+    "ScanView": "catalogue.entries",
+    "SessionEntry": "catalogue.entries",
+    "CatalogueSettings": "catalogue.settings",
+    "catalogue_url": "catalogue.settings",
+    "Catalogue": "catalogue.store",
+}
 __all__ = [
     "AmbiguousScan",
     "AnalysisView",
@@ -50,9 +55,39 @@ __all__ = [
     "open_catalogue",
 ]
 
+if TYPE_CHECKING:
+    from catalogue.database import (
+        AmbiguousScan,
+        CatalogueError,
+        CatalogueMissing,
+        CatalogueUnavailable,
+        ScanNotFound,
+    )
+    from catalogue.entries import (
+        AnalysisView,
+        DarkEntry,
+        DarkView,
+        NoteView,
+        ScanEntry,
+        ScanQuery,
+        ScanView,
+        SessionEntry,
+    )
+    from catalogue.settings import CatalogueSettings, catalogue_url
+    from catalogue.store import Catalogue
 
-def open_catalogue(settings: CatalogueSettings, output_dir, *, create: bool = True) -> Catalogue:
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'catalogue' has no attribute {name!r}")
+
+
+def open_catalogue(settings: CatalogueSettings, output_dir: Any, *, create: bool = True) -> Catalogue:
     """The catalogue the settings name (``catalogue.url``, else SQLite in ``output_dir``)."""
+    from catalogue.settings import catalogue_url
+    from catalogue.store import Catalogue
+
     return Catalogue.open(
         catalogue_url(settings, output_dir), create=create, connect_timeout=settings.connect_timeout
     )

@@ -319,6 +319,12 @@ def _fill_scan(s: Session, row: ScanRow, entry: ScanEntry) -> None:
         row.dark = _dark_row(s, entry.dark)
     if entry.dark_reference:
         row.dark_reference = entry.dark_reference
+    micro = r.extra.get("microscope")  # the link the session wrote into the stop record (tasks/microscope.py)
+    if isinstance(micro, dict) and micro.get("status") not in (None, "off"):
+        attached = micro.get("status") == "attached"
+        row.microscope_file = micro.get("file") if attached else None
+        row.microscope_metadata = _jsonable(micro.get("calibration") or {})
+        row.microscope_reason = None if attached else (micro.get("reason") or str(micro.get("status")))
 
 
 def _find(s: Session, ref: str) -> ScanRow:

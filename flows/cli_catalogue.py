@@ -1,0 +1,383 @@
+"""`stemstream scans` (list and search, show, note, rebuild) and `stemstream analyse`: the scan catalogue
+from a terminal. Times are shown, and dates given, in the facility's time zone (streaming.timezone).
+Every bad input (unknown id, no catalogue, an unreachable database, a bad filter) is one `error:` line."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import typer
+from rich.table import Table
+
+from catalogue import Catalogue, ScanQuery, ScanView, open_catalogue
+from flows.settings import Settings, load_settings
+
+scans_app = typer.Typer(
+    help="The scan catalogue: list and search scans, show one, add a note, rebuild from stop records.",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+_wrap: Any = None  # the CLI's error handling (flows.cli.user_errors), set by register()
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _open(settings: Settings, create: bool = False) -> Catalogue:
+    return open_catalogue(settings.catalogue, settings.output_dir, create=create)
+
+
+def parse_when(text: str, tz: str, end_of_day: bool = False) -> datetime:
+    """A date (2026-12-06), a date and time (2026-12-06T14:30 or '2026-12-06 14:30') in the facility's
+    time zone, or an age (90m, 6h, 2d, 1w); as naive UTC."""
+    text = text.strip()
+    m = _RELATIVE.match(text.lower())
+    if m:
+        return (datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})).replace(tzinfo=None)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"not a date: {text!r} (give 2026-12-06, 2026-12-06T14:30, or an age like 6h, 2d)"
+        ) from None
+    if end_of_day and len(text) == 10:  # a whole day: up to its end
+        when += timedelta(days=1) - timedelta(microseconds=1)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=ZoneInfo(tz))
+    return when.astimezone(UTC).replace(tzinfo=None)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape must look like 64x64, got {text!r}") from None
+    return w, h
+
+
+def _local(when: datetime | None, tz: str, seconds: bool = False) -> str:
+    if when is None:
+        return ""
+    fmt = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return when.replace(tzinfo=UTC).astimezone(ZoneInfo(tz)).strftime(fmt)
+
+
+def _verified(v: bool | None) -> str:
+    return "yes" if v else ("NO" if v is False else "?")
+
+
+def _short_note(scan: ScanView) -> str:
+    if not scan.notes:
+        return ""
+    text = scan.notes[-1].text
+    more = f" (+{len(scan.notes) - 1})" if len(scan.notes) > 1 else ""
+    return (text[:40] + "…" if len(text) > 40 else text) + more
+
+
+@scans_app.callback()
+def scans(
+    ctx: typer.Context,
+    session: Annotated[
+        str | None, typer.Option(help="a session: its flow run id (or a prefix) or number")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="started at or after: 2026-12-06, '2026-12-06 14:00', 6h, 2d")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="started at or before (a date: up to its end)")] = None,
+    shape: Annotated[str | None, typer.Option(help="scan shape WIDTHxHEIGHT, e.g. 64x64")] = None,
+    dose_min: Annotated[float | None, typer.Option(help="counted electrons per frame, at least")] = None,
+    dose_max: Annotated[float | None, typer.Option(help="counted electrons per frame, at most")] = None,
+    min_completeness: Annotated[float | None, typer.Option(help="sector completeness in %, at least")] = None,
+    max_completeness: Annotated[float | None, typer.Option(help="sector completeness in %, at most")] = None,
+    status: Annotated[str | None, typer.Option(help="complete, incomplete or failed")] = None,
+    note: Annotated[str | None, typer.Option(help="text in one of its notes (any case)")] = None,
+    scan_number: Annotated[int | None, typer.Option("--scan", help="the detector's scan number")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many, newest first")] = 200,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per scan, for scripts")] = False,
+) -> None:
+    """List the catalogue's scans, newest first, filtered by session, date, shape, dose, completeness, status
+    or note text; `scans show ID`, `scans note ID TEXT`, `scans rebuild DIR` for more."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _wrap(_list)(session, since, until, shape, dose_min, dose_max, min_completeness, max_completeness, status,
+                 note, scan_number, limit, json_out)  # fmt: skip
+
+
+def _list(
+    session, since, until, shape, dose_min, dose_max, min_completeness, max_completeness, status, note,
+    scan_number, limit, json_out,
+) -> None:  # fmt: skip
+    from flows.cli import console
+
+    settings = load_settings()
+    tz = settings.streaming.timezone
+    if status is not None and status not in ("complete", "incomplete", "failed"):
+        raise ValueError(f"--status must be complete, incomplete or failed, not {status!r}")
+    width, height = parse_shape(shape) if shape else (None, None)
+    query = ScanQuery(
+        session=session,
+        since=parse_when(since, tz) if since else None,
+        until=parse_when(until, tz, end_of_day=True) if until else None,
+        width=width,
+        height=height,
+        dose_min=dose_min,
+        dose_max=dose_max,
+        completeness_min=min_completeness / 100 if min_completeness is not None else None,
+        completeness_max=max_completeness / 100 if max_completeness is not None else None,
+        status=status,
+        note=note,
+        scan_number=scan_number,
+        limit=limit,
+    )
+    with _open(settings) as cat:
+        found = cat.search(query)
+        where = cat.where
+    if json_out:
+        for scan in found:
+            console.print_json(json.dumps(scan_json(scan), default=str), indent=None)
+        return
+    table = Table(title=f"{len(found)} scan(s) in {where}", title_justify="left")
+    for name, justify in (
+        ("id", "left"), ("file", "left"), ("session", "right"), ("scan", "right"), ("shape", "right"),
+        ("started", "left"), ("status", "left"), ("complete %", "right"), ("e-/frame", "right"),
+        ("verified", "left"), ("analyses", "right"), ("note", "left"),
+    ):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in found:
+        table.add_row(
+            s.uid[:8],
+            s.file_name or "",
+            f"{s.session_number:05d}" if s.session_number is not None else "",
+            str(s.scan_number),
+            s.shape,
+            _local(s.started_at, tz),
+            s.status,
+            f"{100 * s.completeness:.2f}",
+            f"{s.electrons_per_frame:.1f}",
+            _verified(s.verified),
+            str(len(s.analyses)),
+            _short_note(s),
+        )
+    console.print(table, soft_wrap=True)
+
+
+def scan_json(scan: ScanView) -> dict:
+    """A scan as JSON (times in UTC, ISO)."""
+    data = asdict(scan)
+    data["shape"] = scan.shape
+    return data
+
+
+@scans_app.command()
+def show(
+    scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
+    json_out: Annotated[bool, typer.Option("--json", help="everything as JSON")] = False,
+) -> None:
+    """Everything the catalogue holds about one scan: file, session, times, counting, dark, microscope
+    metadata, notes and every analysis."""
+    _wrap(_show)(scan, json_out)
+
+
+def _show(ref: str, json_out: bool) -> None:
+    from flows.cli import console
+
+    settings = load_settings()
+    tz = settings.streaming.timezone
+    with _open(settings) as cat:
+        s = cat.find_scan(ref)
+    if json_out:
+        console.print_json(json.dumps(scan_json(s), default=str))
+        return
+    t = Table(title=f"scan {s.uid}", show_header=False, title_justify="left")
+    bg, xr = s.thresholds
+    rows = [
+        ("file", s.path or f"not written: {s.error}"),
+        (
+            "session",
+            f"{s.session} ({s.session_number:05d})" if s.session_number is not None else s.session or "",
+        ),
+        ("scan number / id", f"{s.scan_number} / {s.scan_id:05d}"),
+        ("shape", s.shape),
+        ("started / ended", f"{_local(s.started_at, tz, True)} / {_local(s.ended_at, tz, True)} ({tz})"),
+        ("status", f"{s.status}, verified: {_verified(s.verified)}"),
+        ("frames", f"{s.frames_written} written, {s.complete_frames} complete of {s.expected_frames}"),
+        ("completeness", f"{100 * s.completeness:.3f} %"),
+        ("dose", f"{s.electrons_per_frame:.1f} counted electrons per frame ({s.events} events)"),
+        ("thresholds (ADU)", f"background {_num(bg)}, x-ray {_num(xr)}"),
+        ("dark reference", s.dark or s.dark_reference or "unknown"),
+        ("sha256", s.sha256 or ""),
+        (
+            "microscope",
+            s.microscope_file or (f"none: {s.microscope_reason}" if s.microscope_reason else "none"),
+        ),
+    ]
+    rows += [(f"  {k}", _num(v)) for k, v in sorted(s.microscope_metadata.items())[:20]]
+    rows += [("note", f"{_local(n.created_at, tz)} {n.author or ''}: {n.text}") for n in s.notes]
+    for a in s.analyses:
+        rows.append(
+            (
+                f"analysis {a.id}",
+                f"{_local(a.created_at, tz, True)}, {a.kind}" + (f", FAILED: {a.error}" if a.error else ""),
+            )
+        )
+        rows += [(f"  {k}", v) for k, v in _analysis_lines(a)]
+    for key, value in rows:
+        t.add_row(key, str(value))
+    console.print(t, soft_wrap=True)
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+_RESULT_KEYS = ("calibrated", "probe_radius_px", "q_pixel_mrad", "r_pixel_angstrom", "positions_filled")
+
+
+def _analysis_lines(a: Any) -> list[tuple[str, str]]:
+    lines = []
+    changed = a.params.get("changed") or {}
+    if changed:
+        lines.append(("parameters changed", ", ".join(f"{k}={v}" for k, v in changed.items())))
+    for key in _RESULT_KEYS:
+        if a.results.get(key) is not None:
+            lines.append((key, _num(a.results[key])))
+    for step in ("dpc", "parallax"):
+        info = a.results.get(step)
+        if isinstance(info, dict):
+            shown = {k: v for k, v in info.items() if isinstance(v, int | float | str) and v is not None}
+            if shown:
+                lines.append((step, ", ".join(f"{k} {_num(v)}" for k, v in list(shown.items())[:6])))
+    if a.images:
+        first = next(iter(a.images.values()))
+        lines.append(("images", f"{', '.join(a.images)} in {Path(first).parent}"))
+    if a.results.get("warnings"):
+        lines.append(("warnings", str(len(a.results["warnings"]))))
+    return lines
+
+
+@scans_app.command()
+def note(
+    scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
+    text: Annotated[list[str], typer.Argument(help="the note (several words need no quotes)")],
+    author: Annotated[str | None, typer.Option(help="who writes it (default: your user name)")] = None,
+) -> None:
+    """Add a note to a scan (kept beside earlier notes; find it again with `scans --note WORD`)."""
+    _wrap(_note)(scan, " ".join(text), author)
+
+
+def _note(ref: str, text: str, author: str | None) -> None:
+    from flows.cli import console
+
+    settings = load_settings()
+    with _open(settings) as cat:
+        scan = cat.find_scan(ref)
+        cat.add_note(scan.uid, text, author or _user())
+        count = len(cat.find_scan(scan.uid).notes)
+    console.print(
+        f"note added to scan {scan.uid[:8]} ({scan.file_name}); it has {count} note(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+@scans_app.command()
+def rebuild(
+    directory: Annotated[
+        Path, typer.Argument(help="a directory of scans or sessions (searched recursively)")
+    ],
+) -> None:
+    """Fill the catalogue from stop records, session state files and what a session could not record
+    (idempotent: a scan already recorded is updated, never duplicated)."""
+    _wrap(_rebuild)(directory)
+
+
+def _rebuild(directory: Path) -> None:
+    from catalogue.rebuild import rebuild as rebuild_from
+    from flows.cli import console, err_console
+
+    settings = load_settings()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    with _open(settings, create=True) as cat:
+        report = rebuild_from(cat, directory)
+        where = cat.where
+    for line in report.unreadable:
+        err_console.print(f"[yellow]warning:[/] unreadable: {line}", highlight=False, soft_wrap=True)
+    console.print(
+        f"rebuilt {where} from {directory}: {report.scans} scan(s) ({report.new_scans} new), "
+        f"{report.sessions} session(s), {report.pending_entries} pending entr(ies) replayed",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def analyse(
+    scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", help="an analysis parameter NAME=VALUE, e.g. dpc_q_highpass=0.05 (repeatable)"
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="any setting, SECTION.FIELD=VALUE, e.g. analysis.keep_flyback=true"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="where the images go (default: <output_dir>/reanalysis/...)")
+    ] = None,
+) -> None:
+    """Run the analysis of a stored scan again with other parameters; the result is recorded in the
+    catalogue beside the earlier ones (see `scans show ID`)."""
+    from flows.cli import console
+    from flows.cli_session import apply_settings
+    from tasks.reanalyse import parse_params, reanalyse
+
+    apply_settings(set_)
+    settings = load_settings()
+    params = parse_params(param)
+    with _open(settings) as cat:
+        done = reanalyse(cat, scan, settings.analysis, params, out or settings.output_dir)
+        count = len(cat.find_scan(done.scan.uid).analyses)
+    s = done.summary
+    console.print(
+        f"analysed scan {done.scan.uid[:8]} ({done.scan.file_name}) in {done.seconds:.1f} s: analysis "
+        f"{done.analysis_id} recorded, {count} analys{'i' if count == 1 else 'e'}s of this scan",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if params:
+        console.print(
+            "parameters changed: " + ", ".join(f"{k}={v}" for k, v in params.items()), highlight=False
+        )
+    facts = [f"{k} {_num(s[k])}" for k in _RESULT_KEYS if s.get(k) is not None]
+    if facts:
+        console.print(", ".join(facts), highlight=False, soft_wrap=True)
+    for warning in done.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    console.print(f"images: {done.out_dir}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer, wrap: Any) -> None:
+    """Add `scans` and `analyse` to the CLI, with the CLI's error handling."""
+    global _wrap
+    _wrap = wrap
+    app.add_typer(scans_app, name="scans")
+    app.command(name="analyse")(wrap(analyse))
