@@ -30,7 +30,7 @@ class LiveGeometry:
     adf_outer: float
 
     def __post_init__(self) -> None:
-        if not (0 < self.bf_radius and self.bf_radius <= self.adf_inner < self.adf_outer):
+        if not (self.bf_radius > 0 and self.bf_radius <= self.adf_inner < self.adf_outer):
             raise ValueError(f"need 0 < bf_radius <= adf_inner < adf_outer, got {self}")
 
     def labels(self) -> np.ndarray:
@@ -63,7 +63,9 @@ def estimate_geometry(pattern: np.ndarray, adf_inner: float = 1.2, adf_outer: fl
         ring = np.hypot(row - cy, col - cx).astype(np.int64).ravel() // 2  # 2-pixel rings
         counts = np.bincount(ring, weights=img.ravel())
         area = np.bincount(ring).astype(np.float64)
-        density = np.convolve(counts, np.ones(3), "same") / np.maximum(np.convolve(area, np.ones(3), "same"), 1)
+        density = np.convolve(counts, np.ones(3), "same") / np.maximum(
+            np.convolve(area, np.ones(3), "same"), 1
+        )
         half = int(np.searchsorted(np.cumsum(counts), total / 2))  # inside the disk unless most scatter
         plateau = float(np.median(density[: half + 1]))
         beyond = np.flatnonzero(density[half:] < plateau / 2)
@@ -137,7 +139,9 @@ class LiveImages:
         self.frames = 0  # frames added
         self.sectors = 0  # sectors those frames hold (from their masks)
         self.events = 0
-        self._labels = geometry.labels() if geometry is not None else np.zeros(FRAME_ROWS * FRAME_COLS, np.uint8)
+        self._labels = (
+            geometry.labels() if geometry is not None else np.zeros(FRAME_ROWS * FRAME_COLS, np.uint8)
+        )
         self._early: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # batches before the geometry
 
     def add(self, positions: np.ndarray, masks: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> None:
@@ -150,7 +154,19 @@ class LiveImages:
         if len(positions) and (positions.min() < 0 or positions.max() >= self.width * self.height):
             raise ValueError(f"scan position out of range for a {self.width}x{self.height} scan")
         a = self.arrays
-        _accumulate(positions, offsets, indices, self._labels, True, a.counts, a.bf, a.adf, a.sum_col, a.sum_row, a.pattern)
+        _accumulate(
+            positions,
+            offsets,
+            indices,
+            self._labels,
+            True,
+            a.counts,
+            a.bf,
+            a.adf,
+            a.sum_col,
+            a.sum_row,
+            a.pattern,
+        )
         np.add.at(a.frames, positions, 1)
         self.frames += len(positions)
         self.sectors += int(np.unpackbits(np.asarray(masks, np.uint8)[:, None], axis=1).sum())
@@ -167,7 +183,9 @@ class LiveImages:
             self._labels = self.geometry.labels()
             a = self.arrays
             for pos, off, idx in self._early:
-                _accumulate(pos, off, idx, self._labels, False, a.counts, a.bf, a.adf, a.sum_col, a.sum_row, a.pattern)
+                _accumulate(
+                    pos, off, idx, self._labels, False, a.counts, a.bf, a.adf, a.sum_col, a.sum_row, a.pattern
+                )
             self._early.clear()
         return self.geometry
 

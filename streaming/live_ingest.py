@@ -22,7 +22,11 @@ class LiveIngest:
     """Takes snapshots into ``state`` until stopped; finds written files under ``scan_dir`` every second."""
 
     def __init__(
-        self, state: ViewState, bind: str, curve: CurveServerConfig | None = None, scan_dir: Path | None = None
+        self,
+        state: ViewState,
+        bind: str,
+        curve: CurveServerConfig | None = None,
+        scan_dir: Path | None = None,
     ) -> None:
         self.state, self.scan_dir = state, scan_dir
         self._ctx = zmq.Context()

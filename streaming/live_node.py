@@ -36,7 +36,9 @@ class LiveNode:
     def batch(self, begin: p.ScanBegin, slot: Slot, n: int, events: object) -> None:
         """A counted batch: the first n frames of the slot, their events (an EventList)."""
         if self.publisher is not None:
-            self.publisher.batch(begin.scan_key, slot.positions[:n], slot.masks[:n], events.offsets, events.indices)
+            self.publisher.batch(
+                begin.scan_key, slot.positions[:n], slot.masks[:n], events.offsets, events.indices
+            )
         if self.tap is not None:
             self.tap.batch(slot.positions[:n], slot.frame_numbers[:n], slot.masks[:n], events)
 

@@ -18,7 +18,7 @@ def scale(image: np.ndarray, kind: str) -> np.ndarray:
         m = float(np.percentile(np.abs(a), 99.5)) if a.size else 0.0
         out = 127.5 + 127.5 * a / m if m > 0 else np.full(a.shape, 127.5)
     else:
-        lo, hi = (np.percentile(a, (0.5, 99.5)) if a.size else (0.0, 0.0))
+        lo, hi = np.percentile(a, (0.5, 99.5)) if a.size else (0.0, 0.0)
         out = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
@@ -32,7 +32,12 @@ def png(gray: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def image_png(image: np.ndarray, kind: str) -> bytes:

@@ -9,6 +9,7 @@ are cumulative, so the next one makes up for it). Nothing here ever waits on the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -78,10 +79,8 @@ class LivePublisher:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread (after the final snapshots it has) and close its socket."""
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout)
 
     def _put(self, item: tuple) -> None:
@@ -112,7 +111,11 @@ class LivePublisher:
                     break
                 if item is not None:
                     scan = self._handle(item, scan, sock)
-                if scan is not None and scan.hi > scan.lo and time.monotonic() - scan.sent_at >= self.settings.interval:
+                if (
+                    scan is not None
+                    and scan.hi > scan.lo
+                    and time.monotonic() - scan.sent_at >= self.settings.interval
+                ):
                     self._send(sock, scan, final=False)
         except Exception:  # the live view must never take the node down
             log.exception("%s: live view stopped", self.name)
@@ -138,7 +141,9 @@ class LivePublisher:
         scan.images.settle()
         scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height
         if not self._send(sock, scan, final=True, wait=1.0):
-            log.warning("%s: the live view did not take scan %d's final images", self.name, scan.begin.scan_number)
+            log.warning(
+                "%s: the live view did not take scan %d's final images", self.name, scan.begin.scan_number
+            )
         return None
 
     def _send(self, sock: zmq.Socket, scan: _Scan, final: bool, wait: float = 0.0) -> bool:

@@ -31,14 +31,18 @@ class LiveServer:
     ) -> None:
         self.state = ViewState()
         self.token: str | None = None
-        if live.exposed:
+        if live.needs_token:
             self.token = live.token.get_secret_value() if live.token else secrets.token_urlsafe(18)
         self._sock = socket.create_server((live.page_host, live.page_port), reuse_port=False)
         self.port = self._sock.getsockname()[1]
         self.host = live.page_host
         self.ingest = LiveIngest(self.state, live.bind, curve, scan_dir)
         config = uvicorn.Config(
-            live_app(self.state, self.token), log_level="warning", access_log=False, ws="websockets", lifespan="off"
+            live_app(self.state, self.token),
+            log_level="warning",
+            access_log=False,
+            ws="websockets-sansio",
+            lifespan="off",
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
-LIVE_PORT = 17020  # the view's snapshot socket (nodes connect out to it); the aggregator's node socket is 17000
+LIVE_PORT = (
+    17020  # the view's snapshot socket (nodes connect out to it); the aggregator's node socket is 17000
+)
 PAGE_PORT = 17080  # the view's web page
 TAP_PORT = 17110  # node i's tap publishes on TAP_PORT + i
 
@@ -35,6 +37,7 @@ class LiveSettings(BaseModel):
     )
     page_port: int = Field(PAGE_PORT, ge=0, le=65535, description="the page's port (0: any free port)")
     token: SecretStr | None = Field(None, description="the page's token when exposed (default: a random one)")
+    token_required: bool = Field(False, description="ask for the token on loopback too")
     tap: bool = Field(False, description="nodes publish counted events on a PUB socket (the tap)")
     tap_host: str = Field("127.0.0.1", description="the tap's address on the node (0.0.0.0: every interface)")
     tap_port: int = Field(TAP_PORT, ge=1, le=65000, description="node i publishes on tap_port + i")
@@ -52,6 +55,11 @@ class LiveSettings(BaseModel):
     def exposed(self) -> bool:
         """The page listens beyond loopback."""
         return self.page_host not in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def needs_token(self) -> bool:
+        """The page asks for a token: exposed, or told to."""
+        return self.exposed or self.token_required
 
 
 def live_address(live: LiveSettings, aggregator: str) -> str:

@@ -86,7 +86,11 @@ class LiveTap:
 
     def end(self) -> None:
         """The node counted everything of the scan."""
-        self._send(live_wire.encode(live_wire.TAP_END, {**self._scan, "batches": self._batches, "frames": self._frames}))
+        self._send(
+            live_wire.encode(
+                live_wire.TAP_END, {**self._scan, "batches": self._batches, "frames": self._frames}
+            )
+        )
 
     def close(self) -> None:
         """Close the socket (nothing waits for subscribers)."""

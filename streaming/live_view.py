@@ -43,7 +43,9 @@ class TokenGate:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4401})
             return
-        await Response("a token is required (?token=...)\n", 401, media_type="text/plain")(scope, receive, send)
+        await Response("a token is required (?token=...)\n", 401, media_type="text/plain")(
+            scope, receive, send
+        )
 
     def _allowed(self, scope) -> bool:
         query = parse_qs(scope.get("query_string", b"").decode()).get("token", [""])[0]
@@ -77,7 +79,9 @@ def live_app(state: ViewState, token: str | None = None, title: str = "stemstrea
         except KeyError:
             return Response("no such scan\n", 404, media_type="text/plain")
         if fmt == "json":
-            return JSONResponse({"version": version, "shape": list(img.shape), "values": img.ravel().tolist()})
+            return JSONResponse(
+                {"version": version, "shape": list(img.shape), "values": img.ravel().tolist()}
+            )
         body = await asyncio.to_thread(image_png, img, name)
         return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 

@@ -28,7 +28,13 @@ SNAP = b"live.snap"
 TAP_BEGIN = b"tap.begin"
 TAP_EVENTS = b"tap.events"
 TAP_END = b"tap.end"
-TAP_ARRAYS = (("positions", "<i8"), ("frame_numbers", "<i8"), ("masks", "u1"), ("offsets", "<i8"), ("indices", "<u4"))
+TAP_ARRAYS = (
+    ("positions", "<i8"),
+    ("frame_numbers", "<i8"),
+    ("masks", "u1"),
+    ("offsets", "<i8"),
+    ("indices", "<u4"),
+)
 
 
 class LiveWireError(ValueError):

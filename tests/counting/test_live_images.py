@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from counting.geometry import ScanShape
-from counting.live_images import LiveGeometry, LiveImages, estimate_geometry
 from counting.kernel import Thresholds
+from counting.live_images import LiveGeometry, LiveImages, estimate_geometry
 from counting.pipeline import CountingOptions, count_batches
 from counting.settings import CountingSettings, threshold_config
 from counting.simulator import SimulatedCamera, SimulatorConfig

@@ -1,0 +1,55 @@
+"""`stemstream view`: the live page at the microscope (streaming.live_server). Prints ``live: <URL>`` once the
+page answers, then serves until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.settings import given, load_settings
+
+
+def view(
+    bind: Annotated[str | None, typer.Option(help="where nodes send snapshots (default live.bind)")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="the page's address (default live.page_host; not loopback: a token)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="the page's port (default live.page_port; 0: any free)")
+    ] = None,
+    scan_dir: Annotated[
+        Path | None, typer.Option(help="where the session's scan files appear (their names on the page)")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the live page: each scan's images building up as the nodes count it, and the session's scans.
+    Nodes connect out to it (CURVE with the aggregator's keys when streaming.curve has them)."""
+    from streaming.components import server_curve
+    from streaming.live_server import LiveServer
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    live = given(bind=bind, page_host=host, page_port=port)
+    settings = load_settings(streaming={"live": live} if live else None)
+    server = LiveServer(settings.streaming.live, server_curve(settings.streaming.curve), scan_dir)
+    done = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        print(f"live: {server.url}", flush=True)
+        print(f"snapshots: {server.ingest.address}", flush=True)
+        done.wait(timeout)
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def register(app: typer.Typer, wrap: Any) -> None:
+    """Add `stemstream view` to the CLI, with the CLI's error handling."""
+    app.command(name="view")(wrap(view))
