@@ -1,0 +1,65 @@
+"""A local session with the microscope's files and a stored dark: the scan whose DM4 is there gets its
+tags and HAADF in its HDF5 before verification and is analysed calibrated; the scan without one is still
+written, verified and analysed, its record saying why, every output saying "uncalibrated"; the session
+counts with the newest stored dark of its camera."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from counting.dark_stats import dark_from_sums, sums_of
+from counting.dark_store import save_dark
+from counting.geometry import ScanShape
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from stemstream_testing.dm4 import write_dm4
+from streaming.scan_record import ScanRecord
+from tests.flows.test_session import artifacts_of, message, run_session
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.mark.timeout(180)
+def test_session_adds_microscope_metadata_analyses_calibrated_and_uses_the_newest_dark(
+    stemstream_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    microscope = tmp_path / "microscope"
+    microscope.mkdir()
+    tags = {"Microscope Info": {"Voltage": 300e3}, "4Dcamera Parameters": {"scan_number": 1, "convergence_semiangle_mrad": 22.0}}  # fmt: skip
+    write_dm4(microscope / "scan1.dm4", np.ones((16, 15), np.float32), 0.04, "nm", tags)
+    monkeypatch.setenv("STEMSTREAM_MICROSCOPE__DIR", str(microscope))
+    monkeypatch.setenv("STEMSTREAM_MICROSCOPE__WAIT", "0")
+    # A dark of the simulated detector (seed 0) in the store: the session counts with it.
+    frames = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=0)).dark_frames(20)
+    stored = save_dark(stemstream_env / "darks", dark_from_sums(sums_of([frames])), "simulated:0", "test")
+
+    state, session_dir = run_session(
+        stemstream_env, n_scans=2, scan_width=16, scan_height=16, postprocess=True
+    )
+    assert state.is_completed(), message(state)
+    settings = json.loads((session_dir / "settings.json").read_text())
+    assert settings["counting"]["dark"] == stored.path
+
+    records = {r.scan_number: r for r in (ScanRecord.load(p) for p in (session_dir / "scans").glob("*.json"))}
+    assert records[1].extra["microscope"]["status"] == "attached"
+    assert records[2].extra["microscope"]["status"] == "missing"
+    assert "no microscope file scan2.dm4" in records[2].extra["microscope"]["reason"]
+    with h5py.File(records[1].path) as f:
+        assert f["metadata/microscope"].attrs["convergence_semiangle_mrad"] == 22.0
+        assert f["metadata/microscope"].attrs["step_x_angstrom"] == pytest.approx(0.4)
+        assert f["stem/images"].shape == (1, 16, 15)
+    with h5py.File(records[2].path) as f:
+        assert "metadata/microscope" not in f and "stem" not in f
+    assert all(r.verified for r in state.result())
+
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    text = {key: str(a.data) for key, a in artifacts.items() if key and key.startswith("analysis-")}
+    assert len(text) == 2
+    first = next(t for k, t in text.items() if k.endswith("00001"))
+    second = next(t for k, t in text.items() if k.endswith("00002"))
+    assert "**calibrated**" in first and "22 mrad" in first and "scan1.dm4" in first
+    assert "**uncalibrated**" in second
