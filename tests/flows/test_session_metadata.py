@@ -63,3 +63,21 @@ def test_session_adds_microscope_metadata_analyses_calibrated_and_uses_the_newes
     second = next(t for k, t in text.items() if k.endswith("00002"))
     assert "**calibrated**" in first and "22 mrad" in first and "scan1.dm4" in first
     assert "**uncalibrated**" in second
+
+    # The catalogue (SQLite in the output directory) has the link, the calibrations and the fitted numbers.
+    from catalogue import open_catalogue
+    from flows.settings import load_settings
+
+    with open_catalogue(load_settings().catalogue, stemstream_env, create=False) as cat:
+        one, two = cat.find_scan(Path(records[1].path).name), cat.find_scan(Path(records[2].path).name)
+        assert one.microscope_file == str(microscope / "scan1.dm4")
+        assert one.microscope_metadata["convergence_semiangle_mrad"] == 22.0
+        assert one.microscope_metadata["step_x_angstrom"] == pytest.approx(0.4)
+        assert two.microscope_file is None and "no microscope file scan2.dm4" in two.microscope_reason
+        assert one.dark == stored.path
+        assert [a.calibrated for a in one.analyses] == [True] and [a.calibrated for a in two.analyses] == [
+            False
+        ]
+        fitted = one.analyses[0].results["fitted"]
+        assert fitted["calibrated"] is True and "defocus_angstrom" in fitted
+        assert one.analyses[0].results["calibration"]["convergence_semiangle_mrad"] == 22.0
