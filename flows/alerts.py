@@ -20,7 +20,12 @@ BLOCK_NAME = "stemstream-alert-webhook"
 AUTOMATION_NAME = "stemstream-session-failed"
 FLOW_NAMES = ("stemstream-session", "stemstream-experiment")
 # Flow-run states that end a run badly (TimedOut is a Failed state with its own name and event).
-FAILURE_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut")
+FAILURE_EVENTS = (
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Crashed",
+    "prefect.flow-run.TimedOut",
+    "stemstream.node.lost",  # a node streamer lost mid-session: the session goes on, people should know
+)
 
 SUBJECT = "stemstream: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
 BODY = (

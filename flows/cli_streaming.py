@@ -149,6 +149,14 @@ def aggregator(
     node_hwm: Annotated[
         int | None, typer.Option(min=1, help="sectors queued per node (x 166 kB: memory)")
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="forwarding processes K (streaming.aggregator_processes): K - 1 more bind every receiver and "
+            "the node address at port + i x streaming.aggregator_port_stride; receivers and nodes use all",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
@@ -164,6 +172,7 @@ def aggregator(
         scan_deadline=scan_deadline,
         aggregator_receiver_hwm=receiver_hwm,
         aggregator_node_hwm=node_hwm,
+        aggregator_processes=processes,
     )
     stats = run_aggregator(settings.streaming, server_curve(settings.streaming.curve), timeout=timeout)
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)

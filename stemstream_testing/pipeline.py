@@ -32,6 +32,7 @@ from counting.raw import open_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import load_settings, write_settings_file
 from streaming import protocol as p
+from streaming.forwarder import offset_address
 from streaming.push_socket import DEFAULT_HWM
 from streaming.scan_record import ScanRecord
 from streaming.sender import SendResult, run_sender
@@ -103,6 +104,11 @@ class ProcessPipeline:
             overrides["writer_bind"] = address("writer")
         settings = load_settings(streaming=overrides | (streaming or {}), counting=counting or None)
         self.settings_file = write_settings_file(settings, work / "settings.json")
+        st = settings.streaming
+        # The receivers connect to every forwarding process (streaming.aggregator_processes).
+        self.receivers = ",".join(
+            offset_address(self.receiver, i * st.aggregator_port_stride) for i in range(st.aggregator_processes)
+        )
         self.node_args, self.names = list(node_args), names
         self.procs: dict[str, subprocess.Popen] = {}  # by log name, the aggregator (agg) first
         self.state: p.AggregatorState | None = None  # the monitor's latest
@@ -192,7 +198,7 @@ class ProcessPipeline:
         options = {"scan_number": scan_number, "send_timeout": send_timeout, "hwm": hwm, "realtime": realtime}
 
         def one(m: int) -> SendResult:
-            result = run_sender(sources[m], [self.receiver], m, rate, **options)
+            result = run_sender(sources[m], [self.receivers], m, rate, **options)
             ends[m] = time.time()
             return result
 

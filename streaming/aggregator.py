@@ -31,14 +31,16 @@ from contextlib import contextmanager, suppress
 
 import zmq
 
+from streaming import forwarder_messages as f
 from streaming import protocol as p
 from streaming.aggregator_sockets import AggregatorSockets
 from streaming.aggregator_state import ENDED_MEMORY, AggregatorStats, monitor_state
+from streaming.forwarder_hub import ForwarderHub
 from streaming.node_registry import NodeEntry, NodeRegistry
 from streaming.scan_tracker import OpenScan
 from streaming.security import CurveServerConfig
 from streaming.settings import StreamingSettings
-from streaming.wire import SectorHeader, WireError, decode_message
+from streaming.wire import SectorHeader, WireError, decode_header, decode_message
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,17 @@ class Aggregator:
             self.sockets.monitor,
         )
         self._control_poller, self._data_poller = self.sockets.control_poller, self.sockets.data_poller
+        self.hub: ForwarderHub | None = None  # forwarding processes 1..K-1 (K = aggregator_processes)
+        if st.aggregator_processes > 1:
+            try:
+                self.hub = ForwarderHub(st, curve, self.sockets.context)
+            except BaseException:
+                self.sockets.close()
+                raise
+            for poller in (self._control_poller, self._data_poller):
+                poller.register(self.hub.socket, zmq.POLLIN)
         self.nodes = NodeRegistry(st.n_nodes)
+        self._live: list[int] = []  # indices of the connected nodes: frames are routed over these
         self._scan: OpenScan | None = None
         self._held: tuple[SectorHeader, list] | None = None  # first sector of a scan waiting for the arm
         self._ended: OrderedDict[int, float] = OrderedDict()  # scan number -> when it ended (monotonic)
@@ -103,8 +115,13 @@ class Aggregator:
 
     @property
     def receiver_endpoints(self) -> list[str]:
-        """The bound receiver addresses (real ports when bound to port 0)."""
-        return list(self.sockets.endpoints["receivers"])
+        """The bound receiver addresses (real ports when bound to port 0); with forwarding processes, each
+        receiver's addresses on every process, comma-separated (a receiver connects to all of them)."""
+        own = list(self.sockets.endpoints["receivers"])
+        if self.hub is None:
+            return own
+        others = [x.receivers for x in self.hub.forwarders.values()]
+        return [",".join([a, *(r[j] for r in others)]) for j, a in enumerate(own)]
 
     @property
     def nodes_endpoint(self) -> str:
@@ -123,7 +140,10 @@ class Aggregator:
         self.close()
 
     def close(self) -> None:
-        """Close the sockets (bounded linger) and stop the CURVE authenticator; idempotent."""
+        """Stop the forwarding processes, close the sockets (bounded linger), stop the CURVE
+        authenticator; idempotent."""
+        if self.hub is not None:
+            self.hub.stop()
         self.sockets.close()
 
     # ------------------------------------------------------------------------------------------ loop
@@ -174,13 +194,15 @@ class Aggregator:
         """One poll: control messages, then sectors (when armed or streaming, and before the first arm, to
         refuse them), then timers."""
         self._maybe_begin_held()
-        armed = self.nodes.all_ready()
+        armed = self.nodes.all_ready(self._armed_once)
         self._armed_once = self._armed_once or armed
         streaming = self._scan is not None or (self._held is None and armed) or not self._armed_once
         poller = self._data_poller if streaming else self._control_poller
         events = dict(poller.poll(self._poll_ms()))
         if self._router in events:
             self._service_control()
+        if self.hub is not None and self.hub.socket in events:
+            self._service_hub()
         if streaming:
             for sock in self._receivers:
                 if sock in events:
@@ -198,6 +220,8 @@ class Aggregator:
         for node in list(self.nodes.by_index.values()):
             if node.connected and now - node.last_seen > self.settings.node_timeout:
                 self._lose(node, f"silent for {self.settings.node_timeout:g} s (no heartbeat)")
+        if self.hub is not None:
+            self.hub.alive_indices()  # logs a forwarding process that died
 
     def _poll_ms(self) -> int:
         now = time.monotonic()
@@ -225,26 +249,48 @@ class Aggregator:
             self._on_malformed(exc)
             return
         scan = self._scan
-        if scan is None and self._refuse(header.scan_number):
+        if scan is not None and header.scan_number == scan.number:
+            self._forward(header, parts)
             return
-        if scan is None or header.scan_number != scan.number:
-            if self._is_late(header.scan_number):
-                self.stats.late += 1
-                if self.stats.late & (self.stats.late - 1) == 0:  # powers of two: never a log flood
-                    log.warning(
-                        "late sector #%d dropped: scan %d ended less than %g s ago",
-                        self.stats.late,
-                        header.scan_number,
-                        self.scan_deadline,
-                    )
-                return
-            if scan is not None:
-                self._end_scan("superseded")
-            if not self.nodes.all_ready():
-                self._held = (header, parts)  # begins when every node is armed again
-                return
-            self._begin_scan(header)
-        self._forward(header, parts)
+        verdict = self._admit(header, parts)
+        if verdict == "begun":
+            self._forward(header, parts)
+        elif verdict == "refused":
+            self._count_refused(header.scan_number)
+        elif verdict == "late":
+            self._count_late(header.scan_number)
+
+    def _admit(self, header: SectorHeader, parts: list | None) -> str:
+        """A sector of another scan than the open one (seen here, or by a forwarder: parts None): "begun"
+        (a new scan began with it), "held" (it begins when the nodes are armed), "refused" or "late"."""
+        number = header.scan_number
+        if self._held is not None and self._held[0].scan_number == number:
+            return "held"  # already waiting for the arm (seen here or by a forwarder)
+        if self._scan is None and self._refuse(number):
+            return "refused"
+        if self._is_late(number):
+            return "late"
+        if self._scan is not None:
+            self._end_scan("superseded")
+        if not self.nodes.all_ready(self._armed_once):
+            self._held = (header, parts)  # begins when every node is armed again
+            return "held"
+        self._begin_scan(header)
+        return "begun"
+
+    def _count_late(self, number: int) -> None:
+        self.stats.late += 1
+        if self.stats.late & (self.stats.late - 1) == 0:  # powers of two: never a log flood
+            log.warning(
+                "late sector #%d dropped: scan %d ended less than %g s ago",
+                self.stats.late,
+                number,
+                self.scan_deadline,
+            )
+
+    def _count_refused(self, number: int) -> None:
+        self.stats.refused += 1
+        self.stats.refused_scans[number] = self.stats.refused_scans.get(number, 0) + 1
 
     def _refuse(self, number: int) -> bool:
         """Refuse (count, never forward) a scan that began before the session was first armed, and the
@@ -261,8 +307,6 @@ class Aggregator:
                 number,
             )
         self._refusing[number] = now
-        self.stats.refused += 1
-        self.stats.refused_scans[number] = self.stats.refused_scans.get(number, 0) + 1
         return True
 
     def _is_late(self, number: int) -> bool:
@@ -289,10 +333,9 @@ class Aggregator:
         assert scan is not None
         scan.add(header)
         self.stats.received += 1
-        index = p.route(header.frame_number, self.n_nodes)
-        node = self.nodes.by_index.get(index)
+        node = self.nodes.by_index[p.route_live(header.frame_number, self._live)] if self._live else None
         if node is not None and self._send(node, [p.DATA, *parts]):
-            scan.sent[index] += 1
+            scan.sent[node.index] += 1
             self.stats.forwarded += 1
             self.stats.per_node[node.name] = self.stats.per_node.get(node.name, 0) + 1
         else:
@@ -303,11 +346,12 @@ class Aggregator:
             self._end_scan("complete")
 
     def _maybe_begin_held(self) -> None:
-        if self._held is not None and self._scan is None and self.nodes.all_ready():
+        if self._held is not None and self._scan is None and self.nodes.all_ready(self._armed_once):
             header, parts = self._held
             self._held = None
             self._begin_scan(header)
-            self._forward(header, parts)
+            if parts is not None:
+                self._forward(header, parts)
 
     def _begin_scan(self, header: SectorHeader) -> None:
         self.stats.scans += 1
@@ -315,6 +359,8 @@ class Aggregator:
         self._scan = scan
         for node in self.nodes.by_index.values():
             node.ready = False  # the arm is used up: each node re-arms after its done
+        if self.hub is not None:
+            self.hub.tell(self._plan(scan))
         for node in self.nodes.by_index.values():
             self._send_control(node, self._scan_begin(scan, node))
         log.info(
@@ -334,9 +380,22 @@ class Aggregator:
             scan.height,
             scan.expected_frames,
             node.index,
-            self.n_nodes,
+            len(self._live),
             self.session_id,
             scan.key,
+        )
+
+    def _plan(self, scan: OpenScan) -> f.Begin:
+        """The scan's plan for the forwarding processes."""
+        return f.Begin(
+            scan.number,
+            scan.key,
+            scan.width,
+            scan.height,
+            scan.expected_frames,
+            len(self._live),
+            self.session_id,
+            [list(r) for r in self.nodes.routes()],
         )
 
     def _end_scan(self, reason: str) -> None:
@@ -348,11 +407,32 @@ class Aggregator:
         while len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
         expected = scan.sectors_expected
+        lost = sorted(scan.lost)
+        forwarders = self.hub.alive_indices() if self.hub is not None else []
         for index, node in sorted(self.nodes.by_index.items()):
-            end = p.ScanEnd(scan.number, scan.sent[index], reason, expected, scan.received, scan.malformed)
+            end = p.ScanEnd(
+                scan.number,
+                scan.sent[index],
+                reason,
+                expected,
+                scan.received,
+                scan.malformed,
+                forwarders=forwarders,
+                lost=lost,
+            )
             self._send_control(node, end)
+        if self.hub is not None:
+            self.hub.tell(f.End(scan.number, scan.key, reason, expected, scan.received, scan.malformed, lost))
         self.stats.ended.append(
-            p.ScanEnd(scan.number, sum(scan.sent), reason, expected, scan.received, scan.malformed)
+            p.ScanEnd(
+                scan.number,
+                sum(scan.sent) + sum(scan.sent_elsewhere),
+                reason,
+                expected,
+                scan.received,
+                scan.malformed,
+                lost=lost,
+            )
         )
         log.info(
             "scan %d ends (%s) after %.2f s: %d of %d sectors received, sent per node %s, "
@@ -414,9 +494,26 @@ class Aggregator:
 
     def _lose(self, node: NodeEntry, why: str) -> None:
         if node.connected:
-            log.warning("node %s (index %d) %s; its sectors are dropped", node.name, node.index, why)
+            rest = len(self._live) - 1
+            log.warning(
+                "node %s (index %d) %s; its frames in flight are lost, %s",
+                node.name,
+                node.index,
+                why,
+                f"later frames go to the {rest} other node(s)" if rest else "no node is left",
+            )
+            if self._scan is not None:
+                self._scan.lost.add(node.name)
         self.nodes.lose(node)
+        self._routes_changed()
         self._publish_state()
+
+    def _routes_changed(self) -> None:
+        """Route over the connected nodes from now on, here and in every forwarding process."""
+        routes = self.nodes.routes()
+        self._live = [i for i, _ in routes]
+        if self.hub is not None:
+            self.hub.tell(f.Routes([list(r) for r in routes]))
 
     # ------------------------------------------------------------------------------------------ control
     def _service_control(self) -> None:
@@ -445,6 +542,8 @@ class Aggregator:
             log.warning("%s from an unknown node ignored (it must say hello first)", type(message).__name__)
             return
         node.last_seen = time.monotonic()
+        if node.index not in self._live:  # a node marked lost that talks again (a stall that cleared)
+            self._routes_changed()
         if isinstance(message, p.Ready):
             node.ready = True
             log.debug("node %s ready", node.name)
@@ -482,6 +581,7 @@ class Aggregator:
             node.index,
         )
         self.nodes.designate_writer(node)
+        self._routes_changed()
         self._welcome(node)
         if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
             self._send_control(node, self._scan_begin(self._scan, node))
@@ -492,11 +592,60 @@ class Aggregator:
         w = self.nodes.writer
         hosts = self.nodes.hosts_writer(node)
         address = w.address if w is not None else ""
-        self._send_control(node, p.Welcome(node.index, self.n_nodes, self.session_id, hosts, address))
+        ports = self.hub.data_ports if self.hub is not None else []
+        self._send_control(
+            node, p.Welcome(node.index, self.n_nodes, self.session_id, hosts, address, data_ports=ports)
+        )
 
     def _reply(self, identity: bytes, message: object) -> None:
         with suppress(zmq.ZMQError):  # a refused or vanished peer that cannot even take a bye
             self._router.send_multipart([identity, *p.encode(message)], zmq.NOBLOCK)
+
+    # ------------------------------------------------------------------------------------------ forwarders
+    def _service_hub(self) -> None:
+        for message in self.hub.receive():
+            if isinstance(message, f.Progress):
+                self._on_progress(message)
+            elif isinstance(message, f.Seen):
+                self._on_seen(message)
+
+    def _on_seen(self, seen: f.Seen) -> None:
+        """A forwarder holds the first sector of a scan it has no word on: begin it, or say why not."""
+        try:
+            header = decode_header(seen.header)
+        except WireError as exc:  # it decoded the header itself: never expected
+            log.error("forwarder %d reported an undecodable header: %s", seen.index, exc)
+            return
+        scan = self._scan
+        if scan is not None and header.scan_number == scan.number:
+            self.hub.tell(self._plan(scan))  # it began meanwhile
+            return
+        verdict = self._admit(header, None)
+        if verdict in ("refused", "late"):
+            self.hub.tell(f.Drop(header.scan_number, verdict))
+
+    def _on_progress(self, pr: f.Progress) -> None:
+        st = self.stats
+        st.received += pr.received
+        st.malformed += pr.malformed
+        st.unroutable += pr.unroutable
+        st.late += pr.late
+        st.refused += pr.refused
+        st.forwarded += sum(pr.sent.values())
+        for name, k in pr.per_node.items():
+            st.per_node[name] = st.per_node.get(name, 0) + k
+        scan = self._scan
+        if scan is None or pr.key != scan.key:
+            return
+        scan.merge(pr.received, pr.module_received, pr.threads)
+        scan.malformed += pr.malformed
+        scan.unroutable += pr.unroutable
+        for index, k in pr.sent.items():
+            scan.sent_elsewhere[int(index)] += k
+        if pr.received:
+            scan.last_sector = time.monotonic()
+        if scan.complete:
+            self._end_scan("complete")
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:

@@ -30,8 +30,11 @@ from streaming.aggregator_link import AggregatorLink
 from streaming.assembly import FrameAssembler, Sealed
 from streaming.calibration import calibration_digest, calibration_parts
 from streaming.counting_pool import CountingPool, CountResult, SlotMemory
+from streaming.dark_accumulator import NodeDarkSums
+from streaming.forwarder_links import ForwarderLinks
 from streaming.hold_queue import HoldQueue
 from streaming.hosted_writer import HostedWriter
+from streaming.live_node import LiveNode
 from streaming.node_config import NodeConfig, NodeCounters, NodeRefused
 from streaming.node_scan import NodeScan
 from streaming.scan_files import ScanWriterError, check_output_dir
@@ -50,7 +53,7 @@ class NodeStreamer:
         self.config = config
         self.counters = NodeCounters()
         check_output_dir(config.output_dir)  # before anything starts: a clear error, nothing to undo
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=st.node_io_threads)  # CURVE decryption runs in I/O threads
         self._stop = threading.Event()
         self._dark, self._gain = dark, gain
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
@@ -61,9 +64,13 @@ class NodeStreamer:
         self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
         self.link = AggregatorLink(self._ctx, config)
         self._agg = self.link.socket
+        self.paths = ForwarderLinks(self._ctx, config)  # the aggregator's forwarding processes, if any
         self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch)
+        self.live = LiveNode(self._ctx, config)  # live snapshots and the tap: never blocking
         self._held = HoldQueue(st.node_hold_limit)
         self._scan: NodeScan | None = None
+        # A dark session: the raw frames' per-pixel sums too (streaming.dark_accumulator).
+        self.dark_sums = NodeDarkSums(config.output_dir, config.name) if st.accumulate_dark else None
 
     # ------------------------------------------------------------------------------------------- running
     def stop(self) -> None:
@@ -102,6 +109,7 @@ class NodeStreamer:
         registered: list = []
         generation = -1
         reading = False
+        data_sockets: list[zmq.Socket] = []  # the aggregator's connection and the forwarders'
         writer_socket = None
         while not self._stop.is_set() and self.link.refused is None:
             if generation != self.pool.generation:  # a restarted worker has a new pipe
@@ -117,15 +125,17 @@ class NodeStreamer:
                 writer_socket = self.writer.socket
                 poller.register(writer_socket, zmq.POLLIN)
             want = self._can_read()
-            if want != reading:
-                if want:
-                    poller.register(self._agg, zmq.POLLIN)
-                else:
-                    poller.unregister(self._agg)
+            if want != reading or data_sockets != [self._agg, *self.paths.sockets]:
+                for sock in data_sockets if reading else []:
+                    poller.unregister(sock)
+                data_sockets = [self._agg, *self.paths.sockets]
+                for sock in data_sockets if want else []:
+                    poller.register(sock, zmq.POLLIN)
                 reading = want
             events = dict(poller.poll(50))
-            if self._agg in events:
-                self._drain_aggregator()
+            for sock in data_sockets:
+                if sock in events:
+                    self._drain_aggregator(sock)
             if writer_socket is not None and writer_socket in events:
                 self._drain_writer()
             self._take_results(self.pool.collect(0))
@@ -143,21 +153,25 @@ class NodeStreamer:
             self.writer_error = self.hosted.stop()  # waits for pending writes, which may fail too
         finally:  # sockets and shared memory are released even if the writer's stop raised
             self.link.close()
+            self.paths.close()
             # Nothing queued for a writer that failed is worth waiting for.
             self.writer.close(linger_ms=0 if self.writer_error else 2000)
+            self.live.close()
             self._ctx.term()
             self.memory.close()
 
     # ------------------------------------------------------------------------------------------- aggregator
-    def _drain_aggregator(self) -> None:
+    def _drain_aggregator(self, sock: zmq.Socket) -> None:
         # Bounded batch per poll so writer messages and worker results are never starved.
         for _ in range(256):
-            if not self._can_read() or not self._agg.poll(0):
+            if not self._can_read() or not sock.poll(0):
                 return
-            parts = self._agg.recv_multipart(copy=False)
+            parts = sock.recv_multipart(copy=False)
             self.link.last_heard = time.monotonic()
             kind = parts[0].bytes
-            if self._held.must_hold(kind):
+            if kind == p.ATTACH:
+                self._on_attached(parts)
+            elif self._held.must_hold(kind):
                 self._held.hold(kind, parts)
             elif kind == p.DATA:
                 self._on_data(parts)
@@ -188,8 +202,20 @@ class NodeStreamer:
             self.counters.malformed += 1
             log.warning("%s: dropped a malformed control message: %s", self.config.name, exc)
 
+    def _on_attached(self, parts: list) -> None:
+        try:
+            self.paths.on_attached(parts[1].bytes)
+        except (p.ProtocolError, IndexError) as exc:
+            self.counters.malformed += 1
+            log.warning("%s: dropped a malformed attach answer: %s", self.config.name, exc)
+            return
+        if self.paths.all_attached and self.writer.connected and self._scan is None and self.link.welcomed:
+            self.link.ready(-1)
+
     def _on_welcome(self, w: p.Welcome) -> None:
         self.link.welcome(w)
+        self.paths.update(w.data_ports)
+        self.live.welcome(w.node_index)
         if w.host_writer and not self.hosted.address:
             address = self.hosted.start(self._dark, self._gain)
             log.info(
@@ -202,8 +228,8 @@ class NodeStreamer:
             self.writer.connect(self.hosted.local_address)
         elif w.writer and not (self.hosted.address and w.writer == self.hosted.address):
             self.writer.connect(w.writer)
-        if self.writer.connected and self._scan is None:
-            self.link.ready(-1)  # armed only once counted frames have somewhere to go
+        if self.writer.connected and self.paths.all_attached and self._scan is None:
+            self.link.ready(-1)  # armed only once counted frames have somewhere to go, and sectors can come
 
     def _on_bye(self, bye: p.Bye) -> None:
         if self.link.bye(bye) and self._scan is not None and self._scan.end is None:
@@ -238,6 +264,8 @@ class NodeStreamer:
         return True
 
     def _begin_scan(self, begin: p.ScanBegin) -> None:
+        if self._scan is not None and self._scan.begin.scan_key == begin.scan_key and begin.scan_key:
+            return  # the same scan, announced on another path (a forwarding process)
         if self._scan is not None and self._scan.end is None:
             self._close_scan("superseded")
         log.info(
@@ -251,13 +279,15 @@ class NodeStreamer:
         for s in self.assembler.begin_scan(begin.scan_number):
             self._sealed(s)
         self.writer.begin(begin)
+        self.live.begin(begin)
 
     def _end_scan(self, end: p.ScanEnd) -> None:
         scan = self._scan
         if scan is None or scan.number != end.scan_number or scan.end is not None:
             return
-        scan.end = end
-        self._close_scan(end.reason)
+        if scan.add_end(end):  # every path's end is in: nothing more of this scan can come
+            scan.end = scan.combined_end()
+            self._close_scan(scan.end.reason)
 
     def _close_scan(self, reason: str) -> None:
         scan = self._scan
@@ -271,7 +301,7 @@ class NodeStreamer:
         self.counters.duplicates += a.duplicates
         self.counters.late_sectors += a.late
         a.duplicates = a.late = a.evicted = 0
-        scan.close_samples(self.writer)
+        scan.close_samples(self.writer, list(scan.end.lost))
         self._maybe_done()
 
     # ------------------------------------------------------------------------------------------- counting
@@ -282,6 +312,10 @@ class NodeStreamer:
             return
         scan.frames += sealed.frames
         scan.incomplete += sealed.incomplete
+        if self.dark_sums is not None:
+            slot = self.assembler.slot(sealed.slot)
+            n = sealed.frames
+            self.dark_sums.add(scan.number, scan.begin.scan_key, slot.frames[:n], slot.masks[:n])
         if scan.thresholds is not None:
             self._submit(scan, sealed)
         elif scan.failed:
@@ -310,6 +344,7 @@ class NodeStreamer:
                     r.events.offsets,
                     r.events.indices,
                 )
+                self.live.batch(scan.begin, slot, n, r.events)
                 scan.outstanding -= 1
                 scan.counting_seconds += r.seconds
                 self.counters.frames += n
@@ -360,8 +395,11 @@ class NodeStreamer:
         scan = self._scan
         if scan is None or not scan.finished:
             return
+        if self.dark_sums is not None:  # on disk before the writer hears the scan is done
+            self.dark_sums.finish(scan.number, scan.begin.scan_key)
         to_writer, to_aggregator = scan.done_messages(self.config.name, self.counters.duplicates)
         self.writer.send(to_writer)
+        self.live.end(scan.begin)
         self.link.send(to_aggregator)
         log.info(
             "%s: scan %d done: %d sectors, %d frames (%d incomplete), %s",
@@ -394,6 +432,18 @@ class NodeStreamer:
                 for s in self.assembler.evict_oldest():
                     self._sealed(s)
                 self._replay_held()
+        scan = self._scan
+        if scan is not None and scan.end is None and scan.waiting_for_paths(now, st.node_deadline):
+            log.warning(
+                "%s: scan %d: forwarding process(es) %s sent no end within %.1f s of the aggregator's; "
+                "ending the scan",
+                self.config.name,
+                scan.number,
+                scan.missing_paths(),
+                st.node_deadline,
+            )
+            scan.end = scan.combined_end()
+            self._close_scan("forwarder-lost")
         scan = self._scan
         if scan is not None and scan.end is None and now - self.link.last_heard > st.node_deadline:
             log.warning(

@@ -139,10 +139,18 @@ class NodeRegistry:
         self.by_identity[identity] = node
         node.connected = True
 
-    def all_ready(self) -> bool:
-        """Every one of the N nodes connected and armed."""
+    def all_ready(self, started: bool = False) -> bool:
+        """Every one of the N nodes connected and armed; once the session has started (``started``), every
+        connected node armed (at least one): a lost node does not stop the session."""
         nodes = list(self.by_index.values())
-        return len(nodes) == self.n_nodes and all(n.connected and n.ready for n in nodes)
+        if not started:
+            return len(nodes) == self.n_nodes and all(n.connected and n.ready for n in nodes)
+        live = [n for n in nodes if n.connected]
+        return bool(live) and all(n.ready for n in live)
+
+    def routes(self) -> list[tuple[int, str]]:
+        """The connected nodes, (index, name), in index order: what frames are routed over."""
+        return [(i, n.name) for i, n in sorted(self.by_index.items()) if n.connected]
 
     def _free_index(self) -> int | None:
         for i in range(self.n_nodes):

@@ -24,7 +24,23 @@ writer). A node that cannot join (all slots taken, another output directory than
 protocol version) gets ``bye`` with the reason instead of ``welcome``, and exits with that reason.
 
 Because one connection carries data and control in order, a node that receives ``end`` has received
-every sector the aggregator sent it for that scan. Monitors subscribe to the aggregator's PUB socket and
+every sector the aggregator sent it for that scan.
+
+Scale-out (``streaming.aggregator_processes`` K > 1, see streaming.forwarder): K - 1 forwarding processes
+beside the aggregator each bind their own receiver and node sockets; the receivers' PUSH sockets connect to
+every forwarding process (ZeroMQ spreads their sectors over them) and each node connects out to every
+forwarding process too: ``welcome.data_ports`` lists their node ports (same host as the aggregator). On a
+forwarder's connection a node first says [b"attach", Attach] and is answered [b"attach", Attach] (with the forwarder's ``path``); then
+that connection carries [b"scan"], [b"data"] and [b"end"] exactly as the aggregator's own does, each
+``end`` tagged with its ``path`` (0: the aggregator, i: forwarder i). The aggregator stays the one control
+point (roles, arming, scan begin and end, routes, monitor). A node's scan ends when it has the
+aggregator's ``end`` and the ``end`` of every forwarder that ``end`` names (``forwarders``).
+
+Routing: frame f goes to ``live[f % len(live)]``, live being the indices of the connected nodes in order
+(``route_live``); with every node connected that is ``f % n_nodes``. A node lost mid-scan (disconnect,
+heartbeat timeout) is taken out of ``live`` at once, so the survivors get its share of later frames; its
+name is in the scan's ``end`` (``lost``) and the nodes pass it to the writer, which then does not wait for
+it. Monitors subscribe to the aggregator's PUB socket and
 receive [b"state", AggregatorState] with a heartbeat.
 """
 
@@ -48,8 +64,9 @@ END = b"end"
 BYE = b"bye"
 STATE = b"state"
 WRITER = b"writer"
+ATTACH = b"attach"
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(PermanentError, ValueError):
@@ -113,6 +130,15 @@ class Welcome:
     session_id: int = 0
     host_writer: bool = False  # this node hosts the session's scan writer (node 0)
     writer: str = ""  # the scan writer's address; empty until node 0 has announced it
+    data_ports: list[int] = field(default_factory=list)  # forwarders' node ports (aggregator's host)
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A node on a forwarder's connection (and the forwarder's answer): sectors for this name come here."""
+
+    name: str
+    path: int = 0  # in the answer: the forwarder's number
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,9 @@ class ScanEnd:
     sectors_expected: int = 0  # for the whole scan, all nodes
     sectors_received: int = 0  # by the aggregator, whole scan
     malformed: int = 0  # messages rejected during this scan
+    path: int = 0  # who sends this end: 0 the aggregator, i forwarder i (each counts what it sent)
+    forwarders: list[int] = field(default_factory=list)  # aggregator's end: forwarders whose end follows
+    lost: list[str] = field(default_factory=list)  # nodes lost during this scan: the writer waits not
 
 
 @dataclass(frozen=True)
@@ -212,6 +241,7 @@ class SampleHeader:
     frame_numbers: list[int]
     last: bool
     scan_key: str = ""
+    lost: list[str] = field(default_factory=list)  # nodes lost mid-scan: their offers will never close
 
 
 @dataclass(frozen=True)
@@ -241,6 +271,7 @@ class NodeScanDone:
     late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
     evicted_slots: int = 0  # batches sealed early because their frames waited too long
     scan_key: str = ""
+    lost: list[str] = field(default_factory=list)  # nodes the aggregator lost during the scan
 
 
 @dataclass(frozen=True)
@@ -270,6 +301,7 @@ _KIND = {
     EventsHeader: W_EVENTS,
     NodeScanDone: W_DONE,
     ScanThresholds: W_THRESHOLDS,
+    Attach: ATTACH,
 }
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 
@@ -299,6 +331,11 @@ def decode(kind: bytes, body: bytes | memoryview, expected: type[T] | None = Non
         return cls(**data)
     except TypeError as exc:
         raise ProtocolError(f"{cls.__name__} body is incomplete: {exc}") from None
+
+
+def route_live(frame_number: int, live: list[int]) -> int:
+    """The node a frame goes to among the connected ones (their indices, in order)."""
+    return live[frame_number % len(live)]
 
 
 def route(frame_number: int, n_nodes: int) -> int:

@@ -29,7 +29,8 @@ class SenderError(TransientError, RuntimeError):
 
 
 def address_for(addresses: Sequence[str], module: int) -> str:
-    """Module m uses address m of four, or the single address for all modules."""
+    """Module m uses address m of four, or the single address for all modules (each may be a
+    comma-separated list: the same receiver on every forwarding process of the aggregator)."""
     if len(addresses) == N_SECTORS:
         return addresses[module]
     if len(addresses) == 1:
@@ -50,7 +51,9 @@ class PushConnection:
             1  # queue only on a live connection: no silent buffering before the aggregator
         )
         self.socket.sndtimeo = -1 if send_timeout is None else int(send_timeout * 1000)
-        self.socket.connect(address)
+        # Comma-separated: the aggregator's forwarding processes; ZeroMQ spreads the sectors over them.
+        for one in address.split(","):
+            self.socket.connect(one.strip())
         self._pending: list | None = None
 
     def send(self, parts: list) -> None:

@@ -24,7 +24,9 @@ class OpenScan:
         self.received = 0
         self.malformed = 0
         self.unroutable = 0
-        self.sent = [0] * n_nodes
+        self.sent = [0] * n_nodes  # by this process
+        self.sent_elsewhere = [0] * n_nodes  # by the forwarding processes
+        self.lost: set[str] = set()  # nodes lost while it streamed (the writer must not wait for them)
         # Frames in the whole scan as far as the first header tells: exact with one thread per receiver.
         self.expected_frames = max(header.frames_this_thread, self.width * self.height)
 
@@ -39,6 +41,21 @@ class OpenScan:
         self.module_received[m] += 1
         if self.module_received[m] >= self.module_expected[m]:
             self.modules_done.add(m)
+
+    def merge(self, received: int, module_received: list[int], threads: list[list[int]]) -> None:
+        """Count what a forwarding process received of this scan (its progress report)."""
+        for m, t, n in threads:
+            if (m, t) not in self.threads:
+                self.threads[(m, t)] = n
+                self._update_expected(m)
+        self.received += received
+        for m, k in enumerate(module_received):
+            if k:
+                self.module_received[m] += k
+                if self.module_received[m] >= self.module_expected[m] and any(
+                    x[0] == m for x in self.threads
+                ):
+                    self.modules_done.add(m)
 
     def _update_expected(self, module: int) -> None:
         counts = [n for (m, _), n in self.threads.items() if m == module]

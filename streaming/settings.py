@@ -7,6 +7,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator
 
+from streaming.live_settings import LiveSettings
+
 
 class CurveSettings(BaseModel):
     """CurveZMQ key files between aggregator and nodes (zmq.auth format); all unset = plain (localhost only)."""
@@ -99,4 +101,23 @@ class StreamingSettings(BaseModel):
         description="aggregator: seconds a node's full queue may block forwarding before that "
         "node is marked stalled",
     )
+    aggregator_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="aggregator: forwarding processes (K); K > 1 adds K - 1 processes that bind every receiver "
+        "and the node address at port + i x aggregator_port_stride; receivers and nodes connect to all",
+    )
+    aggregator_port_stride: int = Field(
+        100, ge=1, description="aggregator: port offset between forwarding processes"
+    )
+    node_io_threads: int = Field(
+        2, ge=1, le=16, description="node: ZeroMQ I/O threads (CURVE decryption runs there, per connection)"
+    )
+    accumulate_dark: bool = Field(
+        False,
+        description="node: a dark session (beam blanked): also add each complete raw frame to per-pixel "
+        "sums, left beside the scans for `stemstream dark --scan-dir` (streaming.dark_accumulator)",
+    )
     curve: CurveSettings = CurveSettings()
+    live: LiveSettings = LiveSettings()

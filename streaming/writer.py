@@ -28,6 +28,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class _Scan:
     done: dict[str, p.NodeScanDone] = field(default_factory=dict)
     samples: dict[int, np.ndarray] = field(default_factory=dict)
     samples_closed: set[str] = field(default_factory=set)
+    lost: set[str] = field(default_factory=set)  # nodes the aggregator lost during the scan
     thresholds: p.ScanThresholds | None = None
     frames: int = 0
     first_data: float = 0.0
@@ -207,13 +209,15 @@ class ScanWriter:
             scan.samples[int(number)] = np.frombuffer(part.buffer, np.uint16).reshape(FRAME_SHAPE).copy()
         if header.last:
             scan.samples_closed.add(header.name)
+        scan.lost.update(header.lost)
         scan.last_activity = time.monotonic()
         self._maybe_estimate(scan)
 
     def _maybe_estimate(self, scan: _Scan, waited_out: bool = False) -> None:
         """Thresholds once every node closed its offer (or, waited_out, from what the others offered: a
         node that died before closing its offer must not leave the survivors' frames uncounted)."""
-        if scan.thresholds is not None or (len(scan.samples_closed) < scan.begin.n_nodes and not waited_out):
+        offers = len(scan.samples_closed) + len(scan.lost - scan.samples_closed)  # lost nodes offer no more
+        if scan.thresholds is not None or (offers < scan.begin.n_nodes and not waited_out):
             return
         cfg = self.config.estimate
         numbers = sorted(scan.samples)[: cfg.sample_frames]
@@ -265,7 +269,8 @@ class ScanWriter:
         scan = self._scan(done)
         scan.done[done.name] = done
         scan.last_activity = time.monotonic()
-        if len(scan.done) >= scan.begin.n_nodes:
+        lost = {name for d in scan.done.values() for name in d.lost} - scan.done.keys()
+        if len(scan.done) + len(lost) >= scan.begin.n_nodes:  # lost nodes never report: not waited for
             self._finish(scan)
 
     def _scan(self, message: p.SampleHeader | p.EventsHeader | p.NodeScanDone) -> _Scan:
@@ -328,11 +333,14 @@ class ScanWriter:
         reasons = sorted({d.reason for d in scan.done.values()}) or ["deadline"]
         t = scan.thresholds
         thresholds = [t.background, t.xray] if t is not None else [float("nan"), float("nan")]
+        uid = uuid.uuid4().hex  # the scan's unique key everywhere (file, stop record, catalogue)
         meta = {
             "electron_counting": dict(t.metadata) if t is not None else {},
             "stemstream": {
                 "scan_number": b.scan_number,
                 "scan_id": scan.scan_id,
+                "scan_key": b.scan_key,  # the aggregator's key: the live view finds the scan's file by it
+                "scan_uuid": uid,
                 "session_id": self.config.session_id,
                 "aggregator_session": b.session_id,
                 "nodes": b.n_nodes,
@@ -353,6 +361,7 @@ class ScanWriter:
         meta["electron_counting"].pop("error", None)
         tally = scan.file.tally()
         record = self._record(scan, tally, scan.path, reasons, thresholds, last_data)
+        record.scan_uuid = uid
         error = write_scan(
             scan.file,
             meta,

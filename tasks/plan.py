@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streaming.components import client_curve
+from streaming.forwarder import offset_address
 from streaming.security import CurveClientConfig
 from streaming.settings import StreamingSettings
 
@@ -43,8 +44,13 @@ class SessionPlan:
 
     @property
     def receivers(self) -> list[str]:
-        """The aggregator's receiver addresses."""
-        return list(self.streaming.receivers)
+        """The aggregator's receiver addresses; with forwarding processes, each receiver's address on every
+        process, comma-separated (a receiver connects to all of them and ZeroMQ spreads its sectors)."""
+        st = self.streaming
+        return [
+            ",".join(offset_address(a, i * st.aggregator_port_stride) for i in range(st.aggregator_processes))
+            for a in st.receivers
+        ]
 
     @property
     def nodes_bind(self) -> str:
@@ -99,6 +105,11 @@ def node_command(plan: SessionPlan, settings_file: str | Path | None = None) -> 
 def aggregator_command(plan: SessionPlan, settings_file: str | Path | None = None) -> list[str]:
     """The aggregator command line: everything else comes from the settings file."""
     return [*CLI, "--settings", str(settings_file or plan.settings_file), "aggregator"]
+
+
+def view_command(plan: SessionPlan) -> list[str]:
+    """The live page's command line (streaming.live_server): scan file names from the session's scan dir."""
+    return [*CLI, "--settings", str(plan.settings_file), "view", "--scan-dir", str(plan.output_dir)]
 
 
 def shell(argv: list[str]) -> str:

@@ -115,6 +115,7 @@ def acquire_scan(
     deadline: float | None = None,
     lost_node_wait: float = 60.0,
     index: int = -1,
+    known_lost: set[str] | None = None,
 ) -> ScanResult | None:
     """Follow the next scan and wait for its counted file: the scan the simulated camera plays next
     (``expect``, the camera's scan ``index``), or, in an instrument session, whatever scan the receivers
@@ -131,6 +132,7 @@ def acquire_scan(
     progress_id = create_progress_artifact(progress=0.0, description=f"{what}: sectors received")
     shown = [0.0]
     watch = _NodeWatch(nodes, expect.scan_number if expect else -1, lost_node_wait, logger, follower)
+    watch.known_lost = known_lost if known_lost is not None else set()
     cancelling = _CancelWatch()
 
     def check() -> None:
@@ -194,6 +196,7 @@ class _NodeWatch:
         self.nodes, self.scan_number, self.wait, self.logger = nodes, scan_number, wait, logger
         self.monitor = monitor
         self.failure: NodeFailure | None = None
+        self.known_lost: set[str] = set()  # nodes lost in earlier scans: the session goes on without them
         self._give_up = float("inf")
 
     def check(self) -> None:
@@ -202,16 +205,19 @@ class _NodeWatch:
             try:
                 self.nodes.check()
             except NodeFailure as exc:
+                if exc.lost and set(exc.lost) <= self.known_lost:
+                    return  # already lost in an earlier scan: its share goes to the others
                 state = self.monitor.latest()
                 writer = state.writer if state is not None else ""
                 if exc.lost and writer and writer not in exc.lost:
                     exc.writer_alive = True  # the aggregator says who hosts the writer, and it is not lost
                 if not exc.writer_alive:
                     raise
+                self.known_lost.update(exc.lost)
                 self.failure, self._give_up = exc, time.monotonic() + self.wait
                 self.logger.error(
-                    "scan %d: a node streamer was lost; waiting up to %g s for the scan writer to write "
-                    "what arrived: %s",
+                    "scan %d: a node streamer was lost (the aggregator sends its share to the others; its "
+                    "frames in flight are lost and marked); waiting up to %g s for the scan file: %s",
                     self.scan_number,
                     self.wait,
                     str(exc).splitlines()[0],
@@ -261,9 +267,12 @@ def verify_scan_file(path: str, width: int, height: int, min_completeness: float
 @task(name="postprocess-scan", cache_policy=NO_CACHE)
 def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dict:
     """py4DSTEM analysis of a counted scan; images become artifacts in the Prefect UI."""
+    from dataclasses import asdict
+
     from tasks.postprocess import analyse_scan, analysis_config
 
-    result = analyse_scan(Path(path), Path(out_dir), analysis_config(analysis))
+    config = analysis_config(analysis)
+    result = analyse_scan(Path(path), Path(out_dir), config)
     name = Path(path).stem
     images = "\n".join(
         f"### {label}\n![{label}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
@@ -271,7 +280,7 @@ def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dic
     )
     create_markdown_artifact(
         key=f"analysis-{_key(name)}",
-        markdown=f"# {name}\n\n{images}",
+        markdown=f"# {name}\n\n{_calibration_line(result)}\n\n{images}",
         description=f"py4DSTEM analysis of {name}",
     )
     for warning in result.warnings:
@@ -280,7 +289,26 @@ def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dic
         "images": {k: str(v) for k, v in result.images.items()},
         "timings": result.timings,
         "warnings": result.warnings,
+        "scan": path,  # what the session records in the catalogue (tasks/record.py)
+        "params": asdict(config),
+        "summary": result.summary,
+        "calibration": result.calibration,  # "calibrated" or why not (tasks.calibration)
+        "calibrated": bool(result.calibration.get("calibrated")),
+        "fitted": result.fitted,  # defocus, rotations
     }
+
+
+def _calibration_line(result) -> str:
+    """The artifact's calibration line: what the numbers are calibrated with, or "uncalibrated"."""
+    cal, fitted = result.calibration, result.fitted
+    step, alpha = cal.get("step_angstrom"), cal.get("convergence_semiangle_mrad")
+    line = f"**{cal.get('status', 'uncalibrated')}**: step {f'{step:.4g}' if step else '?'} Å, "
+    line += f"convergence semi-angle {f'{alpha:.4g}' if alpha else '?'} mrad"
+    if cal.get("source"):
+        line += f" (from {Path(cal['source']).name})"
+    if fitted.get("defocus_angstrom") is not None:
+        line += f"; fitted defocus {fitted['defocus_angstrom']:.4g} Å"
+    return line
 
 
 @task(name="session-summary", cache_policy=NO_CACHE)
@@ -308,3 +336,28 @@ def release(nodes: Nodes, aggregator: Aggregator) -> None:
 
 def _key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100]
+
+
+NODE_LOST_EVENT = "stemstream.node.lost"
+
+
+def node_lost_event(scan_number: int, lost: list[str]) -> None:
+    """Emit a Prefect event on this flow run: a node streamer was lost and the session goes on without it
+    (shown in the run's events; the failure alert automation reacts to it too, see flows.alerts)."""
+    from prefect.events import emit_event
+
+    run_id = current_flow_run.get_id()
+    if run_id is None:
+        return
+    emit_event(
+        event=NODE_LOST_EVENT,
+        resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
+        related=[
+            {
+                "prefect.resource.id": f"prefect.flow.{current_flow_run.flow_name}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": current_flow_run.flow_name,
+            }
+        ],
+        payload={"scan_number": scan_number, "lost": lost},
+    )

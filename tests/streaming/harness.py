@@ -116,10 +116,11 @@ def start_session(
     workers: int = 0,
     scan_deadline: float = 1.0,
     node_overrides: dict | None = None,
+    agg_overrides: dict | None = None,
 ) -> Session:
     """Start an aggregator and n node streamers, all configured alike: the aggregator picks node 0, which
-    hosts the writer. node_overrides: more streaming settings for the nodes."""
-    agg = Aggregator(stream_settings(n_nodes=n_nodes, scan_deadline=scan_deadline))
+    hosts the writer. node_overrides, agg_overrides: more streaming settings for the nodes, the aggregator."""
+    agg = Aggregator(stream_settings(n_nodes=n_nodes, scan_deadline=scan_deadline, **(agg_overrides or {})))
     out = tmp / "out"
     st = stream_settings(node_workers=workers, **(node_overrides or {}))
     nodes = [
