@@ -29,6 +29,17 @@ def dark(
     ] = None,
     frames: Annotated[int | None, typer.Option(min=1, help="with --simulated: dark frames")] = None,
     list_darks: Annotated[bool, typer.Option("--list", help="list the stored darks, newest last")] = False,
+    session: Annotated[
+        bool,
+        typer.Option(
+            "--session",
+            help="record a dark scan now: an instrument session (prints `ready:`) counts the next scan the "
+            "receivers deliver, beam blanked, its nodes adding up the raw frames (streaming.accumulate_dark)",
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="with --session: any setting, SECTION.FIELD=VALUE")
+    ] = None,
 ) -> None:
     """Make a dark reference (float32 mean, noise, hot pixels), stored with a timestamp and catalogued."""
     from counting.dark_settings import dark_dir
@@ -41,9 +52,11 @@ def dark(
             typer.echo(f"{d.path}  {d.camera}  {d.frames} frames  mean {d.mean:.2f}  noise {d.noise:.2f}  "
                        f"{d.hot_pixels} hot  {d.age_hours:.1f} h old  ({d.source})")  # fmt: skip
         return
-    chosen = [name for name, on in (("--simulated", simulated), ("--scan-dir", scan_dir), ("RAW", raw)) if on]
-    if len(chosen) != 1:
-        raise ValueError("give exactly one of --simulated, --scan-dir DIR or RAW files")
+    sources = (("--simulated", simulated), ("--scan-dir", scan_dir), ("RAW", raw), ("--session", session))
+    if len([name for name, on in sources if on]) != 1:
+        raise ValueError("give exactly one of --simulated, --session, --scan-dir DIR or RAW files")
+    if set_ and not session:
+        raise ValueError("--set is for --session")
     if scan is not None and scan_dir is None:
         raise ValueError("--scan needs --scan-dir")
     if frames is not None and not simulated:
@@ -53,6 +66,8 @@ def dark(
     for path in raw or []:
         if not path.exists():
             raise FileNotFoundError(f"raw file {path} does not exist")
+    if session:
+        settings, scan_dir = _dark_session(set_ or [])
     source = "simulated" if simulated else "scan" if scan_dir is not None else "raw"
     info, not_recorded = acquire_dark(settings, source, frames, scan_dir, scan, list(raw or []))
     typer.echo(
@@ -61,6 +76,32 @@ def dark(
     )
     if not_recorded:
         typer.echo(f"warning: not recorded in the catalogue: {not_recorded}", err=True)
+
+
+def _dark_session(assignments: list[str]):
+    """Run an instrument session for one scan with the nodes adding up raw frames; (settings, scans dir)."""
+    import json
+    import time
+
+    from flows.cli_session import apply_settings, run_in_terminal
+
+    apply_settings([*assignments, "streaming.accumulate_dark=true"])
+    settings = load_settings()
+    s = settings.session
+    t0 = time.time()
+    params = dict(
+        camera="instrument", n_scans=1, duration=0.0, scan_width=1, scan_height=1, dose=0.0,
+        nodes=s.nodes, backend=s.backend, postprocess=False, min_completeness=s.min_completeness,
+        frame_rate=0.0, script="",
+    )  # fmt: skip
+    run_in_terminal(params, postprocess=False)  # raises when the session failed: no dark then
+    sessions = [
+        d for d in (settings.output_dir / "sessions").glob("*/session.json") if d.stat().st_mtime >= t0 - 1
+    ]
+    if not sessions:
+        raise RuntimeError("the dark session left no session directory")
+    info = json.loads(max(sessions, key=lambda p: p.stat().st_mtime).read_text())
+    return settings, Path(info["scans_dir"])
 
 
 def register(app: typer.Typer, wrap: Any) -> None:

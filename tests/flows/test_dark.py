@@ -127,7 +127,8 @@ def test_darks_are_timestamped_never_overwritten_and_sessions_take_the_newest(tm
 
 def test_dark_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
     for args, message in [
-        (["dark"], "give exactly one of --simulated, --scan-dir DIR or RAW files"),
+        (["dark"], "give exactly one of --simulated, --session, --scan-dir DIR or RAW files"),
+        (["dark", "--simulated", "--set", "a.b=1"], "--set is for --session"),
         (["dark", "nothere.data"], "raw file nothere.data does not exist"),
         (["dark", "--scan-dir", "nothere"], "scans directory nothere does not exist"),
         (["dark", "--scan-dir", "."], "no dark sums of any scan"),
@@ -148,3 +149,58 @@ def test_simulated_dark_command(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(path), dark_reference(camera.dark_frames(20)))
     listed = run(tmp_path, "dark", "--list")
     assert listed.returncode == 0 and path.name in listed.stdout and "simulated:0" in listed.stdout
+
+
+@pytest.mark.timeout(240)
+def test_dark_session_takes_the_next_scan_the_receivers_deliver(tmp_path: Path) -> None:
+    """`stemstream dark --session`: an instrument session for one scan, the nodes adding up its raw frames;
+    the camera (here four sender threads, beam blanked) is independent of it, as on the microscope."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streaming.sender import run_sender
+    from tasks.plan import free_port
+
+    recv, nodes, monitor = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    (tmp_path / "none.toml").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMSTREAM_", "PREFECT_"))}
+    env |= {
+        "STEMSTREAM_OUTPUT_DIR": str(tmp_path / "out"),
+        "STEMSTREAM_CONFIG": str(tmp_path / "none.toml"),
+        "STEMSTREAM_STREAMING__NODES_BIND": nodes,
+        "STEMSTREAM_STREAMING__MONITOR_BIND": monitor,
+        "STEMSTREAM_STREAMING__SCAN_DEADLINE": "3",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    args = [*CLI, "dark", "--session", "--set", f'streaming.receivers=["{recv}"]', "--set", "session.nodes=2"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 150
+        while not any(line.startswith("ready: receivers") for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines[-30:])
+            time.sleep(0.1)
+        shape = ScanShape(10, 4)
+        cameras = [SimulatedCamera(blanked(shape)) for _ in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            sent = list(
+                pool.map(
+                    lambda m: run_sender(cameras[m], [recv], m, scan_number=9, send_timeout=60), range(4)
+                )
+            )
+        assert sum(r.sent for r in sent) == 4 * shape.positions
+        assert proc.wait(120) == 0, "\n".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        reader.join(5)
+    dark_line = next(line for line in lines if line.startswith("dark: "))
+    assert f"({shape.positions} frames" in dark_line and "streamed scan 9 (2 node(s))" in dark_line
+    frames = [b.frames.copy() for b in SimulatedCamera(blanked(shape)).iter_batches(16)]
+    np.testing.assert_array_equal(np.load(dark_line.split()[1]), dark_reference(frames))
