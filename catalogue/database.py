@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 
 from counting.errors import PermanentError, StemstreamError, TransientError
@@ -34,6 +35,10 @@ class CatalogueUnavailable(TransientError, CatalogueError):
 
 class CatalogueMissing(PermanentError, CatalogueError, FileNotFoundError):
     """There is no catalogue where the settings say (no session has recorded a scan there)."""
+
+
+class CatalogueUrlError(PermanentError, CatalogueError, ValueError):
+    """catalogue.url is not a database URL."""
 
 
 class ScanNotFound(PermanentError, CatalogueError, LookupError):
@@ -57,7 +62,7 @@ def normalise_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
-        raise CatalogueMissing(f"catalogue.url is not a database URL: {safe_url(url)}") from None
+        raise CatalogueUrlError(f"catalogue.url is not a database URL: {safe_url(url)}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
@@ -65,7 +70,7 @@ def normalise_url(url: str) -> str:
 
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL (None for other databases or in-memory SQLite)."""
-    parsed = make_url(url)
+    parsed = make_url(normalise_url(url))
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
@@ -107,12 +112,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+_MIGRATING = threading.Lock()  # Alembic's op/context proxies are process-global: one migration at a time
+_PG_LOCK = 0x57E4CA7  # the advisory lock that serialises migrations between processes on PostgreSQL
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (creating it in an empty database)."""
-    if current_revision(engine) == head_revision():
+    """Bring the schema to the newest migration (creating it in an empty database); one process and one
+    thread at a time."""
+    head = head_revision()
+    if current_revision(engine) == head:
         return
     config = alembic_config()
-    with unavailable(engine), engine.begin() as conn:
+    with _MIGRATING, unavailable(engine), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_LOCK})"))
+        if MigrationContext.configure(conn).get_current_revision() == head:  # another did it meanwhile
+            return
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 

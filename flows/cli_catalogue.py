@@ -30,6 +30,20 @@ _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def _settings(apply: Any = None) -> Settings:
+    """The settings (after ``apply``: the --set options); a bad value is one line naming the setting."""
+    from pydantic import ValidationError
+
+    try:
+        if apply is not None:
+            apply()
+        return load_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
 def _open(settings: Settings, create: bool = False) -> Catalogue:
     return open_catalogue(settings.catalogue, settings.output_dir, create=create)
 
@@ -117,7 +131,7 @@ def _list(
 ) -> None:  # fmt: skip
     from flows.cli import console
 
-    settings = load_settings()
+    settings = _settings()
     tz = settings.streaming.timezone
     if status is not None and status not in ("complete", "incomplete", "failed"):
         raise ValueError(f"--status must be complete, incomplete or failed, not {status!r}")
@@ -189,7 +203,7 @@ def show(
 def _show(ref: str, json_out: bool) -> None:
     from flows.cli import console
 
-    settings = load_settings()
+    settings = _settings()
     tz = settings.streaming.timezone
     with _open(settings) as cat:
         s = cat.find_scan(ref)
@@ -278,7 +292,7 @@ def note(
 def _note(ref: str, text: str, author: str | None) -> None:
     from flows.cli import console
 
-    settings = load_settings()
+    settings = _settings()
     with _open(settings) as cat:
         scan = cat.find_scan(ref)
         cat.add_note(scan.uid, text, author or _user())
@@ -312,7 +326,7 @@ def _rebuild(directory: Path) -> None:
     from catalogue.rebuild import rebuild as rebuild_from
     from flows.cli import console, err_console
 
-    settings = load_settings()
+    settings = _settings()
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
     with _open(settings, create=True) as cat:
@@ -350,8 +364,7 @@ def analyse(
     from flows.cli_session import apply_settings
     from tasks.reanalyse import parse_params, reanalyse
 
-    apply_settings(set_)
-    settings = load_settings()
+    settings = _settings(lambda: apply_settings(set_))
     params = parse_params(param)
     with _open(settings) as cat:
         done = reanalyse(cat, scan, settings.analysis, params, out or settings.output_dir)
@@ -363,9 +376,10 @@ def analyse(
         highlight=False,
         soft_wrap=True,
     )
-    if params:
+    changed = done.params.get("changed") or {}
+    if changed:
         console.print(
-            "parameters changed: " + ", ".join(f"{k}={v}" for k, v in params.items()), highlight=False
+            "parameters changed: " + ", ".join(f"{k}={v}" for k, v in changed.items()), highlight=False
         )
     facts = [f"{k} {_num(s[k])}" for k in _RESULT_KEYS if s.get(k) is not None]
     if facts:
