@@ -1,0 +1,68 @@
+"""`stemstream microscope`: a written scan gets its microscope file's metadata (as a session adds it), its
+stop record the link; every bad input (unknown scan, unreadable DM4, another scan's DM4, metadata already
+there, nothing to find it with) is one error line and leaves the scan file as it was."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from counting.sparse import file_sha256
+from streaming.scan_record import ScanRecord, record_path
+from tests.tasks.test_microscope import dm4_for, scan_file
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEMSTREAM_")}
+    clean |= {"STEMSTREAM_OUTPUT_DIR": str(cwd / "out"), "STEMSTREAM_CONFIG": str(cwd / "none.toml"), **env}
+    (cwd / "none.toml").write_text("")
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=clean)
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def test_microscope_command_adds_and_shows_the_metadata(tmp_path: Path) -> None:
+    h5 = scan_file(tmp_path, 17)
+    dm4 = dm4_for(tmp_path / "m", 17)
+    done = run(tmp_path, "microscope", str(h5), "--file", str(dm4))
+    assert done.returncode == 0, done.stderr
+    assert "microscope metadata from" in done.stdout and "convergence_semiangle_mrad: 24.5" in done.stdout
+    record = ScanRecord.load(record_path(h5))
+    assert record.extra["microscope"]["status"] == "attached" and record.sha256 == file_sha256(h5)
+    shown = run(tmp_path, "microscope", str(h5), "--show")
+    assert shown.returncode == 0 and "step_x_angstrom: 0.362" in shown.stdout and "HAADF: 8x8" in shown.stdout
+    sha = file_sha256(h5)
+    assert "nothing is replaced" in error_line(run(tmp_path, "microscope", str(h5), "--file", str(dm4)))
+    assert file_sha256(h5) == sha
+    # Found by microscope.dir/pattern, as in a session.
+    h5b = scan_file(tmp_path, 18)
+    dm4_for(tmp_path / "m", 18)
+    found = run(tmp_path, "microscope", str(h5b), STEMSTREAM_MICROSCOPE__DIR=str(tmp_path / "m"))
+    assert found.returncode == 0 and "scan18.dm4" in found.stdout, found.stderr
+
+
+def test_microscope_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
+    h5 = scan_file(tmp_path, 20)
+    sha = file_sha256(h5)
+    (tmp_path / "bad.dm4").write_bytes(b"\x00\x00\x00\x04" + b"\x01" * 64)
+    other = dm4_for(tmp_path / "m", 21)
+    cases = [
+        (["microscope", "nothere.h5"], "scan file nothere.h5 does not exist"),
+        (["microscope", str(h5), "--file", str(tmp_path / "bad.dm4")], "cannot read DM4 file"),
+        (["microscope", str(h5), "--file", str(tmp_path / "none.dm4")], "does not exist"),
+        (["microscope", str(h5), "--file", str(other)], "scan21.dm4 is for scan 21, not 20"),
+        (["microscope", str(h5)], "give --file, or set microscope.dir"),
+    ]
+    for args, message in cases:
+        assert message in error_line(run(tmp_path, *args)), args
+    missing = run(tmp_path, "microscope", str(h5), STEMSTREAM_MICROSCOPE__DIR=str(tmp_path / "m"))
+    assert "no microscope file scan20.dm4" in error_line(missing)
+    assert file_sha256(h5) == sha and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
