@@ -10,17 +10,20 @@ import numpy as np
 
 
 def scale(image: np.ndarray, kind: str) -> np.ndarray:
-    """uint8 image for display."""
+    """uint8 image for display; NaN (positions not reached yet) black."""
     a = np.asarray(image, np.float64)
+    seen = np.isfinite(a)
+    if not seen.any():
+        return np.zeros(a.shape, np.uint8)
     if kind == "pattern":
         a = np.log1p(a)
     if kind in ("com_x", "com_y"):
-        m = float(np.percentile(np.abs(a), 99.5)) if a.size else 0.0
+        m = float(np.nanpercentile(np.abs(a), 99.5))
         out = 127.5 + 127.5 * a / m if m > 0 else np.full(a.shape, 127.5)
     else:
-        lo, hi = np.percentile(a, (0.5, 99.5)) if a.size else (0.0, 0.0)
-        out = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+        lo, hi = np.nanpercentile(a, (0.5, 99.5))
+        out = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.full(a.shape, 128.0)
+    return np.where(seen, np.clip(np.round(np.nan_to_num(out)), 0, 255), 0).astype(np.uint8)
 
 
 def png(gray: np.ndarray) -> bytes:

@@ -43,7 +43,8 @@ class _Scan:
         )
         self.lo, self.hi = begin.scan_width * begin.scan_height, 0  # positions not yet sent
         self.seq = 0
-        self.counted_at = 0.0
+        self.counted_at = 0.0  # newest batch added
+        self.oldest_at = 0.0  # oldest batch added since the last snapshot sent
         self.sent_at = 0.0
 
 
@@ -137,6 +138,7 @@ class LivePublisher:
             if len(positions):
                 scan.lo, scan.hi = min(scan.lo, int(positions.min())), max(scan.hi, int(positions.max()) + 1)
             scan.counted_at = counted_at
+            scan.oldest_at = scan.oldest_at or counted_at
             return scan
         scan.images.settle()
         scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height
@@ -167,6 +169,7 @@ class LivePublisher:
             "dropped_batches": self.dropped_batches,
             "dropped_snapshots": self.dropped_snapshots,
             "counted_at": scan.counted_at,
+            "oldest_at": scan.oldest_at,
             "lo": lo,
             "hi": hi,
         }
@@ -185,4 +188,5 @@ class LivePublisher:
         scan.seq += 1
         self.sent += 1
         scan.lo, scan.hi = b.scan_width * b.scan_height, 0
+        scan.oldest_at = 0.0
         return True

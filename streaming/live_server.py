@@ -33,7 +33,11 @@ class LiveServer:
         self.token: str | None = None
         if live.needs_token:
             self.token = live.token.get_secret_value() if live.token else secrets.token_urlsafe(18)
-        self._sock = socket.create_server((live.page_host, live.page_port), reuse_port=False)
+        try:
+            self._sock = socket.create_server((live.page_host, live.page_port))
+        except OSError as exc:  # e.g. another session's page: any free port, the URL says which
+            log.warning("the live page cannot use port %d (%s); taking a free port", live.page_port, exc)
+            self._sock = socket.create_server((live.page_host, 0))
         self.port = self._sock.getsockname()[1]
         self.host = live.page_host
         self.ingest = LiveIngest(self.state, live.bind, curve, scan_dir)

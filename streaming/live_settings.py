@@ -35,7 +35,9 @@ class LiveSettings(BaseModel):
     page_host: str = Field(
         "127.0.0.1", description="the page's address; anything but loopback exposes it and needs a token"
     )
-    page_port: int = Field(PAGE_PORT, ge=0, le=65535, description="the page's port (0: any free port)")
+    page_port: int = Field(
+        PAGE_PORT, ge=0, le=65535, description="the page's port (0, or taken: any free port)"
+    )
     token: SecretStr | None = Field(None, description="the page's token when exposed (default: a random one)")
     token_required: bool = Field(False, description="ask for the token on loopback too")
     tap: bool = Field(False, description="nodes publish counted events on a PUB socket (the tap)")

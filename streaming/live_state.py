@@ -38,6 +38,7 @@ class ScanView:
     version: int = 0
     file: str = ""
     counted_at: float = 0.0  # newest batch in the images (node wall time)
+    oldest_at: float = 0.0  # oldest batch new in the latest snapshot (node wall time)
     ended: float = 0.0
     _rate: list = field(default_factory=list)  # (time, frames) samples for the rate
     _merged: tuple = (-1, None)  # (version, LiveArrays) of the last merge
@@ -78,6 +79,7 @@ class ScanView:
             "file": self.file,
             "version": self.version,
             "counted_at": self.counted_at,
+            "oldest_at": self.oldest_at,
         }
 
     def rate(self) -> float:
@@ -103,8 +105,9 @@ class ScanView:
         g = self.summary()["geometry"]
         return LiveGeometry(**g) if g else None
 
-    def image(self, name: str) -> np.ndarray:
-        """One image as float64: scan-shaped (height, width), or the 576x576 pattern."""
+    def image(self, name: str, masked: bool = False) -> np.ndarray:
+        """One image as float64: scan-shaped (height, width), or the 576x576 pattern; ``masked``: NaN at
+        positions no frame reached yet."""
         a = self.merged()
         if name == "pattern":
             return a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
@@ -115,7 +118,10 @@ class ScanView:
             values = getattr(a, name).astype(np.float64)
         else:
             raise KeyError(name)
-        return np.asarray(values, np.float64).reshape(self.height, self.width)
+        values = np.asarray(values, np.float64)
+        if masked and name != "frames":
+            values = np.where(a.frames > 0, values, np.nan)
+        return values.reshape(self.height, self.width)
 
 
 class ViewState:
@@ -161,6 +167,7 @@ class ViewState:
             node.arrays.pattern[:] = arrays["pattern"]
             node.header = header
             scan.counted_at = max(scan.counted_at, float(header.get("counted_at", 0.0)))
+            scan.oldest_at = float(header.get("oldest_at", 0.0))
             now = time.time()
             scan._rate = [s for s in scan._rate if now - s[0] < 3.0] + [(now, scan.total("frames"))]
             if scan.done and not scan.ended:
@@ -187,11 +194,11 @@ class ViewState:
         with self._lock:
             return self._scans.get(key)
 
-    def image(self, key: str, name: str) -> tuple[int, np.ndarray]:
+    def image(self, key: str, name: str, masked: bool = False) -> tuple[int, np.ndarray]:
         """(version, image) of a scan; KeyError when unknown."""
         with self._lock:
             scan = self._scans[key]
-            return scan.version, scan.image(name)
+            return scan.version, scan.image(name, masked)
 
     def wait(self, version: int, timeout: float) -> int:
         """Block until the state's version passes ``version`` or the timeout; the version then."""

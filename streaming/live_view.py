@@ -75,7 +75,7 @@ def live_app(state: ViewState, token: str | None = None, title: str = "stemstrea
         if name not in IMAGES or fmt not in ("png", "json"):
             return Response("no such image\n", 404, media_type="text/plain")
         try:
-            version, img = await asyncio.to_thread(state.image, key, name)
+            version, img = await asyncio.to_thread(state.image, key, name, fmt == "png")
         except KeyError:
             return Response("no such scan\n", 404, media_type="text/plain")
         if fmt == "json":

@@ -6,7 +6,8 @@ names, dtypes and lengths the header's ``arrays`` lists in order.
     node -> view (PUSH, connecting out)   [b"live.snap", header, arrays...]
         header: node, node_index, n_nodes, scan_number, scan_key, width, height, expected_frames, seq,
         final, frames, sectors, events, geometry (cx, cy, bf_radius, adf_inner, adf_outer or nil),
-        dropped_batches, dropped_snapshots, counted_at (wall time of the newest batch in it), lo, hi;
+        dropped_batches, dropped_snapshots, counted_at and oldest_at (wall times of the newest batch in it
+        and of the oldest one new in it), lo, hi;
         arrays: counts, bf, adf, sum_col, sum_row, frames for positions lo..hi-1 (this node's sums so far:
         cumulative, so a later snapshot makes up for a dropped one), and pattern (576*576 uint32).
 
