@@ -108,3 +108,18 @@ def test_sessions_record_every_scan_with_the_database_down_mid_session(
     assert [len(s.analyses) for s in b] == [1] and b[0].analyses[0].kind == "session"
     assert b[0].analyses[0].results["probe_radius_px"] > 0
     assert not list(stemstream_env.rglob(PENDING_NAME))  # everything was recorded once the server was back
+    said = _log_lines(first.state_details.flow_run_id)
+    assert any("is unreachable" in line and "kept, recorded when it is back" in line for line in said), said
+    assert any("catalogue reachable again" in line for line in said), said
+
+
+def _log_lines(flow_run_id) -> list[str]:
+    """The flow run's log lines, as the Prefect API holds them (the UI shows these)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
