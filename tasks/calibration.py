@@ -111,8 +111,10 @@ def calibration_from_metadata(
     if step is not None and shape is not None and len(shape) == 2:
         # The HAADF covers the sample columns (no flyback); with keep_flyback the scan is one wider.
         sample_width = scan_width - (0 if flyback_dropped else 1)
-        ratio = int(shape[1]) / max(sample_width, 1)
-        if not math.isclose(ratio, 1.0, rel_tol=1e-6):
+        # Same sampling when it is as wide as the sample columns, or as the scan with its flyback column.
+        same = int(shape[1]) in (sample_width, sample_width + 1)
+        ratio = 1.0 if same else int(shape[1]) / max(sample_width, 1)
+        if not same:
             notes.append(
                 f"HAADF {shape[1]} px wide for {sample_width} scan columns: step scaled by {ratio:.4g}"
             )
