@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import typer
+from rich import box
 from rich.table import Table
 
 from catalogue import Catalogue, ScanQuery, ScanView, open_catalogue
@@ -158,28 +159,46 @@ def _list(
         for scan in found:
             console.print_json(json.dumps(scan_json(scan), default=str), indent=None)
         return
-    table = Table(title=f"{len(found)} scan(s) in {where}", title_justify="left")
-    for name, justify in (
-        ("id", "left"), ("file", "left"), ("session", "right"), ("scan", "right"), ("shape", "right"),
-        ("started", "left"), ("status", "left"), ("complete %", "right"), ("e-/frame", "right"),
-        ("verified", "left"), ("analyses", "right"), ("note", "left"),
-    ):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for s in found:
-        table.add_row(
+    # One line per scan, the note cut to what the terminal leaves; the file name carries the start time
+    # (facility time zone); `scans show` and --json give everything.
+    title = f"{len(found)} scan(s) in {where}"
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    columns = [
+        "id",
+        "file",
+        "session",
+        "scan",
+        "shape",
+        "status",
+        "complete %",
+        "e-/frame",
+        "verified",
+        "analyses",
+    ]
+    rows = [
+        [
             s.uid[:8],
             s.file_name or "",
             f"{s.session_number:05d}" if s.session_number is not None else "",
             str(s.scan_number),
             s.shape,
-            _local(s.started_at, tz),
             s.status,
             f"{100 * s.completeness:.2f}",
             f"{s.electrons_per_frame:.1f}",
             _verified(s.verified),
             str(len(s.analyses)),
-            _short_note(s),
-        )
+        ]
+        for s in found
+    ]
+    for k, name in enumerate(columns):
+        width = max([len(name), *(len(row[k]) for row in rows)])
+        left = name in ("id", "file", "status", "verified")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True, min_width=width)
+    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=40)
+    for row, s in zip(rows, found):
+        table.add_row(*row, _short_note(s))
     console.print(table, soft_wrap=True)
 
 
@@ -254,17 +273,27 @@ def _num(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-_RESULT_KEYS = ("calibrated", "probe_radius_px", "q_pixel_mrad", "r_pixel_angstrom", "positions_filled")
+_RESULT_KEYS = ("probe_radius_px", "q_pixel_mrad", "r_pixel_angstrom", "positions_filled")
 
 
-def _analysis_lines(a: Any) -> list[tuple[str, str]]:
+def _analysis_lines(a: Any, with_params: bool = True) -> list[tuple[str, str]]:
     lines = []
     changed = a.params.get("changed") or {}
-    if changed:
+    if changed and with_params:
         lines.append(("parameters changed", ", ".join(f"{k}={v}" for k, v in changed.items())))
+    cal = a.results.get("calibration")
+    if isinstance(cal, dict) and cal.get("status"):
+        facts = [f"step {_num(cal['step_angstrom'])} Å" if cal.get("step_angstrom") else ""]
+        facts += [
+            f"{_num(cal['convergence_semiangle_mrad'])} mrad" if cal.get("convergence_semiangle_mrad") else ""
+        ]
+        lines.append(("calibration", ", ".join([str(cal["status"]), *filter(None, facts)])))
     for key in _RESULT_KEYS:
         if a.results.get(key) is not None:
             lines.append((key, _num(a.results[key])))
+    fitted = a.results.get("fitted")
+    if isinstance(fitted, dict) and fitted:
+        lines.append(("fitted", ", ".join(f"{k} {_num(v)}" for k, v in fitted.items() if v is not None)))
     for step in ("dpc", "parallax"):
         info = a.results.get(step)
         if isinstance(info, dict):
@@ -369,7 +398,6 @@ def analyse(
     with _open(settings) as cat:
         done = reanalyse(cat, scan, settings.analysis, params, out or settings.output_dir)
         count = len(cat.find_scan(done.scan.uid).analyses)
-    s = done.summary
     console.print(
         f"analysed scan {done.scan.uid[:8]} ({done.scan.file_name}) in {done.seconds:.1f} s: analysis "
         f"{done.analysis_id} recorded, {count} analys{'i' if count == 1 else 'e'}s of this scan",
@@ -381,9 +409,11 @@ def analyse(
         console.print(
             "parameters changed: " + ", ".join(f"{k}={v}" for k, v in changed.items()), highlight=False
         )
-    facts = [f"{k} {_num(s[k])}" for k in _RESULT_KEYS if s.get(k) is not None]
-    if facts:
-        console.print(", ".join(facts), highlight=False, soft_wrap=True)
+    from types import SimpleNamespace
+
+    shown = SimpleNamespace(params=done.params, results=done.summary, images={})
+    for key, value in _analysis_lines(shown, with_params=False):
+        console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
     for warning in done.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"images: {done.out_dir}", highlight=False, soft_wrap=True)

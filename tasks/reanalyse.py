@@ -73,6 +73,13 @@ def _typed(name: str, value: object, default: object) -> object:
         raise ValueError(f"analysis parameter {name} wants a {kind}, got {value!r}") from None
 
 
+def summary_calibrated(summary: dict) -> bool | None:
+    """Whether an analysis ran with the microscope's calibrations (its summary's ``calibration``)."""
+    calibration = summary.get("calibration")
+    value = calibration.get("calibrated") if isinstance(calibration, dict) else summary.get("calibrated")
+    return value if isinstance(value, bool) else None
+
+
 def output_dir_for(root: Path, scan: ScanView) -> Path:
     """A new directory for this analysis's images: nothing earlier is overwritten."""
     stem = Path(scan.file_name or scan.uid).stem
@@ -115,7 +122,7 @@ def reanalyse(
     seconds = time.perf_counter() - t0
     images = {k: str(v) for k, v in result.images.items()}
     results = {**result.summary, "warnings": result.warnings, "timings": result.timings}
-    calibrated = result.summary.get("calibrated")
+    calibrated = summary_calibrated(result.summary)
     analysis_id = catalogue.record_analysis(
         scan.uid,
         recorded,

@@ -17,7 +17,9 @@ from typing import Any
 from catalogue import CatalogueSettings, ScanEntry, SessionEntry, open_catalogue
 from catalogue.entries import now_utc
 from catalogue.recorder import PENDING_NAME, Recorder, RecorderReport
+from streaming.scan_record import ScanRecord, record_path
 from tasks.plan import SessionPlan
+from tasks.reanalyse import summary_calibrated
 from tasks.scan_result import ScanResult
 
 
@@ -59,6 +61,11 @@ def record_scan(recorder: Recorder | None, result: ScanResult, session_key: str,
 def scan_entry(result: ScanResult, session_key: str, dark: Path | None) -> ScanEntry:
     """What the catalogue records of a scan the session verified."""
     r = result.record
+    if r.path and record_path(Path(r.path)).exists():  # as it is now: with the microscope's link, if added
+        try:
+            r = ScanRecord.load(record_path(Path(r.path)))
+        except (OSError, ValueError, KeyError, TypeError):
+            r = result.record
     reference = "none: zero dark, fitted thresholds" if dark is None else None
     return ScanEntry(
         r,
@@ -88,7 +95,7 @@ def record_analyses(recorder: Recorder | None, futures: list[Any]) -> None:
                 "timings": done.get("timings", {}),
             },
             images=done.get("images", {}),
-            calibrated=done.get("calibrated"),
+            calibrated=summary_calibrated(done.get("summary", {})),
             kind="session",
         )
 
