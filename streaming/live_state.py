@@ -106,11 +106,16 @@ class ScanView:
         return LiveGeometry(**g) if g else None
 
     def image(self, name: str, masked: bool = False) -> np.ndarray:
-        """One image as float64: scan-shaped (height, width), or the 576x576 pattern; ``masked``: NaN at
-        positions no frame reached yet."""
+        """One image as float64: scan-shaped (height, width), or the 576x576 pattern; ``masked`` (for
+        display): NaN at positions no frame reached yet, the pattern binned 2x2."""
         a = self.merged()
         if name == "pattern":
-            return a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
+            pattern = a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
+            return (
+                pattern.reshape(FRAME_ROWS // 2, 2, FRAME_COLS // 2, 2).sum(axis=(1, 3))
+                if masked
+                else pattern
+            )
         if name in ("com_x", "com_y"):
             g = self.geometry()
             values = a.com(g)[0 if name == "com_x" else 1] if g else np.zeros(self.width * self.height)

@@ -1,4 +1,4 @@
-"""The live page of a local session: its address, as the view process printed it (logs/view.log)."""
+"""The live page of a local session: its address, as the view process printed it (logs/view.log), and\nlinks to a scan on it."""
 
 from __future__ import annotations
 
@@ -15,3 +15,10 @@ def live_url(session_dir: Path) -> str | None:
         if line.startswith("live: "):
             return line.removeprefix("live: ").strip()
     return None
+
+
+def live_link(url: str | None, path: str) -> dict:
+    """A summary-table cell linking to the scan on the live page (by its file name); empty without a page."""
+    if not url or not path:
+        return {"live view": ""}
+    return {"live view": f"[{Path(path).name}]({url.split('#')[0]}#file={Path(path).name})"}
