@@ -13,8 +13,10 @@ import pytest
 
 from catalogue import Catalogue, ScanQuery
 from catalogue.recorder import PENDING_NAME
+from counting.sparse import read_counted_scan
 from flows.session import session
 from stemstream_testing.postgres import PostgresServer
+from streaming.scan_record import ScanRecord, record_path
 from tests.flows.conftest import prefect_harness, stemstream_env  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(400)]
@@ -105,6 +107,9 @@ def test_sessions_record_every_scan_with_the_database_down_mid_session(
     for scan in a + b:
         assert scan.verified and scan.status == "complete" and scan.sha256 and Path(scan.path).is_file()
         assert scan.dark and scan.dark.endswith("dark.npy")
+        # the writer's uuid: in the stop record and in the file, the catalogue's key
+        assert read_counted_scan(Path(scan.path)).metadata["stemstream"]["scan_uuid"] == scan.uid
+        assert ScanRecord.load(record_path(Path(scan.path))).scan_uuid == scan.uid
     assert [len(s.analyses) for s in b] == [1] and b[0].analyses[0].kind == "session"
     assert b[0].analyses[0].results["probe_radius_px"] > 0
     assert not list(stemstream_env.rglob(PENDING_NAME))  # everything was recorded once the server was back

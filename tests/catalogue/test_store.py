@@ -4,7 +4,7 @@ analyses side by side, searches, the schema made by the migrations, rebuilding f
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -71,7 +71,7 @@ def test_two_sessions_and_reused_scan_numbers_are_distinct_scans(db_url: str, tm
             cat.find_scan("nothing-like-it")
         view = cat.find_scan(b1.scan_uuid)
         assert (view.session, view.session_number, view.shape, view.verified) == ("run-b", 12, "16x8", True)
-        assert view.started_at == datetime.utcfromtimestamp(MAR)
+        assert view.started_at == datetime.fromtimestamp(MAR, UTC).replace(tzinfo=None)
 
 
 def test_notes_and_searches_by_date_shape_dose_and_note(db_url: str, tmp_path: Path) -> None:
