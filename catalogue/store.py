@@ -275,7 +275,7 @@ def _session_row(s: Session, key: str) -> SessionRow:
 
 
 def _dark_row(s: Session, path: str) -> DarkRow:
-    path = str(path)
+    path = os.path.abspath(os.path.expanduser(str(path)))  # one row per file, however it was named
     row = s.scalar(select(DarkRow).where(DarkRow.path == path))
     if row is None:
         created = utc(os.path.getmtime(path)) if os.path.exists(path) else None
