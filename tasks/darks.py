@@ -77,7 +77,27 @@ def dark_from_streamed_scan(
     if found.sums.frames < 1:
         raise ValueError(f"dark scan {found.scan_number} in {scans_dir} has no complete frames")
     source = f"streamed scan {found.scan_number} ({len(found.files)} node(s))"
+    expected = _expected_frames(scans_dir, found.scan_number)
+    if expected and found.sums.frames < expected:
+        log.warning(
+            "dark scan %d: %d of its %d frames were complete; the dark is their mean",
+            found.scan_number, found.sums.frames, expected,
+        )  # fmt: skip
+        source += f", {found.sums.frames} of {expected} frames complete"
     return make_dark(found.sums, settings, output_dir, INSTRUMENT, source)
+
+
+def _expected_frames(scans_dir: Path, scan_number: int) -> int:
+    """The frames the newest stop record of this scan number expected (0 if none is there)."""
+    from streaming.scan_record import ScanRecord
+
+    records = sorted(scans_dir.glob(f"*_{scan_number:05d}*.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(records):
+        try:
+            return ScanRecord.load(path).expected_frames
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 def record_in_catalogue(info: DarkInfo, catalogue_settings, output_dir: Path) -> str | None:
