@@ -21,4 +21,4 @@ def live_link(url: str | None, path: str) -> dict:
     """A summary-table cell linking to the scan on the live page (by its file name); empty without a page."""
     if not url or not path:
         return {"live view": ""}
-    return {"live view": f"[{Path(path).name}]({url.split('#')[0]}#file={Path(path).name})"}
+    return {"live view": f"{url.split('#')[0]}#file={Path(path).name}"}
