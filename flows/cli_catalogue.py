@@ -157,7 +157,7 @@ def _list(
         where = cat.where
     if json_out:
         for scan in found:
-            console.print_json(json.dumps(scan_json(scan), default=str), indent=None)
+            typer.echo(json.dumps(scan_json(scan), default=str))
         return
     # One line per scan, the note cut to what the terminal leaves; the file name carries the start time
     # (facility time zone); `scans show` and --json give everything.
@@ -227,7 +227,7 @@ def _show(ref: str, json_out: bool) -> None:
     with _open(settings) as cat:
         s = cat.find_scan(ref)
     if json_out:
-        console.print_json(json.dumps(scan_json(s), default=str))
+        typer.echo(json.dumps(scan_json(s), default=str, indent=2))
         return
     t = Table(title=f"scan {s.uid}", show_header=False, title_justify="left")
     bg, xr = s.thresholds
