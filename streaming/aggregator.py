@@ -16,6 +16,11 @@ when all its expected sectors arrived ("complete"), when ``scan_deadline`` secon
 its sectors ("deadline": lost data never hangs anything), or when a sector of a newer scan arrives
 ("superseded"); every node then gets ``end`` with what it was sent. Sectors of an ended scan are "late"
 and dropped. See streaming.protocol for the messages.
+
+Scale-out: with ``streaming.aggregator_processes`` K > 1 the aggregator starts K - 1 forwarding processes
+(streaming.forwarder, streaming.forwarder_hub) and stays the one control point: it begins and ends every
+scan, holds the routes and the monitor; the processes forward (see aggregator_forwarding). Node control
+messages are handled in aggregator_control.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import zmq
 
 from streaming import forwarder_messages as f
 from streaming import protocol as p
+from streaming.aggregator_control import NodeControl
+from streaming.aggregator_forwarding import ForwardingControl
 from streaming.aggregator_sockets import AggregatorSockets
 from streaming.aggregator_state import ENDED_MEMORY, AggregatorStats, monitor_state
 from streaming.forwarder_hub import ForwarderHub
@@ -40,12 +47,11 @@ from streaming.node_registry import NodeEntry, NodeRegistry
 from streaming.scan_tracker import OpenScan
 from streaming.security import CurveServerConfig
 from streaming.settings import StreamingSettings
-from streaming.wire import SectorHeader, WireError, decode_header, decode_message
+from streaming.wire import SectorHeader, WireError, decode_message
 
 log = logging.getLogger(__name__)
 
 _DRAIN_BATCH = 256  # sectors taken from one receiver before looking at control messages and timers
-_CONTROL_BATCH = 64
 _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between send attempts
 _MAX_POLL_MS = 100
 # Plain ints: pyzmq's enum flag arithmetic costs more per message than the send itself.
@@ -53,7 +59,7 @@ _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 
 
-class Aggregator:
+class Aggregator(NodeControl, ForwardingControl):
     """Receives sectors, forwards frames to nodes, ends scans; see the module docstring.
 
     settings: the streaming settings (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline,
@@ -385,19 +391,6 @@ class Aggregator:
             scan.key,
         )
 
-    def _plan(self, scan: OpenScan) -> f.Begin:
-        """The scan's plan for the forwarding processes."""
-        return f.Begin(
-            scan.number,
-            scan.key,
-            scan.width,
-            scan.height,
-            scan.expected_frames,
-            len(self._live),
-            self.session_id,
-            [list(r) for r in self.nodes.routes()],
-        )
-
     def _end_scan(self, reason: str) -> None:
         scan = self._scan
         assert scan is not None
@@ -514,138 +507,6 @@ class Aggregator:
         self._live = [i for i, _ in routes]
         if self.hub is not None:
             self.hub.tell(f.Routes([list(r) for r in routes]))
-
-    # ------------------------------------------------------------------------------------------ control
-    def _service_control(self) -> None:
-        for _ in range(_CONTROL_BATCH):
-            try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._on_control(parts)
-
-    def _on_control(self, parts: list[bytes]) -> None:
-        if len(parts) != 3:
-            log.warning("control message with %d parts ignored", len(parts))
-            return
-        identity, kind, body = parts
-        try:
-            message = p.decode(kind, body)
-        except p.ProtocolError as exc:
-            log.warning("bad control message ignored: %s", exc)
-            return
-        if isinstance(message, p.Hello):
-            self._on_hello(identity, message)
-            return
-        node = self.nodes.node_for(identity, getattr(message, "name", None))
-        if node is None:
-            log.warning("%s from an unknown node ignored (it must say hello first)", type(message).__name__)
-            return
-        node.last_seen = time.monotonic()
-        if node.index not in self._live:  # a node marked lost that talks again (a stall that cleared)
-            self._routes_changed()
-        if isinstance(message, p.Ready):
-            node.ready = True
-            log.debug("node %s ready", node.name)
-        elif isinstance(message, p.WriterAt):
-            if self.nodes.writer_at(node, message):
-                for other in self.nodes.by_index.values():  # everyone learns the (new) writer address
-                    self._welcome(other)
-        elif isinstance(message, p.Done):
-            log.info(
-                "node %s done with scan %d: %d sectors, %d frames (%d incomplete), %s",
-                node.name,
-                message.scan_number,
-                message.sectors,
-                message.frames,
-                message.incomplete_frames,
-                message.reason,
-            )
-        elif not isinstance(message, p.Heartbeat):
-            log.warning("unexpected %s from node %s ignored", type(message).__name__, node.name)
-
-    def _on_hello(self, identity: bytes, hello: p.Hello) -> None:
-        bye = self.nodes.refusal(hello)
-        if bye is not None:
-            log.warning("node %s (pid %d) refused: %s", hello.name, hello.pid, bye.reason)
-            self._reply(identity, bye)
-            return
-        rejoin = hello.name in self.nodes.by_name
-        node = self.nodes.join(identity, hello)
-        node.last_seen = time.monotonic()
-        log.info(
-            "node %s (pid %d) %s as index %d",
-            hello.name,
-            hello.pid,
-            "rejoined" if rejoin else "joined",
-            node.index,
-        )
-        self.nodes.designate_writer(node)
-        self._routes_changed()
-        self._welcome(node)
-        if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
-            self._send_control(node, self._scan_begin(self._scan, node))
-        self._publish_state()
-
-    def _welcome(self, node: NodeEntry) -> None:
-        """Tell a node its index, whether it hosts the writer, and the writer's address once known."""
-        w = self.nodes.writer
-        hosts = self.nodes.hosts_writer(node)
-        address = w.address if w is not None else ""
-        ports = self.hub.data_ports if self.hub is not None else []
-        self._send_control(
-            node, p.Welcome(node.index, self.n_nodes, self.session_id, hosts, address, data_ports=ports)
-        )
-
-    def _reply(self, identity: bytes, message: object) -> None:
-        with suppress(zmq.ZMQError):  # a refused or vanished peer that cannot even take a bye
-            self._router.send_multipart([identity, *p.encode(message)], zmq.NOBLOCK)
-
-    # ------------------------------------------------------------------------------------------ forwarders
-    def _service_hub(self) -> None:
-        for message in self.hub.receive():
-            if isinstance(message, f.Progress):
-                self._on_progress(message)
-            elif isinstance(message, f.Seen):
-                self._on_seen(message)
-
-    def _on_seen(self, seen: f.Seen) -> None:
-        """A forwarder holds the first sector of a scan it has no word on: begin it, or say why not."""
-        try:
-            header = decode_header(seen.header)
-        except WireError as exc:  # it decoded the header itself: never expected
-            log.error("forwarder %d reported an undecodable header: %s", seen.index, exc)
-            return
-        scan = self._scan
-        if scan is not None and header.scan_number == scan.number:
-            self.hub.tell(self._plan(scan))  # it began meanwhile
-            return
-        verdict = self._admit(header, None)
-        if verdict in ("refused", "late"):
-            self.hub.tell(f.Drop(header.scan_number, verdict))
-
-    def _on_progress(self, pr: f.Progress) -> None:
-        st = self.stats
-        st.received += pr.received
-        st.malformed += pr.malformed
-        st.unroutable += pr.unroutable
-        st.late += pr.late
-        st.refused += pr.refused
-        st.forwarded += sum(pr.sent.values())
-        for name, k in pr.per_node.items():
-            st.per_node[name] = st.per_node.get(name, 0) + k
-        scan = self._scan
-        if scan is None or pr.key != scan.key:
-            return
-        scan.merge(pr.received, pr.module_received, pr.threads)
-        scan.malformed += pr.malformed
-        scan.unroutable += pr.unroutable
-        for index, k in pr.sent.items():
-            scan.sent_elsewhere[int(index)] += k
-        if pr.received:
-            scan.last_sector = time.monotonic()
-        if scan.complete:
-            self._end_scan("complete")
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:

@@ -26,6 +26,9 @@ class AggregatorStats:
     refused_scans: dict[int, int] = field(default_factory=dict)  # scan number -> sectors refused
     scans: int = 0  # scans begun
     per_node: dict[str, int] = field(default_factory=dict)  # sectors forwarded, by node name
+    # Forwarding processes' own counts (path i >= 1: received, forwarded, malformed, late, refused,
+    # unroutable); the totals above include them, path 0 (this process) is the rest.
+    per_path: dict[int, dict[str, int]] = field(default_factory=dict)
     # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest ENDED_MEMORY of them.
     ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=ENDED_MEMORY), repr=False)
 
@@ -64,4 +67,15 @@ def monitor_state(
         scan_expected=scan.sectors_expected if scan is not None else 0,
         scan_received=scan.received if scan is not None else 0,
         refused_scans=dict(stats.refused_scans),
+        per_path=path_counts(stats),
     )
+
+
+PATH_COUNTS = ("received", "forwarded", "malformed", "late", "refused", "unroutable")
+
+
+def path_counts(stats: AggregatorStats) -> dict[int, dict[str, int]]:
+    """Counts per forwarding path: 0 the aggregator's own, i >= 1 forwarding process i."""
+    others = {i: dict(c) for i, c in list(stats.per_path.items())}
+    own = {k: getattr(stats, k) - sum(c.get(k, 0) for c in others.values()) for k in PATH_COUNTS}
+    return {0: own, **others}

@@ -203,6 +203,7 @@ class AggregatorState:
     scan_expected: int = 0  # sectors expected of the open scan (0: none open)
     scan_received: int = 0  # ...and received so far
     refused_scans: dict[int, int] = field(default_factory=dict)  # those scans: number -> sectors
+    per_path: dict[int, dict[str, int]] = field(default_factory=dict)  # 0: aggregator, i: forwarder i
 
 
 # Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:

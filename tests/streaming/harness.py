@@ -14,7 +14,7 @@ from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, read_counted_scan
 from streaming.aggregator import Aggregator
-from streaming.components import node_config
+from streaming.components import node_config, server_curve
 from streaming.faults import SenderFaults
 from streaming.node import NodeCounters, NodeStreamer
 from streaming.sender import SendResult, run_sender
@@ -120,7 +120,8 @@ def start_session(
 ) -> Session:
     """Start an aggregator and n node streamers, all configured alike: the aggregator picks node 0, which
     hosts the writer. node_overrides, agg_overrides: more streaming settings for the nodes, the aggregator."""
-    agg = Aggregator(stream_settings(n_nodes=n_nodes, scan_deadline=scan_deadline, **(agg_overrides or {})))
+    agg_st = stream_settings(n_nodes=n_nodes, scan_deadline=scan_deadline, **(agg_overrides or {}))
+    agg = Aggregator(agg_st, server_curve(agg_st.curve))  # CURVE when its key files are set
     out = tmp / "out"
     st = stream_settings(node_workers=workers, **(node_overrides or {}))
     nodes = [

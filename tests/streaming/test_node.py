@@ -153,7 +153,15 @@ def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
     from streaming.sender import run_sender
 
     config = SimulatorConfig(ScanShape(8, 8), dose=100.0, seed=11)
-    session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"node_slots": 2, "node_batch": 4})
+    # Long deadlines: the gap between one sender's end and the next one's start is no lost sector, however
+    # loaded the machine (the scan still ends at once when its last sector arrives).
+    session = start_session(
+        tmp_path,
+        2,
+        fixed=FIXED,
+        scan_deadline=30.0,
+        node_overrides={"node_slots": 2, "node_batch": 4, "frame_timeout": 30.0},
+    )
     try:
         for m in range(4):  # one receiver after another: the worst possible skew
             run_sender(

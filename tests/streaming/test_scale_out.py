@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from counting.geometry import ScanShape
 from counting.kernel import Thresholds
@@ -19,6 +20,9 @@ from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.options import options
 from stemstream_testing.pipeline import ProcessPipeline
+from streaming import protocol as p
+from streaming.security import CurveClientConfig, apply_client, write_keypair
+from streaming.settings import CurveSettings
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(180)
@@ -89,7 +93,9 @@ def test_a_forwarding_process_killed_mid_scan_costs_only_its_sectors(tmp_path):
         session.close()
     assert 0.3 < got.completeness < 1.0  # what the dead process held is missing, and marked
     assert nxt.completeness == 1.0
-    assert_same_events(nxt, offline(SimulatorConfig(ScanShape(8, 8), dose=50.0, seed=4), options(fixed=FIXED)))
+    assert_same_events(
+        nxt, offline(SimulatorConfig(ScanShape(8, 8), dose=50.0, seed=4), options(fixed=FIXED))
+    )
 
 
 def test_a_node_sigkilled_mid_scan_costs_only_its_frames_in_flight(tmp_path):
@@ -130,4 +136,88 @@ def test_a_node_sigkilled_mid_scan_costs_only_its_frames_in_flight(tmp_path):
     assert 0 < missing <= 128, record
     assert record.written_time - sent.ended < 15, "the writer waited for the lost node"
     assert second.completeness == 1.0 and second.nodes == 1
-    print(f"node lost mid-scan: {missing} frames missing, file {record.written_time - sent.ended:.2f} s after")
+    print(
+        f"node lost mid-scan: {missing} frames missing, file {record.written_time - sent.ended:.2f} s after"
+    )
+
+
+def test_malformed_and_late_sectors_are_counted_per_process_and_in_total(tmp_path):
+    config = SimulatorConfig(ScanShape(8, 8), dose=50.0, seed=9)
+    session = start_session(
+        tmp_path, 1, fixed=FIXED, scan_deadline=60.0, agg_overrides={"aggregator_processes": 2}
+    )
+    try:
+        agg = session.aggregator
+        own, other = agg.receiver_endpoints[0].split(",")
+        ctx = zmq.Context()
+        try:
+            for address, garbage in ((own, 3), (other, 5)):
+                push = ctx.socket(zmq.PUSH)
+                push.connect(address)
+                for _ in range(garbage):
+                    push.send_multipart([b"not a header", b"x"])
+                push.close(linger=2000)
+        finally:
+            ctx.term()
+        session.send(config, scan_number=1)
+        assert session.counted(1).completeness == 1.0
+        session.send(config, scan_number=1)  # the same scan again within scan_deadline: late, dropped
+        deadline = time.monotonic() + 30
+        while agg.state().late < 4 * 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state = agg.state()
+    finally:
+        session.close()
+    assert state.malformed == 8 and state.late == 4 * 64
+    paths = state.per_path
+    assert paths[0]["malformed"] == 3 and paths[1]["malformed"] == 5
+    assert paths[0]["late"] + paths[1]["late"] == 4 * 64 and paths[0]["late"] > 0 and paths[1]["late"] > 0
+    assert paths[0]["received"] + paths[1]["received"] == state.received == 4 * 64
+
+
+def test_curve_with_forwarding_processes_lets_only_known_keys_in(tmp_path):
+    """CURVE on every forwarding process: the nodes with allowed keys get a complete scan; a node with an
+    unknown key and a plaintext one get nothing from the aggregator or from any forwarding process."""
+    keys = tmp_path / "keys"
+    _, server_secret = write_keypair(keys, "aggregator")
+    node_keys = [write_keypair(keys, f"node{i}") for i in range(2)]
+    intruder_public, intruder_secret = write_keypair(keys, "intruder")
+    server = CurveSettings(
+        server_secret_file=server_secret, allowed_clients=[public for public, _ in node_keys]
+    )
+    client = CurveSettings(client_secret_file=node_keys[0][1], server_public_file=keys / "aggregator.key")
+    config = SimulatorConfig(ScanShape(12, 12), dose=60.0, seed=2)
+    session = start_session(
+        tmp_path,
+        2,
+        fixed=FIXED,
+        agg_overrides={"aggregator_processes": 2, "curve": server},
+        node_overrides={"curve": client},  # both nodes use node0's key: allowed is what counts here
+    )
+    ctx = zmq.Context()
+    probes = []
+    try:
+        agg = session.aggregator
+        addresses = [agg.nodes_endpoint, *(x.nodes for x in agg.hub.forwarders.values())]
+        bad = CurveClientConfig.from_files(intruder_secret, keys / "aggregator.key")
+        for address in addresses:
+            for curve in (bad, None):
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                if curve is not None:
+                    apply_client(sock, curve)
+                sock.connect(address)
+                sock.send_multipart(p.encode(p.Hello(f"intruder-{len(probes)}", 1)))
+                sock.send_multipart(p.encode(p.Attach(f"intruder-{len(probes)}")))
+                probes.append(sock)
+        session.send(config, scan_number=6)
+        got = session.counted(6)
+        time.sleep(0.5)
+        leaked = [i for i, sock in enumerate(probes) if sock.poll(0)]
+        state = agg.state()
+    finally:
+        ctx.destroy(linger=0)
+        session.close()
+    assert not leaked, f"probes {leaked} received something"
+    assert got.completeness == 1.0 and state.nodes_connected == 2
+    assert_same_events(got, offline(config, options(fixed=FIXED)))
