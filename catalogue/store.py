@@ -303,8 +303,8 @@ def _fill_scan(s: Session, row: ScanRow, entry: ScanEntry) -> None:
     row.electrons_per_frame = float(r.events_per_frame)
     bg, xray = (list(r.thresholds) + [None, None])[:2]
     row.background_threshold, row.xray_threshold = finite(bg), finite(xray)
-    row.started_at, row.ended_at, row.written_at = (
-        utc(r.first_data_time),
+    row.started_at, row.ended_at, row.written_at = (  # a scan without data is dated by its end
+        utc(r.first_data_time or r.last_data_time or r.written_time),
         utc(r.last_data_time),
         utc(r.written_time),
     )

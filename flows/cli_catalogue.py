@@ -244,7 +244,7 @@ def _show(ref: str, json_out: bool) -> None:
         ("frames", f"{s.frames_written} written, {s.complete_frames} complete of {s.expected_frames}"),
         ("completeness", f"{100 * s.completeness:.3f} %"),
         ("dose", f"{s.electrons_per_frame:.1f} counted electrons per frame ({s.events} events)"),
-        ("thresholds (ADU)", f"background {_num(bg)}, x-ray {_num(xr)}"),
+        ("thresholds (ADU)", f"background {_num(bg)}, x-ray {_num(xr)}" if bg is not None else "none"),
         ("dark reference", s.dark or s.dark_reference or "unknown"),
         ("sha256", s.sha256 or ""),
         (

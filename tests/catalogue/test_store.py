@@ -210,3 +210,25 @@ def test_a_record_without_uuid_gets_a_stable_key(tmp_path: Path) -> None:
     other = write_scan(tmp_path / "other", 4, 7)
     other.scan_uuid = ""
     assert ScanEntry(other).uid != entry.uid
+
+
+def test_a_failed_scan_without_data_is_found_by_the_time_it_ended(db_url: str, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from streaming.scan_record import ScanStatus
+
+    record = write_scan(tmp_path / "scans", 9, 3, started=MAR)
+    failed = replace(
+        record,
+        status=ScanStatus.FAILED,
+        first_data_time=0.0,
+        frames_written=0,
+        events=0,
+        thresholds=[float("nan")] * 2,
+    )
+    with Catalogue.open(db_url) as cat:
+        cat.record_scan(ScanEntry(failed, verified=False))
+        found = cat.search(ScanQuery(since=datetime(2026, 3, 1), status="failed"))
+    assert [s.uid for s in found] == [record.scan_uuid]
+    assert found[0].started_at == datetime.fromtimestamp(MAR + 1.0, UTC).replace(tzinfo=None)
+    assert found[0].thresholds == (None, None) and found[0].verified is False
