@@ -138,10 +138,14 @@ def assert_released(nersc: NerscSlurmSetup, job_id: str, session_dir: Path, fina
 
 # ---- a session end to end -----------------------------------------------------------------------------
 @pytest.mark.timeout(180)
-def test_nersc_session_on_real_slurm_end_to_end(nersc_slurm: NerscSlurmSetup) -> None:
-    """Two node streamers under srun on two Slurm nodes, the aggregator over SSH, CURVE, two scans counted
-    and verified, the job cancelled at the end, nothing left."""
+def test_nersc_session_on_real_slurm_end_to_end(
+    nersc_slurm: NerscSlurmSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two node streamers under srun on two Slurm nodes, the aggregator over SSH with two forwarding
+    processes, CURVE on every connection, two scans counted and verified, the job cancelled at the end,
+    nothing left."""
     nersc = nersc_slurm
+    set_env(monkeypatch, "streaming", aggregator_processes=2)
     slurm = cluster(nersc)
     seen: dict[int, dict[str, str]] = {}
 
@@ -175,6 +179,8 @@ def test_nersc_session_on_real_slurm_end_to_end(nersc_slurm: NerscSlurmSetup) ->
     remote_log = (session_dir / "logs" / "aggregator-remote.log").read_text()
     assert "node and monitor sockets CURVE, 1 allowed client key(s)" in remote_log, remote_log
     assert "scan 2 ends (complete)" in remote_log
+    assert "1 forwarding process(es) up" in remote_log, remote_log
+    assert "connecting to 1 forwarding process(es)" in output, output
     assert_released(nersc, job_id, session_dir, "CANCELLED")
     assert not any(alive(pid) for pid in seen)
 
