@@ -131,11 +131,17 @@ class SimulatedCamera:
     def dark_frames(self, n: int) -> np.ndarray:
         """The first n dark frames (noise only, no electrons or x-rays) of this camera, (n, 576, 576) uint16."""
         check_int("n", n, 1)
-        rng = np.random.default_rng(self._dark_frames_seed)
         out = np.empty((n, *FRAME_SHAPE), np.uint16)
-        for k in range(n):
-            out[k] = noise_frame(self._dark, self.config.read_noise, rng).reshape(FRAME_SHAPE)
+        for k, frame in enumerate(self.iter_dark_frames(n)):
+            out[k] = frame
         return out
+
+    def iter_dark_frames(self, n: int) -> Iterator[np.ndarray]:
+        """The same n dark frames one at a time, as (576, 576) uint16 (memory: one frame)."""
+        check_int("n", n, 1)
+        rng = np.random.default_rng(self._dark_frames_seed)
+        for _ in range(n):
+            yield noise_frame(self._dark, self.config.read_noise, rng).reshape(FRAME_SHAPE)
 
     def ground_truth(self, frame_number: int) -> np.ndarray:
         """True electron pixels (row*576+col) of a frame: sorted unique uint32 (x-rays not included)."""

@@ -38,9 +38,8 @@ def sums_from_simulator(simulator: SimulatorSettings, frames: int) -> DarkSums:
     """The simulated camera's dark frames (beam blanked) of the session seed's detector, summed."""
     camera = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=simulator.seed))
     sums = DarkSums()
-    for start in range(0, frames, 64):  # bounded memory: 64 frames at a time
-        block = camera.dark_frames(min(frames, start + 64))[start:]
-        sums.add(block)
+    for frame in camera.iter_dark_frames(frames):  # one frame at a time: flat memory
+        sums.add(frame)
     return sums
 
 
