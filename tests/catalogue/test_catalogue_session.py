@@ -128,3 +128,18 @@ def _log_lines(flow_run_id) -> list[str]:
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]
+
+
+def test_a_session_records_in_sqlite_in_the_output_directory_by_default(stemstream_env: Path) -> None:  # noqa: F811
+    state = session(n_scans=1, scan_width=8, scan_height=8, nodes=1, postprocess=False, return_state=True)
+    assert state.is_completed(), state.message
+    run = str(state.state_details.flow_run_id)
+    with Catalogue.open(f"sqlite:///{stemstream_env / 'catalogue.sqlite'}", create=False) as cat:
+        (scan,) = cat.search(ScanQuery(session=run))
+    assert (scan.scan_number, scan.shape, scan.verified, scan.session_number) == (
+        1,
+        "8x8",
+        True,
+        scan.session_number,
+    )
+    assert scan.session_number is not None and Path(scan.path).parent.parent.name == run
