@@ -67,17 +67,18 @@ def microscope(
     for key, value in meta.summary().items():
         typer.echo(f"  {key}: {value}")
     if record is not None and settings.catalogue.enabled:
-        _catalogue(settings, scan, link)
+        _catalogue(settings, scan, rec_path)
 
 
-def _catalogue(settings: Any, scan: Path, link: Any) -> None:
-    """Link the scan in the catalogue, when it is there (a warning line otherwise: the record has it)."""
+def _catalogue(settings: Any, scan: Path, rec_path: Path) -> None:
+    """Update the scan in the catalogue from its stop record (new checksum, microscope link), when it is
+    there; a warning line otherwise (the stop record holds it for `stemstream scans rebuild`)."""
     try:
-        from catalogue import open_catalogue
+        from catalogue import ScanEntry, open_catalogue
 
         with open_catalogue(settings.catalogue, settings.output_dir, create=False) as cat:
-            found = cat.find_scan(str(scan.resolve()))
-            cat.link_metadata(found.uid, link.file, link.calibration, None)
+            cat.find_scan(str(scan.resolve()))  # only a scan the catalogue has: ScanNotFound otherwise
+            cat.record_scan(ScanEntry.from_stop_record(rec_path))  # session, notes, analyses are kept
     except Exception as exc:  # not catalogued, no database: the stop record holds the link for a rebuild
         typer.echo(
             f"warning: catalogue not updated: {str(exc).splitlines()[0] if str(exc) else exc!r}", err=True

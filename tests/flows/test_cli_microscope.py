@@ -66,3 +66,21 @@ def test_microscope_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
     missing = run(tmp_path, "microscope", str(h5), STEMSTREAM_MICROSCOPE__DIR=str(tmp_path / "m"))
     assert "no microscope file scan20.dm4" in error_line(missing)
     assert file_sha256(h5) == sha and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_microscope_command_updates_the_catalogue(tmp_path: Path) -> None:
+    from catalogue import CatalogueSettings, ScanEntry, open_catalogue
+
+    h5 = scan_file(tmp_path, 30)
+    dm4 = dm4_for(tmp_path / "m", 30)
+    (tmp_path / "out").mkdir()
+    with open_catalogue(CatalogueSettings(), tmp_path / "out") as cat:
+        cat.record_scan(ScanEntry.from_stop_record(record_path(h5), verified=True))
+        cat.add_note(h5.name, "before the DM4 came")
+    done = run(tmp_path, "microscope", str(h5), "--file", str(dm4))
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    with open_catalogue(CatalogueSettings(), tmp_path / "out", create=False) as cat:
+        scan = cat.find_scan(h5.name)
+    assert scan.microscope_file == str(dm4) and scan.microscope_metadata["convergence_semiangle_mrad"] == 24.5
+    assert scan.sha256 == file_sha256(h5) and scan.verified is True
+    assert [n.text for n in scan.notes] == ["before the DM4 came"]
