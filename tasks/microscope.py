@@ -142,7 +142,7 @@ def _read_dm(path: Path, settings: MicroscopeSettings) -> MicroscopeMetadata:
     convergence, source = _convergence(tags, settings)
     voltage = _number(_lookup(tags, settings.voltage_tag))
     return MicroscopeMetadata(
-        source=str(path),
+        source=str(path.resolve()),
         source_format="dm4",
         source_sha256=file_digest(path),
         source_mtime=path.stat().st_mtime,
@@ -174,7 +174,7 @@ def _read_json(path: Path, settings: MicroscopeSettings) -> MicroscopeMetadata:
         haadf = np.load(path.parent / str(data["haadf_npy"]), allow_pickle=False).astype(np.float32)
     energy = _number(data.get("energy_ev", data.get("voltage_v")))
     return MicroscopeMetadata(
-        source=str(path),
+        source=str(path.resolve()),
         source_format="json",
         source_sha256=file_digest(path),
         source_mtime=path.stat().st_mtime,
