@@ -95,7 +95,9 @@ def aggregator_proc(k: int, keys: dict | None, messages: int, out: mp.Queue) -> 
             snap["after"] = [pr.cpu_times() for pr in procs]  # before run() stops the forwarders
             return True
 
-        agg.run(until=until, timeout=TIMEOUT_S)
+        stats = agg.run(until=until, timeout=TIMEOUT_S)
+        if "after" not in snap:
+            print(f"aggregator: only {stats.forwarded} of {messages} forwarded in {TIMEOUT_S:g} s: {stats}")
         after = snap.get("after") or before
         out.put(
             (
@@ -104,6 +106,7 @@ def aggregator_proc(k: int, keys: dict | None, messages: int, out: mp.Queue) -> 
                     "user": sum(a.user - b.user for a, b in zip(after, before)),
                     "system": sum(a.system - b.system for a, b in zip(after, before)),
                     "processes": len(procs),
+                    "complete": "after" in snap,
                 },
             )
         )

@@ -435,7 +435,7 @@ class Aggregator(NodeControl, ForwardingControl):
             time.monotonic() - scan.started,
             scan.received,
             expected,
-            scan.sent,
+            [a + b for a, b in zip(scan.sent, scan.sent_elsewhere)],  # by every forwarding path
             scan.unroutable,
             scan.malformed,
         )

@@ -405,4 +405,9 @@ def run_forwarder(
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the aggregator stops its forwarders itself
-    Forwarder(settings, curve, index, hub).run()
+    try:
+        forwarder = Forwarder(settings, curve, index, hub)
+    except zmq.ZMQError as exc:
+        logging.getLogger(__name__).error("forwarding process %d cannot start: %s", index, exc)
+        raise SystemExit(1) from None
+    forwarder.run()

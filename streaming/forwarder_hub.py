@@ -44,10 +44,33 @@ class ForwarderInfo:
         return int(self.nodes.rsplit(":", 1)[1])
 
 
+def check_addresses(st: StreamingSettings) -> None:
+    """Every address the K paths bind, distinct (port 0 aside): a clear error before anything starts."""
+    wanted = [("monitor_bind", st.monitor_bind)] if st.monitor_bind else []
+    for i in range(st.aggregator_processes):
+        delta = i * st.aggregator_port_stride
+        wanted += [
+            (f"receiver {j} of path {i}", offset_address(a, delta)) for j, a in enumerate(st.receivers)
+        ]
+        wanted.append((f"nodes_bind of path {i}", offset_address(st.nodes_bind, delta)))
+    seen: dict[str, str] = {}
+    for what, address in wanted:
+        if address.endswith(":0"):
+            continue
+        if address in seen:
+            raise ForwarderError(
+                f"{what} would bind {address}, already the {seen[address]}: forwarding process i binds every "
+                f"receiver and the node address at port + i x {st.aggregator_port_stride} "
+                "(streaming.aggregator_port_stride); choose ports or a stride that do not collide"
+            )
+        seen[address] = what
+
+
 class ForwarderHub:
     """Starts, addresses and stops the forwarding processes 1..K-1."""
 
     def __init__(self, st: StreamingSettings, curve: CurveServerConfig | None, context: zmq.Context) -> None:
+        check_addresses(st)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 1000
         self.socket.router_mandatory = 1
@@ -79,8 +102,11 @@ class ForwarderHub:
             left = deadline - time.monotonic()
             dead = [i for i in waiting if not self.forwarders[i].process.is_alive()]
             if dead or left <= 0:
+                code = self.forwarders[dead[0]].process.exitcode if dead else None
                 why = (
-                    "exited (a port in use? see its log)" if dead else f"did not start in {START_TIMEOUT:g} s"
+                    f"exited with code {code} (its error is logged above)"
+                    if dead
+                    else f"did not start in {START_TIMEOUT:g} s"
                 )
                 raise ForwarderError(f"forwarding process {(dead or sorted(waiting))[0]} {why}")
             if not self.socket.poll(int(min(left, 0.5) * 1000)):
@@ -142,8 +168,10 @@ class ForwarderHub:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Tell every forwarder to stop, wait for it (bounded), then kill what is left; idempotent."""
-        with suppress(zmq.ZMQError):
-            self.tell(f.Stop())
+        for x in self.forwarders.values():
+            if x.identity and x.process.is_alive():
+                with suppress(zmq.ZMQError):
+                    self.socket.send_multipart([x.identity, *f.encode(f.Stop())], zmq.NOBLOCK)
         deadline = time.monotonic() + timeout
         for x in self.forwarders.values():
             x.process.join(max(0.0, deadline - time.monotonic()))

@@ -22,7 +22,7 @@ from stemstream_testing.options import options
 from stemstream_testing.pipeline import ProcessPipeline
 from streaming import protocol as p
 from streaming.security import CurveClientConfig, apply_client, write_keypair
-from streaming.settings import CurveSettings
+from streaming.settings import CurveSettings, StreamingSettings
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(180)
@@ -221,3 +221,19 @@ def test_curve_with_forwarding_processes_lets_only_known_keys_in(tmp_path):
     assert not leaked, f"probes {leaked} received something"
     assert got.completeness == 1.0 and state.nodes_connected == 2
     assert_same_events(got, offline(config, options(fixed=FIXED)))
+
+
+def test_colliding_ports_are_a_clear_error_before_anything_starts():
+    from streaming.aggregator import Aggregator
+    from streaming.forwarder_hub import ForwarderError
+    from tasks.plan import free_port
+
+    port = free_port()
+    settings = StreamingSettings(
+        receivers=[f"tcp://127.0.0.1:{port}"],
+        nodes_bind="tcp://127.0.0.1:0",
+        monitor_bind=f"tcp://127.0.0.1:{port + 100}",
+        aggregator_processes=2,
+    )
+    with pytest.raises(ForwarderError, match=r"receiver 0 of path 1 would bind .*already the monitor_bind"):
+        Aggregator(settings)
