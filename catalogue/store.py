@@ -37,10 +37,8 @@ from catalogue.database import (
     upgrade,
 )
 from catalogue.entries import (
-    AnalysisView,
     DarkEntry,
     DarkView,
-    NoteView,
     ScanEntry,
     ScanQuery,
     ScanView,
@@ -50,6 +48,7 @@ from catalogue.entries import (
     utc,
 )
 from catalogue.models import AnalysisRow, DarkRow, NoteRow, ScanRow, SessionRow
+from catalogue.views import dark_view, jsonable, scan_view
 
 _HEX = re.compile(r"^[0-9a-f]{4,32}$")
 
@@ -142,7 +141,7 @@ class Catalogue:
                 if value is not None:
                     setattr(row, name, finite(value) if isinstance(value, float) else value)
             if entry.stats:
-                row.stats = _jsonable(entry.stats)
+                row.stats = jsonable(entry.stats)
             s.flush()
             return row.id
 
@@ -154,7 +153,7 @@ class Catalogue:
         with self._session() as s:
             row = _find(s, scan)
             row.microscope_file = str(path) if path is not None else None
-            row.microscope_metadata = _jsonable(tags or {})
+            row.microscope_metadata = jsonable(tags or {})
             row.microscope_reason = reason if path is None else None
 
     def record_analysis(
@@ -176,8 +175,8 @@ class Catalogue:
                 scan=row,
                 created_at=now_utc(),
                 kind=kind,
-                params=_jsonable(params),
-                results=_jsonable(results),
+                params=jsonable(params),
+                results=jsonable(results),
                 images={k: str(v) for k, v in (images or {}).items()},
                 calibrated=calibrated,
                 error=error,
@@ -202,7 +201,7 @@ class Catalogue:
         """The scan with this uid (or a unique prefix of it), file name, path, or id (unique in its
         directory, so accepted when one scan in the catalogue has it). ScanNotFound / AmbiguousScan."""
         with self._session() as s:
-            return _view(_find(s, ref))
+            return scan_view(_find(s, ref))
 
     def search(self, query: ScanQuery = ScanQuery()) -> list[ScanView]:
         """Scans matching every filter given, newest first."""
@@ -238,7 +237,7 @@ class Catalogue:
             q = q.where(ScanRow.id.in_(noted))
         q = q.order_by(ScanRow.started_at.desc(), ScanRow.id.desc()).limit(query.limit)
         with self._session() as s:
-            return [_view(row) for row in s.scalars(q)]
+            return [scan_view(row) for row in s.scalars(q)]
 
     def scan_uids(self) -> set[str]:
         """The uid of every scan recorded."""
@@ -249,7 +248,7 @@ class Catalogue:
         """Every dark reference, newest first."""
         with self._session() as s:
             rows = s.scalars(select(DarkRow).order_by(DarkRow.created_at.desc(), DarkRow.id.desc()))
-            return [_dark_view(r) for r in rows]
+            return [dark_view(r) for r in rows]
 
     def newest_dark(self) -> DarkView | None:
         """The newest dark reference whose file still exists, or None."""
@@ -309,7 +308,7 @@ def _fill_scan(s: Session, row: ScanRow, entry: ScanEntry) -> None:
         utc(r.written_time),
     )
     row.sha256, row.error = r.sha256, r.error
-    row.record = _jsonable(r.to_json())
+    row.record = jsonable(r.to_json())
     row.recorded_at = now_utc()
     if entry.session_key:
         row.session = _session_row(s, entry.session_key)
@@ -323,7 +322,7 @@ def _fill_scan(s: Session, row: ScanRow, entry: ScanEntry) -> None:
     if isinstance(micro, dict) and micro.get("status") not in (None, "off"):
         attached = micro.get("status") == "attached"
         row.microscope_file = micro.get("file") if attached else None
-        row.microscope_metadata = _jsonable(micro.get("calibration") or {})
+        row.microscope_metadata = jsonable(micro.get("calibration") or {})
         row.microscope_reason = None if attached else (micro.get("reason") or str(micro.get("status")))
 
 
@@ -355,76 +354,5 @@ def _find(s: Session, ref: str) -> ScanRow:
     raise ScanNotFound(f"no scan {ref!r} in the catalogue (give its uid, file name or id)")
 
 
-def _view(row: ScanRow) -> ScanView:
-    return ScanView(
-        uid=row.uid,
-        scan_id=row.scan_id,
-        scan_number=row.scan_number,
-        session=row.session.key if row.session else None,
-        session_number=row.session.session_number if row.session else None,
-        file_name=row.file_name,
-        path=row.path,
-        status=row.status,
-        verified=row.verified,
-        scan_width=row.scan_width,
-        scan_height=row.scan_height,
-        expected_frames=row.expected_frames,
-        frames_written=row.frames_written,
-        complete_frames=row.complete_frames,
-        completeness=row.completeness,
-        events=row.events,
-        electrons_per_frame=row.electrons_per_frame,
-        thresholds=(row.background_threshold, row.xray_threshold),
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        written_at=row.written_at,
-        sha256=row.sha256,
-        error=row.error,
-        dark=row.dark.path if row.dark else None,
-        dark_reference=row.dark_reference,
-        microscope_file=row.microscope_file,
-        microscope_metadata=dict(row.microscope_metadata or {}),
-        microscope_reason=row.microscope_reason,
-        recorded_at=row.recorded_at,
-        notes=tuple(NoteView(n.text, n.author, n.created_at) for n in row.notes),
-        analyses=tuple(
-            AnalysisView(
-                a.id,
-                a.kind,
-                a.created_at,
-                dict(a.params),
-                dict(a.results),
-                dict(a.images),
-                a.calibrated,
-                a.error,
-            )
-            for a in row.analyses
-        ),
-    )
-
-
-def _dark_view(r: DarkRow) -> DarkView:
-    return DarkView(
-        r.id, r.path, r.created_at, r.frames, r.mean, r.noise, r.hot_pixels, r.sha256, r.source, dict(r.stats)
-    )
-
-
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _jsonable(value: object) -> object:
-    """JSON-safe: NaN/inf become None, numpy scalars and arrays plain, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str | int):
-        return value
-    if isinstance(value, float):
-        return finite(value)
-    if hasattr(value, "tolist"):  # numpy
-        return _jsonable(value.tolist())
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
