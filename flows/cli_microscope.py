@@ -58,7 +58,7 @@ def microscope(
     sha = attach_microscope(
         scan, meta, record.sha256 if record else None
     )  # MicroscopeMetadataError: one line
-    link = MicroscopeLink("attached", str(file), None, meta.summary())
+    link = MicroscopeLink("attached", str(file.resolve()), None, meta.summary())
     if record is not None:
         record.sha256 = sha
         record.extra["microscope"] = link.to_json()

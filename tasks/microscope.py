@@ -289,7 +289,7 @@ def _link(
         record.sha256 = attach_microscope(h5_path, meta, record.sha256)
     except (MicroscopeMetadataError, OSError) as exc:
         return MicroscopeLink("failed", str(path), str(exc))
-    return MicroscopeLink("attached", str(path), None, meta.summary())
+    return MicroscopeLink("attached", str(path.resolve()), None, meta.summary())
 
 
 def catalogue_link(record: ScanRecord) -> tuple[str | None, dict, str | None] | None:
