@@ -58,6 +58,11 @@ def rebuild(catalogue: Catalogue, directory: Path) -> RebuildReport:
             report.unreadable.append(f"{path}: {type(exc).__name__}: {exc}")
             continue
         session = sessions.get(str(path.parent.resolve()))
+        beside = path.with_suffix(".h5")
+        if (
+            entry.record.path and beside.is_file()
+        ):  # where the file is now (a moved directory, a relative path)
+            entry.record.path = str(beside.resolve())
         entry = ScanEntry(
             entry.record, session_key=session.key if session else None, record_file=entry.record_file
         )

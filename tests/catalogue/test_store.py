@@ -232,3 +232,14 @@ def test_a_failed_scan_without_data_is_found_by_the_time_it_ended(db_url: str, t
     assert [s.uid for s in found] == [record.scan_uuid]
     assert found[0].started_at == datetime.fromtimestamp(MAR + 1.0, UTC).replace(tzinfo=None)
     assert found[0].thresholds == (None, None) and found[0].verified is False
+
+
+def test_rebuild_after_the_files_moved_points_at_their_new_place(db_url: str, tmp_path: Path) -> None:
+    record = write_scan(tmp_path / "before" / "scans", 6, 1)
+    with Catalogue.open(db_url) as cat:
+        rebuild(cat, tmp_path / "before")
+        (tmp_path / "before").rename(tmp_path / "after")  # e.g. copied to the facility's archive
+        report = rebuild(cat, tmp_path / "after")
+        (scan,) = cat.search()
+    assert (report.scans, report.new_scans) == (1, 0) and scan.uid == record.scan_uuid
+    assert scan.path == str((tmp_path / "after" / "scans" / Path(record.path).name).resolve())
