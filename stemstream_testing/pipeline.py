@@ -107,7 +107,8 @@ class ProcessPipeline:
         st = settings.streaming
         # The receivers connect to every forwarding process (streaming.aggregator_processes).
         self.receivers = ",".join(
-            offset_address(self.receiver, i * st.aggregator_port_stride) for i in range(st.aggregator_processes)
+            offset_address(self.receiver, i * st.aggregator_port_stride)
+            for i in range(st.aggregator_processes)
         )
         self.node_args, self.names = list(node_args), names
         self.procs: dict[str, subprocess.Popen] = {}  # by log name, the aggregator (agg) first

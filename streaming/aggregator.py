@@ -44,6 +44,7 @@ from streaming.aggregator_sockets import AggregatorSockets
 from streaming.aggregator_state import ENDED_MEMORY, AggregatorStats, monitor_state
 from streaming.forwarder_hub import ForwarderHub
 from streaming.node_registry import NodeEntry, NodeRegistry
+from streaming.router_io import drain, send_routed
 from streaming.scan_tracker import OpenScan
 from streaming.security import CurveServerConfig
 from streaming.settings import StreamingSettings
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 _DRAIN_BATCH = 256  # sectors taken from one receiver before looking at control messages and timers
 _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between send attempts
 _MAX_POLL_MS = 100
-# Plain ints: pyzmq's enum flag arithmetic costs more per message than the send itself.
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_LAST = int(zmq.NOBLOCK)
 
 
 class Aggregator(NodeControl, ForwardingControl):
@@ -237,15 +235,9 @@ class Aggregator(NodeControl, ForwardingControl):
         return max(0, int(wait * 1000) + 1)
 
     def _drain(self, sock: zmq.Socket) -> None:
-        """Take up to a batch of messages from one receiver without blocking."""
-        for _ in range(_DRAIN_BATCH):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_message(parts)
-            if self._held is not None:
-                return  # a new scan waits for the arm: stop taking data
+        """Take up to a batch of messages from one receiver without blocking; a new scan that waits for
+        the arm stops the taking."""
+        drain(sock, self._on_message, _DRAIN_BATCH, lambda: self._held is not None)
 
     # ------------------------------------------------------------------------------------------ data
     def _on_message(self, parts: list) -> None:
@@ -473,13 +465,7 @@ class Aggregator(NodeControl, ForwardingControl):
         return False
 
     def _send_parts(self, identity: bytes, parts: list) -> None:
-        """[identity, *parts], zero-copy, without blocking. Only the identity part can fail (Again: the
-        node's queue is full; EHOSTUNREACH: no such peer); once it is accepted the rest always is."""
-        router = self._router
-        router.send(identity, _MORE, copy=False)
-        for part in parts[:-1]:
-            router.send(part, _MORE, copy=False)
-        router.send(parts[-1], _LAST, copy=False)
+        send_routed(self._router, identity, parts)
 
     def _send_control(self, node: NodeEntry, message: object) -> None:
         if node.connected:

@@ -28,6 +28,7 @@ import zmq
 from streaming import forwarder_messages as f
 from streaming import protocol as p
 from streaming.aggregator_state import ENDED_MEMORY
+from streaming.router_io import drain, send_routed
 from streaming.security import CurveServerConfig, apply_server
 from streaming.settings import StreamingSettings
 from streaming.wire import WireError, decode_message
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 _REPORT_EVERY = 0.005  # seconds between progress reports while data flows
 _DRAIN_BATCH = 256
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_LAST = int(zmq.NOBLOCK)
 LINGER_MS = 1000
 
 
@@ -199,14 +198,7 @@ class Forwarder:
 
     # ------------------------------------------------------------------------------------------ data
     def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_sector(parts)
-            if self._held is not None:
-                return
+        drain(sock, self._on_sector, _DRAIN_BATCH, lambda: self._held is not None)
 
     def _on_sector(self, parts: list) -> None:
         try:
@@ -269,13 +261,9 @@ class Forwarder:
         if identity is None:
             return False
         start = time.monotonic()
-        router = self.router
         while True:
             try:
-                router.send(identity, _MORE, copy=False)
-                for part in parts[:-1]:
-                    router.send(part, _MORE, copy=False)
-                router.send(parts[-1], _LAST, copy=False)
+                send_routed(self.router, identity, parts)
                 return True
             except zmq.Again:
                 pass

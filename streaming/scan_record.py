@@ -49,6 +49,7 @@ class ScanRecord:
     written_time: float = 0.0
     counting_seconds: float = 0.0
     scan_id: int = 0  # unique in the output directory (0: written before ids existed)
+    scan_uuid: str = ""  # unique everywhere (uuid4 hex), also in the HDF5's /metadata/stemstream
     extra: dict = field(default_factory=dict)  # fields a newer writer added: kept, not lost
 
     @property
