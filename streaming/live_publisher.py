@@ -96,6 +96,7 @@ class LivePublisher:
         sock.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no view connected: drop, never queue for later
         sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # no view running: retry ever less often, up to 5 s
         if self._curve is not None:
             from streaming.security import apply_client
 
