@@ -106,6 +106,7 @@ def node_receiver(endpoint: str, messages: int, out: mp.Queue) -> None:
     sock.connect(endpoint)
     sock.send_multipart(p.encode(p.Hello("bench-node", os.getpid())))
     sock.send_multipart(p.encode(p.Ready("bench-node")))
+    out.put(("armed", True))
 
     def next_payload() -> zmq.Frame:
         while True:
@@ -191,6 +192,7 @@ def run_path(ctx: mp.context.BaseContext, path: str, endpoints: dict[str, str], 
             spawn(aggregator, endpoints["receiver"], endpoints["nodes"], messages)
             first_hop, nodes = inbox.get("endpoints")
             spawn(node_receiver, nodes, messages)
+            inbox.get("armed")  # a scan that begins before the node is ready is refused
         else:
             spawn(c_proxy, endpoints["proxy_in"], endpoints["proxy_out"])
             first_hop, back = inbox.get("endpoints")
