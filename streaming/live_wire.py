@@ -25,6 +25,8 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 
+from counting.errors import PermanentError
+
 SNAP = b"live.snap"
 TAP_BEGIN = b"tap.begin"
 TAP_EVENTS = b"tap.events"
@@ -38,7 +40,7 @@ TAP_ARRAYS = (
 )
 
 
-class LiveWireError(ValueError):
+class LiveWireError(PermanentError, ValueError):
     """A live-view or tap message is malformed."""
 
 
