@@ -65,7 +65,9 @@ class _Counts:
     refused: int = 0
 
     def any(self) -> bool:
-        return bool(self.received or self.malformed or self.unroutable or self.late or self.refused)
+        return bool(
+            self.received or self.sent or self.malformed or self.unroutable or self.late or self.refused
+        )
 
 
 @dataclass
@@ -248,7 +250,9 @@ class Forwarder:
             return
         index = p.route_live(header.frame_number, self._live)
         name = self._names[index]
-        if self._send(name, [p.DATA, *parts]):
+        delivered = self._send(name, [p.DATA, *parts])
+        c = self._counts  # a wait in _send may have reported (and replaced) the counts meanwhile
+        if delivered:
             scan.sent[name] = scan.sent.get(name, 0) + 1
             c.sent[index] = c.sent.get(index, 0) + 1
             c.per_node[name] = c.per_node.get(name, 0) + 1
