@@ -74,9 +74,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def local_addresses() -> dict[str, object]:
-    """Streaming settings for a session with every process on this machine, on loopback ports chosen now."""
-    ports = [free_port() for _ in range(3)]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct TCP ports nobody listens on right now (held open together while chosen, so no port is
+    handed out twice)."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            held.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def local_addresses(ports: list[int] | None = None) -> dict[str, object]:
+    """Streaming settings for a session with every process on this machine, on loopback ports chosen now
+    (or the three given: receivers, nodes, monitor)."""
+    ports = ports or free_ports(3)
     return {
         "receivers": [f"tcp://127.0.0.1:{ports[0]}"],
         "nodes_bind": f"tcp://127.0.0.1:{ports[1]}",
