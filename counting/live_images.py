@@ -49,8 +49,8 @@ class LiveGeometry:
 
 def estimate_geometry(pattern: np.ndarray, adf_inner: float = 1.2, adf_outer: float = 2.5) -> LiveGeometry:
     """The BF disk of a summed diffraction pattern (576*576 counts): centre = the counts' centroid, radius =
-    where the radial density falls below half of the disk's; rounded to whole pixels, so nodes that see
-    similar frames agree. The annulus is adf_inner..adf_outer times the radius."""
+    where the radial density falls below half of the disk's; centre and radius on a grid of radius/32
+    pixels, so nodes that see similar frames agree. The annulus is adf_inner..adf_outer times the radius."""
     img = np.asarray(pattern, np.float64).reshape(FRAME_ROWS, FRAME_COLS)
     total = img.sum()
     if total <= 0:
@@ -70,7 +70,10 @@ def estimate_geometry(pattern: np.ndarray, adf_inner: float = 1.2, adf_outer: fl
         plateau = float(np.median(density[: half + 1]))
         beyond = np.flatnonzero(density[half:] < plateau / 2)
         r = 2.0 * (half + (beyond[0] if len(beyond) else len(density) - half))
-    r = float(max(round(r), 1))
+    # Snapped to a grid of r/32 pixels: nodes estimating from their own first frames (the disk moves a
+    # little over the scan) then almost always agree, and the images they add up use one geometry.
+    step = max(round(r / 32), 1)
+    cx, cy, r = (float(max(round(v / step) * step, step)) for v in (cx, cy, r))
     return LiveGeometry(cx, cy, r, max(float(round(adf_inner * r)), r), float(round(adf_outer * r)) + 1)
 
 
@@ -130,12 +133,14 @@ class LiveImages:
         geometry: LiveGeometry | None = None,
         estimate_frames: int = 64,
         adf_factors: tuple[float, float] = (1.2, 2.5),
+        auto_settle: bool = True,
     ) -> None:
         self.width, self.height = width, height
         self.arrays = LiveArrays.zeros(width * height)
         self.geometry = geometry
         self.estimate_frames = estimate_frames
         self.adf_factors = adf_factors
+        self.auto_settle = auto_settle  # False: the caller settles (e.g. on a geometry agreed elsewhere)
         self.frames = 0  # frames added
         self.sectors = 0  # sectors those frames hold (from their masks)
         self.events = 0
@@ -173,13 +178,23 @@ class LiveImages:
         self.events += len(indices)
         if self.geometry is None:
             self._early.append((positions, offsets, indices))
-            if self.frames >= self.estimate_frames:
+            if self.auto_settle and self.ready_to_estimate:
                 self.settle()
 
-    def settle(self) -> LiveGeometry:
-        """Fix the geometry now (estimated from what was added, if not given) and add the kept batches."""
+    @property
+    def ready_to_estimate(self) -> bool:
+        """Enough frames for the geometry estimate."""
+        return self.frames >= self.estimate_frames
+
+    def estimate(self) -> LiveGeometry:
+        """The geometry estimated from what was added so far (nothing is fixed)."""
+        return estimate_geometry(self.arrays.pattern, *self.adf_factors)
+
+    def settle(self, geometry: LiveGeometry | None = None) -> LiveGeometry:
+        """Fix the geometry now (the given one, else estimated from what was added) and add the kept
+        batches; once fixed it stays."""
         if self.geometry is None:
-            self.geometry = estimate_geometry(self.arrays.pattern, *self.adf_factors)
+            self.geometry = geometry or self.estimate()
             self._labels = self.geometry.labels()
             a = self.arrays
             for pos, off, idx in self._early:

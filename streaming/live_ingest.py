@@ -1,5 +1,6 @@
-"""The live view's intake: a PULL socket the nodes connect to (CURVE server when keys are configured, allowing
-only the nodes' keys), and a look at the scan directory for each scan's written file. One thread."""
+"""The live view's intake: a ROUTER socket the nodes connect to (CURVE server when keys are configured,
+allowing only the nodes' keys), answering each scan's agreed BF geometry to nodes not yet settled on it;
+and a look at the scan directory for each scan's written file. One thread."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class LiveIngest:
         self.state, self.scan_dir = state, scan_dir
         self._ctx = zmq.Context()
         self._auth = None
-        self.socket = self._ctx.socket(zmq.PULL)
+        self.socket = self._ctx.socket(zmq.ROUTER)  # nodes' snapshots in, the agreed geometry back
         self.socket.setsockopt(zmq.RCVHWM, 64)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             from streaming.security import apply_server
@@ -80,11 +82,18 @@ class LiveIngest:
 
     def _take(self, parts: list) -> None:
         try:
-            kind, header, arrays = live_wire.decode(parts)
+            kind, header, arrays = live_wire.decode(parts[1:])
             if kind != live_wire.SNAP:
                 raise live_wire.LiveWireError(f"unexpected kind {kind[:20]!r}")
-            self.state.apply(header, arrays)
+            agreed = self.state.apply(header, arrays)
             self.received += 1
+            if agreed is not None and header.get("geometry") != agreed:  # not settled on it yet: tell it
+                reply = live_wire.encode(
+                    live_wire.GEOMETRY, {"scan_key": header["scan_key"], "geometry": agreed}
+                )
+                self.socket.send_multipart([parts[0].bytes, *reply], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the node asks again with its next snapshot
         except (live_wire.LiveWireError, KeyError, ValueError, TypeError) as exc:
             self.state.malformed += 1
             log.warning("dropped a malformed live snapshot: %s", exc)

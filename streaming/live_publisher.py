@@ -1,6 +1,7 @@
 """A node's live snapshots: counted batches go to a thread that adds them to the scan's live images
 (counting.live_images) and sends a snapshot to the view at the microscope at most every ``live.interval``
-seconds, over a PUSH socket the node connects out with (CURVE when the aggregator link uses it).
+seconds, over a DEALER socket the node connects out with (CURVE when the aggregator link uses it). The
+view's only answer on it is the scan's agreed BF geometry, so the images of all nodes add up.
 
 The counting loop only hands batches over (``put_nowait`` on a bounded queue); when the queue is full the
 batch is dropped and counted, and a snapshot the view cannot take in time is dropped and counted (its sums
@@ -27,6 +28,7 @@ from streaming.node_config import NodeConfig
 
 log = logging.getLogger(__name__)
 _STOP = object()
+AGREE_WAIT = 2.0  # seconds a node waits for the view's geometry before it settles on its own estimate
 
 
 class _Scan:
@@ -39,8 +41,15 @@ class _Scan:
             given = LiveGeometry(*live.bf_center, r, live.adf_inner * r, live.adf_outer * r)
         self.begin = begin
         self.images = LiveImages(
-            begin.scan_width, begin.scan_height, given, live.estimate_frames, (live.adf_inner, live.adf_outer)
+            begin.scan_width,
+            begin.scan_height,
+            given,
+            live.estimate_frames,
+            (live.adf_inner, live.adf_outer),
+            auto_settle=False,  # settled on the geometry the view agrees for the scan (AGREE_WAIT)
         )
+        self.proposal: LiveGeometry | None = None  # this node's estimate, offered to the view
+        self.proposed_at = 0.0
         self.lo, self.hi = begin.scan_width * begin.scan_height, 0  # positions not yet sent
         self.seq = 0
         self.counted_at = 0.0  # newest batch added
@@ -92,8 +101,9 @@ class LivePublisher:
 
     # --------------------------------------------------------------------------- the thread
     def _run(self) -> None:
-        sock = self._ctx.socket(zmq.PUSH)
+        sock = self._ctx.socket(zmq.DEALER)  # out to the view; its only answer: the scan's agreed geometry
         sock.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 16)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no view connected: drop, never queue for later
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # no view running: retry ever less often, up to 5 s
@@ -113,6 +123,8 @@ class LivePublisher:
                     break
                 if item is not None:
                     scan = self._handle(item, scan, sock)
+                if scan is not None and scan.images.geometry is None:
+                    self._agree(sock, scan)
                 if (
                     scan is not None
                     and scan.hi > scan.lo
@@ -141,13 +153,35 @@ class LivePublisher:
             scan.counted_at = counted_at
             scan.oldest_at = scan.oldest_at or counted_at
             return scan
-        scan.images.settle()
+        self._agree(sock, scan)
+        scan.images.settle(scan.proposal)
         scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height
         if not self._send(sock, scan, final=True, wait=1.0):
             log.warning(
                 "%s: the live view did not take scan %d's final images", self.name, scan.begin.scan_number
             )
         return None
+
+    def _agree(self, sock: zmq.Socket, scan: _Scan) -> None:
+        """Propose this node's estimate once it has enough frames; settle on the view's answer (the first
+        geometry any node of the scan proposed), or on its own after AGREE_WAIT without one."""
+        for _ in range(16):  # answers that came (bounded)
+            try:
+                kind, header, _ = live_wire.decode(sock.recv_multipart(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            except live_wire.LiveWireError:
+                continue
+            if kind == live_wire.GEOMETRY and header.get("scan_key") == scan.begin.scan_key:
+                scan.images.settle(LiveGeometry(**header["geometry"]))
+                scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height  # BF/ADF all changed
+        if scan.images.geometry is not None or not scan.images.ready_to_estimate:
+            return
+        if scan.proposal is None:
+            scan.proposal, scan.proposed_at = scan.images.estimate(), time.monotonic()
+            scan.sent_at = 0.0  # offer it at once
+        elif time.monotonic() - scan.proposed_at > AGREE_WAIT:
+            scan.images.settle(scan.proposal)  # no view answered: this node's own estimate
 
     def _send(self, sock: zmq.Socket, scan: _Scan, final: bool, wait: float = 0.0) -> bool:
         b, img = scan.begin, scan.images
@@ -167,6 +201,7 @@ class LivePublisher:
             "sectors": img.sectors,
             "events": img.events,
             "geometry": img.geometry.as_dict() if img.geometry else None,
+            "proposal": scan.proposal.as_dict() if scan.proposal and not img.geometry else None,
             "dropped_batches": self.dropped_batches,
             "dropped_snapshots": self.dropped_snapshots,
             "counted_at": scan.counted_at,

@@ -42,6 +42,7 @@ class ScanView:
     ended: float = 0.0
     _rate: list = field(default_factory=list)  # (time, frames) samples for the rate
     _merged: tuple = (-1, None)  # (version, LiveArrays) of the last merge
+    agreed: dict | None = None  # the BF geometry every node is told to use
 
     def total(self, name: str) -> int:
         """A header counter added over the nodes."""
@@ -140,8 +141,9 @@ class ViewState:
         self.malformed = 0
         self.changed = threading.Condition(self._lock)
 
-    def apply(self, header: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Take a node's snapshot (raises KeyError/ValueError when it does not fit its scan)."""
+    def apply(self, header: dict, arrays: dict[str, np.ndarray]) -> dict | None:
+        """Take a node's snapshot (raises KeyError/ValueError when it does not fit its scan); returns the
+        scan's agreed geometry: the first any of its nodes settled on or proposed (None: none yet)."""
         key = str(header["scan_key"] or f"number-{header['scan_number']}")
         width, height = int(header["width"]), int(header["height"])
         lo, hi = int(header["lo"]), int(header["hi"])
@@ -165,8 +167,9 @@ class ViewState:
             node = scan.nodes.get(header["node"])
             if node is None:
                 node = scan.nodes[header["node"]] = _NodeSums(LiveArrays.zeros(width * height), {})
+            scan.agreed = scan.agreed or header.get("geometry") or header.get("proposal")
             if node.header.get("final") or header["seq"] < node.header.get("seq", -1):
-                return  # a stale snapshot never replaces a newer one
+                return scan.agreed  # a stale snapshot never replaces a newer one
             for name in _POSITION_ARRAYS:
                 getattr(node.arrays, name)[lo:hi] = arrays[name]
             node.arrays.pattern[:] = arrays["pattern"]
@@ -178,6 +181,7 @@ class ViewState:
             if scan.done and not scan.ended:
                 scan.ended = now
             self._bump(scan)
+            return scan.agreed
 
     def set_file(self, key: str, path: str) -> bool:
         """Name the written file of a scan (True when that is news)."""

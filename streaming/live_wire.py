@@ -9,7 +9,10 @@ names, dtypes and lengths the header's ``arrays`` lists in order.
         dropped_batches, dropped_snapshots, counted_at and oldest_at (wall times of the newest batch in it
         and of the oldest one new in it), lo, hi;
         arrays: counts, bf, adf, sum_col, sum_row, frames for positions lo..hi-1 (this node's sums so far:
-        cumulative, so a later snapshot makes up for a dropped one), and pattern (576*576 uint32).
+        cumulative, so a later snapshot makes up for a dropped one), and pattern (576*576 uint32);
+        until its geometry is settled, a node offers its estimate as ``proposal``.
+    view -> node (on the node's connection)   [b"live.geometry", header: scan_key, geometry]  the scan's
+        geometry: the first any of its nodes proposed (or settled on), so every node's BF/ADF add up.
 
     tap (PUB on the node)   [b"tap.begin", header]  a scan begins: scan_number, scan_key, width, height,
                                                     expected_frames, node, node_index, n_nodes
@@ -28,6 +31,7 @@ import numpy as np
 from counting.errors import PermanentError
 
 SNAP = b"live.snap"
+GEOMETRY = b"live.geometry"
 TAP_BEGIN = b"tap.begin"
 TAP_EVENTS = b"tap.events"
 TAP_END = b"tap.end"

@@ -1,6 +1,7 @@
 """The live view end to end with real processes: two nodes send snapshots out to a view server, whose images
-equal, to the last count, the sums from the written file; a tap subscriber receives every counted frame while
-a subscriber that never reads costs nothing; the nodes listen on nothing but the scan writer and the tap.
+equal, to the last count, the sums from the written file; the nodes agree on the estimated BF geometry
+through the view; a tap subscriber receives every counted frame while a subscriber that never reads costs
+nothing; the nodes listen on nothing but the scan writer and the tap.
 Over CURVE a node with an unknown key is refused; an exposed page refuses requests without the token."""
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from streaming.settings import CurveSettings, StreamingSettings
 from tasks.plan import free_port
 
 pytestmark = pytest.mark.timeout(300)
-GEOMETRY = {"bf_center": (288.0, 288.0), "bf_radius": 180.0}  # the same on both nodes: sums add up exactly
+GEOMETRY = {"bf_center": (288.0, 288.0), "bf_radius": 180.0}
 
 
 def wait_for(check, timeout: float, what: str):
@@ -83,7 +84,8 @@ class TapReader:
 
 def test_live_images_tap_and_nothing_listening(tmp_path: Path):
     tap_port = free_port()
-    live = {"bind": f"tcp://127.0.0.1:{free_port()}", "tap": True, "tap_port": tap_port, **GEOMETRY}
+    # The geometry estimated: the nodes settle on the one the view agrees, so their images add up exactly.
+    live = {"bind": f"tcp://127.0.0.1:{free_port()}", "tap": True, "tap_port": tap_port}
     view = LiveServer(LiveSettings(**live, page_port=0), scan_dir=tmp_path / "out").start()
     ctx = zmq.Context()
     try:
