@@ -6,11 +6,12 @@ here as the receivers, back-pressured (as fast as the pipeline takes them). "off
 publisher thread, no snapshots). "on": every node sends snapshots to `stemstream view` in its own process,
 as a session runs it. "browser": the same with the page open in headless Chromium on this machine too (the
 whole path: accumulate, snapshot, intake, PNG, WebSocket, browser; at the microscope the browser and the
-view run on other machines than the nodes). Per mode, ``--scans`` scans; the counted frames/s of each is the stop record's (first data to the
-file on disk); the ratio is of the medians. Latency is what the page measured for every image it showed
+view run on other machines than the nodes). A fresh pipeline per mode and round, the modes alternating over
+``--rounds``; per pipeline a warm-up scan, then ``--scans`` scans whose counted frames/s (the stop record's:
+first data to the file on disk) count; the ratio is of the medians. Latency is what the page measured for every image it showed
 during the scans (newest and oldest batch new in each snapshot).
 
-Usage: python benchmarks/bench_live.py [--side 128] [--scans 3] [--json PATH]
+Usage: python benchmarks/bench_live.py [--side 128] [--scans 2] [--rounds 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -79,36 +80,46 @@ def run_mode(work: Path, mode: str, side: int, scans: int) -> dict:
         if browser is not None:
             browser.open(url)
             browser.wait_for_text("connected")
-        for n in range(1, scans + 1):
+        for n in range(scans + 1):  # scan 0 warms the pipeline up and is not counted, in every mode
             camera = SimulatedCamera(SimulatorConfig(ScanShape(side, side), seed=n))
-            pipe.send(camera, n)
-            record, _ = pipe.record(n)
-            rates.append(record.counted_frames_per_second)
-            print(f"  {mode:7s} scan {n}: {rates[-1]:.0f} counted frames/s", flush=True)
+            pipe.send(camera, n + 1)
+            record, _ = pipe.record(n + 1)
+            if n:
+                rates.append(record.counted_frames_per_second)
+            print(
+                f"  {mode:7s} scan {n}: {record.counted_frames_per_second:.0f} counted frames/s", flush=True
+            )
         if browser is not None:
             time.sleep(1.0)  # the last images reach the page
             latencies = [list(x) for x in browser.js("return window.liveLatencies")]
-    return {"counted_fps": rates, "median_fps": statistics.median(rates), "latencies": latencies}
+    return {"counted_fps": rates, "latencies": latencies}
 
 
 def main() -> None:
     """Run both modes and print the ratio and the latency."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=128)
-    ap.add_argument("--scans", type=int, default=3)
+    ap.add_argument("--scans", type=int, default=2, help="scans per pipeline, after a warm-up scan")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the three modes, alternating")
     ap.add_argument("--json", type=Path, default=RESULTS / "live.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
-        off = run_mode(Path(tmp) / "off", "off", args.side, args.scans)
-        on = run_mode(Path(tmp) / "on", "on", args.side, args.scans)
-        page = run_mode(Path(tmp) / "browser", "browser", args.side, args.scans)
+        runs: dict[str, dict] = {m: {"counted_fps": [], "latencies": []} for m in ("off", "on", "browser")}
+        for r in range(args.rounds):  # modes alternate, so the machine's other load touches all alike
+            for mode, run in runs.items():
+                got = run_mode(Path(tmp) / f"{mode}-{r}", mode, args.side, args.scans)
+                for k in run:
+                    run[k] += got[k]
+    for run in runs.values():
+        run["median_fps"] = statistics.median(run["counted_fps"])
+    off, on, page = runs["off"], runs["on"], runs["browser"]
     newest = [x[0] for x in page["latencies"]]
     oldest = [x[1] for x in page["latencies"]]
     result = {
         "scan": f"{args.side}x{args.side}",
-        "scans_per_mode": args.scans,
+        "scans_per_mode": args.scans * args.rounds,
         "cpus": os.cpu_count(),
-        "off": off,
+        "off": {k: v for k, v in off.items() if k != "latencies"},
         "on": {k: v for k, v in on.items() if k != "latencies"},
         "on_with_page": {k: v for k, v in page.items() if k != "latencies"},
         "throughput_ratio_on_off": on["median_fps"] / off["median_fps"],
@@ -119,7 +130,7 @@ def main() -> None:
         "latency_p90_oldest_s": statistics.quantiles(oldest, n=10)[-1] if len(oldest) >= 10 else None,
     }
     print(
-        f"counted frames/s, median of {args.scans}: off {off['median_fps']:.0f}, on {on['median_fps']:.0f}, "
+        f"counted frames/s, median of {args.scans * args.rounds}: off {off['median_fps']:.0f}, on {on['median_fps']:.0f}, "
         f"on with the page open here {page['median_fps']:.0f}"
     )
     print(f"throughput live on / off: {result['throughput_ratio_on_off']:.3f} (target >= 0.95)")
