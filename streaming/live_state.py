@@ -19,7 +19,7 @@ _POSITION_ARRAYS = ("counts", "bf", "adf", "sum_col", "sum_row", "frames")
 
 @dataclass
 class _NodeSums:
-    arrays: LiveArrays
+    arrays: LiveArrays | None  # None once the scan's images are let go
     header: dict
 
 
@@ -43,6 +43,7 @@ class ScanView:
     _rate: list = field(default_factory=list)  # (time, frames) samples for the rate
     _merged: tuple = (-1, None)  # (version, LiveArrays) of the last merge
     agreed: dict | None = None  # the BF geometry every node is told to use
+    images_kept: bool = True  # False for old scans: their row stays, their images are let go
 
     def total(self, name: str) -> int:
         """A header counter added over the nodes."""
@@ -78,6 +79,7 @@ class ScanView:
             "geometry": next(iter(self.nodes.values())).header.get("geometry") if self.nodes else None,
             "geometries_differ": len(geometries) > 1,
             "file": self.file,
+            "images": self.images_kept,
             "version": self.version,
             "counted_at": self.counted_at,
             "oldest_at": self.oldest_at,
@@ -133,10 +135,10 @@ class ScanView:
 class ViewState:
     """Every scan of the session seen so far, newest last."""
 
-    def __init__(self, keep_scans: int = 200) -> None:
+    def __init__(self, keep_scans: int = 200, keep_images: int = 10) -> None:
         self._lock = threading.Lock()
         self._scans: dict[str, ScanView] = {}
-        self._keep = keep_scans
+        self._keep, self._keep_images = keep_scans, keep_images  # rows; scans whose images are kept
         self.version = 0  # bumped on every change
         self.malformed = 0
         self.changed = threading.Condition(self._lock)
@@ -164,15 +166,20 @@ class ViewState:
                 self._scans[key] = scan
                 while len(self._scans) > self._keep:
                     self._scans.pop(next(iter(self._scans)))
+                for old in list(self._scans.values())[: -self._keep_images]:  # memory flat over a session
+                    old.nodes = {name: _NodeSums(None, n.header) for name, n in old.nodes.items()}
+                    old.images_kept, old._merged = False, (-1, None)
             node = scan.nodes.get(header["node"])
             if node is None:
-                node = scan.nodes[header["node"]] = _NodeSums(LiveArrays.zeros(width * height), {})
+                sums = LiveArrays.zeros(width * height) if scan.images_kept else None
+                node = scan.nodes[header["node"]] = _NodeSums(sums, {})
             scan.agreed = scan.agreed or header.get("geometry") or header.get("proposal")
             if node.header.get("final") or header["seq"] < node.header.get("seq", -1):
                 return scan.agreed  # a stale snapshot never replaces a newer one
-            for name in _POSITION_ARRAYS:
-                getattr(node.arrays, name)[lo:hi] = arrays[name]
-            node.arrays.pattern[:] = arrays["pattern"]
+            if scan.images_kept:
+                for name in _POSITION_ARRAYS:
+                    getattr(node.arrays, name)[lo:hi] = arrays[name]
+                node.arrays.pattern[:] = arrays["pattern"]
             node.header = header
             scan.counted_at = max(scan.counted_at, float(header.get("counted_at", 0.0)))
             scan.oldest_at = float(header.get("oldest_at", 0.0))
@@ -207,6 +214,8 @@ class ViewState:
         """(version, image) of a scan; KeyError when unknown."""
         with self._lock:
             scan = self._scans[key]
+            if not scan.images_kept:
+                raise KeyError(key)
             return scan.version, scan.image(name, masked)
 
     def wait(self, version: int, timeout: float) -> int:

@@ -52,6 +52,20 @@ def test_nodes_add_up_and_stale_snapshots_never_win():
     assert state.set_file("k3", "/x/FOURD_1.h5") and not state.set_file("k3", "/x/FOURD_1.h5")
 
 
+def test_old_scans_keep_their_row_and_let_their_images_go():
+    state = ViewState(keep_images=1)
+    apply(state, snapshot("a", 0, 2))
+    newer = snapshot("a", 0, 3)
+    newer[1] = newer[1].replace(b"k3", b"k4")
+    apply(state, newer)
+    assert [s["images"] for s in state.scans()] == [False, True]
+    with pytest.raises(KeyError):
+        state.image("k3", "bf")
+    assert state.image("k4", "bf")[1].sum() == 18
+    apply(state, snapshot("b", 0, 5))  # a late node of the old scan: its numbers count, no images
+    assert state.scans()[0]["frames"] == 6
+
+
 def test_partial_ranges_and_pngs():
     state = ViewState()
     apply(state, snapshot("a", 0, 2, lo=0, hi=2))
