@@ -349,10 +349,14 @@ def alerts(
 
 
 def _register_streaming() -> None:
-    from flows import cli_session, cli_streaming
+    from flows import cli_catalogue, cli_dark, cli_microscope, cli_session, cli_streaming, cli_view
 
     cli_streaming.register(app, user_errors)
     cli_session.register(app, user_errors)
+    cli_catalogue.register(app, user_errors)
+    cli_view.register(app, user_errors)
+    cli_dark.register(app, user_errors)
+    cli_microscope.register(app, user_errors)
 
 
 _register_streaming()

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from flows.settings import ENV_PREFIX, load_settings
+from tasks.live import live_url
 
 
 class SessionWatcher(threading.Thread):
@@ -27,6 +28,7 @@ class SessionWatcher(threading.Thread):
         self.stop_event = threading.Event()
         self.session_dir: Path | None = None
         self._ready = False
+        self._live = False
         self._printed: set[str] = set()
 
     def run(self) -> None:
@@ -45,6 +47,9 @@ class SessionWatcher(threading.Thread):
             state = json.loads((self.session_dir / "session.json").read_text())
         except (OSError, ValueError):
             return
+        if not self._live and (url := live_url(self.session_dir)):
+            self._live = True
+            self.echo(f"live: {url}")
         if state.get("ready") and not self._ready:
             self._ready = True
             self.echo(f"ready: receivers {' '.join(state.get('receivers', []))}")

@@ -24,9 +24,13 @@ from flows.settings import SessionSettings, Settings, load_settings, write_setti
 from flows.summary import summary_row
 from tasks.acquire import CameraRun, ScanTimeout, scripted_scans, simulated_scans
 from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
+from tasks.darks import INSTRUMENT, session_dark, simulated_camera_label
+from tasks.live import live_link, live_url
+from tasks.metadata_steps import attach_microscope_metadata
 from tasks.monitor import latest_state
-from tasks.plan import SessionPlan, local_addresses
+from tasks.plan import SessionPlan, free_ports, local_addresses
 from tasks.processes import carrying
+from tasks.record import finish_recording, record_analyses, record_scan, start_recorder
 from tasks.scan_result import ScanResult
 from tasks.sfapi import AllocationCancelled
 from tasks.slurm import walltime_seconds
@@ -35,6 +39,7 @@ from tasks.steps import (
     allocate_nodes,
     arm_aggregator,
     cancel_requested,
+    node_lost_event,
     postprocess_scan,
     release,
     summarise,
@@ -71,7 +76,9 @@ def _session_settings(
     instrument session listens where streaming.receivers says, where the camera sends."""
     streaming = {"n_nodes": nodes, "session_id": session_id}
     if settings.session.backend == "local" and simulated:  # its own camera: any free loopback ports
-        streaming |= local_addresses()
+        ports = free_ports(4)  # distinct: receivers, nodes, monitor, the live view's intake
+        streaming |= local_addresses(ports[:3])
+        streaming["live"] = settings.streaming.live.model_copy(update={"bind": f"tcp://127.0.0.1:{ports[3]}"})
     counting = {"dark": dark} if dark is not None else {}
     return settings.model_copy(
         update={
@@ -164,9 +171,11 @@ def session(
 
     Failure policy: a scan that is incomplete is a warning, one below min_completeness or that otherwise
     fails verification is reported and the session goes on (the session ends Failed, and alerts). A node
-    streamer lost mid-scan ends the session: the scan in flight is still written by the writer's deadline
-    and verified, so its missing frames are on record, then everything is released. A lost writer host or
-    aggregator, or a scan file that cannot be written, ends the session at once.
+    streamer lost mid-scan costs only the frames it held: the aggregator sends its share to the others at
+    once, the scan in flight is written as soon as they are done (its missing frames marked) and verified,
+    and the session continues on the remaining nodes (logged, a ``stemstream.node.lost`` event that the
+    failure alert also sends). A lost writer host or aggregator, or a scan file that cannot be written,
+    ends the session at once.
 
     Args:
         camera: simulated = the flow plays scans from the simulated camera (demo, self-tests); instrument =
@@ -202,7 +211,13 @@ def session(
     run_id = str(current_run.get_id() or f"local-{os.getpid()}")
     session_dir = (settings.output_dir / "sessions" / run_id).resolve()
     session_dir.mkdir(parents=True, exist_ok=True)
-    dark = _simulated_dark(session_dir, settings.simulator.seed) if simulated else settings.counting.dark
+    # counting.dark, else the newest stored dark of this camera (tasks.darks), else the simulator's own
+    dark_camera = simulated_camera_label(settings.simulator.seed) if simulated else INSTRUMENT
+    dark, old_dark = session_dark(settings.counting.dark, settings.dark, settings.output_dir, dark_camera)
+    if old_dark:
+        logger.warning(old_dark)
+    if dark is None and simulated:
+        dark = _simulated_dark(session_dir, settings.simulator.seed)
     if dark is None:
         logger.warning("no dark reference (counting.dark): counting with a zero dark and fitted thresholds")
     settings = _session_settings(settings, dark, s.nodes, _session_id(), simulated)
@@ -234,10 +249,14 @@ def session(
     results: list[ScanResult] = []
     failures: list[str] = []
     node_lost = ""
+    lost_nodes: set[str] = set()  # node streamers lost so far: the session goes on without them
     cancelled = False
     analyses = []
     player: CameraRun | None = None
     seen = {str(p) for p in plan.output_dir.glob("*.json")} if plan.output_dir.exists() else set()
+    recorder = start_recorder(
+        settings.catalogue, settings.output_dir, plan, run_id, camera, s.backend, logger
+    )
     try:
         # Its timeout above the job's own start wait, which ends first, with Slurm's reason, job cancelled.
         wait = settings.sfapi.submit_timeout + settings.sfapi.start_timeout + 300
@@ -272,6 +291,7 @@ def session(
                 deadline,
                 lost_node_wait=settings.streaming.writer_deadline + 30.0,
                 index=k,
+                known_lost=lost_nodes,
             )
             if result is None:  # the duration is over, or the run is being cancelled
                 cancelled = cancel_requested()
@@ -283,6 +303,8 @@ def session(
             k += 1
             r = result.record
             path = r.path or ""
+            if path and settings.microscope.dir is not None:  # before verification: it checks the final file
+                attach_microscope_metadata(path, settings.microscope)
             verified = verify_scan_file(
                 path, r.scan_width, r.scan_height, s.min_completeness, return_state=True
             )
@@ -301,29 +323,32 @@ def session(
             result.verified = verified.is_completed()
             result.verify_sha256 = getattr(v, "sha256", None)
             results.append(result)
+            record_scan(recorder, result, run_id, dark)  # in the background: never waits on the database
             if s.postprocess and verified.is_completed():
                 analyses.append(
                     postprocess_scan.submit(path, str(session_dir / "analysis"), settings.analysis)
                 )
             if result.node_failure:
-                node_lost = _node_lost_message(result)
+                node_lost = _node_lost_message(result, s.nodes - len(lost_nodes))
                 logger.error(node_lost)
-                break
+                node_lost_event(result.record.scan_number, sorted(lost_nodes))
         for fut in analyses:
             fut.wait()
+        record_analyses(recorder, analyses)
     except AllocationCancelled:  # cancelled while the Slurm job waited to start: the job is cancelled too
         cancelled = True
     finally:
         if player is not None:
             player.stop()
         refused = _refused_report(plan)
-        release(node_backend, aggregator)
-    summarise([summary_row(r) for r in results])
+        try:
+            release(node_backend, aggregator)
+        finally:
+            finish_recording(recorder, run_id, results, settings.catalogue.flush_timeout)
+    summarise([summary_row(r) | live_link(live_url(session_dir), r.record.path or "") for r in results])
     if refused:
         logger.warning(refused)
     failed_analyses = [f for f in analyses if f.state.is_failed()]
-    if node_lost:
-        return Failed(message=node_lost, data=results)
     if failures or failed_analyses:
         return Failed(
             message=f"{len(failures)} of {len(results)} scan(s) failed verification"
@@ -375,13 +400,14 @@ def _refused_report(plan: SessionPlan) -> str:
     return f"{state.refused} sector(s) refused: scan(s) {scans} arrived before the session was ready"
 
 
-def _node_lost_message(result: ScanResult) -> str:
-    """Why the session stops after a node loss, and what became of the scan in flight."""
+def _node_lost_message(result: ScanResult, left: int) -> str:
+    """What a node loss cost, and that the session goes on with the others."""
     r = result.record
     return (
-        f"a node streamer was lost during scan {r.scan_number}; the session stops (policy: a lost node ends "
-        f"the session). Scan {r.scan_number} was written {r.status}: {r.frames_incomplete} of "
-        f"{r.expected_frames} frames incomplete, marked in its sector_masks.\n{result.node_failure}"
+        f"a node streamer was lost during scan {r.scan_number}; the session continues on the {left} other "
+        f"node(s), which now get its share of the frames. Scan {r.scan_number} was written {r.status}: "
+        f"{r.frames_incomplete} of {r.expected_frames} frames incomplete (the frames it held), marked in its "
+        f"sector_masks.\n{result.node_failure}"
     )
 
 

@@ -18,9 +18,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from catalogue.settings import CatalogueSettings
+from counting.dark_settings import DarkSettings
 from counting.settings import CountingSettings, SimulatorSettings
 from streaming.settings import StreamingSettings
 from tasks.analysis_settings import AnalysisSettings
+from tasks.microscope_settings import MicroscopeSettings
 from tasks.remote import SshSettings
 from tasks.sfapi import SfapiSettings
 from tasks.slurm import SlurmSettings
@@ -74,6 +77,9 @@ class Settings(BaseSettings):
     slurm: SlurmSettings = SlurmSettings()
     ssh: SshSettings = SshSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    microscope: MicroscopeSettings = MicroscopeSettings()
+    dark: DarkSettings = DarkSettings()
+    catalogue: CatalogueSettings = CatalogueSettings()
 
     @field_validator("output_dir")
     @classmethod

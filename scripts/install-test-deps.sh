@@ -19,6 +19,8 @@ NEEDED=(
   "/usr/sbin/slurmd slurm-wlm"
   "/usr/bin/sbatch slurm-wlm" # slurm-client, a dependency of slurm-wlm: sbatch squeue scontrol scancel sinfo
   "/usr/sbin/munged munge"
+  # The catalogue tests run a real PostgreSQL server on loopback (stemstream_testing/postgres.py).
+  "/usr/bin/pg_ctlcluster postgresql" # postgresql-common; the server binaries are under /usr/lib/postgresql/*/bin
 )
 
 have() {

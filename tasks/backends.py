@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from counting.errors import PermanentError
-from tasks.plan import SessionPlan, aggregator_command, node_command, shell
+from tasks.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.processes import ProcessGroup
 from tasks.remote import SshSettings, start_remote_process, stop_remote_process
 from tasks.sfapi import JobStatus, SfapiAllocator, SfapiSettings
@@ -216,11 +216,14 @@ class LocalAggregator:
         """Start it on the plan's addresses."""
         self.group = ProcessGroup(plan.session_dir / "logs")
         self.group.start("aggregator", aggregator_command(plan), drop_env_prefix=SETTINGS_ENV)
+        if plan.streaming.live.enabled:  # the live page; its end never ends the session
+            self.group.start("view", view_command(plan), drop_env_prefix=SETTINGS_ENV)
 
     def check(self) -> None:
         """Raise if the aggregator process exited."""
-        if self.group is not None and self.group.dead():
-            c = self.group.dead()[0]
+        dead = [c for c in self.group.dead() if c.name == "aggregator"] if self.group is not None else []
+        if dead:
+            c = dead[0]
             raise RuntimeError(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
 
     def stop(self) -> None:

@@ -23,6 +23,7 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed
 
 from counting.errors import TransientError
+from counting.geometry import N_SECTORS
 from streaming.scan_record import ScanRecord
 from tasks.acquire import CameraRun, ScanRequest, wait_for_new_scan
 from tasks.analysis_settings import AnalysisSettings
@@ -129,8 +130,11 @@ def acquire_scan(
     logger = get_run_logger()
     follower = MonitorFollower(plan.monitor_connect, plan.monitor_curve())
     what = f"scan {expect.scan_number}" if expect is not None else "next scan"
-    progress_id = create_progress_artifact(progress=0.0, description=f"{what}: sectors received")
+    progress_id = create_progress_artifact(
+        progress=0.0, key="scan-progress", description=f"{what}: sectors received"
+    )
     shown = [0.0]
+    began = [0.0, 0]  # when the first sectors were seen, and how many (the rate)
     watch = _NodeWatch(nodes, expect.scan_number if expect else -1, lost_node_wait, logger, follower)
     watch.known_lost = known_lost if known_lost is not None else set()
     cancelling = _CancelWatch()
@@ -144,7 +148,10 @@ def acquire_scan(
         if st is not None and st.scan_expected and (expect is None or st.scan_number == expect.scan_number):
             done = min(100.0, 100.0 * st.scan_received / st.scan_expected)
             if done - shown[0] >= 5:
-                update_progress_artifact(progress_id, done)
+                began[:] = began if began[0] else [time.monotonic(), st.scan_received]
+                rate = (st.scan_received - began[1]) / max(time.monotonic() - began[0], 1e-3) / N_SECTORS
+                text = f"{what}: ~{st.scan_received // N_SECTORS} of {st.scan_expected // N_SECTORS} frames"
+                update_progress_artifact(progress_id, done, description=f"{text}, {rate:.0f} frames/s")
                 shown[0] = done
 
     def match(record: ScanRecord) -> bool:
@@ -269,13 +276,14 @@ def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dic
     """py4DSTEM analysis of a counted scan; images become artifacts in the Prefect UI."""
     from dataclasses import asdict
 
+    from tasks.artifact_images import artifact_png
     from tasks.postprocess import analyse_scan, analysis_config
 
     config = analysis_config(analysis)
     result = analyse_scan(Path(path), Path(out_dir), config)
     name = Path(path).stem
     images = "\n".join(
-        f"### {label}\n![{label}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
+        f"### {label}\n![{label}](data:image/png;base64,{base64.b64encode(artifact_png(p)).decode()})"
         for label, p in result.images.items()
     )
     create_markdown_artifact(

@@ -250,18 +250,21 @@ def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_
         "node0.log",
         "node1.log",
         "aggregator.log",
+        "view.log",  # the live page (stemstream view)
     }
+    assert "live: http://127.0.0.1:" in (session_dir / "logs" / "view.log").read_text()
     assert_nothing_left(session_dir)
 
 
 @pytest.mark.timeout(120)
-def test_local_node_killed_mid_scan_the_scan_is_written_with_its_losses_then_the_session_stops(
+def test_local_node_killed_mid_scan_costs_its_frames_in_flight_and_the_session_goes_on(
     stemstream_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The documented policy: the scan in flight is written by the writer's deadline, verified, its
-    missing frames on record (file mask, verification, summary); then the session fails and stops all."""
+    """The documented policy: the aggregator sends the lost node's share to the survivor at once; the scan
+    in flight is written as soon as the survivor is done (not by the writer's 60 s deadline), its missing
+    frames on record (file mask, verification, summary); the session goes on and scan 3 is complete."""
     set_env(monkeypatch, "session", scan_timeout=60, nodes_ready_timeout=60)
-    set_env(monkeypatch, "streaming", writer_deadline=3)
+    set_env(monkeypatch, "streaming", writer_deadline=60)
     killed: list[int] = []
     names: list[str] = []
     rate = 40.0  # frames/s in real time: a 16x16 scan takes 6.4 s, so the kill lands inside scan 2
@@ -290,28 +293,30 @@ def test_local_node_killed_mid_scan_the_scan_is_written_with_its_losses_then_the
     elapsed = time.monotonic() - t0
     saboteur.join(5)
     assert killed, "scan 1 never completed, so no node was killed"
-    assert state.is_failed()
-    text = message(state)
-    assert "a node streamer was lost during scan 2; the session stops" in text, text
-    assert f"node streamer {names[0]} exited with code -9" in text, text
+    assert "later frames go to the 1 other node(s)" in (session_dir / "logs" / "aggregator.log").read_text()
 
     files = sorted((session_dir / "scans").glob("*.h5"))
-    assert [f.name[-8:] for f in files] == ["00001.h5", "00002.h5"]  # scan 3 never started
+    assert [f.name[-8:] for f in files] == ["00001.h5", "00002.h5", "00003.h5"]
     record = json.loads(files[1].with_suffix(".json").read_text())
-    assert record["status"] == "incomplete" and record["nodes_done"] == 1
-    result = verify_scan(files[1], 16, 16, 1.0)
-    assert not result.ok and result.complete_frames == record["complete_frames"] < 256
+    assert record["nodes_done"] == 1 and record["reasons"]
+    # Only what the dead node held is missing: its open batch (32 frames) and what it had not yet sent.
+    assert 256 - record["complete_frames"] <= 64, record
     with h5py.File(files[1]) as f:
         masks = f["electron_events/sector_masks"][...]
     assert int((masks != 15).sum()) == 256 - record["complete_frames"]  # every lost frame marked
-    assert f"{256 - record['complete_frames']} of 256 frames incomplete" in text
+    # written within seconds of the scan's end, not by the writer's deadline
+    assert record["written_time"] - record["last_data_time"] < 10, record
+    if record["complete_frames"] < 256:  # scan 2 fails verification (min_completeness 1): reported, not fatal
+        assert state.is_failed() and "1 of 3 scan(s) failed verification" in message(state)
+    else:
+        assert state.is_completed(), message(state)
+    third = json.loads(files[2].with_suffix(".json").read_text())
+    assert third["status"] == "complete" and third["nodes"] == 1  # the session went on, on one node
 
     table = summary_rows(state.state_details.flow_run_id)
-    assert [r["scan"] for r in table] == [1, 2]
-    assert table[0]["verified"] == "passed" and table[0]["frames incomplete"] == 0
-    assert (
-        table[1]["verified"] == "FAILED" and table[1]["frames incomplete"] == 256 - record["complete_frames"]
-    )
+    assert [r["scan"] for r in table] == [1, 2, 3]
+    assert table[1]["frames incomplete"] == 256 - record["complete_frames"]
+    assert table[2]["verified"] == "passed" and table[2]["frames incomplete"] == 0
     assert elapsed < 100  # bounded by deadlines, never by a wait without one
     assert_nothing_left(session_dir, groups=killed)
 
