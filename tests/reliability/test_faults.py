@@ -73,15 +73,16 @@ def test_aggregator_restarted_between_scans(tmp_path: Path):
     assert got is not None and got.completeness == 1.0 and same_events(got, offline(config))
 
 
-def test_node_dying_mid_scan_is_written_incomplete_by_the_deadline(tmp_path: Path):
-    """Node 1 stops without a word mid-scan: the writer's deadline writes what arrived, nothing hangs, and
-    the frames node 1 never delivered are marked missing (mask 0) in the file and its stop record."""
+def test_node_dying_mid_scan_costs_only_what_it_held(tmp_path: Path):
+    """Node 1 stops without a word mid-scan: the aggregator sends its share of the later frames to node 0,
+    the scan is written without waiting for node 1 (nothing hangs), and only the frames node 1 held and
+    never delivered are missing, marked in the file and its stop record."""
     import json
     import time
 
     config = SimulatorConfig(ScanShape(16, 8), dose=80.0, seed=23)
     session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"writer_deadline": 3.0})
-    node1 = session.nodes[1]
+    node1 = next(n for n in session.nodes if not n.hosted.address)  # not the writer's host
     sender = threading.Thread(target=session.send, args=(config, 5), kwargs={"rate": 100.0}, daemon=True)
     t0 = time.monotonic()
     try:
@@ -94,8 +95,8 @@ def test_node_dying_mid_scan_is_written_incomplete_by_the_deadline(tmp_path: Pat
     finally:
         session.close()
     record = json.loads(session.wait_for_file(5).with_suffix(".json").read_text())
-    assert record["status"] == "incomplete" and record["nodes_done"] == 1
-    assert "deadline" in record["reasons"] or record["nodes_done"] < record["nodes"]
-    missing = got.sector_masks.ravel() == 0
-    assert 0 < missing.sum() < 128  # node 1's later frames are missing, node 0's are all there
+    assert record["nodes_done"] == 1 and record["status"] in ("complete", "incomplete")
+    assert int((got.sector_masks.ravel() != 15).sum()) == 128 - record["complete_frames"]  # all marked
+    # what node 1 held when it stopped (its open batches: 8 frames each), never its share of the rest
+    assert record["expected_frames"] - record["complete_frames"] <= 40, record
     assert elapsed < 40  # bounded by the deadlines, not by anything waiting forever
