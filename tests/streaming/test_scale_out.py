@@ -91,7 +91,12 @@ def test_a_forwarding_process_killed_mid_scan_costs_only_its_sectors(tmp_path):
         nxt = session.counted(3, timeout=60)
     finally:
         session.close()
-    assert 0.3 < got.completeness < 1.0  # what the dead process held is missing, and marked
+    # What the dead process held (if anything: on a loaded machine its queue may be empty when it dies)
+    # is missing, and every missing frame is marked; the rest went through the aggregator's own path.
+    assert got.completeness > 0.3
+    masks = got.sector_masks.ravel()
+    assert (got.completeness < 1.0) == bool((masks != 15).any())
+    assert got.completeness == sum(int(m).bit_count() for m in masks) / (4 * 576)
     assert nxt.completeness == 1.0
     assert_same_events(
         nxt, offline(SimulatorConfig(ScanShape(8, 8), dose=50.0, seed=4), options(fixed=FIXED))
