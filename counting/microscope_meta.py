@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from counting.errors import PermanentError
+from counting.h5_attrs import load_tree, plain, save_tree
 from counting.h5_storage import create_temporary
 
 MICROSCOPE_GROUP = "metadata/microscope"
@@ -138,13 +139,13 @@ def read_microscope(path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
         attrs: dict = {}
         if MICROSCOPE_GROUP in f:
             group = f[MICROSCOPE_GROUP]
-            attrs = {k: _plain(v) for k, v in group.attrs.items()}
+            attrs = {k: plain(v, lists=True) for k, v in group.attrs.items()}
             if "tags" in group:
-                attrs["tags"] = _load(group["tags"])
+                attrs["tags"] = load_tree(group["tags"], lists=True)
         haadf = None
         if STEM_IMAGES in f:
             images = f[STEM_IMAGES]
-            names = [_plain(n) for n in images.attrs.get("names", [])]
+            names = [plain(n) for n in images.attrs.get("names", [])]
             index = names.index("HAADF") if "HAADF" in names else 0
             haadf = np.asarray(images[index])
         return attrs, haadf
@@ -168,41 +169,13 @@ def _write(f: h5py.File, meta: MicroscopeMetadata) -> None:
     for key, value in meta.attrs().items():
         group.attrs[key] = value
     group.attrs["attached_time"] = time.time()
-    _save(group.create_group("tags"), meta.tags)
+    save_tree(group.create_group("tags"), meta.tags, lenient=True)
     if meta.haadf is not None:
         images = f.require_group("stem").create_dataset(
             "images", data=np.asarray(meta.haadf, np.float32)[None]
         )
         images.attrs["names"] = ["HAADF"]
         images.attrs["source"] = meta.source
-
-
-def _save(group: h5py.Group, tags: dict) -> None:
-    for key, value in tags.items():
-        name = str(key).replace("/", "_") or "_"
-        if isinstance(value, dict):
-            _save(group.require_group(name), value)
-        elif value is not None:
-            with contextlib.suppress(TypeError, ValueError):  # a value HDF5 cannot hold is left out
-                group.attrs[name] = value
-
-
-def _load(group: h5py.Group) -> dict:
-    out: dict = {k: _plain(v) for k, v in group.attrs.items()}
-    for key, item in group.items():
-        if isinstance(item, h5py.Group):
-            out[key] = _load(item)
-    return out
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
-    return value
 
 
 def _fsync_dir(directory: Path) -> None:

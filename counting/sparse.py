@@ -29,6 +29,7 @@ from h5py import h5s
 
 from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS, ScanShape
+from counting.h5_attrs import load_tree, save_tree
 from counting.h5_storage import TempHDF5
 from counting.kernel import EventList
 
@@ -205,7 +206,7 @@ def finish_layout(f: h5py.File, sector_masks: np.ndarray, metadata: dict) -> Non
     group = f["electron_events"]
     masks = group.create_dataset("sector_masks", data=np.asarray(sector_masks, np.uint8))
     masks.attrs["description"] = "bit m set when sector (module) m of the frame arrived; 15 = complete"
-    _save_dict(f.create_group("metadata"), metadata)
+    save_tree(f.create_group("metadata"), metadata)
 
 
 def _write_layout(f: h5py.File, scan: CountedScan) -> None:
@@ -214,32 +215,6 @@ def _write_layout(f: h5py.File, scan: CountedScan) -> None:
     for start in range(0, len(flat), _CHUNK):
         write_slots(frames, start, flat[start : start + _CHUNK])
     finish_layout(f, scan.sector_masks, scan.metadata)
-
-
-def _save_dict(group: h5py.Group, d: dict) -> None:
-    for key, value in d.items():
-        if isinstance(value, dict):
-            _save_dict(group.require_group(key), value)
-        elif value is None:
-            continue
-        else:
-            group.attrs[key] = value
-
-
-def _load_dict(group: h5py.Group) -> dict:
-    out: dict = {k: _plain(v) for k, v in group.attrs.items()}
-    for key, item in group.items():
-        if isinstance(item, h5py.Group):
-            out[key] = _load_dict(item)
-    return out
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -283,5 +258,5 @@ def _read_layout(f: h5py.File, path: Path) -> CountedScan:
         masks = f["electron_events/sector_masks"][()].astype(np.uint8).reshape(scan.positions, k)
     else:  # stempy's own files carry no mask: every stored frame is taken as complete
         masks = np.full((scan.positions, k), ALL_SECTORS, np.uint8)
-    metadata = _load_dict(f["metadata"]) if "metadata" in f else {}
+    metadata = load_tree(f["metadata"]) if "metadata" in f else {}
     return CountedScan(scan, events, masks, metadata)
