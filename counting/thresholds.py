@@ -7,6 +7,7 @@ always give the same thresholds.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import numba as nb
@@ -201,3 +202,16 @@ def _fit_gaussian(x: np.ndarray, counts: np.ndarray, mean: float, std: float) ->
     if not (np.isfinite(mu) and np.isfinite(sigma)) or sigma == 0:
         raise ThresholdError("Gaussian fit of the background histogram gave a degenerate result")
     return float(mu), float(abs(sigma))
+
+
+def warm_up_estimation(config: ThresholdConfig, dark: np.ndarray | None, gain: np.ndarray | None) -> None:
+    """Estimate thresholds once on synthetic frames: compiles (or loads from numba's cache) what estimation
+    runs and imports the fit, so the first scan's thresholds take no longer than any later scan's."""
+    rng = np.random.default_rng(0)
+    base = np.zeros(FRAME_SHAPE) if dark is None else np.clip(np.round(dark), 0, 60000)
+    frames = (base + rng.poisson(20.0, (2, *FRAME_SHAPE))).astype(np.uint16)
+    small = ThresholdConfig(
+        min(config.number_of_samples, 64), 2, config.background_n_sigma, config.xray_n_sigma, config.seed
+    )
+    with contextlib.suppress(ThresholdError):  # a fit of noise may fail; running the code is the point
+        estimate_thresholds(frames, dark, small, gain)

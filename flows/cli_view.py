@@ -4,7 +4,6 @@ page answers, then serves until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,22 +31,21 @@ def view(
     Nodes connect out to it (CURVE with the aggregator's keys when streaming.curve has them)."""
     from streaming.components import server_curve
     from streaming.live_server import LiveServer
+    from streaming.signals import stop_on_signals
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     live = given(bind=bind, page_host=host, page_port=port)
     settings = load_settings(streaming={"live": live} if live else None)
     server = LiveServer(settings.streaming.live, server_curve(settings.streaming.curve), scan_dir)
     done = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        print(f"live: {server.url}", flush=True)
-        print(f"snapshots: {server.ingest.address}", flush=True)
-        done.wait(timeout)
-    finally:
-        server.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with stop_on_signals(done.set):
+        try:
+            server.start()
+            print(f"live: {server.url}", flush=True)
+            print(f"snapshots: {server.ingest.address}", flush=True)
+            done.wait(timeout)
+        finally:
+            server.stop()
 
 
 def register(app: typer.Typer, wrap: Any) -> None:

@@ -20,34 +20,34 @@ and dropped. See streaming.protocol for the messages.
 Scale-out: with ``streaming.aggregator_processes`` K > 1 the aggregator starts K - 1 forwarding processes
 (streaming.forwarder, streaming.forwarder_hub) and stays the one control point: it begins and ends every
 scan, holds the routes and the monitor; the processes forward (see aggregator_forwarding). Node control
-messages are handled in aggregator_control.
+messages are handled in aggregator_control, which scan a sector belongs to in aggregator_admission.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import zmq
 
 from streaming import forwarder_messages as f
 from streaming import protocol as p
+from streaming.aggregator_admission import ScanAdmission
 from streaming.aggregator_control import NodeControl
 from streaming.aggregator_forwarding import ForwardingControl
 from streaming.aggregator_sockets import AggregatorSockets
 from streaming.aggregator_state import ENDED_MEMORY, AggregatorStats, monitor_state
 from streaming.forwarder_hub import ForwarderHub
 from streaming.node_registry import NodeEntry, NodeRegistry
-from streaming.router_io import drain, send_routed
+from streaming.router_io import Sent, drain, send_waiting
 from streaming.scan_tracker import OpenScan
 from streaming.security import CurveServerConfig
 from streaming.settings import StreamingSettings
+from streaming.signals import stop_on_signals
 from streaming.wire import SectorHeader, WireError, decode_message
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between s
 _MAX_POLL_MS = 100
 
 
-class Aggregator(NodeControl, ForwardingControl):
+class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
     """Receives sectors, forwards frames to nodes, ends scans; see the module docstring.
 
     settings: the streaming settings (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline,
@@ -258,74 +258,6 @@ class Aggregator(NodeControl, ForwardingControl):
         elif verdict == "late":
             self._count_late(header.scan_number)
 
-    def _admit(self, header: SectorHeader, parts: list | None) -> str:
-        """A sector of another scan than the open one (seen here, or by a forwarder: parts None): "begun"
-        (a new scan began with it), "held" (it begins when the nodes are armed), "refused" or "late"."""
-        number = header.scan_number
-        if self._held is not None and self._held[0].scan_number == number:
-            return "held"  # already waiting for the arm (seen here or by a forwarder)
-        if self._scan is None and self._refuse(number):
-            return "refused"
-        if self._is_late(number):
-            return "late"
-        if self._scan is not None:
-            self._end_scan("superseded")
-        if not self.nodes.all_ready(self._armed_once):
-            self._held = (header, parts)  # begins when every node is armed again
-            return "held"
-        self._begin_scan(header)
-        return "begun"
-
-    def _count_late(self, number: int) -> None:
-        self.stats.late += 1
-        if self.stats.late & (self.stats.late - 1) == 0:  # powers of two: never a log flood
-            log.warning(
-                "late sector #%d dropped: scan %d ended less than %g s ago",
-                self.stats.late,
-                number,
-                self.scan_deadline,
-            )
-
-    def _count_refused(self, number: int) -> None:
-        self.stats.refused += 1
-        self.stats.refused_scans[number] = self.stats.refused_scans.get(number, 0) + 1
-
-    def _refuse(self, number: int) -> bool:
-        """Refuse (count, never forward) a scan that began before the session was first armed, and the
-        rest of it: a scan that cannot be counted whole is reported, not written in part."""
-        now = time.monotonic()
-        last = self._refusing.get(number)
-        if self._armed_once and (last is None or now - last >= self.scan_deadline):
-            self._refusing.pop(number, None)
-            return False
-        if last is None:
-            log.warning(
-                "scan %d arrived before every node was ready: refused (its sectors are dropped and counted; "
-                "nothing of it is written); the first scan after ready is counted whole",
-                number,
-            )
-        self._refusing[number] = now
-        return True
-
-    def _is_late(self, number: int) -> bool:
-        """A sector of a scan that ended less than scan_deadline ago is late; after that the same number
-        begins a new scan (the detector resets its scan numbers)."""
-        ended = self._ended.get(number)
-        if ended is None:
-            return False
-        if time.monotonic() - ended < self.scan_deadline:
-            return True
-        del self._ended[number]
-        return False
-
-    def _on_malformed(self, exc: WireError) -> None:
-        self.stats.malformed += 1
-        if self._scan is not None:
-            self._scan.malformed += 1
-        # One line per power of two, so a flood of garbage cannot flood the log.
-        if self.stats.malformed & (self.stats.malformed - 1) == 0:
-            log.warning("malformed sector message #%d dropped: %s", self.stats.malformed, exc)
-
     def _forward(self, header: SectorHeader, parts: list) -> None:
         scan = self._scan
         assert scan is not None
@@ -440,32 +372,25 @@ class Aggregator(NodeControl, ForwardingControl):
         False when the node is gone (EHOSTUNREACH) or stalled past stall_timeout: it is then marked
         disconnected, and its sectors count as unroutable until it talks to us again.
         """
-        start = time.monotonic()
-        while node.connected:
-            identity = node.identity  # may change while we wait: a node can reconnect meanwhile
-            try:
-                self._send_parts(identity, parts)
-                return True
-            except zmq.Again:
-                pass
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                if node.identity == identity:
-                    self._lose(node, "disconnected")
-                continue
-            if self._stop_requested() or time.monotonic() - start >= self.stall_timeout:
-                self._lose(node, f"stalled: its queue stayed full for {self.stall_timeout:g} s")
-                return False
-            # ROUTER's POLLOUT means "some peer has room", so wait on control input for a moment instead.
-            if self._control_poller.poll(_BLOCKED_POLL_MS):
-                self._service_control()
-            if time.monotonic() >= self._next_state:
-                self._publish_state()
-        return False
+        outcome = send_waiting(
+            self._router,
+            lambda: node.identity if node.connected else None,  # a node can reconnect while we wait
+            parts,
+            self.stall_timeout,
+            self._stop_requested,
+            self._wait_for_room,
+        )
+        if outcome is Sent.UNREACHABLE:
+            self._lose(node, "disconnected")
+        elif outcome is Sent.STALLED:
+            self._lose(node, f"stalled: its queue stayed full for {self.stall_timeout:g} s")
+        return outcome is Sent.SENT
 
-    def _send_parts(self, identity: bytes, parts: list) -> None:
-        send_routed(self._router, identity, parts)
+    def _wait_for_room(self) -> None:
+        if self._control_poller.poll(_BLOCKED_POLL_MS):
+            self._service_control()
+        if time.monotonic() >= self._next_state:
+            self._publish_state()
 
     def _send_control(self, node: NodeEntry, message: object) -> None:
         if node.connected:
@@ -525,20 +450,6 @@ class Aggregator(NodeControl, ForwardingControl):
         )
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event):
-    """SIGTERM/SIGINT set the stop event (main thread only); the old handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 def run_aggregator(
     settings: StreamingSettings,
     curve: CurveServerConfig | None = None,
@@ -547,5 +458,5 @@ def run_aggregator(
 ) -> AggregatorStats:
     """Run an aggregator until SIGTERM/SIGINT, stop_event, or timeout seconds; returns its counters."""
     stop = stop_event or threading.Event()
-    with _stop_on_signals(stop), Aggregator(settings, curve) as agg:
+    with stop_on_signals(stop.set), Aggregator(settings, curve) as agg:
         return agg.run(stop_event=stop, timeout=timeout)

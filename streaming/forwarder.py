@@ -28,7 +28,7 @@ import zmq
 from streaming import forwarder_messages as f
 from streaming import protocol as p
 from streaming.aggregator_state import ENDED_MEMORY
-from streaming.router_io import drain, send_routed
+from streaming.router_io import Sent, drain, send_waiting
 from streaming.security import CurveServerConfig, apply_server
 from streaming.settings import StreamingSettings
 from streaming.wire import WireError, decode_message
@@ -261,26 +261,22 @@ class Forwarder:
 
     def _send(self, name: str, parts: list) -> bool:
         """Send to a node, waiting while its queue is full (up to the stall timeout); False: not delivered."""
-        identity = self.attached.get(name)
-        if identity is None:
-            return False
-        start = time.monotonic()
-        while True:
-            try:
-                send_routed(self.router, identity, parts)
-                return True
-            except zmq.Again:
-                pass
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.attached.pop(name, None)  # gone: the aggregator reroutes when it notices
-                return False
-            if self._stop or time.monotonic() - start >= self.settings.aggregator_stall_timeout:
-                return False
-            if self.hub.poll(1):
-                self._service_hub()
-            self._maybe_report()
+        outcome = send_waiting(
+            self.router,
+            lambda: self.attached.get(name),
+            parts,
+            self.settings.aggregator_stall_timeout,
+            lambda: self._stop,
+            self._wait_for_room,
+        )
+        if outcome is Sent.UNREACHABLE:
+            self.attached.pop(name, None)  # gone: the aggregator reroutes when it notices
+        return outcome is Sent.SENT
+
+    def _wait_for_room(self) -> None:
+        if self.hub.poll(1):
+            self._service_hub()
+        self._maybe_report()
 
     # ------------------------------------------------------------------------------------------ control
     def _service_nodes(self) -> None:

@@ -16,7 +16,6 @@ A hosted writer that cannot store a scan stops the node at once and ``run`` rais
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
@@ -38,6 +37,7 @@ from streaming.live_node import LiveNode
 from streaming.node_config import NodeConfig, NodeCounters, NodeRefused
 from streaming.node_scan import NodeScan
 from streaming.scan_files import ScanWriterError, check_output_dir
+from streaming.signals import stop_on_signals
 from streaming.wire import WireError, decode_message
 from streaming.writer_client import WriterClient
 
@@ -164,9 +164,12 @@ class NodeStreamer:
     def _drain_aggregator(self, sock: zmq.Socket) -> None:
         # Bounded batch per poll so writer messages and worker results are never starved.
         for _ in range(256):
-            if not self._can_read() or not sock.poll(0):
+            if not self._can_read():
                 return
-            parts = sock.recv_multipart(copy=False)
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
             self.link.last_heard = time.monotonic()
             kind = parts[0].bytes
             if kind == p.ATTACH:
@@ -461,11 +464,5 @@ class NodeStreamer:
 def run_node(config: NodeConfig, dark: np.ndarray | None, gain: np.ndarray | None = None) -> NodeCounters:
     """Run a node streamer until SIGTERM/SIGINT (or max_scans); the process entry point's body."""
     node = NodeStreamer(config, dark, gain)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, lambda *_: node.stop()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals(node.stop):
         return node.run()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -1,8 +1,10 @@
 """Hot-path ZeroMQ helpers shared by the aggregator and its forwarding processes: draining a receiver
-socket in bounded batches, and sending a routed message zero-copy without blocking."""
+socket in bounded batches, and sending a routed message zero-copy, without blocking or waiting for room."""
 
 from __future__ import annotations
 
+import enum
+import time
 from collections.abc import Callable
 
 import zmq
@@ -31,3 +33,49 @@ def drain(sock: zmq.Socket, handle: Callable[[list], None], batch: int, stop: Ca
         handle(parts)
         if stop():
             return
+
+
+class Sent(enum.Enum):
+    """How a routed send that may wait for room ended."""
+
+    SENT = "sent"
+    UNREACHABLE = "unreachable"  # no such peer (it went away), or none to send to
+    STALLED = "stalled"  # its queue stayed full for the whole timeout
+    STOPPED = "stopped"  # the owner is stopping
+
+
+def send_waiting(
+    router: zmq.Socket,
+    identity: Callable[[], bytes | None],
+    parts: list,
+    timeout: float,
+    stop: Callable[[], bool],
+    wait: Callable[[], None],
+) -> Sent:
+    """Send [identity(), *parts], retrying while the peer's queue is full, up to timeout seconds.
+
+    identity is asked again on every try (a peer may reconnect under a new identity meanwhile; None: gone).
+    Between tries wait() runs: it must block briefly (ROUTER's POLLOUT means "some peer has room", so the
+    owner waits on its own control input) and may service it.
+    """
+    start = None
+    while True:
+        peer = identity()
+        if peer is None:
+            return Sent.UNREACHABLE
+        try:
+            send_routed(router, peer, parts)
+            return Sent.SENT
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return Sent.UNREACHABLE
+        if stop():
+            return Sent.STOPPED
+        now = time.monotonic()
+        start = now if start is None else start  # the clock starts at the first refusal: sends mostly pass
+        if now - start >= timeout:
+            return Sent.STALLED
+        wait()

@@ -24,7 +24,6 @@ fail the same way, so the writer's host fails loudly at once rather than streami
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -39,7 +38,13 @@ import zmq
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.kernel import EventList, Thresholds
 from counting.scan_file import ScanFile, ScanTally
-from counting.thresholds import ThresholdConfig, ThresholdError, estimate_thresholds, fixed_threshold_metadata
+from counting.thresholds import (
+    ThresholdConfig,
+    ThresholdError,
+    estimate_thresholds,
+    fixed_threshold_metadata,
+    warm_up_estimation,
+)
 from streaming import protocol as p
 from streaming.calibration import calibration_digest, calibration_parts
 from streaming.scan_files import ScanIds, ScanNaming, ScanWriterError, check_output_dir, write_scan
@@ -445,18 +450,3 @@ class ScanWriter:
 def _key(message: p.NodeScanBegin | p.SampleHeader | p.EventsHeader | p.NodeScanDone) -> str:
     """The scan a message belongs to: its aggregator key (the number alone, from older nodes)."""
     return message.scan_key or f"number-{message.scan_number}"
-
-
-def warm_up_estimation(config: ThresholdConfig, dark: np.ndarray | None, gain: np.ndarray | None) -> None:
-    """Estimate thresholds once on synthetic frames: compiles (or loads from numba's cache) what estimation
-    runs and imports the fit, so the first scan's thresholds take no longer than any later scan's."""
-    rng = np.random.default_rng(0)
-    base = np.zeros(FRAME_SHAPE) if dark is None else np.clip(np.round(dark), 0, 60000)
-    frames = (base + rng.poisson(20.0, (2, *FRAME_SHAPE))).astype(np.uint16)
-    small = ThresholdConfig(
-        min(config.number_of_samples, 64), 2, config.background_n_sigma, config.xray_n_sigma, config.seed
-    )
-    with contextlib.suppress(
-        ThresholdError
-    ):  # a fit of synthetic noise may fail; running the code is the point
-        estimate_thresholds(frames, dark, small, gain)
