@@ -24,7 +24,6 @@ import logging
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import statistics
 import tempfile
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from sector_feed import Inbox, process_cpu, push_scan
 
-from counting.geometry import N_SECTORS, SECTOR_BYTES
+from counting.geometry import SECTOR_BYTES
 from streaming import protocol as p
-from streaming.wire import SectorHeader
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.80
@@ -47,13 +46,8 @@ PATHS = ("raw", "aggregator", "c_proxy")
 
 
 # ------------------------------------------------------------------------------------------ processes
-def _cpu() -> tuple[float, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads, libzmq's I/O thread included
-    return usage.ru_utime, usage.ru_stime
-
-
 def _report_cpu(out: mp.Queue, role: str, since: tuple[float, float], messages: int) -> None:
-    user, system = (now - then for now, then in zip(_cpu(), since))
+    user, system = (now - then for now, then in zip(process_cpu(), since))
     out.put(
         (f"cpu:{role}", {"user_us_per_msg": 1e6 * user / messages, "sys_us_per_msg": 1e6 * system / messages})
     )
@@ -61,26 +55,8 @@ def _report_cpu(out: mp.Queue, role: str, since: tuple[float, float], messages: 
 
 def sender(endpoint: str, messages: int, start: mp.Event, out: mp.Queue) -> None:
     """Send `messages` sectors of one valid scan (modules interleaved, frame order), zero-copy."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.sndhwm = HWM
-    sock.linger = -1
-    sock.connect(endpoint)
-    frames = messages // N_SECTORS
-    width = next(w for w in range(int(frames**0.5), 0, -1) if frames % w == 0)
-    headers = [
-        SectorHeader(1, f + 1, frames, width, frames // width, f % width, f // width, 0, m).encode()
-        for f in range(frames)
-        for m in range(N_SECTORS)
-    ]  # encoded up front: the production receivers are C++, the sender should cost little
-    pool = [np.full(SECTOR_BYTES, i, np.uint8) for i in range(8)]
-    start.wait(TIMEOUT_S)
-    since = _cpu()
-    for i, header in enumerate(headers):
-        sock.send_multipart([header, pool[i & 7]], copy=False)
-    sock.close()
-    ctx.term()  # linger -1: returns when everything is handed to the kernel
-    _report_cpu(out, "sender", since, len(headers))
+    sent, (user, system) = push_scan(endpoint, messages, start, hwm=HWM, timeout=TIMEOUT_S)
+    out.put(("cpu:sender", {"user_us_per_msg": 1e6 * user / sent, "sys_us_per_msg": 1e6 * system / sent}))
 
 
 def pull_receiver(endpoint: str, messages: int, bind: bool, out: mp.Queue) -> None:
@@ -123,7 +99,7 @@ def _time_messages(receive: Callable[[], zmq.Frame], messages: int, out: mp.Queu
     """Receive `messages` payloads, touching each; seconds from the first to the last."""
     checksum = 0
     receive()
-    first, since = time.perf_counter(), _cpu()
+    first, since = time.perf_counter(), process_cpu()
     for _ in range(messages - 1):
         checksum += int(np.frombuffer(receive().buffer, np.uint8)[-1])
     seconds = time.perf_counter() - first
@@ -142,7 +118,7 @@ def aggregator(receiver: str, nodes: str, messages: int, out: mp.Queue) -> None:
     )
     with Aggregator(settings) as agg:
         out.put(("endpoints", (agg.receiver_endpoints[0], agg.nodes_endpoint)))
-        since = _cpu()
+        since = process_cpu()
         stats = agg.run(until=lambda s: s.forwarded >= messages, timeout=TIMEOUT_S)
         _report_cpu(out, "forwarder", since, messages)
     out.put(("stats", {"forwarded": stats.forwarded, "malformed": stats.malformed}))
@@ -160,23 +136,9 @@ def c_proxy(front: str, back: str, out: mp.Queue) -> None:
 
 
 # ------------------------------------------------------------------------------------------ orchestration
-class _Inbox:
-    """Messages from the children, by key, in whatever order they come."""
-
-    def __init__(self, queue: mp.Queue) -> None:
-        self.queue = queue
-        self.got: dict[str, object] = {}
-
-    def get(self, key: str) -> object:
-        while key not in self.got:
-            name, value = self.queue.get(timeout=TIMEOUT_S)
-            self.got[name] = value
-        return self.got[key]
-
-
 def run_path(ctx: mp.context.BaseContext, path: str, endpoints: dict[str, str], messages: int) -> dict:
     """One timed run of a path; the result has msgs/s, GB/s and CPU per message per process."""
-    inbox, start = _Inbox(ctx.Queue()), ctx.Event()
+    inbox, start = Inbox(ctx.Queue(), TIMEOUT_S), ctx.Event()
     procs: list[tuple[mp.process.BaseProcess, float]] = []  # with how long it may take to finish
 
     def spawn(target: Callable, *args: object) -> None:

@@ -26,17 +26,16 @@ import logging
 import multiprocessing as mp
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import zmq
+from sector_feed import Inbox, process_cpu, push_scan
 
-from counting.geometry import N_SECTORS, SECTOR_BYTES
+from counting.geometry import SECTOR_BYTES
 from streaming import protocol as p
-from streaming.wire import SectorHeader
 
 RESULTS = Path(__file__).parent / "results"
 TIMEOUT_S = 120.0
@@ -54,11 +53,6 @@ def _keys() -> dict:
         "server": (server_public.decode(), server_secret.decode()),
         "client": (client_public.decode(), client_secret.decode()),
     }
-
-
-def _cpu_self() -> tuple[float, float]:
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime, u.ru_stime
 
 
 def aggregator_proc(k: int, keys: dict | None, messages: int, out: mp.Queue) -> None:
@@ -160,11 +154,11 @@ def node_proc(nodes: str, keys: dict | None, messages: int, out: mp.Queue) -> No
                     main.send_multipart(p.encode(p.Heartbeat("bench-node", "streaming")))
                     beat = time.monotonic()
                 if got == 0:
-                    first, since = time.perf_counter(), _cpu_self()
+                    first, since = time.perf_counter(), process_cpu()
                 checksum += int(np.frombuffer(parts[2].buffer, np.uint8)[-1])
                 got += 1
     seconds = time.perf_counter() - first
-    user, system = (a - b for a, b in zip(_cpu_self(), since))
+    user, system = (a - b for a, b in zip(process_cpu(), since))
     out.put(("result", {"messages": got - 1, "seconds": seconds, "checksum": checksum}))
     out.put(("cpu:node", {"user": user, "system": system}))
     for sock in [main, *paths]:
@@ -174,43 +168,14 @@ def node_proc(nodes: str, keys: dict | None, messages: int, out: mp.Queue) -> No
 
 def sender_proc(endpoints: str, messages: int, start: mp.Event, out: mp.Queue) -> None:
     """One scan's sectors, zero-copy, to every forwarding process (ZeroMQ spreads them)."""
-    ctx = zmq.Context(io_threads=2)
-    sock = ctx.socket(zmq.PUSH)
-    sock.sndhwm = HWM
-    sock.linger = -1
-    for address in endpoints.split(","):
-        sock.connect(address)
-    frames = messages // N_SECTORS
-    width = next(w for w in range(int(frames**0.5), 0, -1) if frames % w == 0)
-    headers = [
-        SectorHeader(1, f + 1, frames, width, frames // width, f % width, f // width, 0, m).encode()
-        for f in range(frames)
-        for m in range(N_SECTORS)
-    ]
-    pool = [np.full(SECTOR_BYTES, i, np.uint8) for i in range(8)]
-    start.wait(TIMEOUT_S)
-    for i, header in enumerate(headers):
-        sock.send_multipart([header, pool[i & 7]], copy=False)
-    sock.close()
-    ctx.term()
-    out.put(("sent", len(headers)))
-
-
-class _Inbox:
-    def __init__(self, queue: mp.Queue) -> None:
-        self.queue, self.got = queue, {}
-
-    def get(self, key: str) -> object:
-        while key not in self.got:
-            name, value = self.queue.get(timeout=TIMEOUT_S)
-            self.got[name] = value
-        return self.got[key]
+    sent, _ = push_scan(endpoints, messages, start, hwm=HWM, timeout=TIMEOUT_S, io_threads=2)
+    out.put(("sent", sent))
 
 
 def run_config(k: int, curve: bool, messages: int) -> dict:
     """One timed run: K forwarding processes, plain or CURVE."""
     ctx = mp.get_context("spawn")
-    inbox, start = _Inbox(ctx.Queue()), ctx.Event()
+    inbox, start = Inbox(ctx.Queue(), TIMEOUT_S), ctx.Event()
     keys = _keys() if curve else None
     procs = []
 
