@@ -36,6 +36,7 @@ from streaming.forwarder import offset_address
 from streaming.push_socket import DEFAULT_HWM
 from streaming.scan_record import ScanRecord
 from streaming.sender import SendResult, run_sender
+from streaming.shared_rendering import SharedRendering
 from tasks.plan import free_port
 from tasks.processes import ProcessGroup, process_tree, rss_kb
 
@@ -186,13 +187,12 @@ class ProcessPipeline:
     ) -> Sent:
         """Send a scan as the four receivers do: one thread per module (streaming.sender.run_sender).
 
-        source: a SimulatorConfig (one camera per thread, rendering in parallel), a SimulatedCamera (shared
-        by the four threads), or raw v5 file paths (each thread opens them). rate: frames/s per module;
-        realtime: pace at rate and drop (count as overflowed) what the aggregator cannot take at once."""
-        if isinstance(source, SimulatorConfig):
-            sources = [SimulatedCamera(source) for _ in range(N_SECTORS)]
-        elif isinstance(source, SimulatedCamera):
-            sources = [source] * N_SECTORS
+        source: a SimulatorConfig or a SimulatedCamera (rendered once, shared by the four threads), or raw
+        v5 file paths (each thread opens them). rate: frames/s per module; realtime: pace at rate and drop
+        (count as overflowed) what the aggregator cannot take at once."""
+        if isinstance(source, SimulatorConfig | SimulatedCamera):
+            camera = source if isinstance(source, SimulatedCamera) else SimulatedCamera(source)
+            sources = [SharedRendering(camera)] * N_SECTORS  # each frame rendered once, for all four
         else:
             sources = [open_raw_scan(source) for _ in range(N_SECTORS)]
         ends = [0.0] * N_SECTORS

@@ -17,6 +17,8 @@ import numpy as np
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, N_SECTORS, SECTOR_ROWS, FrameBatch
 
+SECTOR_PIXELS = SECTOR_ROWS * FRAME_COLS
+
 
 @dataclass
 class Slot:
@@ -24,6 +26,7 @@ class Slot:
 
     index: int
     frames: np.ndarray  # (batch, 576, 576) uint16 view into the slot's memory
+    flat: np.ndarray = field(init=False)  # the same, (batch, 576 * 576): sector m is one contiguous run
     frame_numbers: np.ndarray = field(init=False)
     positions: np.ndarray = field(init=False)
     masks: np.ndarray = field(init=False)
@@ -34,6 +37,8 @@ class Slot:
 
     def __post_init__(self) -> None:
         n = self.frames.shape[0]
+        self.flat = self.frames.view()
+        self.flat.shape = (n, -1)  # raises rather than copy: writes must land in the slot's memory
         self.frame_numbers = np.zeros(n, np.int64)
         self.positions = np.zeros(n, np.int64)
         self.masks = np.zeros(n, np.uint8)
@@ -69,7 +74,7 @@ class FrameAssembler:
         self._slots = [Slot(i, s) for i, s in enumerate(slots)]
         self._free = list(range(len(slots)))[::-1]
         self._open: Slot | None = None
-        self._where: dict[int, tuple[int, int]] = {}  # frame_number -> (slot, row)
+        self._where: dict[int, list[int]] = {}  # frame_number -> [slot, row, sectors arrived (mask)]
         self.scan_number = -1
         self.duplicates = 0
         self.late = 0  # sectors of frames already sealed (after an eviction): dropped and counted
@@ -97,29 +102,33 @@ class FrameAssembler:
 
     def add(self, frame_number: int, position: int, module: int, payload: memoryview) -> list[Sealed]:
         """Copy one sector into its frame; returns slots that became complete. Raises if no slot is free."""
-        where = self._where.get(frame_number)
-        if where is None:
+        # Per sector, so plain ints: the frame's mask lives in its entry until the frame is complete.
+        entry = self._where.get(frame_number)
+        if entry is None:
             if frame_number in self._sealed_frames:
                 self.late += 1
                 return []
-            where = self._new_row(frame_number, position)
-        slot = self._slots[where[0]]
-        row = where[1]
+            entry = self._new_row(frame_number, position)
         bit = 1 << module
-        if slot.masks[row] & bit:
+        mask = entry[2]
+        if mask & bit:
             self.duplicates += 1  # a repeated sector would overwrite good data: drop and count it
             return []
-        sector = np.frombuffer(payload, dtype="<u2").reshape(SECTOR_ROWS, FRAME_COLS)
-        slot.frames[row, module * SECTOR_ROWS : (module + 1) * SECTOR_ROWS] = sector
-        slot.masks[row] |= bit
-        if slot.masks[row] == ALL_SECTORS:
-            slot.complete += 1
-            del self._where[frame_number]
-            if slot.complete == slot.frames.shape[0]:
-                return [self._seal(slot)]
+        slot = self._slots[entry[0]]
+        start = module * SECTOR_PIXELS
+        slot.flat[entry[1], start : start + SECTOR_PIXELS] = np.frombuffer(payload, "<u2")
+        mask |= bit
+        if mask != ALL_SECTORS:
+            entry[2] = mask
+            return []
+        slot.masks[entry[1]] = mask
+        slot.complete += 1
+        del self._where[frame_number]
+        if slot.complete == slot.frames.shape[0]:
+            return [self._seal(slot)]
         return []
 
-    def _new_row(self, frame_number: int, position: int) -> tuple[int, int]:
+    def _new_row(self, frame_number: int, position: int) -> list[int]:
         slot = self._open
         if slot is None or slot.used == slot.frames.shape[0]:
             if not self._free:
@@ -132,8 +141,14 @@ class FrameAssembler:
         slot.frame_numbers[row] = frame_number
         slot.positions[row] = position
         slot.masks[row] = 0
-        self._where[frame_number] = (slot.index, row)
-        return slot.index, row
+        entry = self._where[frame_number] = [slot.index, row, 0]
+        return entry
+
+    def _store_masks(self, index: int) -> None:
+        """Write the masks of a slot's frames still waiting for sectors into the slot, before sealing."""
+        for number in [n for n, (s, _, _) in self._where.items() if s == index]:
+            _, row, mask = self._where.pop(number)
+            self._slots[index].masks[row] = mask
 
     def _seal(self, slot: Slot) -> Sealed:
         if slot is self._open:
@@ -148,26 +163,26 @@ class FrameAssembler:
 
     def flush(self) -> list[Sealed]:
         """End of scan: seal every slot holding frames, complete or not."""
-        pending = {s for s, _ in self._where.values()}
+        pending = {s for s, _, _ in self._where.values()}
         if self._open is not None:
             pending.add(self._open.index)
-        self._where.clear()
+        for index in pending:
+            self._store_masks(index)
         self._open = None
         return [self._seal(self._slots[i]) for i in sorted(pending) if self._slots[i].used]
 
     def oldest_waiting(self) -> float | None:
         """Monotonic open time of the oldest slot still waiting for sectors, or None."""
-        waiting = {s for s, _ in self._where.values()}
+        waiting = {s for s, _, _ in self._where.values()}
         return min((self._slots[i].opened for i in waiting), default=None)
 
     def evict_oldest(self) -> list[Sealed]:
         """Seal the slot that has waited longest, incomplete frames and all; their late sectors are dropped."""
-        waiting = {s for s, _ in self._where.values()}
+        waiting = {s for s, _, _ in self._where.values()}
         if not waiting:
             return []
         index = min(waiting, key=lambda i: self._slots[i].opened)
-        for number in [n for n, (s, _) in self._where.items() if s == index]:
-            del self._where[number]
+        self._store_masks(index)
         self.evicted += 1
         return [self._seal(self._slots[index])]
 

@@ -39,10 +39,24 @@ def address_for(addresses: Sequence[str], module: int) -> str:
 
 
 class PushConnection:
-    """One emulated receiver thread: a PUSH socket; keeps the latest message back so it can be tracked."""
+    """One emulated receiver thread: a PUSH socket; keeps the latest message back so it can be tracked.
 
-    def __init__(self, ctx: zmq.Context, address: str, hwm: int, send_timeout: float | None, label: str):
+    copy: the sender's buffers are reused once sent, so libzmq copies each message when it is sent
+    (otherwise messages go out zero-copy, referencing the sender's memory until sent).
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        address: str,
+        hwm: int,
+        send_timeout: float | None,
+        label: str,
+        *,
+        copy: bool = False,
+    ):
         self.label = label
+        self.copy = copy
         self.address = address
         self._send_timeout = send_timeout
         self.socket = ctx.socket(zmq.PUSH)
@@ -71,7 +85,7 @@ class PushConnection:
         if self._pending is not None:
             try:
                 # NOBLOCK fails only on the first part (HWM full); once accepted, the rest always is.
-                self.socket.send_multipart(self._pending, _NOBLOCK, copy=False)
+                self.socket.send_multipart(self._pending, _NOBLOCK, copy=self.copy)
             except zmq.Again:
                 ok = False
         self._pending = parts
@@ -101,6 +115,8 @@ class PushConnection:
         """Send the held message tracked and wait until ZeroMQ has handed it (and all before) to the OS."""
         if self._pending is None:
             return
+        if self.copy:  # tracking needs a zero-copy send: of memory of its own, which nothing reuses
+            self._pending = [bytes(memoryview(part)) for part in self._pending]
         tracker = self._send(self._pending, track=True)
         self._pending = None
         if tracker is None:
@@ -119,7 +135,7 @@ class PushConnection:
 
     def _send(self, parts: list, track: bool) -> zmq.MessageTracker | None:
         try:
-            return self.socket.send_multipart(parts, copy=False, track=track)
+            return self.socket.send_multipart(parts, copy=self.copy and not track, track=track)
         except zmq.Again:
             raise SenderError(
                 f"{self.label}: the aggregator at {self.address} took no data for {self._send_timeout:g} s "

@@ -21,6 +21,7 @@ from counting.simulator import SimulatedCamera, SimulatorConfig
 from streaming.faults import SenderFaults
 from streaming.push_socket import DEFAULT_HWM, DEFAULT_LINGER, DEFAULT_SEND_TIMEOUT, SenderError, address_for
 from streaming.sender import SendResult, run_sender
+from streaming.shared_rendering import SharedRendering
 from streaming.sources import PathLike, Source, open_source, source_spec
 
 _Children = dict[int, tuple[mp.process.BaseProcess, Connection]]
@@ -84,9 +85,11 @@ def send_simulated_scan(
     sends release the GIL, so this keeps up with the counting pipeline on a few cores.
     """
 
+    shared = SharedRendering(camera)  # each frame rendered once, for all four
+
     def one(module: int) -> SendResult:
         return run_sender(
-            camera,
+            shared,
             addresses,
             module,
             rate,

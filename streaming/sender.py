@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 
@@ -92,13 +92,16 @@ def run_sender(
     faults = faults or SenderFaults()
     info, sectors = module_sectors(source, module)
     if scan_number is not None:
-        info = ScanInfo(scan_number, info.width, info.height, info.frames)
+        info = replace(info, scan_number=scan_number)
     address = address_for(addresses, module)
     per_thread = tuple((info.frames - t + threads - 1) // threads for t in range(threads))
     own_ctx = context is None
     ctx = zmq.Context() if own_ctx else context
     label = f"sender module {module}"
-    conns = [PushConnection(ctx, address, hwm, send_timeout, f"{label} thread {t}") for t in range(threads)]
+    conns = [
+        PushConnection(ctx, address, hwm, send_timeout, f"{label} thread {t}", copy=info.reused_buffers)
+        for t in range(threads)
+    ]
     start = time.monotonic()
     close_linger = 0.0  # after a failure nothing more is waited for
     try:

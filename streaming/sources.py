@@ -18,9 +18,10 @@ import numpy as np
 from counting.geometry import SECTOR_ROWS
 from counting.raw import RawScan, block_dtype, module_from_path, open_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from streaming.shared_rendering import SharedRendering
 
 PathLike = str | os.PathLike[str]
-Source = RawScan | SimulatedCamera
+Source = RawScan | SimulatedCamera | SharedRendering
 Sector = tuple[int, int, int, object]  # (frame_number, x, y, sector buffer)
 
 
@@ -30,12 +31,17 @@ class ScanInfo:
     width: int
     height: int
     frames: int  # sectors this module will try to send (before drops)
+    # The source reuses a sector's memory once iteration moves on, so a sender must copy it when sending
+    # (libzmq copies at once, with the GIL released) instead of sending it zero-copy.
+    reused_buffers: bool = False
 
 
 def module_sectors(source: Source, module: int) -> tuple[ScanInfo, Iterator[Sector]]:
     """The scan identity and (frame_number, x, y, sector buffer) of every sector of one module, in order."""
     if isinstance(source, SimulatedCamera):
         return _simulated_sectors(source, module)
+    if isinstance(source, SharedRendering):
+        return _shared_sectors(source, module)
     if isinstance(source, RawScan):
         if source.version == 5:
             return _raw_v5_sectors(source, module)
@@ -45,14 +51,24 @@ def module_sectors(source: Source, module: int) -> tuple[ScanInfo, Iterator[Sect
 
 def _simulated_sectors(camera: SimulatedCamera, module: int):
     scan = camera.scan
-    info = ScanInfo(0, scan.width, scan.height, camera.total_frames)
+    # The simulator recycles its ring memory once Python holds no reference to a batch, but libzmq may
+    # still be queueing a zero-copy message then (seen: frames overwritten after the ring wrapped).
+    info = ScanInfo(0, scan.width, scan.height, camera.total_frames, reused_buffers=True)
 
     def gen() -> Iterator[Sector]:
-        # The simulator recycles its ring memory once Python holds no reference to a batch, but libzmq may
-        # still be queueing a zero-copy message then (seen: frames overwritten after the ring wrapped).
-        # A 166 kB copy costs ~12 us, so send copies of the simulator's sectors.
         for frame_number, position, _, sector in camera.iter_sectors(module=module):
-            yield frame_number, position % scan.width, position // scan.width, sector.copy()
+            yield frame_number, position % scan.width, position // scan.width, sector
+
+    return info, gen()
+
+
+def _shared_sectors(shared: SharedRendering, module: int):
+    scan = shared.camera.scan
+    info = ScanInfo(0, scan.width, scan.height, shared.camera.total_frames, reused_buffers=True)
+
+    def gen() -> Iterator[Sector]:
+        for frame_number, position, sector in shared.sectors(module):
+            yield frame_number, position % scan.width, position // scan.width, sector
 
     return info, gen()
 
@@ -108,6 +124,8 @@ def source_spec(source: Source | SimulatorConfig | Sequence[PathLike] | PathLike
     """A picklable description of a source: a simulator config, or raw paths and version."""
     if isinstance(source, SimulatorConfig):
         return source
+    if isinstance(source, SharedRendering):
+        source = source.camera
     if isinstance(source, SimulatedCamera):
         return source.config  # frames depend only on the config, so the child renders the same scan
     if isinstance(source, RawScan):
