@@ -51,11 +51,18 @@ class FramePool:
         to render in place and publish; None when held batches block them all (render a copy instead)."""
         slot0 = self.slots_for(i0, n)
         start = self._free_window(slot0, n)
-        bound = self.pool_size * -(-3 * n // self.pool_size) + n
-        if start is None and len(self.ring) < bound:
-            self._grow(bound)
+        if start is None and len(self.ring) < self._bound(n):
+            self._grow(self._bound(n))
             start = self._free_window(slot0, n)
         return start
+
+    def reserve(self, n: int) -> None:
+        """Grow the ring now to what batches of n frames will need, rather than in the middle of a scan."""
+        if len(self.ring) < self._bound(n):
+            self._grow(self._bound(n))
+
+    def _bound(self, n: int) -> int:
+        return self.pool_size * -(-3 * n // self.pool_size) + n
 
     def publish(self, slot0: int, n: int) -> np.ndarray:
         """Lend slots [slot0, slot0 + n) out as a read-only (n, pixels) view; they stay held while any

@@ -168,6 +168,13 @@ class SimulatedCamera:
         """Like iter_batches, with each frame's ground-truth electron pixels."""
         yield from self._iter(batch_size, want_truth=True, pair=True)
 
+    def reserve(self, batch_size: int = 64) -> None:
+        """Allocate (and compile) now what rendering batches of batch_size frames needs, so that the time
+        goes before a scan rather than into its first batches (a sender calls it before its clock starts)."""
+        check_int("batch_size", batch_size, 1)
+        with self._lock:
+            self._pool.reserve(batch_size)
+
     def iter_sectors(
         self, module: int | None = None, batch_size: int | None = None
     ) -> Iterator[tuple[int, int, int, np.ndarray]]:

@@ -26,7 +26,9 @@ class SharedRendering:
     def __init__(self, camera: SimulatedCamera, ahead: int = 2, batch_size: int = 64) -> None:
         self.camera = camera
         self.ahead = ahead
-        self._batches = camera.iter_batches(min(batch_size, max(1, camera.config.pool_size // 2)))
+        batch_size = min(batch_size, max(1, camera.config.pool_size // 2))
+        camera.reserve(batch_size)  # the simulator's memory grows here, not while the scan streams
+        self._batches = camera.iter_batches(batch_size)
         self._cond = threading.Condition()
         self._window: dict[int, FrameBatch] = {}  # rendered batches some sender has not passed yet
         self._rendered = 0

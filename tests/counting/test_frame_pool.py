@@ -50,3 +50,18 @@ def test_claim_gives_up_when_held_batches_block_every_window():
         kept.append(pool.publish(slot, 2))
     assert slot is None  # the caller renders into fresh memory instead
     assert pool.slots_for(0, 2) == 0
+
+
+def test_reserve_grows_the_ring_once_up_front_so_a_held_window_never_grows_it_later():
+    pool = _pool(pool_size=4)
+    pool.reserve(2)
+    grown = len(pool.ring)
+    assert grown > 4
+    kept = []
+    for i in range(0, 40, 2):  # a reader holding the last three batches, as a sender's lead allows
+        slot = pool.claim(i % 4, 2)
+        assert slot is not None
+        kept = [*kept[-2:], pool.publish(slot, 2)]
+    assert len(pool.ring) == grown
+    pool.reserve(2)  # already enough: nothing changes
+    assert len(pool.ring) == grown
