@@ -172,6 +172,8 @@ class SimulatedCamera:
         """Allocate (and compile) now what rendering batches of batch_size frames needs, so that the time
         goes before a scan rather than into its first batches (a sender calls it before its clock starts)."""
         check_int("batch_size", batch_size, 1)
+        if self.total_frames <= self.config.pool_size:
+            return  # the ring never wraps in such a scan, so it never grows
         with self._lock:
             self._pool.reserve(batch_size)
 

@@ -419,3 +419,17 @@ def test_streaming_consumer_gets_zero_copy_views_of_the_ring():
         )
     for _, _, _, sector in sim.iter_sectors():
         assert isinstance(sector.base.base, memoryview)
+
+
+def test_reserve_grows_the_ring_only_for_a_scan_that_wraps_it_and_then_never_mid_scan():
+    small = SimulatedCamera(SimulatorConfig(ScanShape(4, 4), pool_size=32, seed=1))
+    small.reserve(8)
+    assert len(small._pool.ring) == 32  # 16 frames never wrap a 32-frame ring: nothing allocated
+    big = SimulatedCamera(SimulatorConfig(ScanShape(12, 12), pool_size=32, seed=1))
+    big.reserve(8)
+    grown = len(big._pool.ring)
+    assert grown > 32
+    held = []
+    for batch in big.iter_batches(8):
+        held = [*held[-2:], batch]  # a reader keeping its last three batches
+    assert len(big._pool.ring) == grown
