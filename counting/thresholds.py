@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numba as nb
 import numpy as np
+from scipy.optimize import curve_fit
 
 from counting.errors import PermanentError
 from counting.geometry import FRAME_SHAPE
@@ -182,8 +183,6 @@ def estimate_thresholds(
 
 def _fit_gaussian(x: np.ndarray, counts: np.ndarray, mean: float, std: float) -> tuple[float, float]:
     """Levenberg-Marquardt fit of a Gaussian to the histogram; returns (mu, |sigma|)."""
-    from scipy.optimize import curve_fit  # here: scipy.optimize costs every process 0.3 s to import
-
     if std <= 0 or counts.max() <= 0:
         raise ThresholdError("sampled frames are constant: cannot fit a noise distribution")
     # Restricting the fit to the populated core keeps it fast when x-rays stretch the range to 65535 bins.

@@ -33,24 +33,15 @@ def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.Complete
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def raw_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Raw files of each scripted scan (one detector: the same dark) and their offline counts, made once."""
-    data = tmp_path_factory.mktemp("instrument-raw")
+@pytest.fixture
+def raw_scans(tmp_path: Path) -> Path:
+    """Raw files of each scripted scan (one detector: the same dark) and their offline counts."""
     for k, (number, shape) in enumerate(SCRIPT):
         args = ["simulate", "--out", f"raw{k}", "--scan", shape, "--seed", "5", "--scan-number", str(number)]
-        done = run([*args, "--dark-frames", "20"], data)
+        done = run([*args, "--dark-frames", "20"], tmp_path)
         assert done.returncode == 0, done.stderr
-        done = run(["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], data)
+        done = run(["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], tmp_path)
         assert done.returncode == 0, done.stderr
-    return data
-
-
-@pytest.fixture
-def raw_scans(raw_data: Path, tmp_path: Path) -> Path:
-    """A fresh working directory for one test, with the shared raw files and offline counts linked in."""
-    for item in raw_data.iterdir():
-        (tmp_path / item.name).symlink_to(item)
     return tmp_path
 
 
