@@ -52,7 +52,7 @@ class FramePool:
         slot0 = self.slots_for(i0, n)
         start = self._free_window(slot0, n)
         if start is None and len(self.ring) < self._bound(n):
-            self._grow(self._bound(n))
+            self.reserve(n)
             start = self._free_window(slot0, n)
         return start
 

@@ -50,24 +50,22 @@ def module_sectors(source: Source, module: int) -> tuple[ScanInfo, Iterator[Sect
 
 
 def _simulated_sectors(camera: SimulatedCamera, module: int):
+    return _rendered(camera, ((n, pos, sector) for n, pos, _, sector in camera.iter_sectors(module=module)))
+
+
+def _shared_sectors(shared: SharedRendering, module: int):
+    return _rendered(shared.camera, shared.sectors(module))
+
+
+def _rendered(camera: SimulatedCamera, sectors: Iterator[tuple[int, int, np.ndarray]]):
+    """The simulator's (frame_number, position, sector) as a source's sectors."""
     scan = camera.scan
     # The simulator recycles its ring memory once Python holds no reference to a batch, but libzmq may
     # still be queueing a zero-copy message then (seen: frames overwritten after the ring wrapped).
     info = ScanInfo(0, scan.width, scan.height, camera.total_frames, reused_buffers=True)
 
     def gen() -> Iterator[Sector]:
-        for frame_number, position, _, sector in camera.iter_sectors(module=module):
-            yield frame_number, position % scan.width, position // scan.width, sector
-
-    return info, gen()
-
-
-def _shared_sectors(shared: SharedRendering, module: int):
-    scan = shared.camera.scan
-    info = ScanInfo(0, scan.width, scan.height, shared.camera.total_frames, reused_buffers=True)
-
-    def gen() -> Iterator[Sector]:
-        for frame_number, position, sector in shared.sectors(module):
+        for frame_number, position, sector in sectors:
             yield frame_number, position % scan.width, position // scan.width, sector
 
     return info, gen()
