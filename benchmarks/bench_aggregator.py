@@ -36,7 +36,7 @@ import zmq
 from sector_feed import Inbox, process_cpu, push_scan
 
 from counting.geometry import SECTOR_BYTES
-from streaming import protocol as p
+from streaming.protocol import control as p
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.80
@@ -109,7 +109,7 @@ def _time_messages(receive: Callable[[], zmq.Frame], messages: int, out: mp.Queu
 
 def aggregator(receiver: str, nodes: str, messages: int, out: mp.Queue) -> None:
     """(b) The real Aggregator with one node, until it has forwarded every message."""
-    from streaming.aggregator import Aggregator
+    from streaming.aggregator.aggregator import Aggregator
     from streaming.settings import StreamingSettings
 
     logging.basicConfig(level=logging.WARNING)

@@ -34,7 +34,7 @@ from counting.geometry import ScanShape  # noqa: E402
 from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
 from stemstream_testing.browser import headless_chromium  # noqa: E402
 from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
-from tasks.plan import free_port  # noqa: E402
+from tasks.launch.plan import free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "flows.cli"]

@@ -30,7 +30,7 @@ from counting.geometry import FRAME_BYTES, N_SECTORS, ScanShape  # noqa: E402
 from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
 from counting.sparse import read_counted_scan  # noqa: E402
 from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
-from streaming.push_socket import DEFAULT_HWM  # noqa: E402
+from streaming.camera.push import DEFAULT_HWM  # noqa: E402
 from streaming.settings import StreamingSettings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

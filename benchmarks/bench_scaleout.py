@@ -6,7 +6,7 @@ path, and the cores each would need for 7.2 GB/s (the published system) and 57.7
         --ROUTER/DEALER (plain or CURVE), one connection per process--> one sink node process
 
 Messages are the real wire format (a msgpack SectorHeader and a 165,888-byte sector, sent zero-copy from a
-pool of buffers); the aggregator is the real one (streaming.aggregator with streaming.forwarder); the sink
+pool of buffers); the aggregator is the real one (streaming.aggregator.aggregator with streaming.aggregator.forwarder); the sink
 node speaks the node protocol (hello, welcome, attach to every forwarder, ready) and touches every payload,
 but does not count (the counting side is measured by bench_streaming). All processes share this machine's
 cores, so the rate is bounded by them; the per-GB CPU costs are what the projection uses:
@@ -35,7 +35,7 @@ import zmq
 from sector_feed import Inbox, process_cpu, push_scan
 
 from counting.geometry import SECTOR_BYTES
-from streaming import protocol as p
+from streaming.protocol import control as p
 
 RESULTS = Path(__file__).parent / "results"
 TIMEOUT_S = 120.0
@@ -57,9 +57,9 @@ def _keys() -> dict:
 
 def aggregator_proc(k: int, keys: dict | None, messages: int, out: mp.Queue) -> None:
     """The real aggregator with K forwarding processes and one node; reports its processes' CPU."""
-    from streaming.aggregator import Aggregator
-    from streaming.security import CurveServerConfig
+    from streaming.aggregator.aggregator import Aggregator
     from streaming.settings import StreamingSettings
+    from streaming.transport.security import CurveServerConfig
 
     logging.basicConfig(level=logging.WARNING)
     settings = StreamingSettings(
@@ -108,7 +108,7 @@ def aggregator_proc(k: int, keys: dict | None, messages: int, out: mp.Queue) -> 
 
 def node_proc(nodes: str, keys: dict | None, messages: int, out: mp.Queue) -> None:
     """A sink node: joins (hello, attach to every forwarder, ready), receives and touches every payload."""
-    from streaming.forwarder_links import forwarder_address
+    from streaming.node.path_links import forwarder_address
 
     ctx = zmq.Context(io_threads=2)
 

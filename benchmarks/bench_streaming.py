@@ -49,9 +49,9 @@ from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
 from counting.sparse import write_counted_scan  # noqa: E402
 from stemstream_testing.options import options  # noqa: E402
 from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
-from streaming import protocol as p  # noqa: E402
-from streaming.scan_record import ScanRecord  # noqa: E402
-from tasks.processes import process_tree, rss_kb  # noqa: E402
+from streaming.protocol import control as p  # noqa: E402
+from streaming.protocol.record import ScanRecord  # noqa: E402
+from tasks.launch.processes import process_tree, rss_kb  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DOSE = 200.0
@@ -177,7 +177,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from counting.kernel import Thresholds
 from stemstream_testing.options import estimation
-from streaming.writer import ScanWriter, WriterConfig
+from streaming.writer.writer import ScanWriter, WriterConfig
 config = WriterConfig(Path(sys.argv[1]), 0, "scan_{scan:05d}.h5", "UTC", Thresholds(30.5, 600.0), estimation(), 60.0)
 writer = ScanWriter("tcp://127.0.0.1:0", config, None).start()
 print(writer.endpoint, flush=True)

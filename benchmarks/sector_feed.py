@@ -11,7 +11,7 @@ import numpy as np
 import zmq
 
 from counting.geometry import N_SECTORS, SECTOR_BYTES
-from streaming.wire import SectorHeader
+from streaming.protocol.sector import SectorHeader
 
 
 def process_cpu() -> tuple[float, float]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streaming.scan_record import ScanRecord
+from streaming.protocol.record import ScanRecord
 
 
 def utc(timestamp: float | None) -> datetime | None:

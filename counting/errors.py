@@ -9,7 +9,7 @@ of two branches, chosen by what a retry could do:
 
 Two rules follow, and nothing else decides them:
 
-* Retries (the Prefect steps' ``retry_condition_fn``, see ``tasks/steps.py``) retry ``TransientError``
+* Retries (the Prefect steps' ``retry_condition_fn``, see ``tasks/steps/session.py``) retry ``TransientError``
   only. Anything else, a ``PermanentError`` or a bug such as a ``KeyError``, fails the step at once.
   Code that talks to a service wraps the transport's own errors (httpx, paramiko, sockets) into its
   typed transient errors, so no third-party type needs to be named by a retry condition.

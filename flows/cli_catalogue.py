@@ -391,7 +391,7 @@ def analyse(
     catalogue beside the earlier ones (see `scans show ID`)."""
     from flows.cli import console
     from flows.cli_session import apply_settings
-    from tasks.reanalyse import parse_params, reanalyse
+    from tasks.analysis.reanalyse import parse_params, reanalyse
 
     settings = _settings(lambda: apply_settings(set_))
     params = parse_params(param)

@@ -24,7 +24,7 @@ def microscope(
 ) -> None:
     """Add the microscope's metadata (tags, calibrations, HAADF) to a written scan, or show it."""
     from counting.microscope_meta import attach_microscope, read_microscope
-    from streaming.scan_record import ScanRecord, record_path
+    from streaming.protocol.record import ScanRecord, record_path
     from tasks.microscope import MicroscopeLink, find_microscope_file, read_microscope_file
 
     if not scan.is_file():

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from flows.settings import ENV_PREFIX, load_settings
-from tasks.live import live_url
+from tasks.acquisition.live import live_url
 
 
 class SessionWatcher(threading.Thread):
@@ -63,7 +63,7 @@ class SessionWatcher(threading.Thread):
 
 def scan_line(record_file: Path) -> str:
     """One line for a written scan, from its stop record."""
-    from streaming.scan_record import ScanRecord
+    from streaming.protocol.record import ScanRecord
 
     try:
         r = ScanRecord.load(record_file)
@@ -129,7 +129,7 @@ def _script(path: Path | None, camera: str) -> str:
     if camera != "simulated":
         raise typer.BadParameter("--script plays the simulated camera: use it with --camera simulated")
     from flows.settings import load_settings as _load
-    from streaming.scan_script import load_script
+    from streaming.camera.script import load_script
 
     load_script(path, _load().simulator)  # ScriptError names the file and the field
     return str(path.resolve())

@@ -32,7 +32,7 @@ def send(
         Path | None,
         typer.Option(
             help="play a scan script instead (JSON: shapes, scan numbers, pauses, seeds, doses; see "
-            "streaming/scan_script.py); one line per scan sent"
+            "streaming/camera/script.py); one line per scan sent"
         ),
     ] = None,
     dose: Annotated[float | None, typer.Option(help="simulated electrons per frame")] = None,
@@ -59,7 +59,7 @@ def send(
     from counting.offline import raw_paths
     from counting.simulator import SimulatorConfig
     from flows.cli import _parse_scan, console
-    from streaming.scan_sender import send_scan
+    from streaming.camera.receivers import send_scan
 
     _configure_logging(verbose)
     if sum(given_ is not None for given_ in (raw, simulate, script)) != 1:
@@ -112,7 +112,7 @@ def _send_script(
 ) -> None:
     """`send --script`: play the script, one line per scan as it is sent."""
     from flows.cli import console
-    from streaming.scan_script import ScriptedSend, load_script, play_script
+    from streaming.camera.script import ScriptedSend, load_script, play_script
 
     loaded = load_script(script, settings.simulator)
 
@@ -160,7 +160,7 @@ def aggregator(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
-    from streaming.aggregator import run_aggregator
+    from streaming.aggregator.aggregator import run_aggregator
     from streaming.components import server_curve
 
     _configure_logging(verbose)
@@ -206,7 +206,7 @@ def node(
     from counting.dark import load_dark, load_frame_array
     from flows.cli import check_threshold_pair
     from streaming.components import node_config
-    from streaming.node import run_node
+    from streaming.node.streamer import run_node
 
     _configure_logging(verbose)
     check_threshold_pair(background_threshold, xray_threshold)

@@ -1,4 +1,4 @@
-"""`stemstream view`: the live page at the microscope (streaming.live_server). Prints ``live: <URL>`` once the
+"""`stemstream view`: the live page at the microscope (streaming.view.server). Prints ``live: <URL>`` once the
 page answers, then serves until SIGINT/SIGTERM."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def view(
     """Serve the live page: each scan's images building up as the nodes count it, and the session's scans.
     Nodes connect out to it (CURVE with the aggregator's keys when streaming.curve has them)."""
     from streaming.components import server_curve
-    from streaming.live_server import LiveServer
     from streaming.signals import stop_on_signals
+    from streaming.view.server import LiveServer
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     live = given(bind=bind, page_host=host, page_port=port)

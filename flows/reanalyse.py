@@ -14,7 +14,7 @@ from prefect.states import Completed
 
 from catalogue import open_catalogue
 from flows.settings import load_settings
-from tasks.reanalyse import parse_params, reanalyse
+from tasks.analysis.reanalyse import parse_params, reanalyse
 
 
 @flow(name="stemstream-analyse")

@@ -22,19 +22,26 @@ from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import SessionSettings, Settings, load_settings, write_settings_file
 from flows.summary import summary_row
-from tasks.acquire import CameraRun, ScanTimeout, scripted_scans, simulated_scans
-from tasks.backends import LocalAggregator, LocalNodes, SlurmNodes, SshAggregator, read_state, record_state
+from tasks.acquisition.camera import CameraRun, ScanTimeout, scripted_scans, simulated_scans
+from tasks.acquisition.catalogue_link import finish_recording, record_analyses, record_scan, start_recorder
+from tasks.acquisition.live import live_link, live_url
+from tasks.acquisition.monitor import latest_state
+from tasks.acquisition.result import ScanResult
 from tasks.darks import INSTRUMENT, session_dark, simulated_camera_label
-from tasks.live import live_link, live_url
-from tasks.metadata_steps import attach_microscope_metadata
-from tasks.monitor import latest_state
-from tasks.plan import SessionPlan, free_ports, local_addresses
-from tasks.processes import carrying
-from tasks.record import finish_recording, record_analyses, record_scan, start_recorder
-from tasks.scan_result import ScanResult
-from tasks.sfapi import AllocationCancelled
-from tasks.slurm import walltime_seconds
-from tasks.steps import (
+from tasks.launch.backends import (
+    LocalAggregator,
+    LocalNodes,
+    SlurmNodes,
+    SshAggregator,
+    read_state,
+    record_state,
+)
+from tasks.launch.plan import SessionPlan, free_ports, local_addresses
+from tasks.launch.processes import carrying
+from tasks.nersc.batch import walltime_seconds
+from tasks.nersc.sfapi import AllocationCancelled
+from tasks.steps.metadata import attach_microscope_metadata
+from tasks.steps.session import (
     acquire_scan,
     allocate_nodes,
     arm_aggregator,
@@ -128,12 +135,12 @@ def _cleanup_hook(flow, flow_run, state) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     if info.get("aggregator") == "SshAggregator" and info.get("aggregator_pid"):
-        from tasks.remote import stop_remote_process
+        from tasks.ssh import stop_remote_process
 
         with contextlib.suppress(Exception):  # best effort: the hook must not hide the run's own failure
             stop_remote_process(settings.ssh, int(info["aggregator_pid"]))
     if info.get("job_id") and info.get("backend") == "nersc":
-        from tasks.sfapi import SfapiAllocator
+        from tasks.nersc.sfapi import SfapiAllocator
 
         with SfapiAllocator(settings.sfapi) as allocator:
             allocator.cancel(info["job_id"])

@@ -24,9 +24,9 @@ from counting.settings import CountingSettings, SimulatorSettings
 from streaming.settings import StreamingSettings
 from tasks.analysis_settings import AnalysisSettings
 from tasks.microscope_settings import MicroscopeSettings
-from tasks.remote import SshSettings
-from tasks.sfapi import SfapiSettings
-from tasks.slurm import SlurmSettings
+from tasks.nersc.batch import SlurmSettings
+from tasks.nersc.sfapi import SfapiSettings
+from tasks.ssh import SshSettings
 
 ENV_PREFIX = "STEMSTREAM_"
 CONFIG_ENV = "STEMSTREAM_CONFIG"  # path of the TOML file; default ./stemstream.toml when it exists

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flows.settings import load_settings
 from flows.summary import summary_row
-from tasks.processes import process_tree, rss_kb
-from tasks.scan_result import ScanResult
+from tasks.acquisition.result import ScanResult
+from tasks.launch.processes import process_tree, rss_kb
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.scan_result import ScanResult
+from tasks.acquisition.result import ScanResult
 
 # label -> how it is computed from a ScanResult
 COLUMNS = {

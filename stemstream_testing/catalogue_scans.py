@@ -12,7 +12,7 @@ from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import write_counted_scan
 from stemstream_testing.options import options
-from streaming.scan_record import ScanRecord, ScanStatus, record_path
+from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 
 
 def write_scan(

@@ -74,7 +74,7 @@ API_PREFIX = "/api/v1.2"
 TOKEN_PATH = "/token"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
-# Spelled out here rather than imported from tasks.sfapi on purpose: the fake models the server on its own,
+# Spelled out here rather than imported from tasks.nersc.sfapi on purpose: the fake models the server on its own,
 # so a wrong state set in the client is caught by the tests instead of being mirrored by the fake.
 QUEUED_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED"})
 TERMINAL_STATES = frozenset(
@@ -826,7 +826,7 @@ def _slurm_env(job: FakeJob, step: SrunStep, task: int) -> dict[str, str]:
     }
 
 
-# ---- script parsing (public: the tests of tasks/slurm.py check rendered scripts with it too) ----------
+# ---- script parsing (public: the tests of tasks/nersc/batch.py check rendered scripts with it too) ----------
 def parse_sbatch(script: str) -> dict[str, str]:
     """#SBATCH options by canonical name (nodes, qos, account, constraint, time, job_name, output, ...)."""
     out: dict[str, str] = {}

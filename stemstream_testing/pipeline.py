@@ -31,14 +31,14 @@ from counting.geometry import N_SECTORS
 from counting.raw import open_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import load_settings, write_settings_file
-from streaming import protocol as p
-from streaming.forwarder import offset_address
-from streaming.push_socket import DEFAULT_HWM
-from streaming.scan_record import ScanRecord
-from streaming.sender import SendResult, run_sender
-from streaming.shared_rendering import SharedRendering
-from tasks.plan import free_port
-from tasks.processes import ProcessGroup, process_tree, rss_kb
+from streaming.aggregator.forwarder import offset_address
+from streaming.camera.push import DEFAULT_HWM
+from streaming.camera.rendering import SharedRendering
+from streaming.camera.sender import SendResult, run_sender
+from streaming.protocol import control as p
+from streaming.protocol.record import ScanRecord
+from tasks.launch.plan import free_port
+from tasks.launch.processes import ProcessGroup, process_tree, rss_kb
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
@@ -185,7 +185,7 @@ class ProcessPipeline:
         send_timeout: float = 120.0,
         hwm: int = DEFAULT_HWM,
     ) -> Sent:
-        """Send a scan as the four receivers do: one thread per module (streaming.sender.run_sender).
+        """Send a scan as the four receivers do: one thread per module (streaming.camera.sender.run_sender).
 
         source: a SimulatorConfig or a SimulatedCamera (rendered once, shared by the four threads), or raw
         v5 file paths (each thread opens them). rate: frames/s per module; realtime: pace at rate and drop

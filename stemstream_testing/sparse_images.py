@@ -1,5 +1,5 @@
 """Virtual BF and ADF images straight from the sparse events: an independent cross-check of the virtual
-detectors that tasks.postprocess computes with py4DSTEM on the binned, dense data cube."""
+detectors that tasks.analysis.analyse computes with py4DSTEM on the binned, dense data cube."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ import socket
 from pathlib import Path
 
 from counting.settings import CountingSettings, fixed_thresholds, threshold_config
-from streaming.node_config import NodeConfig
-from streaming.security import CurveClientConfig, CurveServerConfig
+from streaming.node.config import NodeConfig
 from streaming.settings import CurveSettings, StreamingSettings
-from streaming.writer import WriterConfig
+from streaming.transport.security import CurveClientConfig, CurveServerConfig
+from streaming.writer.writer import WriterConfig
 
 
 def writer_config(streaming: StreamingSettings, counting: CountingSettings, output_dir: Path) -> WriterConfig:

@@ -117,7 +117,7 @@ class StreamingSettings(BaseModel):
     accumulate_dark: bool = Field(
         False,
         description="node: a dark session (beam blanked): also add each complete raw frame to per-pixel "
-        "sums, left beside the scans for `stemstream dark --scan-dir` (streaming.dark_accumulator)",
+        "sums, left beside the scans for `stemstream dark --scan-dir` (streaming.node.dark_sums)",
     )
     curve: CurveSettings = CurveSettings()
     live: LiveSettings = LiveSettings()

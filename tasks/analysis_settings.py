@@ -1,6 +1,6 @@
 """The analysis settings section; composed into the one Settings object in flows/settings.py.
 
-Apart from tasks.postprocess so that building settings never imports the analysis (h5py, py4DSTEM).
+Apart from tasks.analysis.analyse so that building settings never imports the analysis (h5py, py4DSTEM).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 
 class AnalysisSettings(BaseModel):
-    """How counted scans are analysed (tasks.postprocess)."""
+    """How counted scans are analysed (tasks.analysis.analyse)."""
 
     keep_flyback: bool = Field(
         False,

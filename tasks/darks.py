@@ -2,7 +2,7 @@
 
 A dark comes from per-pixel sums of raw frames taken with the beam blanked (counting.dark_stats):
 * a streamed dark scan: the nodes of a session run with ``streaming.accumulate_dark`` leave their shares
-  of the sums beside the scans (streaming.dark_accumulator); they are added up here;
+  of the sums beside the scans (streaming.node.dark_sums); they are added up here;
 * the simulated camera's dark frames (beam blanked: noise only);
 * raw 4D Camera files of a dark scan.
 It is stored with a timestamp, never overwriting (counting.dark_store), and recorded in the catalogue.
@@ -22,7 +22,7 @@ from counting.dark_store import DarkInfo, newest_dark, save_dark
 from counting.geometry import ScanShape
 from counting.settings import SimulatorSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.dark_accumulator import scan_sums
+from streaming.node.dark_sums import scan_sums
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def dark_from_streamed_scan(
 
 def _expected_frames(scans_dir: Path, scan_number: int) -> int:
     """The frames the newest stop record of this scan number expected (0 if none is there)."""
-    from streaming.scan_record import ScanRecord
+    from streaming.protocol.record import ScanRecord
 
     records = sorted(scans_dir.glob(f"*_{scan_number:05d}*.json"), key=lambda p: p.stat().st_mtime)
     for path in reversed(records):

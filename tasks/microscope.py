@@ -15,7 +15,7 @@ the beam energy from ``microscope.voltage_tag`` (volts). A JSON sidecar gives th
 ``scan_number``, ``step_size_angstrom`` (one value or [y, x]), ``convergence_semiangle_mrad``,
 ``voltage_v`` or ``energy_ev``, ``tags`` (any nested values) and ``haadf_npy`` (a .npy beside it).
 
-Plain code (no Prefect); the session's task is tasks.metadata_steps.
+Plain code (no Prefect); the session's task is tasks.steps.metadata.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from counting.microscope_meta import (
     attach_microscope,
     file_digest,
 )
-from streaming.scan_record import ScanRecord, record_path
+from streaming.protocol.record import ScanRecord, record_path
 from tasks.microscope_settings import MicroscopeSettings
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Plain code (no Prefect): ``verify_scan`` never raises for a bad file; every defect becomes a line in
 ``VerifyResult.problems`` and ``ok=False``. The checksum is compared with the stop record the writer leaves
-beside the file (``<name>.json``, ``streaming.scan_record.ScanRecord``) when there is one.
+beside the file (``<name>.json``, ``streaming.protocol.record.ScanRecord``) when there is one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS
 from counting.sparse import FORMAT_VERSION, file_sha256
-from streaming.scan_record import ScanRecord, record_path
+from streaming.protocol.record import ScanRecord, record_path
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = ("counting", "streaming", "tasks", "flows")
 # Bases of a family that callers catch as a whole; each of their subclasses picks a branch, and the base
 # itself is never raised (checked below), so it sits on neither.
-FAMILIES = {"tasks.sfapi_errors.AllocationError", "tasks.remote.RemoteError"}
+FAMILIES = {"tasks.nersc.errors.AllocationError", "tasks.ssh.RemoteError"}
 
 
 def _name(cls: type) -> str:
@@ -51,8 +51,8 @@ def test_the_walk_finds_the_product_exceptions() -> None:
     names = {_name(c) for c in EXCEPTIONS}
     assert {
         "counting.raw.RawFormatError",
-        "tasks.sfapi_errors.SfapiUnavailable",
-        "tasks.remote.RemoteError",
+        "tasks.nersc.errors.SfapiUnavailable",
+        "tasks.ssh.RemoteError",
     } <= names
     assert len(names) >= 20, sorted(names)
 
@@ -86,8 +86,8 @@ def test_family_bases_are_never_raised_themselves() -> None:
 
 def test_callers_can_still_catch_the_builtin_bases() -> None:
     from counting.raw import RawFormatError
-    from tasks.monitor import MonitorTimeout
-    from tasks.sfapi import AllocationError, SfapiUnavailable
+    from tasks.acquisition.monitor import MonitorTimeout
+    from tasks.nersc.sfapi import AllocationError, SfapiUnavailable
 
     assert issubclass(RawFormatError, ValueError) and issubclass(RawFormatError, PermanentError)
     assert issubclass(MonitorTimeout, TimeoutError) and issubclass(MonitorTimeout, TransientError)
@@ -96,15 +96,15 @@ def test_callers_can_still_catch_the_builtin_bases() -> None:
 
 # ---- the retry rule ------------------------------------------------------------------------------------
 def _retry(exc: BaseException) -> bool:
-    from tasks.steps import _retry_transient
+    from tasks.steps.session import _retry_transient
 
     return _retry_transient(None, None, Failed(data=exc))  # what Prefect hands retry_condition_fn
 
 
 def test_transient_errors_are_retried() -> None:
-    from tasks.monitor import MonitorTimeout
-    from tasks.remote import RemoteTimeout, RemoteUnreachable
-    from tasks.sfapi import SfapiUnavailable
+    from tasks.acquisition.monitor import MonitorTimeout
+    from tasks.nersc.sfapi import SfapiUnavailable
+    from tasks.ssh import RemoteTimeout, RemoteUnreachable
 
     for exc in (
         TransientError("x"),
@@ -117,9 +117,9 @@ def test_transient_errors_are_retried() -> None:
 
 
 def test_permanent_errors_are_not_retried() -> None:
-    from tasks.remote import AuthenticationFailed, HostKeyRejected, RemoteCommandFailed
-    from tasks.sfapi import JobFailedError, JobStartTimeout, JobSubmitError, SfapiCredentialsError
-    from tasks.slurm import SlurmConfigError
+    from tasks.nersc.batch import SlurmConfigError
+    from tasks.nersc.sfapi import JobFailedError, JobStartTimeout, JobSubmitError, SfapiCredentialsError
+    from tasks.ssh import AuthenticationFailed, HostKeyRejected, RemoteCommandFailed
 
     for exc in (
         PermanentError("x"),
@@ -143,7 +143,7 @@ def test_bugs_and_untyped_errors_are_not_retried(exc: BaseException) -> None:
 
 
 def test_a_completed_state_is_not_retried() -> None:
-    from tasks.steps import _retry_transient
+    from tasks.steps.session import _retry_transient
 
     assert _retry_transient(None, None, Completed(data=1)) is False
 

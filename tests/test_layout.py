@@ -29,7 +29,7 @@ def test_ruff_lint_and_format_are_clean():
 
 def test_importing_the_lower_layers_starts_nothing_and_loads_no_prefect():
     code = (
-        "import sys, counting.kernel, counting.sparse, streaming.node, streaming.aggregator; "
+        "import sys, counting.kernel, counting.sparse, streaming.node.streamer, streaming.aggregator.aggregator; "
         "print('prefect' in sys.modules)"
     )
     r = run(sys.executable, "-c", code)

@@ -25,7 +25,7 @@ from catalogue.models import Base
 from catalogue.rebuild import rebuild
 from catalogue.recorder import PENDING_NAME
 from stemstream_testing.catalogue_scans import write_scan
-from streaming.scan_record import ScanRecord
+from streaming.protocol.record import ScanRecord
 
 JAN = datetime(2026, 1, 15, 12, 0).timestamp()
 MAR = datetime(2026, 3, 15, 12, 0).timestamp()
@@ -104,8 +104,8 @@ def test_notes_and_searches_by_date_shape_dose_and_note(db_url: str, tmp_path: P
 
 
 def test_reanalysis_recorded_beside_the_first(db_url: str, tmp_path: Path) -> None:
+    from tasks.analysis.reanalyse import parse_params, reanalyse
     from tasks.analysis_settings import AnalysisSettings
-    from tasks.reanalyse import parse_params, reanalyse
 
     record = write_scan(tmp_path / "scans", 5, 1, 12, 12, dose=60.0)
     with Catalogue.open(db_url) as cat:
@@ -215,7 +215,7 @@ def test_a_record_without_uuid_gets_a_stable_key(tmp_path: Path) -> None:
 def test_a_failed_scan_without_data_is_found_by_the_time_it_ended(db_url: str, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from streaming.scan_record import ScanStatus
+    from streaming.protocol.record import ScanStatus
 
     record = write_scan(tmp_path / "scans", 9, 3, started=MAR)
     failed = replace(

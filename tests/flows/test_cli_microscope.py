@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from counting.sparse import file_sha256
-from streaming.scan_record import ScanRecord, record_path
+from streaming.protocol.record import ScanRecord, record_path
 from tests.tasks.test_microscope import dm4_for, scan_file
 
 CLI = [sys.executable, "-m", "flows.cli"]

@@ -22,7 +22,7 @@ from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
 from stemstream_testing.pipeline import ProcessPipeline
-from streaming.dark_accumulator import scan_sums
+from streaming.node.dark_sums import scan_sums
 from tasks.darks import session_dark
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -159,8 +159,8 @@ def test_dark_session_takes_the_next_scan_the_receivers_deliver(tmp_path: Path) 
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from streaming.sender import run_sender
-    from tasks.plan import free_port
+    from streaming.camera.sender import run_sender
+    from tasks.launch.plan import free_port
 
     recv, nodes, monitor = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     (tmp_path / "none.toml").write_text("")

@@ -80,7 +80,7 @@ def test_deploy_worker_runs_session_and_alerts_on_failure(tmp_path: Path) -> Non
         "STEMSTREAM_CONFIG": str(config),
         # The nersc run must fail for want of SFAPI credentials, at once, and never leave loopback. A Slurm
         # account is set so that it gets that far: without one, allocate-nodes retries the SlurmConfigError
-        # twice (25 s) before failing (see _retry_transient in tasks/steps.py).
+        # twice (25 s) before failing (see _retry_transient in tasks/steps/session.py).
         "STEMSTREAM_SLURM__ACCOUNT": "m0000",
         "STEMSTREAM_SFAPI__API_BASE_URL": "http://127.0.0.1:9/api",
         "STEMSTREAM_SFAPI__TOKEN_URL": "http://127.0.0.1:9/token",

@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from counting.sparse import read_counted_scan
-from tasks.plan import free_port
+from tasks.launch.plan import free_port
 from tests.flows.conftest import set_env
 from tests.tasks.helpers import wait_until
 

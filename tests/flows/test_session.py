@@ -45,7 +45,7 @@ from prefect.states import State
 from flows.session import session
 from flows.settings import load_settings
 from stemstream_testing.fake_sfapi import FakeJob
-from streaming.security import load_keypair, write_keypair
+from streaming.transport.security import load_keypair, write_keypair
 from tasks.verify import verify_scan
 from tests.flows.conftest import NerscSetup, set_env
 from tests.tasks.helpers import alive, keygen, wait_until
@@ -402,14 +402,14 @@ def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
 def test_nersc_transient_sfapi_errors_are_retried(
     nersc: NerscSetup, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tasks.sfapi")
+    caplog.set_level(logging.INFO, logger="tasks.nersc.sfapi")
     nersc.fake.fail_next_requests(3, 503)  # the token request and the first API calls
     nersc.fake.fail_next_requests(2, 502, route="compute/jobs")  # then the submission itself
     state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
     assert state.is_completed(), message(state)
     assert_scans(session_dir, 1, 8, 8)
     job = only_job(nersc.fake.jobs)  # a refused submission was repeated, never doubled
-    retries = [r for r in caplog.records if r.name == "tasks.sfapi" and "retry" in r.getMessage()]
+    retries = [r for r in caplog.records if r.name == "tasks.nersc.sfapi" and "retry" in r.getMessage()]
     assert len(retries) >= 5, [r.getMessage() for r in retries]
     assert_job_released(nersc, job)
     assert_nothing_left(session_dir, groups=job.pids)

@@ -17,7 +17,7 @@ from counting.dark_store import save_dark
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.dm4 import write_dm4
-from streaming.scan_record import ScanRecord
+from streaming.protocol.record import ScanRecord
 from tests.flows.test_session import artifacts_of, message, run_session
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -29,13 +29,13 @@ from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import counted_scan_image
 from stemstream_testing.options import estimation, options
-from streaming import protocol as p
-from streaming.aggregator import Aggregator
+from streaming.aggregator.aggregator import Aggregator
+from streaming.camera.sender import run_sender
 from streaming.components import node_config
-from streaming.node import NodeStreamer
-from streaming.sender import run_sender
-from streaming.writer import ScanWriter, ScanWriterError, WriterConfig
-from tasks.plan import free_port
+from streaming.node.streamer import NodeStreamer
+from streaming.protocol import control as p
+from streaming.writer.writer import ScanWriter, ScanWriterError, WriterConfig
+from tasks.launch.plan import free_port
 from tests.streaming.harness import counting_settings, stream_settings
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,8 +13,8 @@ from counting.kernel import Thresholds
 from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.options import options
-from streaming.aggregator import Aggregator
-from streaming.faults import SenderFaults
+from streaming.aggregator.aggregator import Aggregator
+from streaming.camera.faults import SenderFaults
 from tests.streaming.harness import start_session, stream_settings
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,11 +13,11 @@ from counting.kernel import Thresholds
 from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, read_counted_scan
-from streaming.aggregator import Aggregator
+from streaming.aggregator.aggregator import Aggregator
+from streaming.camera.faults import SenderFaults
+from streaming.camera.sender import SendResult, run_sender
 from streaming.components import node_config, server_curve
-from streaming.faults import SenderFaults
-from streaming.node import NodeCounters, NodeStreamer
-from streaming.sender import SendResult, run_sender
+from streaming.node.streamer import NodeCounters, NodeStreamer
 from streaming.settings import StreamingSettings
 
 

@@ -22,13 +22,13 @@ import zmq
 
 from counting.geometry import N_SECTORS, SECTOR_ROWS, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming import protocol as p
-from streaming.aggregator import Aggregator, run_aggregator
-from streaming.faults import GARBAGE_KINDS, SenderFaults
-from streaming.security import CurveClientConfig, CurveServerConfig, apply_client, generate_keypair
-from streaming.sender import SendResult, run_sender
+from streaming.aggregator.aggregator import Aggregator, run_aggregator
+from streaming.camera.faults import GARBAGE_KINDS, SenderFaults
+from streaming.camera.sender import SendResult, run_sender
+from streaming.protocol import control as p
+from streaming.protocol.sector import SectorHeader, decode_header
 from streaming.settings import StreamingSettings
-from streaming.wire import SectorHeader, decode_header
+from streaming.transport.security import CurveClientConfig, CurveServerConfig, apply_client, generate_keypair
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,15 +24,15 @@ from counting.settings import CountingSettings
 from counting.simulator import SimulatorConfig
 from stemstream_testing.live_oracle import live_sums_from_file
 from stemstream_testing.pipeline import ProcessPipeline
-from streaming import live_wire
-from streaming import protocol as p
 from streaming.components import node_config, server_curve
-from streaming.live_publisher import LivePublisher
-from streaming.live_server import LiveServer
+from streaming.live.publisher import LivePublisher
 from streaming.live_settings import LiveSettings
-from streaming.security import write_keypair
+from streaming.protocol import control as p
+from streaming.protocol import live as live_wire
 from streaming.settings import CurveSettings, StreamingSettings
-from tasks.plan import free_port
+from streaming.transport.security import write_keypair
+from streaming.view.server import LiveServer
+from tasks.launch.plan import free_port
 
 pytestmark = pytest.mark.timeout(300)
 GEOMETRY = {"bf_center": (288.0, 288.0), "bf_radius": 180.0}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from streaming import live_wire
-from streaming.live_png import image_png
-from streaming.live_state import ViewState
+from streaming.protocol import live as live_wire
+from streaming.view.png import image_png
+from streaming.view.state import ViewState
 
 
 def snapshot(node: str, seq: int, value: int, final: bool = False, lo: int = 0, hi: int = 6) -> list:

@@ -13,8 +13,8 @@ from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
 from stemstream_testing.options import options
-from streaming.assembly import FrameAssembler
-from streaming.faults import SenderFaults
+from streaming.camera.faults import SenderFaults
+from streaming.node.assembly import FrameAssembler
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,7 +150,7 @@ def test_lost_sectors_end_the_scan_by_deadline_and_are_marked(tmp_path):
 def test_modules_far_out_of_step_are_held_not_dropped(tmp_path):
     """Module 0 sends its whole scan before module 1 starts: slots (8 frames) fill with one-sector frames,
     the node keeps reading into its hold queue, and the scan still completes exactly."""
-    from streaming.sender import run_sender
+    from streaming.camera.sender import run_sender
 
     config = SimulatorConfig(ScanShape(8, 8), dose=100.0, seed=11)
     # Long deadlines: the gap between one sender's end and the next one's start is no lost sector, however

@@ -20,9 +20,9 @@ from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.options import options
 from stemstream_testing.pipeline import ProcessPipeline
-from streaming import protocol as p
-from streaming.security import CurveClientConfig, apply_client, write_keypair
+from streaming.protocol import control as p
 from streaming.settings import CurveSettings, StreamingSettings
+from streaming.transport.security import CurveClientConfig, apply_client, write_keypair
 from tests.streaming.harness import start_session
 
 pytestmark = pytest.mark.timeout(180)
@@ -230,9 +230,9 @@ def test_curve_with_forwarding_processes_lets_only_known_keys_in(tmp_path):
 
 
 def test_colliding_ports_are_a_clear_error_before_anything_starts():
-    from streaming.aggregator import Aggregator
-    from streaming.forwarder_hub import ForwarderError
-    from tasks.plan import free_port
+    from streaming.aggregator.aggregator import Aggregator
+    from streaming.aggregator.hub import ForwarderError
+    from tasks.launch.plan import free_port
 
     port = free_port()
     settings = StreamingSettings(

@@ -21,7 +21,7 @@ from counting.settings import SimulatorSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig, scan_seed
 from counting.sparse import CountedScan, read_counted_scan
 from stemstream_testing.options import options
-from streaming.scan_script import ScanScript, ScriptedScan, ScriptError, load_script, play_script
+from streaming.camera.script import ScanScript, ScriptedScan, ScriptError, load_script, play_script
 from tests.streaming.harness import Session, start_session
 
 pytestmark = pytest.mark.timeout(180)

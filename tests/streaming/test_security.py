@@ -11,7 +11,7 @@ import time
 import pytest
 import zmq
 
-from streaming.security import (
+from streaming.transport.security import (
     CurveClientConfig,
     CurveServerConfig,
     SecurityError,

@@ -13,11 +13,11 @@ import zmq
 from counting.geometry import N_SECTORS, SECTOR_ROWS, ScanShape
 from counting.raw import open_raw_scan, write_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.faults import GARBAGE_KINDS, SenderFaults
-from streaming.push_socket import SenderError
-from streaming.scan_sender import send_scan
-from streaming.sender import run_sender
-from streaming.wire import SectorHeader, WireError, decode_message
+from streaming.camera.faults import GARBAGE_KINDS, SenderFaults
+from streaming.camera.push import SenderError
+from streaming.camera.receivers import send_scan
+from streaming.camera.sender import run_sender
+from streaming.protocol.sector import SectorHeader, WireError, decode_message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -192,7 +192,7 @@ def test_realtime_drops_and_counts_what_the_aggregator_cannot_take(ctx, pool, ca
     sock.rcvhwm = 1
     sock.bind("tcp://127.0.0.1:0")
     big = SimulatorConfig(scan=ScanShape(16, 16), pool_size=8, seed=4)
-    with caplog.at_level("WARNING", logger="streaming.sender"):
+    with caplog.at_level("WARNING", logger="streaming.camera.sender"):
         future = pool.submit(
             run_sender, SimulatedCamera(big), [sock.LAST_ENDPOINT.decode()], 1, 1000.0, realtime=True, hwm=2
         )

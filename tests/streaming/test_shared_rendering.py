@@ -12,9 +12,9 @@ import zmq
 
 from counting.geometry import N_SECTORS, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.scan_sender import send_simulated_scan
-from streaming.shared_rendering import SharedRendering
-from streaming.wire import decode_message
+from streaming.camera.receivers import send_simulated_scan
+from streaming.camera.rendering import SharedRendering
+from streaming.protocol.sector import decode_message
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from counting.geometry import N_SECTORS, SECTOR_BYTES
-from streaming.wire import HEADER_FIELDS, SectorHeader, WireError, decode_header, decode_message
+from streaming.protocol.sector import HEADER_FIELDS, SectorHeader, WireError, decode_header, decode_message
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,8 +16,8 @@ from counting.geometry import ALL_SECTORS, ScanShape
 from counting.kernel import Thresholds
 from counting.sparse import CountedScan, read_counted_scan, write_counted_scan
 from stemstream_testing.options import estimation
-from streaming import protocol as p
-from streaming.writer import ScanWriter, WriterConfig
+from streaming.protocol import control as p
+from streaming.writer.writer import ScanWriter, WriterConfig
 
 pytestmark = pytest.mark.timeout(120)
 FIXED = Thresholds(30.5, 600.0)

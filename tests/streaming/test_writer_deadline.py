@@ -10,8 +10,8 @@ import zmq
 
 from counting.geometry import FRAME_SHAPE
 from stemstream_testing.options import estimation
-from streaming import protocol as p
-from streaming.writer import ScanWriter, WriterConfig
+from streaming.protocol import control as p
+from streaming.writer.writer import ScanWriter, WriterConfig
 
 
 def test_thresholds_come_from_the_survivors_when_a_node_never_offers(tmp_path):

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.artifact_images import artifact_png  # noqa: E402
+from tasks.analysis.artifact import artifact_png  # noqa: E402
 
 
 def test_artifact_png_is_the_same_picture_smaller(tmp_path: Path):

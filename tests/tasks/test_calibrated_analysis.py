@@ -16,11 +16,11 @@ from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import write_counted_scan
 from stemstream_testing.dm4 import write_dm4
 from stemstream_testing.options import options
-from tasks.analysis_images import panels
-from tasks.calibration import Calibration, calibration_from_metadata
+from tasks.analysis.analyse import AnalysisConfig, analyse_scan, build_datacube, calibrated_config, densify
+from tasks.analysis.calibration import Calibration, calibration_from_metadata
+from tasks.analysis.images import panels
 from tasks.microscope import read_microscope_file
 from tasks.microscope_settings import MicroscopeSettings
-from tasks.postprocess import AnalysisConfig, analyse_scan, build_datacube, calibrated_config, densify
 
 SIDE = 24
 ALPHA = 20.0  # mrad: the convergence semi-angle written in the DM4
@@ -88,7 +88,7 @@ def test_dm4_calibrations_reach_py4dstem(tmp_path: Path, calibrated_file: Path) 
 
     # The DataCube py4DSTEM works on carries them.
     from counting.sparse import read_counted_scan
-    from tasks.analysis_data import drop_flyback
+    from tasks.analysis.data import drop_flyback
 
     counted = drop_flyback(read_counted_scan(calibrated_file))
     c = calibration_from_metadata(counted.metadata["microscope"], SIDE, SIDE - 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.live import live_link, live_url
+from tasks.acquisition.live import live_link, live_url
 
 
 def test_live_url_from_the_view_log(tmp_path: Path):

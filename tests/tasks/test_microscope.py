@@ -21,7 +21,7 @@ from counting.settings import CountingSettings, threshold_config
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import file_sha256, read_counted_scan, write_counted_scan
 from stemstream_testing.dm4 import write_dm4
-from streaming.scan_record import ScanRecord, ScanStatus, record_path
+from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 from tasks.microscope import link_microscope_metadata, read_microscope_file
 from tasks.microscope_settings import MicroscopeSettings
 from tasks.verify import verify_scan

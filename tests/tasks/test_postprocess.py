@@ -1,4 +1,4 @@
-"""tasks.postprocess on simulated scans: the images exist and show the simulator's sample as physics says.
+"""tasks.analysis.analyse on simulated scans: the images exist and show the simulator's sample as physics says.
 
 The simulated scans have a flyback column (the last of each row, as the 4D Camera records it), which the
 analysis drops by default: images are SIDE x (SIDE - 1), the simulator's sample ground truth's shape."""
@@ -19,8 +19,7 @@ from counting.simulator_config import BEAM_CENTER
 from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.options import options
 from stemstream_testing.sparse_images import virtual_images
-from tasks.analysis_settings import AnalysisSettings
-from tasks.postprocess import (
+from tasks.analysis.analyse import (
     AnalysisConfig,
     AnalysisResult,
     analyse_scan,
@@ -30,6 +29,7 @@ from tasks.postprocess import (
     drop_flyback,
     fill_missing_positions,
 )
+from tasks.analysis_settings import AnalysisSettings
 
 SIDE = 32
 COLS = SIDE - 1  # the sample's columns: the last column of the scan is the flyback

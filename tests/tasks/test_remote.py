@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tasks.remote import (
+from tasks.ssh import (
     AuthenticationFailed,
     HostKeyRejected,
     RemoteCommandFailed,

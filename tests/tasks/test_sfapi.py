@@ -34,7 +34,8 @@ from pydantic import SecretStr
 
 from stemstream_testing.fake_sfapi import FakeSfapi
 from stemstream_testing.slurm_cluster import SlurmCluster
-from tasks.sfapi import (
+from tasks.nersc.batch import SlurmSettings, render_batch_script
+from tasks.nersc.sfapi import (
     UNKNOWN,
     AllocationCancelled,
     AllocationError,
@@ -47,7 +48,6 @@ from tasks.sfapi import (
     SfapiUnavailable,
     allocate,
 )
-from tasks.slurm import SlurmSettings, render_batch_script
 
 from .helpers import CLIENT_ID, alive, wait_until
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from stemstream_testing.fake_sfapi import parse_exports, parse_sbatch, parse_srun, srun_lines
 from stemstream_testing.slurm_cluster import SlurmCluster
-from tasks.slurm import SlurmConfigError, SlurmSettings, render_batch_script
+from tasks.nersc.batch import SlurmConfigError, SlurmSettings, render_batch_script
 
 GOLDEN = Path(__file__).parent / "golden" / "node_streamers.sh"
 

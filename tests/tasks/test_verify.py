@@ -16,7 +16,7 @@ from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.options import options
-from streaming.scan_record import ScanRecord, ScanStatus, record_path
+from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 from tasks.verify import VerifyResult, file_sha256, verify_scan, verify_scans
 
 WIDTH, HEIGHT = 64, 48

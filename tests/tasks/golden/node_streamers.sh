@@ -1,5 +1,5 @@
 #!/bin/bash
-# stemstream node streamers: one streamer per node. Rendered by tasks/slurm.py; do not edit by hand.
+# stemstream node streamers: one streamer per node. Rendered by tasks/nersc/batch.py; do not edit by hand.
 # Slurm keeps a copy of this script, so it never holds secrets: keys are read from files on the nodes.
 #SBATCH -q realtime
 #SBATCH -A m1234

@@ -1,0 +1,401 @@
+"""A forwarding process: one of the aggregator's K data paths (``streaming.aggregator_processes``).
+
+Forwarder i (1 <= i < K; the aggregator itself is path 0) binds every receiver address and the node address
+at port + i x ``aggregator_port_stride`` (port 0: any free port) and tells the aggregator where (``up``).
+The receivers' PUSH sockets connect to every path, so ZeroMQ spreads their sectors over the K processes;
+each node connects out to every path. A forwarder routes each sector by the same rule as the aggregator
+(``protocol.route_live`` over the routes the aggregator sends), so every sector of a frame reaches the same
+node whichever process forwards it. It decides nothing about scans: the first sector of a scan it has no
+word on is held and reported (``seen``) and it reads no more until the aggregator says ``begin`` or
+``drop``; counts go back as ``progress`` every few milliseconds; on ``end`` it sends each node its own
+``end`` (after everything it forwarded to that node, on the same connection). No state is shared: the
+aggregator is the one control point, the forwarders are many data paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import zmq
+
+from streaming.aggregator.stats import ENDED_MEMORY
+from streaming.protocol import control as p
+from streaming.protocol import paths as f
+from streaming.protocol.sector import WireError, decode_message
+from streaming.settings import StreamingSettings
+from streaming.transport.router_io import Sent, drain, send_waiting
+from streaming.transport.security import CurveServerConfig, apply_server
+
+log = logging.getLogger(__name__)
+
+_REPORT_EVERY = 0.005  # seconds between progress reports while data flows
+_DRAIN_BATCH = 256
+LINGER_MS = 1000
+
+
+def offset_address(address: str, delta: int) -> str:
+    """tcp://host:port -> tcp://host:port+delta (port 0 stays 0: any free port); other transports: a
+    suffix, so ipc paths stay distinct."""
+    m = re.fullmatch(r"(tcp://.+):(\d+)", address)
+    if m is None:
+        return address if delta == 0 else f"{address}-{delta}"
+    port = int(m.group(2))
+    return address if port == 0 else f"{m.group(1)}:{port + delta}"
+
+
+@dataclass
+class _Counts:
+    """What happened since the last progress report."""
+
+    received: int = 0
+    module_received: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    threads: list[list[int]] = field(default_factory=list)
+    sent: dict[int, int] = field(default_factory=dict)
+    per_node: dict[str, int] = field(default_factory=dict)
+    malformed: int = 0
+    unroutable: int = 0
+    late: int = 0
+    refused: int = 0
+
+    def any(self) -> bool:
+        return bool(
+            self.received or self.sent or self.malformed or self.unroutable or self.late or self.refused
+        )
+
+
+@dataclass
+class _Scan:
+    """The scan this forwarder streams: its plan, and what it sent each node."""
+
+    plan: f.Begin
+    threads: set[tuple[int, int]] = field(default_factory=set)
+    sent: dict[str, int] = field(default_factory=dict)
+
+
+class Forwarder:
+    """One forwarding process's sockets and loop; see the module docstring."""
+
+    def __init__(
+        self, settings: StreamingSettings, curve: CurveServerConfig | None, index: int, hub: str
+    ) -> None:
+        self.settings, self.index = settings, index
+        self.ctx = zmq.Context()
+        self._auth = None
+        delta = index * settings.aggregator_port_stride
+        self.receivers = []
+        for address in settings.receivers:
+            sock = self._socket(zmq.PULL)
+            sock.rcvhwm = settings.aggregator_receiver_hwm
+            sock.bind(offset_address(address, delta))
+            self.receivers.append(sock)
+        self.router = self._socket(zmq.ROUTER)
+        self.router.router_mandatory = 1
+        self.router.router_handover = 1
+        self.router.sndhwm = settings.aggregator_node_hwm
+        if curve is not None:
+            self._auth = apply_server(self.router, curve, self.ctx)
+        self.router.bind(offset_address(settings.nodes_bind, delta))
+        self.hub = self._socket(zmq.DEALER)
+        self.hub.connect(hub)
+        self.attached: dict[str, bytes] = {}  # node name -> identity on this forwarder's node socket
+        self.routes: list[tuple[int, str]] = []
+        self._live: list[int] = []
+        self._names: dict[int, str] = {}
+        self.scan: _Scan | None = None
+        self._held: tuple[int, list] | None = None  # (scan number, parts) waiting for begin or drop
+        self._dropping: dict[int, tuple[str, float]] = {}  # scan number -> (why, last sector)
+        self._ended: OrderedDict[int, float] = OrderedDict()
+        self._counts = _Counts()
+        self._last_report = 0.0
+        self._stop = False
+        self._parent = os.getppid()  # an aggregator that died leaves no forwarder behind
+        self._send_up()
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = LINGER_MS
+        return sock
+
+    def _send_up(self) -> None:
+        endpoints = [s.getsockopt(zmq.LAST_ENDPOINT).decode() for s in self.receivers]
+        nodes = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._tell(f.Up(self.index, endpoints, nodes, os.getpid()))
+
+    def _tell(self, message: object) -> None:
+        self.hub.send_multipart(f.encode(message))
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """Serve until the aggregator says stop (or stop_event is set, or the hub goes silent)."""
+        reading = zmq.Poller()
+        waiting = zmq.Poller()
+        for poller in (reading, waiting):
+            poller.register(self.hub, zmq.POLLIN)
+            poller.register(self.router, zmq.POLLIN)
+        for sock in self.receivers:
+            reading.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop and not (stop_event is not None and stop_event.is_set()):
+                poller = waiting if self._held is not None else reading
+                events = dict(poller.poll(10))
+                if self.hub in events:
+                    self._service_hub()
+                if self.router in events:
+                    self._service_nodes()
+                if self._held is None:
+                    for sock in self.receivers:
+                        if sock in events:
+                            self._drain(sock)
+                self._maybe_report()
+        finally:
+            self._report()
+            self.close()
+
+    def close(self) -> None:
+        """Close every socket (bounded linger) and the authenticator."""
+        for sock in (*self.receivers, self.router, self.hub):
+            sock.close(linger=LINGER_MS)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.ctx.term()
+
+    def _maybe_report(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report >= _REPORT_EVERY and self._counts.any():
+            self._report()
+        elif now - self._last_report >= self.settings.heartbeat:
+            self._report()  # also a heartbeat
+            if os.getppid() != self._parent:
+                log.warning("forwarder %d: the aggregator is gone; stopping", self.index)
+                self._stop = True
+
+    def _report(self) -> None:
+        c, self._counts = self._counts, _Counts()
+        key = self.scan.plan.key if self.scan is not None else ""
+        self._last_report = time.monotonic()
+        with suppress(zmq.ZMQError):
+            self._tell(
+                f.Progress(
+                    self.index,
+                    key,
+                    c.received,
+                    c.module_received,
+                    c.threads,
+                    c.sent,
+                    c.per_node,
+                    c.malformed,
+                    c.unroutable,
+                    c.late,
+                    c.refused,
+                )
+            )
+
+    # ------------------------------------------------------------------------------------------ data
+    def _drain(self, sock: zmq.Socket) -> None:
+        drain(sock, self._on_sector, _DRAIN_BATCH, lambda: self._held is not None)
+
+    def _on_sector(self, parts: list) -> None:
+        try:
+            header, _ = decode_message(parts)
+        except WireError:
+            self._counts.malformed += 1
+            return
+        scan = self.scan
+        if scan is not None and header.scan_number == scan.plan.scan_number:
+            self._forward(scan, header, parts)
+            return
+        number = header.scan_number
+        if self._drop(number):
+            return
+        self._held = (number, parts)
+        self._tell(f.Seen(self.index, bytes(parts[0].buffer)))
+
+    def _drop(self, number: int) -> bool:
+        """Count and drop a sector of a scan the aggregator called late or refused (for scan_deadline after
+        its last sector: then the same number is a new scan, the detector resets its numbers)."""
+        now = time.monotonic()
+        ended = self._ended.get(number)
+        if ended is not None and now - ended < self.settings.scan_deadline:
+            self._counts.late += 1
+            return True
+        entry = self._dropping.get(number)
+        if entry is None or now - entry[1] >= self.settings.scan_deadline:
+            self._dropping.pop(number, None)
+            return False
+        self._dropping[number] = (entry[0], now)
+        if entry[0] == "late":
+            self._counts.late += 1
+        else:
+            self._counts.refused += 1
+        return True
+
+    def _forward(self, scan: _Scan, header, parts: list) -> None:
+        c = self._counts
+        c.received += 1
+        c.module_received[header.module] += 1
+        thread = (header.module, header.thread_id)
+        if thread not in scan.threads:
+            scan.threads.add(thread)
+            c.threads.append([header.module, header.thread_id, header.frames_this_thread])
+        if not self._live:
+            c.unroutable += 1
+            return
+        index = p.route_live(header.frame_number, self._live)
+        name = self._names[index]
+        delivered = self._send(name, [p.DATA, *parts])
+        c = self._counts  # a wait in _send may have reported (and replaced) the counts meanwhile
+        if delivered:
+            scan.sent[name] = scan.sent.get(name, 0) + 1
+            c.sent[index] = c.sent.get(index, 0) + 1
+            c.per_node[name] = c.per_node.get(name, 0) + 1
+        else:
+            c.unroutable += 1
+
+    def _send(self, name: str, parts: list) -> bool:
+        """Send to a node, waiting while its queue is full (up to the stall timeout); False: not delivered."""
+        outcome = send_waiting(
+            self.router,
+            lambda: self.attached.get(name),
+            parts,
+            self.settings.aggregator_stall_timeout,
+            lambda: self._stop,
+            self._wait_for_room,
+        )
+        if outcome is Sent.UNREACHABLE:
+            self.attached.pop(name, None)  # gone: the aggregator reroutes when it notices
+        return outcome is Sent.SENT
+
+    def _wait_for_room(self) -> None:
+        if self.hub.poll(1):
+            self._service_hub()
+        self._maybe_report()
+
+    # ------------------------------------------------------------------------------------------ control
+    def _service_nodes(self) -> None:
+        for _ in range(64):
+            try:
+                identity, *rest = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                if len(rest) != 2 or rest[0] != p.ATTACH:
+                    raise p.ProtocolError(f"unexpected message {rest[:1]!r}")
+                attach = p.decode(p.ATTACH, rest[1], p.Attach)
+            except p.ProtocolError as exc:
+                log.warning("forwarder %d: node message ignored: %s", self.index, exc)
+                continue
+            self.attached[attach.name] = identity
+            with suppress(zmq.ZMQError):
+                self.router.send_multipart(
+                    [identity, *p.encode(p.Attach(attach.name, self.index))], zmq.NOBLOCK
+                )
+
+    def _service_hub(self) -> None:
+        for _ in range(64):
+            try:
+                parts = self.hub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = f.decode(parts)
+            except p.ProtocolError as exc:
+                log.warning("forwarder %d: %s", self.index, exc)
+                continue
+            self._on_hub(message)
+
+    def _on_hub(self, message: object) -> None:
+        if isinstance(message, f.Begin):
+            self._begin(message)
+        elif isinstance(message, f.End):
+            self._end(message)
+        elif isinstance(message, f.Drop):
+            self._dropping[message.scan_number] = (message.why, time.monotonic())
+            if self._held is not None and self._held[0] == message.scan_number:
+                self._held = None
+                if message.why == "late":
+                    self._counts.late += 1
+                else:
+                    self._counts.refused += 1
+        elif isinstance(message, f.Routes):
+            self._set_routes(message.routes)
+        elif isinstance(message, f.Stop):
+            self._stop = True
+
+    def _set_routes(self, routes: list) -> None:
+        self.routes = [(int(i), str(n)) for i, n in routes]
+        self._live = [i for i, _ in self.routes]
+        self._names = dict(self.routes)
+
+    def _begin(self, plan: f.Begin) -> None:
+        if self.scan is not None:
+            self._report()  # counts of the previous scan go under its key
+        self._set_routes(plan.routes)
+        self._dropping.pop(plan.scan_number, None)
+        self._ended.pop(plan.scan_number, None)
+        self.scan = scan = _Scan(plan)
+        for index, name in self.routes:
+            begin = p.ScanBegin(
+                plan.scan_number,
+                plan.scan_width,
+                plan.scan_height,
+                plan.expected_frames,
+                index,
+                plan.n_nodes,
+                plan.session_id,
+                plan.key,
+            )
+            self._send(name, p.encode(begin))
+        held, self._held = self._held, None
+        if held is not None:
+            if held[0] == plan.scan_number:
+                header, _ = decode_message(held[1])
+                self._forward(scan, header, held[1])
+            else:
+                self._on_sector(held[1])  # another scan's: ask again
+
+    def _end(self, end: f.End) -> None:
+        scan = self.scan
+        if scan is None or scan.plan.key != end.key:
+            return
+        self._report()
+        self.scan = None
+        self._ended.pop(end.scan_number, None)
+        self._ended[end.scan_number] = time.monotonic()
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+        for _, name in self.routes:
+            message = p.ScanEnd(
+                end.scan_number,
+                scan.sent.get(name, 0),
+                end.reason,
+                end.expected,
+                end.received,
+                end.malformed,
+                path=self.index,
+                lost=list(end.lost),
+            )
+            self._send(name, p.encode(message))
+
+
+def run_forwarder(
+    settings: StreamingSettings, curve: CurveServerConfig | None, index: int, hub: str, log_level: int
+) -> None:
+    """A forwarding process's entry point (multiprocessing spawn): serve until the aggregator says stop."""
+    import signal
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the aggregator stops its forwarders itself
+    try:
+        forwarder = Forwarder(settings, curve, index, hub)
+    except zmq.ZMQError as exc:
+        logging.getLogger(__name__).error("forwarding process %d cannot start: %s", index, exc)
+        raise SystemExit(1) from None
+    forwarder.run()

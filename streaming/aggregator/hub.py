@@ -1,0 +1,182 @@
+"""The aggregator's side of its forwarding processes: starts K - 1 of them (multiprocessing, spawn), waits
+until each is bound, and talks to them over one internal ROUTER on loopback (streaming.protocol.paths).
+Plain plumbing: what a message means is the aggregator's business."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+
+import zmq
+
+from counting.errors import PermanentError
+from streaming.aggregator.forwarder import offset_address, run_forwarder
+from streaming.protocol import paths as f
+from streaming.settings import StreamingSettings
+from streaming.transport.security import CurveServerConfig
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # seconds for every forwarder to bind (a spawned interpreter imports numpy and zmq)
+
+
+class ForwarderError(PermanentError, RuntimeError):
+    """A forwarding process could not start."""
+
+
+@dataclass
+class ForwarderInfo:
+    """One forwarding process as the aggregator knows it."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess
+    receivers: list[str]
+    nodes: str = ""
+    alive: bool = True
+    identity: bytes = b""  # its connection on the hub socket
+
+    @property
+    def port(self) -> int:
+        """Its node socket's port."""
+        return int(self.nodes.rsplit(":", 1)[1])
+
+
+def check_addresses(st: StreamingSettings) -> None:
+    """Every address the K paths bind, distinct (port 0 aside): a clear error before anything starts."""
+    wanted = [("monitor_bind", st.monitor_bind)] if st.monitor_bind else []
+    for i in range(st.aggregator_processes):
+        delta = i * st.aggregator_port_stride
+        wanted += [
+            (f"receiver {j} of path {i}", offset_address(a, delta)) for j, a in enumerate(st.receivers)
+        ]
+        wanted.append((f"nodes_bind of path {i}", offset_address(st.nodes_bind, delta)))
+    seen: dict[str, str] = {}
+    for what, address in wanted:
+        if address.endswith(":0"):
+            continue
+        if address in seen:
+            raise ForwarderError(
+                f"{what} would bind {address}, already the {seen[address]}: forwarding process i binds every "
+                f"receiver and the node address at port + i x {st.aggregator_port_stride} "
+                "(streaming.aggregator_port_stride); choose ports or a stride that do not collide"
+            )
+        seen[address] = what
+
+
+class ForwarderHub:
+    """Starts, addresses and stops the forwarding processes 1..K-1."""
+
+    def __init__(self, st: StreamingSettings, curve: CurveServerConfig | None, context: zmq.Context) -> None:
+        check_addresses(st)
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.linger = 1000
+        self.socket.router_mandatory = 1
+        self.socket.bind("tcp://127.0.0.1:0")
+        address = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.forwarders: dict[int, ForwarderInfo] = {}
+        spawn = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        try:
+            for i in range(1, st.aggregator_processes):
+                proc = spawn.Process(
+                    target=run_forwarder,
+                    args=(st, curve, i, address, level),
+                    name=f"stemstream-forwarder-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                receivers = [offset_address(a, i * st.aggregator_port_stride) for a in st.receivers]
+                self.forwarders[i] = ForwarderInfo(i, proc, receivers)
+            self._wait_up()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        waiting = set(self.forwarders)
+        while waiting:
+            left = deadline - time.monotonic()
+            dead = [i for i in waiting if not self.forwarders[i].process.is_alive()]
+            if dead or left <= 0:
+                code = self.forwarders[dead[0]].process.exitcode if dead else None
+                why = (
+                    f"exited with code {code} (its error is logged above)"
+                    if dead
+                    else f"did not start in {START_TIMEOUT:g} s"
+                )
+                raise ForwarderError(f"forwarding process {(dead or sorted(waiting))[0]} {why}")
+            if not self.socket.poll(int(min(left, 0.5) * 1000)):
+                continue
+            identity, *parts = self.socket.recv_multipart()
+            message = f.decode(parts)
+            if isinstance(message, f.Up) and message.index in waiting:
+                info = self.forwarders[message.index]
+                info.receivers, info.nodes = list(message.receivers), message.nodes
+                info.identity = identity
+                waiting.discard(message.index)
+        log.info(
+            "%d forwarding process(es) up: %s",
+            len(self.forwarders),
+            ", ".join(f"{i}: pid {x.process.pid}, nodes {x.nodes}" for i, x in self.forwarders.items()),
+        )
+
+    @property
+    def data_ports(self) -> list[int]:
+        """The node ports of the live forwarders, in order."""
+        return [x.port for x in self.forwarders.values() if x.alive]
+
+    def alive_indices(self) -> list[int]:
+        """Forwarders still running (checks the processes)."""
+        for x in self.forwarders.values():
+            if x.alive and not x.process.is_alive():
+                x.alive = False
+                log.error(
+                    "forwarding process %d (pid %s) exited with %s: its queued sectors are lost; the others "
+                    "carry on",
+                    x.index,
+                    x.process.pid,
+                    x.process.exitcode,
+                )
+        return [i for i, x in self.forwarders.items() if x.alive]
+
+    def tell(self, message: object) -> None:
+        """Send a message to every live forwarder."""
+        for x in self.forwarders.values():
+            if x.alive:
+                try:
+                    self.socket.send_multipart([x.identity, *f.encode(message)], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    log.warning("forwarder %d did not take %s: %s", x.index, type(message).__name__, exc)
+
+    def receive(self) -> list[object]:
+        """Every message waiting (decoded; malformed ones logged and dropped)."""
+        out = []
+        for _ in range(256):
+            try:
+                _, *parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                out.append(f.decode(parts))
+            except Exception as exc:  # noqa: BLE001 - one bad internal message must not stop the aggregator
+                log.warning("bad forwarder message dropped: %s", exc)
+        return out
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Tell every forwarder to stop, wait for it (bounded), then kill what is left; idempotent."""
+        for x in self.forwarders.values():
+            if x.identity and x.process.is_alive():
+                with suppress(zmq.ZMQError):
+                    self.socket.send_multipart([x.identity, *f.encode(f.Stop())], zmq.NOBLOCK)
+        deadline = time.monotonic() + timeout
+        for x in self.forwarders.values():
+            x.process.join(max(0.0, deadline - time.monotonic()))
+            if x.process.is_alive():
+                x.process.kill()
+                x.process.join(2.0)
+            x.alive = False
+        self.socket.close(linger=0)

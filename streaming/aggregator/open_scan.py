@@ -1,0 +1,76 @@
+"""The aggregator's bookkeeping of the open scan: expected counts from the sector headers, what arrived,
+what went to which node. Pure: no sockets."""
+
+from __future__ import annotations
+
+from counting.geometry import N_SECTORS
+from streaming.protocol.sector import SectorHeader
+
+
+class OpenScan:
+    """Bookkeeping of the open scan: expected counts from the headers, what arrived, what went where."""
+
+    def __init__(self, header: SectorHeader, n_nodes: int, now: float, key: str) -> None:
+        self.number = header.scan_number
+        self.key = key  # unique: a scan number may come again
+        self.width = header.scan_width
+        self.height = header.scan_height
+        self.started = now
+        self.last_sector = now
+        self.threads: dict[tuple[int, int], int] = {}  # (module, thread_id) -> frames_this_thread
+        self.module_expected = [0] * N_SECTORS
+        self.module_received = [0] * N_SECTORS
+        self.modules_done: set[int] = set()
+        self.received = 0
+        self.malformed = 0
+        self.unroutable = 0
+        self.sent = [0] * n_nodes  # by this process
+        self.sent_elsewhere = [0] * n_nodes  # by the forwarding processes
+        self.lost: set[str] = set()  # nodes lost while it streamed (the writer must not wait for them)
+        # Frames in the whole scan as far as the first header tells: exact with one thread per receiver.
+        self.expected_frames = max(header.frames_this_thread, self.width * self.height)
+
+    def add(self, header: SectorHeader) -> None:
+        """Count a sector of this scan."""
+        m = header.module
+        key = (m, header.thread_id)
+        if key not in self.threads:
+            self.threads[key] = header.frames_this_thread
+            self._update_expected(m)
+        self.received += 1
+        self.module_received[m] += 1
+        if self.module_received[m] >= self.module_expected[m]:
+            self.modules_done.add(m)
+
+    def merge(self, received: int, module_received: list[int], threads: list[list[int]]) -> None:
+        """Count what a forwarding process received of this scan (its progress report)."""
+        for m, t, n in threads:
+            if (m, t) not in self.threads:
+                self.threads[(m, t)] = n
+                self._update_expected(m)
+        self.received += received
+        for m, k in enumerate(module_received):
+            if k:
+                self.module_received[m] += k
+                if self.module_received[m] >= self.module_expected[m] and any(
+                    x[0] == m for x in self.threads
+                ):
+                    self.modules_done.add(m)
+
+    def _update_expected(self, module: int) -> None:
+        counts = [n for (m, _), n in self.threads.items() if m == module]
+        # A receiver that does not know its count sends 0: assume one frame per scan position.
+        self.module_expected[module] = self.width * self.height if 0 in counts else sum(counts)
+        if self.module_received[module] < self.module_expected[module]:
+            self.modules_done.discard(module)
+
+    @property
+    def complete(self) -> bool:
+        """All four modules seen and each sent all its threads announced."""
+        return len(self.modules_done) == N_SECTORS
+
+    @property
+    def sectors_expected(self) -> int:
+        """Sum over modules; a module never seen is assumed to send as much as the largest seen."""
+        seen = [e for m, e in enumerate(self.module_expected) if any(k[0] == m for k in self.threads)]
+        return sum(seen) + (N_SECTORS - len(seen)) * max(seen, default=self.width * self.height)

@@ -1,0 +1,228 @@
+"""A node's live snapshots: counted batches go to a thread that adds them to the scan's live images
+(counting.live_images) and sends a snapshot to the view at the microscope at most every ``live.interval``
+seconds, over a DEALER socket the node connects out with (CURVE when the aggregator link uses it). The
+view's only answer on it is the scan's agreed BF geometry, so the images of all nodes add up.
+
+The counting loop only hands batches over (``put_nowait`` on a bounded queue); when the queue is full the
+batch is dropped and counted, and a snapshot the view cannot take in time is dropped and counted (its sums
+are cumulative, so the next one makes up for it). Nothing here ever waits on the view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from counting import live_images
+from counting.live_images import LiveGeometry, LiveImages
+from streaming.live_settings import LiveSettings, live_address
+from streaming.node.config import NodeConfig
+from streaming.protocol import control as p
+from streaming.protocol import live as live_wire
+
+log = logging.getLogger(__name__)
+_STOP = object()
+AGREE_WAIT = 2.0  # seconds a node waits for the view's geometry before it settles on its own estimate
+
+
+class _Scan:
+    """One scan's live images on this node, and which positions changed since the last snapshot sent."""
+
+    def __init__(self, begin: p.ScanBegin, live: LiveSettings) -> None:
+        given = None
+        if live.bf_center is not None and live.bf_radius is not None:
+            r = live.bf_radius
+            given = LiveGeometry(*live.bf_center, r, live.adf_inner * r, live.adf_outer * r)
+        self.begin = begin
+        self.images = LiveImages(
+            begin.scan_width,
+            begin.scan_height,
+            given,
+            live.estimate_frames,
+            (live.adf_inner, live.adf_outer),
+            auto_settle=False,  # settled on the geometry the view agrees for the scan (AGREE_WAIT)
+        )
+        self.proposal: LiveGeometry | None = None  # this node's estimate, offered to the view
+        self.proposed_at = 0.0
+        self.lo, self.hi = begin.scan_width * begin.scan_height, 0  # positions not yet sent
+        self.seq = 0
+        self.counted_at = 0.0  # newest batch added
+        self.oldest_at = 0.0  # oldest batch added since the last snapshot sent
+        self.sent_at = 0.0
+
+
+class LivePublisher:
+    """Live images of this node's scans, sent to the view; ``begin``/``batch``/``end`` never block."""
+
+    def __init__(self, context: zmq.Context, config: NodeConfig) -> None:
+        self.name, self.settings = config.name, config.streaming.live
+        self.address = live_address(self.settings, config.aggregator)
+        self.dropped_batches = 0  # batches the thread could not take in time (the queue was full)
+        self.dropped_snapshots = 0  # snapshots the view could not take in time
+        self.sent = 0
+        self._ctx, self._curve = context, config.curve
+        self._queue: queue.Queue = queue.Queue(self.settings.queue_batches)
+        live_images.warm_up()  # compiled before the node is ready, not during its first scan
+        self._thread = threading.Thread(target=self._run, name="stemstream-live", daemon=True)
+        self._thread.start()
+
+    # --------------------------------------------------------------------------- the counting loop's side
+    def begin(self, begin: p.ScanBegin) -> None:
+        """A scan begins on this node."""
+        self._put(("begin", begin))
+
+    def batch(
+        self, key: str, positions: np.ndarray, masks: np.ndarray, offsets: np.ndarray, indices: np.ndarray
+    ) -> None:
+        """A counted batch (positions and masks are copied: their slot is reused at once)."""
+        self._put(("batch", key, positions.copy(), masks.copy(), offsets, indices, time.time()))
+
+    def end(self, key: str) -> None:
+        """The node has counted everything of the scan: send its final snapshot."""
+        self._put(("end", key))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread (after the final snapshots it has) and close its socket."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped_batches += 1
+
+    # --------------------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)  # out to the view; its only answer: the scan's agreed geometry
+        sock.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 16)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no view connected: drop, never queue for later
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # no view running: retry ever less often, up to 5 s
+        if self._curve is not None:
+            from streaming.transport.security import apply_client
+
+            apply_client(sock, self._curve)
+        sock.connect(self.address)
+        scan: _Scan | None = None
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self.settings.interval / 2)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    break
+                if item is not None:
+                    scan = self._handle(item, scan, sock)
+                if scan is not None and scan.images.geometry is None:
+                    self._agree(sock, scan)
+                if (
+                    scan is not None
+                    and scan.hi > scan.lo
+                    and time.monotonic() - scan.sent_at >= self.settings.interval
+                ):
+                    self._send(sock, scan, final=False)
+        except Exception:  # the live view must never take the node down
+            log.exception("%s: live view stopped", self.name)
+        finally:
+            sock.close()
+
+    def _handle(self, item: tuple, scan: _Scan | None, sock: zmq.Socket) -> _Scan | None:
+        kind = item[0]
+        if kind == "begin":
+            scan = _Scan(item[1], self.settings)
+            scan.lo, scan.hi = 0, 0
+            self._send(sock, scan, final=False)  # the view lists the scan at once
+            return scan
+        if scan is None or item[1] != scan.begin.scan_key:
+            return scan  # a scan already ended
+        if kind == "batch":
+            _, _, positions, masks, offsets, indices, counted_at = item
+            scan.images.add(positions, masks, offsets, indices)
+            if len(positions):
+                scan.lo, scan.hi = min(scan.lo, int(positions.min())), max(scan.hi, int(positions.max()) + 1)
+            scan.counted_at = counted_at
+            scan.oldest_at = scan.oldest_at or counted_at
+            return scan
+        self._agree(sock, scan)
+        scan.images.settle(scan.proposal)
+        scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height
+        if not self._send(sock, scan, final=True, wait=1.0):
+            log.warning(
+                "%s: the live view did not take scan %d's final images", self.name, scan.begin.scan_number
+            )
+        return None
+
+    def _agree(self, sock: zmq.Socket, scan: _Scan) -> None:
+        """Propose this node's estimate once it has enough frames; settle on the view's answer (the first
+        geometry any node of the scan proposed), or on its own after AGREE_WAIT without one."""
+        for _ in range(16):  # answers that came (bounded)
+            try:
+                kind, header, _ = live_wire.decode(sock.recv_multipart(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            except live_wire.LiveWireError:
+                continue
+            if kind == live_wire.GEOMETRY and header.get("scan_key") == scan.begin.scan_key:
+                scan.images.settle(LiveGeometry(**header["geometry"]))
+                scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height  # BF/ADF all changed
+        if scan.images.geometry is not None or not scan.images.ready_to_estimate:
+            return
+        if scan.proposal is None:
+            scan.proposal, scan.proposed_at = scan.images.estimate(), time.monotonic()
+            scan.sent_at = 0.0  # offer it at once
+        elif time.monotonic() - scan.proposed_at > AGREE_WAIT:
+            scan.images.settle(scan.proposal)  # no view answered: this node's own estimate
+
+    def _send(self, sock: zmq.Socket, scan: _Scan, final: bool, wait: float = 0.0) -> bool:
+        b, img = scan.begin, scan.images
+        a, lo, hi = img.arrays, scan.lo, max(scan.hi, scan.lo)
+        header = {
+            "node": self.name,
+            "node_index": b.node_index,
+            "n_nodes": b.n_nodes,
+            "scan_number": b.scan_number,
+            "scan_key": b.scan_key,
+            "width": b.scan_width,
+            "height": b.scan_height,
+            "expected_frames": b.expected_frames,
+            "seq": scan.seq,
+            "final": final,
+            "frames": img.frames,
+            "sectors": img.sectors,
+            "events": img.events,
+            "geometry": img.geometry.as_dict() if img.geometry else None,
+            "proposal": scan.proposal.as_dict() if scan.proposal and not img.geometry else None,
+            "dropped_batches": self.dropped_batches,
+            "dropped_snapshots": self.dropped_snapshots,
+            "counted_at": scan.counted_at,
+            "oldest_at": scan.oldest_at,
+            "lo": lo,
+            "hi": hi,
+        }
+        arrays = {n: getattr(a, n)[lo:hi] for n in ("counts", "bf", "adf", "sum_col", "sum_row", "frames")}
+        arrays["pattern"] = a.pattern.astype(np.uint32)
+        parts = live_wire.encode(live_wire.SNAP, header, arrays)
+        scan.sent_at = time.monotonic()
+        if wait and not sock.poll(int(wait * 1000), zmq.POLLOUT):
+            self.dropped_snapshots += 1
+            return False
+        try:
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped_snapshots += 1
+            return False
+        scan.seq += 1
+        self.sent += 1
+        scan.lo, scan.hi = b.scan_width * b.scan_height, 0
+        scan.oldest_at = 0.0
+        return True

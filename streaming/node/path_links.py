@@ -1,0 +1,73 @@
+"""A node's connections to the aggregator's forwarding processes (streaming.aggregator.forwarder): one outbound DEALER
+each (CURVE when the aggregator link uses it), on the aggregator's host at the ports its welcome lists.
+Each says ``attach`` with the node's name and is answered; the node arms only once every one has answered,
+so no forwarder ever routes a sector to a node it cannot reach yet."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import zmq
+
+from streaming.node.config import NodeConfig
+from streaming.protocol import control as p
+
+log = logging.getLogger(__name__)
+
+
+def forwarder_address(aggregator: str, port: int) -> str:
+    """The aggregator's address as this node reaches it, with another port."""
+    m = re.fullmatch(r"(tcp://.+):(\d+)", aggregator)
+    if m is None:
+        raise ValueError(f"forwarding processes need a tcp:// aggregator address, got {aggregator!r}")
+    return f"{m.group(1)}:{port}"
+
+
+class ForwarderLinks:
+    """The DEALERs to the forwarders of the aggregator's welcome, and which have answered."""
+
+    def __init__(self, context: zmq.Context, config: NodeConfig) -> None:
+        self.context, self.config = context, config
+        self.ports: list[int] = []
+        self.sockets: list[zmq.Socket] = []
+        self.attached: set[int] = set()  # forwarder numbers that answered
+
+    def update(self, ports: list[int]) -> bool:
+        """Connect to the forwarders of a welcome (again only when they changed); True when they did."""
+        if list(ports) == self.ports:
+            return False
+        self.close()
+        self.ports = list(ports)
+        for port in self.ports:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.RCVHWM, 4 * self.config.streaming.node_batch)
+            if self.config.curve is not None:
+                from streaming.transport.security import apply_client
+
+                apply_client(sock, self.config.curve)
+            sock.connect(forwarder_address(self.config.aggregator, port))
+            sock.send_multipart(p.encode(p.Attach(self.config.name)))
+            self.sockets.append(sock)
+        if self.ports:
+            log.info(
+                "%s: connecting to %d forwarding process(es), ports %s", self.config.name, len(ports), ports
+            )
+        return True
+
+    def on_attached(self, body: bytes) -> None:
+        """A forwarder answered our attach."""
+        answer = p.decode(p.ATTACH, body, p.Attach)
+        self.attached.add(answer.path)
+
+    @property
+    def all_attached(self) -> bool:
+        """Every forwarder of the welcome has answered."""
+        return len(self.attached) >= len(self.ports)
+
+    def close(self) -> None:
+        """Close every connection (bounded linger)."""
+        for sock in self.sockets:
+            sock.close(linger=2000)
+        self.sockets, self.attached = [], set()

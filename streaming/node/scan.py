@@ -1,0 +1,112 @@
+"""One scan as a node streamer sees it: what arrived and was counted, and the frames waiting for the
+scan's thresholds (they come from the scan writer, estimated from the first complete frames all nodes
+offer, or fixed)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from counting.geometry import ALL_SECTORS
+from counting.kernel import Thresholds
+from streaming.node.assembly import Sealed, Slot
+from streaming.node.writer_client import WriterClient
+from streaming.protocol import control as p
+
+
+@dataclass
+class NodeScan:
+    """Per-scan state and counters of a node."""
+
+    begin: p.ScanBegin
+    thresholds: Thresholds | None = None
+    failed: bool = False  # no thresholds could be had: frames are released uncounted
+    pending: list[Sealed] = field(default_factory=list)  # sealed, waiting for thresholds
+    outstanding: int = 0  # slots being counted
+    samples_sent: int = 0
+    samples_closed: bool = False
+    end: p.ScanEnd | None = None  # every path's end, combined
+    ends: dict[int, p.ScanEnd] = field(default_factory=dict)  # by path: 0 the aggregator, i forwarder i
+    first_end_at: float = 0.0  # monotonic time of the aggregator's end
+    end_reason: str = ""
+    sectors: int = 0
+    frames: int = 0
+    incomplete: int = 0
+    counting_seconds: float = 0.0
+    late: int = 0
+    evicted: int = 0
+
+    @property
+    def number(self) -> int:
+        """The scan number."""
+        return self.begin.scan_number
+
+    @property
+    def finished(self) -> bool:
+        """Ended, and nothing left to count or to wait for."""
+        return self.end is not None and not self.pending and not self.outstanding
+
+    def add_end(self, end: p.ScanEnd) -> bool:
+        """Record one path's end; True when every path's end is in (the aggregator's names the others)."""
+        self.ends[end.path] = end
+        if end.path == 0:
+            self.first_end_at = time.monotonic()
+        return not self.missing_paths() and 0 in self.ends
+
+    def missing_paths(self) -> list[int]:
+        """Forwarders the aggregator's end names whose end has not come."""
+        main = self.ends.get(0)
+        return [] if main is None else [i for i in main.forwarders if i not in self.ends]
+
+    def waiting_for_paths(self, now: float, deadline: float) -> bool:
+        """The aggregator's end came more than ``deadline`` ago and a forwarder's is still missing."""
+        return 0 in self.ends and now - self.first_end_at > deadline and bool(self.missing_paths())
+
+    def combined_end(self) -> p.ScanEnd:
+        """The aggregator's end with the sectors every path sent this node."""
+        main = self.ends[0]
+        return replace(main, sectors_sent=sum(e.sectors_sent for e in self.ends.values()))
+
+    def offer_samples(self, writer: WriterClient, slot: Slot, sealed: Sealed, wanted: int) -> None:
+        """Offer this batch's complete frames (up to ``wanted`` in all) for threshold estimation."""
+        need = wanted - self.samples_sent
+        if self.samples_closed or need <= 0:
+            return
+        rows = np.flatnonzero(slot.masks[: sealed.frames] == ALL_SECTORS)[:need]
+        numbers = [int(n) for n in slot.frame_numbers[rows]]
+        self.samples_sent += len(rows)
+        last = self.samples_sent >= wanted
+        header = p.SampleHeader(writer.name, self.number, numbers, last, self.begin.scan_key)
+        writer.send(header, *[slot.frames[r].tobytes() for r in rows])
+        self.samples_closed = last
+
+    def close_samples(self, writer: WriterClient, lost: list[str]) -> None:
+        """No more samples will come from this node (the scan ended before it had enough); nodes the
+        aggregator lost will close nothing, so the writer estimates without them."""
+        if (not self.samples_closed or lost) and self.thresholds is None:
+            writer.send(p.SampleHeader(writer.name, self.number, [], True, self.begin.scan_key, lost))
+            self.samples_closed = True
+
+    def done_messages(self, name: str, duplicates: int) -> tuple[p.NodeScanDone, p.Done]:
+        """What the writer and the aggregator are told when this node has finished the scan."""
+        reason = self.end_reason or self.end.reason
+        return (
+            p.NodeScanDone(
+                name,
+                self.number,
+                self.sectors,
+                self.end.sectors_sent,
+                self.frames,
+                self.incomplete,
+                duplicates,
+                reason,
+                self.counting_seconds,
+                self.late,
+                self.evicted,
+                self.begin.scan_key,
+                list(self.end.lost),
+            ),
+            p.Done(name, self.number, self.sectors, self.frames, self.incomplete, reason),
+        )

@@ -1,0 +1,344 @@
+"""Typed control messages between the aggregator, the node streamers and monitors.
+
+Aggregator and nodes talk over one ROUTER (aggregator, binds) / DEALER (node, connects outbound)
+connection. Every message is multipart with a kind tag first:
+
+    node -> aggregator   [b"hello", Hello]     once after connecting (and again until welcomed)
+                         [b"writer", WriterAt] node 0 only: where the scan writer it now hosts listens
+                         [b"ready", Ready]     armed: may receive the next scan (sent once it knows
+                                               the writer's address)
+                         [b"done",  Done]      a scan is counted and handed to the writer
+                         [b"hb",    Heartbeat] liveness, every heartbeat interval
+    aggregator -> node   [b"welcome", Welcome] the node's index among the session's nodes, whether it
+                                               hosts the scan writer, and the writer's address once
+                                               known (sent again whenever that address changes)
+                         [b"scan",  ScanBegin] before the first sector of a scan
+                         [b"data",  sector header, sector payload]  forwarded untouched (zero-copy)
+                         [b"end",   ScanEnd]   after the last sector of a scan sent to this node
+                         [b"bye",   Bye]       the aggregator is shutting down
+
+Roles come from the aggregator, so every node runs the same command: the node welcomed as index 0 hosts
+the session's scan writer and announces its address with ``writer``; the aggregator hands that address to
+the other nodes with their welcome (again after a reconnect, or when a restarted node 0 hosts a new
+writer). A node that cannot join (all slots taken, another output directory than the writer's, another
+protocol version) gets ``bye`` with the reason instead of ``welcome``, and exits with that reason.
+
+Because one connection carries data and control in order, a node that receives ``end`` has received
+every sector the aggregator sent it for that scan.
+
+Scale-out (``streaming.aggregator_processes`` K > 1, see streaming.aggregator.forwarder): K - 1 forwarding processes
+beside the aggregator each bind their own receiver and node sockets; the receivers' PUSH sockets connect to
+every forwarding process (ZeroMQ spreads their sectors over them) and each node connects out to every
+forwarding process too: ``welcome.data_ports`` lists their node ports (same host as the aggregator). On a
+forwarder's connection a node first says [b"attach", Attach] and is answered [b"attach", Attach] (with the forwarder's ``path``); then
+that connection carries [b"scan"], [b"data"] and [b"end"] exactly as the aggregator's own does, each
+``end`` tagged with its ``path`` (0: the aggregator, i: forwarder i). The aggregator stays the one control
+point (roles, arming, scan begin and end, routes, monitor). A node's scan ends when it has the
+aggregator's ``end`` and the ``end`` of every forwarder that ``end`` names (``forwarders``).
+
+Routing: frame f goes to ``live[f % len(live)]``, live being the indices of the connected nodes in order
+(``route_live``); with every node connected that is ``f % n_nodes``. A node lost mid-scan (disconnect,
+heartbeat timeout) is taken out of ``live`` at once, so the survivors get its share of later frames; its
+name is in the scan's ``end`` (``lost``) and the nodes pass it to the writer, which then does not wait for
+it. Monitors subscribe to the aggregator's PUB socket and
+receive [b"state", AggregatorState] with a heartbeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+import msgpack
+
+from counting.errors import PermanentError
+
+HELLO = b"hello"
+READY = b"ready"
+DONE = b"done"
+HEARTBEAT = b"hb"
+WELCOME = b"welcome"
+SCAN = b"scan"
+DATA = b"data"
+END = b"end"
+BYE = b"bye"
+STATE = b"state"
+WRITER = b"writer"
+ATTACH = b"attach"
+
+PROTOCOL_VERSION = 3
+
+
+class ProtocolError(PermanentError, ValueError):
+    """A control message is malformed."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A node introduces itself."""
+
+    name: str
+    pid: int
+    protocol: int = PROTOCOL_VERSION
+    output_dir: str = ""  # where this node would write scans if it hosted the writer
+
+
+@dataclass(frozen=True)
+class WriterAt:
+    """Node 0 hosts the scan writer, listening here."""
+
+    name: str
+    address: str
+    output_dir: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A node is armed for the next scan."""
+
+    name: str
+    last_scan: int = -1
+
+
+@dataclass(frozen=True)
+class Done:
+    """A node finished a scan: what it received and counted."""
+
+    name: str
+    scan_number: int
+    sectors: int
+    frames: int
+    incomplete_frames: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness plus a few counters."""
+
+    name: str
+    state: str
+    scan_number: int = -1
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The aggregator accepted a node."""
+
+    node_index: int
+    n_nodes: int
+    session_id: int = 0
+    host_writer: bool = False  # this node hosts the session's scan writer (node 0)
+    writer: str = ""  # the scan writer's address; empty until node 0 has announced it
+    data_ports: list[int] = field(default_factory=list)  # forwarders' node ports (aggregator's host)
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A node on a forwarder's connection (and the forwarder's answer): sectors for this name come here."""
+
+    name: str
+    path: int = 0  # in the answer: the forwarder's number
+
+
+@dataclass(frozen=True)
+class ScanBegin:
+    """A scan starts: its shape and how frames are routed."""
+
+    scan_number: int
+    scan_width: int
+    scan_height: int
+    expected_frames: int  # frames in the whole scan (all nodes); 0 if unknown
+    node_index: int
+    n_nodes: int
+    session_id: int = 0
+    scan_key: str = ""  # unique per scan the aggregator begins, even when a scan number comes again
+
+
+@dataclass(frozen=True)
+class ScanEnd:
+    """No more sectors of this scan will be sent to this node."""
+
+    scan_number: int
+    sectors_sent: int  # sectors the aggregator sent to this node in this scan
+    # "complete": all expected sectors arrived; "deadline": the scan timed out upstream;
+    # "superseded": a newer scan started first; "shutdown": the aggregator stopped mid-scan
+    reason: str
+    sectors_expected: int = 0  # for the whole scan, all nodes
+    sectors_received: int = 0  # by the aggregator, whole scan
+    malformed: int = 0  # messages rejected during this scan
+    path: int = 0  # who sends this end: 0 the aggregator, i forwarder i (each counts what it sent)
+    forwarders: list[int] = field(default_factory=list)  # aggregator's end: forwarders whose end follows
+    lost: list[str] = field(default_factory=list)  # nodes lost during this scan: the writer waits not
+
+
+@dataclass(frozen=True)
+class Bye:
+    """The aggregator is going away."""
+
+    reason: str = "shutdown"
+    final: bool = (
+        True  # False: a refusal that may clear (all slots taken while a lost node is not yet noticed)
+    )
+
+
+@dataclass(frozen=True)
+class AggregatorState:
+    """What monitors see: state, counters, per-node counters."""
+
+    state: str
+    scan_number: int
+    nodes_connected: int
+    nodes_ready: int
+    n_nodes: int
+    received: int
+    forwarded: int
+    malformed: int
+    unroutable: int
+    per_node: dict[str, int] = field(default_factory=dict)
+    time: float = 0.0
+    late: int = 0  # sectors of an already-ended scan, dropped
+    writer: str = ""  # name of the node that hosts the scan writer ("" until designated)
+    refused: int = 0  # sectors of scans that began before every node was first ready
+    scan_expected: int = 0  # sectors expected of the open scan (0: none open)
+    scan_received: int = 0  # ...and received so far
+    refused_scans: dict[int, int] = field(default_factory=dict)  # those scans: number -> sectors
+    per_path: dict[int, dict[str, int]] = field(default_factory=dict)  # 0: aggregator, i: forwarder i
+
+
+# Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:
+#   [b"w.begin", NodeScanBegin]                               a node starts a scan
+#   [b"w.samples", SampleHeader, frames bytes]                 threshold samples (estimated thresholds)
+#   [b"w.events", EventsHeader, positions, numbers, masks, offsets, indices]   counted frames
+#   [b"w.done", NodeScanDone]                                 a node has sent everything of a scan
+# and back, writer -> node: [b"w.thresholds", ScanThresholds]
+W_BEGIN = b"w.begin"
+W_SAMPLES = b"w.samples"
+W_EVENTS = b"w.events"
+W_DONE = b"w.done"
+W_THRESHOLDS = b"w.thresholds"
+
+
+@dataclass(frozen=True)
+class NodeScanBegin:
+    """A node streamer starts a scan."""
+
+    name: str
+    scan_number: int
+    scan_width: int
+    scan_height: int
+    n_nodes: int
+    node_index: int
+    session_id: int = 0
+    scan_key: str = ""
+
+
+@dataclass(frozen=True)
+class SampleHeader:
+    """Complete frames offered for threshold estimation; ``last`` closes this node's offer for the scan."""
+
+    name: str
+    scan_number: int
+    frame_numbers: list[int]
+    last: bool
+    scan_key: str = ""
+    lost: list[str] = field(default_factory=list)  # nodes lost mid-scan: their offers will never close
+
+
+@dataclass(frozen=True)
+class EventsHeader:
+    """Counted frames follow as arrays: positions int64, frame numbers int64, masks uint8, offsets int64,
+    indices uint32."""
+
+    name: str
+    scan_number: int
+    frames: int
+    scan_key: str = ""
+
+
+@dataclass(frozen=True)
+class NodeScanDone:
+    """A node has sent every counted frame of a scan."""
+
+    name: str
+    scan_number: int
+    sectors: int  # sectors this node received
+    sectors_sent: int  # sectors the aggregator says it sent to this node
+    frames: int
+    incomplete_frames: int
+    duplicates: int
+    reason: str
+    counting_seconds: float = 0.0
+    late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
+    evicted_slots: int = 0  # batches sealed early because their frames waited too long
+    scan_key: str = ""
+    lost: list[str] = field(default_factory=list)  # nodes the aggregator lost during the scan
+
+
+@dataclass(frozen=True)
+class ScanThresholds:
+    """Thresholds every node counts a scan with."""
+
+    scan_number: int
+    background: float
+    xray: float
+    metadata: dict = field(default_factory=dict)
+    calibration: str = ""  # digest of the dark and gain that follow as two binary parts (empty: none)
+
+
+_KIND = {
+    Hello: HELLO,
+    WriterAt: WRITER,
+    Ready: READY,
+    Done: DONE,
+    Heartbeat: HEARTBEAT,
+    Welcome: WELCOME,
+    ScanBegin: SCAN,
+    ScanEnd: END,
+    Bye: BYE,
+    AggregatorState: STATE,
+    NodeScanBegin: W_BEGIN,
+    SampleHeader: W_SAMPLES,
+    EventsHeader: W_EVENTS,
+    NodeScanDone: W_DONE,
+    ScanThresholds: W_THRESHOLDS,
+    Attach: ATTACH,
+}
+_TYPE = {kind: cls for cls, kind in _KIND.items()}
+
+T = TypeVar("T")
+
+
+def encode(message: Any) -> list[bytes]:
+    """[kind, msgpack body] for a control message."""
+    return [_KIND[type(message)], msgpack.packb(asdict(message))]
+
+
+def decode(kind: bytes, body: bytes | memoryview, expected: type[T] | None = None) -> Any:
+    """Decode a control message body of the given kind; raises ProtocolError when malformed."""
+    cls = _TYPE.get(bytes(kind))
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {bytes(kind)[:20]!r}")
+    if expected is not None and cls is not expected:
+        raise ProtocolError(f"expected {expected.__name__}, got {cls.__name__}")
+    try:
+        data = msgpack.unpackb(bytes(body), strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"{cls.__name__} body is not msgpack ({type(exc).__name__})") from None
+    names = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or not set(data) <= names:
+        raise ProtocolError(f"{cls.__name__} body has unexpected fields")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.__name__} body is incomplete: {exc}") from None
+
+
+def route_live(frame_number: int, live: list[int]) -> int:
+    """The node a frame goes to among the connected ones (their indices, in order)."""
+    return live[frame_number % len(live)]
+
+
+def route(frame_number: int, n_nodes: int) -> int:
+    """The node a frame goes to: all four sectors of a frame share a frame number, so they go together."""
+    return frame_number % n_nodes

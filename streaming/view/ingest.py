@@ -1,0 +1,120 @@
+"""The live view's intake: a ROUTER socket the nodes connect to (CURVE server when keys are configured,
+allowing only the nodes' keys), answering each scan's agreed BF geometry to nodes not yet settled on it;
+and a look at the scan directory for each scan's written file. One thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import zmq
+
+from streaming.protocol import live as live_wire
+from streaming.transport.security import CurveServerConfig
+from streaming.view.state import ViewState
+
+log = logging.getLogger(__name__)
+
+
+class LiveIngest:
+    """Takes snapshots into ``state`` until stopped; finds written files under ``scan_dir`` every second."""
+
+    def __init__(
+        self,
+        state: ViewState,
+        bind: str,
+        curve: CurveServerConfig | None = None,
+        scan_dir: Path | None = None,
+    ) -> None:
+        self.state, self.scan_dir = state, scan_dir
+        self._ctx = zmq.Context()
+        self._auth = None
+        self.socket = self._ctx.socket(zmq.ROUTER)  # nodes' snapshots in, the agreed geometry back
+        self.socket.setsockopt(zmq.RCVHWM, 64)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from streaming.transport.security import apply_server
+
+            self._auth = apply_server(self.socket, curve, self._ctx)
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"the live view cannot take snapshots on {bind}: {exc}") from None
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.received = 0
+        self._seen: dict[Path, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stemstream-live-ingest", daemon=True)
+
+    def start(self) -> LiveIngest:
+        """Start the thread."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread, close the socket and the context."""
+        self._stop.set()
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self._thread.join(5)
+        self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def _run(self) -> None:
+        next_look = 0.0
+        while not self._stop.is_set():
+            if self.socket.poll(100):
+                for _ in range(64):  # bounded: the file look is not starved
+                    try:
+                        parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._take(parts)
+            if self.scan_dir is not None and time.monotonic() > next_look:
+                self._look()
+                next_look = time.monotonic() + 1.0
+
+    def _take(self, parts: list) -> None:
+        try:
+            kind, header, arrays = live_wire.decode(parts[1:])
+            if kind != live_wire.SNAP:
+                raise live_wire.LiveWireError(f"unexpected kind {kind[:20]!r}")
+            agreed = self.state.apply(header, arrays)
+            self.received += 1
+            if agreed is not None and header.get("geometry") != agreed:  # not settled on it yet: tell it
+                reply = live_wire.encode(
+                    live_wire.GEOMETRY, {"scan_key": header["scan_key"], "geometry": agreed}
+                )
+                self.socket.send_multipart([parts[0].bytes, *reply], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the node asks again with its next snapshot
+        except (live_wire.LiveWireError, KeyError, ValueError, TypeError) as exc:
+            self.state.malformed += 1
+            log.warning("dropped a malformed live snapshot: %s", exc)
+
+    def _look(self) -> None:
+        try:
+            files = sorted(self.scan_dir.glob("*.h5"))
+        except OSError:
+            return
+        for path in files:
+            try:
+                mtime = path.stat().st_mtime
+                if self._seen.get(path) == mtime:
+                    continue
+                self._seen[path] = mtime
+                with h5py.File(path, "r") as f:
+                    key = f["metadata/stemstream"].attrs.get("scan_key", "")
+                key = key.decode() if isinstance(key, bytes) else str(key)
+            except (OSError, KeyError):
+                continue
+            if key and self.state.scan(key) is not None:
+                self.state.set_file(key, str(path))
+            else:  # not (yet) a scan of this view: look again later
+                self._seen.pop(path, None)

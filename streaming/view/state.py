@@ -1,0 +1,230 @@
+"""The live view's state: every scan of the session as the nodes' snapshots describe it (streaming.protocol.live),
+each node's cumulative sums kept apart and added up on request. Thread-safe: the ingest thread applies
+snapshots, the web server reads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from counting.geometry import FRAME_COLS, FRAME_ROWS, N_SECTORS
+from counting.live_images import LiveArrays, LiveGeometry
+
+IMAGES = ("bf", "adf", "com_x", "com_y", "pattern", "frames")
+_POSITION_ARRAYS = ("counts", "bf", "adf", "sum_col", "sum_row", "frames")
+
+
+@dataclass
+class _NodeSums:
+    arrays: LiveArrays | None  # None once the scan's images are let go
+    header: dict
+
+
+@dataclass
+class ScanView:
+    """One scan: its nodes' sums, what they said last, and its file once written."""
+
+    key: str
+    number: int
+    width: int
+    height: int
+    expected_frames: int
+    n_nodes: int
+    started: float
+    nodes: dict[str, _NodeSums] = field(default_factory=dict)
+    version: int = 0
+    file: str = ""
+    counted_at: float = 0.0  # newest batch in the images (node wall time)
+    oldest_at: float = 0.0  # oldest batch new in the latest snapshot (node wall time)
+    ended: float = 0.0
+    _rate: list = field(default_factory=list)  # (time, frames) samples for the rate
+    _merged: tuple = (-1, None)  # (version, LiveArrays) of the last merge
+    agreed: dict | None = None  # the BF geometry every node is told to use
+    images_kept: bool = True  # False for old scans: their row stays, their images are let go
+
+    def total(self, name: str) -> int:
+        """A header counter added over the nodes."""
+        return sum(int(n.header.get(name, 0)) for n in self.nodes.values())
+
+    @property
+    def done(self) -> bool:
+        """Every node sent its final snapshot."""
+        finals = sum(bool(n.header.get("final")) for n in self.nodes.values())
+        return finals >= max(self.n_nodes, 1)
+
+    def summary(self) -> dict:
+        """What the page lists and shows as numbers."""
+        frames, sectors = self.total("frames"), self.total("sectors")
+        expected = self.expected_frames or self.width * self.height
+        lost = N_SECTORS * (expected if self.done else frames) - sectors
+        geometries = {str(n.header.get("geometry")) for n in self.nodes.values() if n.header.get("geometry")}
+        return {
+            "key": self.key,
+            "scan_number": self.number,
+            "width": self.width,
+            "height": self.height,
+            "status": "done" if self.done else "live",
+            "frames": frames,
+            "expected_frames": expected,
+            "completeness": sectors / (N_SECTORS * expected) if expected else 0.0,
+            "sectors_lost": max(lost, 0),
+            "rate": self.rate(),
+            "events": self.total("events"),
+            "nodes": len(self.nodes),
+            "n_nodes": self.n_nodes,
+            "dropped": self.total("dropped_batches") + self.total("dropped_snapshots"),
+            "geometry": next(iter(self.nodes.values())).header.get("geometry") if self.nodes else None,
+            "geometries_differ": len(geometries) > 1,
+            "file": self.file,
+            "images": self.images_kept,
+            "version": self.version,
+            "counted_at": self.counted_at,
+            "oldest_at": self.oldest_at,
+        }
+
+    def rate(self) -> float:
+        """Frames counted per second over the last few seconds (0 once done)."""
+        if self.done or len(self._rate) < 2:
+            return 0.0
+        (t0, f0), (t1, f1) = self._rate[0], self._rate[-1]
+        return (f1 - f0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def merged(self) -> LiveArrays:
+        """The nodes' sums added (kept until the next snapshot)."""
+        if self._merged[0] == self.version:
+            return self._merged[1]
+        out = LiveArrays.zeros(self.width * self.height)
+        for n in self.nodes.values():
+            for name in (*_POSITION_ARRAYS, "pattern"):
+                getattr(out, name)[:] += getattr(n.arrays, name)
+        self._merged = (self.version, out)
+        return out
+
+    def geometry(self) -> LiveGeometry | None:
+        """The BF geometry the images use (the first node's)."""
+        g = self.summary()["geometry"]
+        return LiveGeometry(**g) if g else None
+
+    def image(self, name: str, masked: bool = False) -> np.ndarray:
+        """One image as float64: scan-shaped (height, width), or the 576x576 pattern; ``masked`` (for
+        display): NaN at positions no frame reached yet, the pattern binned 2x2."""
+        a = self.merged()
+        if name == "pattern":
+            pattern = a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
+            return (
+                pattern.reshape(FRAME_ROWS // 2, 2, FRAME_COLS // 2, 2).sum(axis=(1, 3))
+                if masked
+                else pattern
+            )
+        if name in ("com_x", "com_y"):
+            g = self.geometry()
+            values = a.com(g)[0 if name == "com_x" else 1] if g else np.zeros(self.width * self.height)
+        elif name in ("bf", "adf", "frames"):
+            values = getattr(a, name).astype(np.float64)
+        else:
+            raise KeyError(name)
+        values = np.asarray(values, np.float64)
+        if masked and name != "frames":
+            values = np.where(a.frames > 0, values, np.nan)
+        return values.reshape(self.height, self.width)
+
+
+class ViewState:
+    """Every scan of the session seen so far, newest last."""
+
+    def __init__(self, keep_scans: int = 200, keep_images: int = 10) -> None:
+        self._lock = threading.Lock()
+        self._scans: dict[str, ScanView] = {}
+        self._keep, self._keep_images = keep_scans, keep_images  # rows; scans whose images are kept
+        self.version = 0  # bumped on every change
+        self.malformed = 0
+        self.changed = threading.Condition(self._lock)
+
+    def apply(self, header: dict, arrays: dict[str, np.ndarray]) -> dict | None:
+        """Take a node's snapshot (raises KeyError/ValueError when it does not fit its scan); returns the
+        scan's agreed geometry: the first any of its nodes settled on or proposed (None: none yet)."""
+        key = str(header["scan_key"] or f"number-{header['scan_number']}")
+        width, height = int(header["width"]), int(header["height"])
+        lo, hi = int(header["lo"]), int(header["hi"])
+        if not (0 <= lo <= hi <= width * height) or len(arrays["pattern"]) != FRAME_ROWS * FRAME_COLS:
+            raise ValueError("snapshot ranges do not fit the scan")
+        with self._lock:
+            scan = self._scans.get(key)
+            if scan is None:
+                scan = ScanView(
+                    key,
+                    int(header["scan_number"]),
+                    width,
+                    height,
+                    int(header["expected_frames"]),
+                    int(header["n_nodes"]),
+                    time.time(),
+                )
+                self._scans[key] = scan
+                while len(self._scans) > self._keep:
+                    self._scans.pop(next(iter(self._scans)))
+                for old in list(self._scans.values())[: -self._keep_images]:  # memory flat over a session
+                    old.nodes = {name: _NodeSums(None, n.header) for name, n in old.nodes.items()}
+                    old.images_kept, old._merged = False, (-1, None)
+            node = scan.nodes.get(header["node"])
+            if node is None:
+                sums = LiveArrays.zeros(width * height) if scan.images_kept else None
+                node = scan.nodes[header["node"]] = _NodeSums(sums, {})
+            scan.agreed = scan.agreed or header.get("geometry") or header.get("proposal")
+            if node.header.get("final") or header["seq"] < node.header.get("seq", -1):
+                return scan.agreed  # a stale snapshot never replaces a newer one
+            if scan.images_kept:
+                for name in _POSITION_ARRAYS:
+                    getattr(node.arrays, name)[lo:hi] = arrays[name]
+                node.arrays.pattern[:] = arrays["pattern"]
+            node.header = header
+            scan.counted_at = max(scan.counted_at, float(header.get("counted_at", 0.0)))
+            scan.oldest_at = float(header.get("oldest_at", 0.0))
+            now = time.time()
+            scan._rate = [s for s in scan._rate if now - s[0] < 3.0] + [(now, scan.total("frames"))]
+            if scan.done and not scan.ended:
+                scan.ended = now
+            self._bump(scan)
+            return scan.agreed
+
+    def set_file(self, key: str, path: str) -> bool:
+        """Name the written file of a scan (True when that is news)."""
+        with self._lock:
+            scan = self._scans.get(key)
+            if scan is None or scan.file == path:
+                return False
+            scan.file = path
+            self._bump(scan)
+            return True
+
+    def scans(self) -> list[dict]:
+        """Summaries of every scan, oldest first."""
+        with self._lock:
+            return [s.summary() for s in self._scans.values()]
+
+    def scan(self, key: str) -> ScanView | None:
+        """A scan's view (read its images under ``snapshot``)."""
+        with self._lock:
+            return self._scans.get(key)
+
+    def image(self, key: str, name: str, masked: bool = False) -> tuple[int, np.ndarray]:
+        """(version, image) of a scan; KeyError when unknown."""
+        with self._lock:
+            scan = self._scans[key]
+            if not scan.images_kept:
+                raise KeyError(key)
+            return scan.version, scan.image(name, masked)
+
+    def wait(self, version: int, timeout: float) -> int:
+        """Block until the state's version passes ``version`` or the timeout; the version then."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.version != version, timeout)
+            return self.version
+
+    def _bump(self, scan: ScanView) -> None:
+        scan.version += 1
+        self.version += 1
+        self.changed.notify_all()
