@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -364,7 +365,19 @@ _register_streaming()
 
 def main() -> None:
     """Console-script entry point."""
+    quiet_known_warnings()
     app(prog_name="stemstream")
+
+
+def quiet_known_warnings() -> None:
+    """Silence Authlib's httpx deprecation warning, which it forces to "always" on import (notes/deps.md).
+
+    sfapi_client still uses httpx, so the warning is noise on every command that reaches SFAPI; the filter
+    must be added after authlib.deprecate is imported, or its own "always" filter wins.
+    """
+    import authlib.deprecate
+
+    warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
 
 
 if __name__ == "__main__":  # pragma: no cover

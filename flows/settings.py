@@ -22,11 +22,7 @@ from catalogue.settings import CatalogueSettings
 from counting.dark_settings import DarkSettings
 from counting.settings import CountingSettings, SimulatorSettings
 from streaming.settings import StreamingSettings
-from tasks.analysis_settings import AnalysisSettings
-from tasks.microscope_settings import MicroscopeSettings
-from tasks.nersc.batch import SlurmSettings
-from tasks.nersc.sfapi import SfapiSettings
-from tasks.ssh import SshSettings
+from tasks.settings import AnalysisSettings, MicroscopeSettings, SfapiSettings, SlurmSettings, SshSettings
 
 ENV_PREFIX = "STEMSTREAM_"
 CONFIG_ENV = "STEMSTREAM_CONFIG"  # path of the TOML file; default ./stemstream.toml when it exists

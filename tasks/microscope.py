@@ -37,7 +37,7 @@ from counting.microscope_meta import (
     file_digest,
 )
 from streaming.protocol.record import ScanRecord, record_path
-from tasks.microscope_settings import MicroscopeSettings
+from tasks.settings import MicroscopeSettings
 
 log = logging.getLogger(__name__)
 

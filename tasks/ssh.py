@@ -22,13 +22,12 @@ import select
 import shlex
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import paramiko
-from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from counting.errors import PermanentError, StemstreamError, TransientError
+from tasks.settings import SshSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,30 +63,6 @@ class RemoteCommandFailed(PermanentError, RemoteError):
         self.command = command
         self.exit_status = exit_status
         self.stderr_tail = stderr_tail
-
-
-class SshSettings(BaseModel):
-    """How to reach one host by SSH (the aggregator host); its host key is pinned in known_hosts."""
-
-    host: str = "localhost"
-    port: int = Field(22, ge=1, le=65535)
-    user: str = Field("", description="login name; empty means the local user")
-    key_path: Path = Field(
-        Path("~/.ssh/id_ed25519"), validate_default=True, description="private key for the login"
-    )
-    key_passphrase: SecretStr | None = None
-    known_hosts: Path = Field(
-        Path("~/.ssh/known_hosts"),
-        validate_default=True,
-        description="pinned host keys; unknown hosts are refused",
-    )
-    connect_timeout: float = Field(10.0, gt=0)
-    command_timeout: float = Field(60.0, gt=0)
-
-    @field_validator("key_path", "known_hosts")
-    @classmethod
-    def _expand(cls, v: Path) -> Path:
-        return v.expanduser()
 
 
 @dataclass(frozen=True)

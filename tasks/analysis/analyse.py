@@ -35,7 +35,7 @@ from counting.sparse import CountedScan, read_counted_scan
 from tasks.analysis.calibration import Calibration, calibration_from_metadata
 from tasks.analysis.data import densify, drop_flyback, fill_missing_positions  # noqa: F401 (its API)
 from tasks.analysis.images import save_pngs
-from tasks.analysis_settings import AnalysisSettings
+from tasks.settings import AnalysisSettings
 
 if TYPE_CHECKING:
     from py4DSTEM import DataCube

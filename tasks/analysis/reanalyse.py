@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from catalogue import Catalogue, ScanView
-from tasks.analysis_settings import AnalysisSettings
+from tasks.settings import AnalysisSettings
 
 
 @dataclass(frozen=True)

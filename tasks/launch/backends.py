@@ -24,9 +24,10 @@ from typing import Protocol
 from counting.errors import PermanentError
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.launch.processes import ProcessGroup
-from tasks.nersc.batch import SlurmSettings, render_batch_script
-from tasks.nersc.sfapi import JobStatus, SfapiAllocator, SfapiSettings
-from tasks.ssh import SshSettings, start_remote_process, stop_remote_process
+from tasks.nersc.batch import render_batch_script
+from tasks.nersc.sfapi import JobStatus, SfapiAllocator
+from tasks.settings import SfapiSettings, SlurmSettings, SshSettings
+from tasks.ssh import start_remote_process, stop_remote_process
 
 log = logging.getLogger(__name__)
 

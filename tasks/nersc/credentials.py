@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.nersc.errors import SfapiCredentialsError
-from tasks.sfapi_settings import SfapiSettings
+from tasks.settings import SfapiSettings
 
 
 def credentials(settings: SfapiSettings) -> tuple[str, str | dict[str, Any]]:

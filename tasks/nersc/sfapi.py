@@ -28,26 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any, TypeVar
 
-import authlib.deprecate  # loaded first, so the filter below can override its "always"
 import httpx
 import tenacity
+from authlib.common.errors import AuthlibBaseError
+from sfapi_client import Client
+from sfapi_client.exceptions import ClientKeyError, SfApiError
 
-# Authlib 1.9 warns at import that its httpx module is deprecated in favour of httpx2 and forces that
-# warning to "always"; sfapi_client still uses httpx, so it is noise on every command (notes/deps.md).
-warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
-
-from authlib.common.errors import AuthlibBaseError  # noqa: E402
-from sfapi_client import Client  # noqa: E402
-from sfapi_client.exceptions import ClientKeyError, SfApiError  # noqa: E402
-
-from tasks.nersc.credentials import credentials  # noqa: E402
-from tasks.nersc.errors import (  # noqa: E402
+from tasks.nersc.credentials import credentials
+from tasks.nersc.errors import (
     AllocationCancelled,
     AllocationError,
     JobFailedError,
@@ -57,7 +50,7 @@ from tasks.nersc.errors import (  # noqa: E402
     SfapiRequestFailed,
     SfapiUnavailable,
 )
-from tasks.nersc.jobs import (  # noqa: E402
+from tasks.nersc.jobs import (
     RUNNING,
     TERMINAL_STATES,
     UNKNOWN,
@@ -66,7 +59,7 @@ from tasks.nersc.jobs import (  # noqa: E402
     minutes,
     reason_hint,
 )
-from tasks.sfapi_settings import SfapiSettings  # noqa: E402
+from tasks.settings import SfapiSettings
 
 # The allocation's API: what this module raises and returns, importable from here.
 __all__ = [

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.microscope import link_microscope_metadata
-from tasks.microscope_settings import MicroscopeSettings
+from tasks.settings import MicroscopeSettings
 
 
 @task(name="microscope-metadata", cache_policy=NO_CACHE, timeout_seconds=900)

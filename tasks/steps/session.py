@@ -28,7 +28,7 @@ from streaming.protocol.record import ScanRecord
 from tasks.acquisition.camera import CameraRun, ScanRequest, wait_for_new_scan
 from tasks.acquisition.monitor import MonitorFollower, wait_for_state
 from tasks.acquisition.result import ScanResult
-from tasks.analysis_settings import AnalysisSettings
+from tasks.settings import AnalysisSettings
 from tasks.launch.backends import Aggregator, NodeFailure, Nodes, record_state
 from tasks.launch.plan import SessionPlan
 

@@ -105,7 +105,7 @@ def test_notes_and_searches_by_date_shape_dose_and_note(db_url: str, tmp_path: P
 
 def test_reanalysis_recorded_beside_the_first(db_url: str, tmp_path: Path) -> None:
     from tasks.analysis.reanalyse import parse_params, reanalyse
-    from tasks.analysis_settings import AnalysisSettings
+    from tasks.settings import AnalysisSettings
 
     record = write_scan(tmp_path / "scans", 5, 1, 12, 12, dose=60.0)
     with Catalogue.open(db_url) as cat:

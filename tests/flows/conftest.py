@@ -33,7 +33,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
 from stemstream_testing.slurm_cluster import SlurmCluster  # noqa: E402
 from streaming.transport.security import write_keypair  # noqa: E402
-from tasks.ssh import SshSettings  # noqa: E402
+from tasks.settings import SshSettings  # noqa: E402
 
 # Shared with tests/tasks: a real OpenSSH sshd on loopback, SFAPI client keys, the loopback fake SFAPI, the
 # loopback Slurm cluster (one per pytest session) and the fake in front of it (that conftest also silences

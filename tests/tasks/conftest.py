@@ -26,8 +26,7 @@ from pydantic import SecretStr  # noqa: E402
 
 from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
 from stemstream_testing.slurm_cluster import SlurmCluster, SlurmClusterError  # noqa: E402
-from tasks.nersc.sfapi import SfapiSettings  # noqa: E402
-from tasks.ssh import SshSettings  # noqa: E402
+from tasks.settings import SfapiSettings, SshSettings  # noqa: E402
 
 from .helpers import CLIENT_ID, alive, free_port, keygen, wait_until  # noqa: E402
 

@@ -20,7 +20,7 @@ from tasks.analysis.analyse import AnalysisConfig, analyse_scan, build_datacube,
 from tasks.analysis.calibration import Calibration, calibration_from_metadata
 from tasks.analysis.images import panels
 from tasks.microscope import read_microscope_file
-from tasks.microscope_settings import MicroscopeSettings
+from tasks.settings import MicroscopeSettings
 
 SIDE = 24
 ALPHA = 20.0  # mrad: the convergence semi-angle written in the DM4

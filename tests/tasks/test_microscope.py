@@ -23,7 +23,7 @@ from counting.sparse import file_sha256, read_counted_scan, write_counted_scan
 from stemstream_testing.dm4 import write_dm4
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 from tasks.microscope import link_microscope_metadata, read_microscope_file
-from tasks.microscope_settings import MicroscopeSettings
+from tasks.settings import MicroscopeSettings
 from tasks.verify import verify_scan
 
 STEP_NM = 0.0362  # 0.362 Å

@@ -29,7 +29,7 @@ from tasks.analysis.analyse import (
     drop_flyback,
     fill_missing_positions,
 )
-from tasks.analysis_settings import AnalysisSettings
+from tasks.settings import AnalysisSettings
 
 SIDE = 32
 COLS = SIDE - 1  # the sample's columns: the last column of the scan is the flyback

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from tasks.settings import SshSettings
 from tasks.ssh import (
     AuthenticationFailed,
     HostKeyRejected,
     RemoteCommandFailed,
     RemoteTimeout,
     RemoteUnreachable,
-    SshSettings,
     run_remote,
     start_remote_process,
     stop_remote_process,

@@ -34,7 +34,7 @@ from pydantic import SecretStr
 
 from stemstream_testing.fake_sfapi import FakeSfapi
 from stemstream_testing.slurm_cluster import SlurmCluster
-from tasks.nersc.batch import SlurmSettings, render_batch_script
+from tasks.nersc.batch import render_batch_script
 from tasks.nersc.sfapi import (
     UNKNOWN,
     AllocationCancelled,
@@ -48,6 +48,7 @@ from tasks.nersc.sfapi import (
     SfapiUnavailable,
     allocate,
 )
+from tasks.settings import SlurmSettings
 
 from .helpers import CLIENT_ID, alive, wait_until
 

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from stemstream_testing.fake_sfapi import parse_exports, parse_sbatch, parse_srun, srun_lines
 from stemstream_testing.slurm_cluster import SlurmCluster
-from tasks.nersc.batch import SlurmConfigError, SlurmSettings, render_batch_script
+from tasks.nersc.batch import SlurmConfigError, render_batch_script
+from tasks.settings import SlurmSettings
 
 GOLDEN = Path(__file__).parent / "golden" / "node_streamers.sh"
 
