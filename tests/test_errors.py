@@ -50,7 +50,7 @@ EXCEPTIONS = product_exceptions()
 def test_the_walk_finds_the_product_exceptions() -> None:
     names = {_name(c) for c in EXCEPTIONS}
     assert {
-        "counting.raw.RawFormatError",
+        "counting.raw.layout.RawFormatError",
         "tasks.nersc.errors.SfapiUnavailable",
         "tasks.ssh.RemoteError",
     } <= names
