@@ -72,6 +72,18 @@ class ScanRecord:
         """Mean counted events per written frame."""
         return self.events / max(self.frames_written, 1)
 
+    def hdf5_metadata(self) -> dict[str, int | float | str]:
+        """The facts of this record that the scan's HDF5 also carries, as /metadata/stemstream attributes."""
+        return {
+            "scan_number": self.scan_number,
+            "scan_id": self.scan_id,
+            "scan_uuid": self.scan_uuid,
+            "nodes": self.nodes,
+            "nodes_done": self.nodes_done,
+            "end_reasons": ",".join(self.reasons),
+            "counting_seconds": self.counting_seconds,
+        }
+
     def to_json(self) -> dict:
         """JSON-ready form (the status as its string)."""
         data = asdict(self)
