@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from counting.dark_stats import HOT_SIGMA
+HOT_SIGMA = 8.0  # a pixel is hot when its dark level is this many robust sigmas above the median
 
 
 class DarkSettings(BaseModel):

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from counting.dark_settings import HOT_SIGMA
 from counting.geometry import FRAME_SHAPE
-
-HOT_SIGMA = 8.0  # a pixel is hot when its dark level is this many robust sigmas above the median
 
 
 @dataclass

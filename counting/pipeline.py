@@ -26,7 +26,7 @@ _MAX_BUFFERED_FRAMES = 4096
 @dataclass(frozen=True)
 class CountingOptions:
     """What to count with: fixed thresholds, or estimation settings; plus the cores to use. Built from
-    CountingSettings by counting.settings.counting_options."""
+    CountingSettings by streaming.components.counting_options."""
 
     fixed: Thresholds | None
     estimate: ThresholdConfig

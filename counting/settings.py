@@ -1,14 +1,14 @@
-"""Settings sections for counting and the simulated camera; composed into the one Settings object in flows/settings.py."""
+"""Settings sections for counting and the simulated camera; composed into the one Settings object in flows/settings.py.
+
+Pure pydantic: the configs the counting code takes are built from these in streaming/components.py, so that
+loading settings never imports the kernel (numba) or the threshold fit (scipy).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import BaseModel, Field
-
-from counting.kernel import Thresholds
-from counting.pipeline import CountingOptions
-from counting.thresholds import ThresholdConfig
 
 
 class CountingSettings(BaseModel):
@@ -42,26 +42,3 @@ class SimulatorSettings(BaseModel):
         description="the last column of every scan row is the beam's flyback, as the 4D Camera records it "
         "(the scan width includes it; analysis drops it unless analysis.keep_flyback)",
     )
-
-
-def threshold_config(counting: CountingSettings) -> ThresholdConfig:
-    """How thresholds are estimated, from the counting settings (same field names)."""
-    return ThresholdConfig(
-        number_of_samples=counting.number_of_samples,
-        sample_frames=counting.sample_frames,
-        background_n_sigma=counting.background_n_sigma,
-        xray_n_sigma=counting.xray_n_sigma,
-        seed=counting.seed,
-    )
-
-
-def fixed_thresholds(counting: CountingSettings) -> Thresholds | None:
-    """The fixed thresholds, when both are set."""
-    if counting.background_threshold is None or counting.xray_threshold is None:
-        return None
-    return Thresholds(counting.background_threshold, counting.xray_threshold)
-
-
-def counting_options(counting: CountingSettings) -> CountingOptions:
-    """What offline counting counts with, from the counting settings."""
-    return CountingOptions(fixed_thresholds(counting), threshold_config(counting), counting.workers)

@@ -25,7 +25,7 @@ class ThresholdError(PermanentError, RuntimeError):
 
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """How to estimate thresholds; built from CountingSettings (counting.settings.threshold_config), where
+    """How to estimate thresholds; built from CountingSettings (streaming.components.threshold_config), where
     the production defaults live."""
 
     number_of_samples: int

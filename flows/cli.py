@@ -156,8 +156,8 @@ def count(
     from counting.dark import load_dark, load_frame_array
     from counting.offline import count_raw_scan, raw_paths
     from counting.raw import open_raw_scan
-    from counting.settings import counting_options
     from counting.sparse import write_counted_scan
+    from streaming.components import counting_options
 
     check_threshold_pair(background_threshold, xray_threshold)
     if out.exists() and not force:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from counting.kernel import Thresholds
 from counting.pipeline import CountingOptions
-from counting.settings import CountingSettings, counting_options, threshold_config
+from counting.settings import CountingSettings
 from counting.thresholds import ThresholdConfig
+from streaming.components import counting_options, threshold_config
 
 
 def options(fixed: Thresholds | None = None, workers: int = 0, **settings: object) -> CountingOptions:

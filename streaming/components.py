@@ -10,7 +10,10 @@ import os
 import socket
 from pathlib import Path
 
-from counting.settings import CountingSettings, fixed_thresholds, threshold_config
+from counting.kernel import Thresholds
+from counting.pipeline import CountingOptions
+from counting.settings import CountingSettings
+from counting.thresholds import ThresholdConfig
 from streaming.node.config import NodeConfig
 from streaming.settings import CurveSettings, StreamingSettings
 from streaming.transport.security import CurveClientConfig, CurveServerConfig
@@ -66,3 +69,26 @@ def client_curve(curve: CurveSettings) -> CurveClientConfig | None:
     if curve.client_secret_file is None or curve.server_public_file is None:
         raise ValueError("CURVE needs both client_secret_file and server_public_file on a node")
     return CurveClientConfig.from_files(curve.client_secret_file, curve.server_public_file)
+
+
+def threshold_config(counting: CountingSettings) -> ThresholdConfig:
+    """How thresholds are estimated, from the counting settings (same field names)."""
+    return ThresholdConfig(
+        number_of_samples=counting.number_of_samples,
+        sample_frames=counting.sample_frames,
+        background_n_sigma=counting.background_n_sigma,
+        xray_n_sigma=counting.xray_n_sigma,
+        seed=counting.seed,
+    )
+
+
+def fixed_thresholds(counting: CountingSettings) -> Thresholds | None:
+    """The fixed thresholds, when both are set."""
+    if counting.background_threshold is None or counting.xray_threshold is None:
+        return None
+    return Thresholds(counting.background_threshold, counting.xray_threshold)
+
+
+def counting_options(counting: CountingSettings) -> CountingOptions:
+    """What offline counting counts with, from the counting settings."""
+    return CountingOptions(fixed_thresholds(counting), threshold_config(counting), counting.workers)

@@ -10,10 +10,11 @@ from counting.geometry import ScanShape
 from counting.kernel import Thresholds
 from counting.live_images import LiveGeometry, LiveImages, estimate_geometry
 from counting.pipeline import CountingOptions, count_batches
-from counting.settings import CountingSettings, threshold_config
+from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import write_counted_scan
 from stemstream_testing.live_oracle import live_sums_from_file
+from streaming.components import threshold_config
 
 OPTIONS = CountingOptions(Thresholds(40.0, 2000.0), threshold_config(CountingSettings()), 1)
 

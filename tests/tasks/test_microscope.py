@@ -17,10 +17,11 @@ from counting.geometry import ScanShape
 from counting.kernel import Thresholds
 from counting.microscope_meta import MicroscopeMetadataError, attach_microscope, read_microscope
 from counting.pipeline import CountingOptions, count_batches
-from counting.settings import CountingSettings, threshold_config
+from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import file_sha256, read_counted_scan, write_counted_scan
 from stemstream_testing.dm4 import write_dm4
+from streaming.components import threshold_config
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 from tasks.microscope import link_microscope_metadata, read_microscope_file
 from tasks.settings import MicroscopeSettings
