@@ -11,6 +11,7 @@ from pathlib import Path
 
 from catalogue.entries import ScanEntry, SessionEntry, stop_record_files, utc
 from catalogue.recorder import PENDING_NAME, apply_entry, read_pending
+from catalogue.session_file import SESSION_FILE
 from catalogue.store import Catalogue
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def rebuild(catalogue: Catalogue, directory: Path) -> RebuildReport:
 def _sessions(directory: Path, report: RebuildReport) -> dict[str, SessionEntry]:
     """Sessions by their scans directory (resolved), from the session state files under ``directory``."""
     found: dict[str, SessionEntry] = {}
-    for state_file in sorted(directory.rglob("session.json")):
+    for state_file in sorted(directory.rglob(SESSION_FILE)):
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError) as exc:

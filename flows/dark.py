@@ -61,6 +61,7 @@ def dark(
     scans_dir: str = "",
     scan_number: int = -1,
     raw: list[str] = (),  # a tuple: defaults must not be shared mutable lists
+    settings_file: str | None = None,
 ) -> dict:
     """A dark reference: the per-pixel mean of beam-blanked frames (float32), with its noise and hot pixels.
 
@@ -71,9 +72,11 @@ def dark(
         scans_dir: scan: the session's scans directory.
         scan_number: scan: which scan (-1 = the newest with sums).
         raw: raw: the .data files (or their directory).
+        settings_file: Settings to run with (JSON, as `stemstream` writes them); empty = the environment
+            and stemstream.toml.
     """
     logger = get_run_logger()
-    settings = load_settings()
+    settings = load_settings(Path(settings_file) if settings_file else None)
     info, not_recorded = acquire_dark(
         settings,
         source,

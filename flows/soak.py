@@ -5,7 +5,6 @@ the aggregator sampled from /proc while it runs. Used by `stemstream soak`, benc
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -16,6 +15,7 @@ from flows.settings import load_settings
 from flows.summary import summary_row
 from tasks.acquisition.result import ScanResult
 from tasks.launch.processes import process_tree, rss_kb
+from tasks.launch.state import SessionState
 
 
 @dataclass
@@ -124,10 +124,10 @@ class _MemorySampler(threading.Thread):
             if session_dir is None:
                 continue
             try:
-                info = json.loads((session_dir / "session.json").read_text())
-            except (OSError, ValueError):
+                state = SessionState.load(session_dir)
+            except (OSError, ValueError, TypeError):  # a file from another version: nothing to sample
                 continue
-            roots = [*info.get("local_pids", []), info.get("aggregator_pid")]
+            roots = [*state.local_pids, state.aggregator_pid]
             pids = [pid for root in roots if root for pid in process_tree(int(root))]
             kb, private = sum(rss_kb(p) for p in pids), sum(rss_kb(p, "RssAnon") for p in pids)
             scans = self.scan_dir or session_dir / "scans"
@@ -149,11 +149,13 @@ def run_soak(
     dose: float = 200.0,
     nodes: int = 2,
     every: float = 0.5,
+    settings_file: str | None = None,
 ) -> SoakReport:
-    """Run one local session of n_scans back to back (no py4DSTEM) and sample its processes' memory."""
+    """Run one local session of n_scans back to back (no py4DSTEM) and sample its processes' memory;
+    settings_file: the settings to run with (None: the environment and stemstream.toml)."""
     from flows.session import session
 
-    settings = load_settings()
+    settings = load_settings(Path(settings_file) if settings_file else None)
     t0 = time.time()
     sampler = _MemorySampler(settings.output_dir / "sessions", settings.session.scan_dir, t0 - 1, every)
     sampler.start()
@@ -166,6 +168,7 @@ def run_soak(
             nodes=nodes,
             backend="local",
             postprocess=False,
+            settings_file=settings_file,
             return_state=True,
         )
     finally:

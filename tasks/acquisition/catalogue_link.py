@@ -2,8 +2,8 @@
 task: recording must never hold up a scan), the entries it records, and how the session ends.
 
 Each verified scan is handed to the recorder as it is verified; each analysis of the session when it is
-done (from what ``postprocess_scan`` returns: the scan's path, the analysis parameters and its summary,
-where fitted numbers such as defocus and rotation go). Code that records something else (a dark, the
+done (the ``AnalysisOutcome`` that ``postprocess_scan`` returns: the scan's path, the analysis parameters
+and its summary, where fitted numbers such as defocus and rotation go). Code that records something else (a dark, the
 microscope's metadata) calls ``catalogue.Catalogue`` directly, or this recorder's ``analysis``.
 """
 
@@ -18,7 +18,7 @@ from catalogue import CatalogueSettings, ScanEntry, SessionEntry, open_catalogue
 from catalogue.entries import now_utc
 from catalogue.recorder import PENDING_NAME, Recorder, RecorderReport
 from streaming.protocol.record import ScanRecord, record_path
-from tasks.acquisition.result import ScanResult
+from tasks.acquisition.result import AnalysisOutcome, ScanResult
 from tasks.analysis.reanalyse import summary_calibrated
 from tasks.launch.plan import SessionPlan
 
@@ -77,25 +77,20 @@ def scan_entry(result: ScanResult, session_key: str, dark: Path | None) -> ScanE
 
 
 def record_analyses(recorder: Recorder | None, futures: list[Any]) -> None:
-    """Hand every finished session analysis (postprocess_scan's futures) to the recorder."""
+    """Hand every finished session analysis (postprocess_scan's futures of AnalysisOutcome) to the
+    recorder."""
     if recorder is None:
         return
     for future in futures:
         if not future.state.is_completed():
             continue
-        done = future.result()
-        if not isinstance(done, dict) or "scan" not in done:
-            continue
+        done: AnalysisOutcome = future.result()
         recorder.analysis(
-            done["scan"],
-            done.get("params", {}),
-            {
-                **done.get("summary", {}),
-                "warnings": done.get("warnings", []),
-                "timings": done.get("timings", {}),
-            },
-            images=done.get("images", {}),
-            calibrated=summary_calibrated(done.get("summary", {})),
+            done.scan,
+            done.params,
+            {**done.summary, "warnings": done.warnings, "timings": done.timings},
+            images=done.images,
+            calibrated=summary_calibrated(done.summary),
             kind="session",
         )
 

@@ -10,6 +10,7 @@ import zmq
 from counting.errors import TransientError
 from streaming.protocol import control as p
 from streaming.transport.security import CurveClientConfig, apply_client
+from tasks.launch.plan import SessionPlan
 
 
 class MonitorTimeout(TransientError, TimeoutError):
@@ -92,3 +93,16 @@ def latest_state(address: str, curve: CurveClientConfig | None, timeout: float) 
         return wait_for_state(address, lambda _: True, timeout, curve=curve)
     except MonitorTimeout:
         return None
+
+
+def refused_report(plan: SessionPlan, timeout: float = 3.0) -> str:
+    """Scans that arrived before the session was ready, as the aggregator counted them ("" if none, or
+    when the aggregator no longer answers: after a failure it may be gone, and this is only a report)."""
+    try:
+        state = latest_state(plan.monitor_connect, plan.monitor_curve(), timeout)
+    except (zmq.ZMQError, OSError, ValueError):  # no address bound yet, or CURVE key files missing
+        return ""
+    if state is None or not state.refused:
+        return ""
+    scans = ", ".join(f"{n} ({k} sectors)" for n, k in sorted(state.refused_scans.items()))
+    return f"{state.refused} sector(s) refused: scan(s) {scans} arrived before the session was ready"

@@ -42,3 +42,23 @@ class ScanResult:
     def complete_and_verified(self) -> bool:
         """Every frame complete and the file verified."""
         return self.record.status == "complete" and bool(self.verified)
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """What the session's analysis of one scan produced (the postprocess-scan step), as the catalogue
+    records it beside the scan (tasks/acquisition/catalogue_link.py)."""
+
+    scan: str  # the counted file's path
+    params: dict  # the analysis parameters (AnalysisConfig as a dict)
+    summary: dict  # its numbers, where fitted values such as defocus and rotation go
+    images: dict[str, str]  # PNG paths by name
+    timings: dict[str, float]
+    warnings: list[str]
+    calibration: dict  # "calibrated" or why not (tasks.analysis.calibration)
+    fitted: dict  # defocus, rotations
+
+    @property
+    def calibrated(self) -> bool:
+        """The numbers are in calibrated units."""
+        return bool(self.calibration.get("calibrated"))

@@ -6,11 +6,12 @@
   aggregator is started over SSH on the aggregator host (pinned host key).
 
 Both sides have the same contract (start, check, stop), and both are strict: a node that dies is an error.
+Each also records what it started in the session's state (``record``) and can release that from the state
+alone (``release_recorded``): how the cleanup hook stops a session whose flow crashed or was cancelled.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -18,37 +19,22 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-from counting.errors import PermanentError
+from tasks.launch.errors import AggregatorExited, NodeFailure
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
-from tasks.launch.processes import ProcessGroup
+from tasks.launch.processes import ProcessGroup, kill_carrying
+from tasks.launch.state import SessionState
 from tasks.nersc.batch import render_batch_script
 from tasks.nersc.sfapi import JobStatus, SfapiAllocator
 from tasks.settings import SfapiSettings, SlurmSettings, SshSettings
-from tasks.ssh import start_remote_process, stop_remote_process
+from tasks.ssh import RemoteError, start_remote_process, stop_remote_process
 
 log = logging.getLogger(__name__)
 
 # The session's processes get its settings as one file: none of this environment reaches them, so the
 # file is the only route (no stale or partial STEMSTREAM_ variable can disagree with it).
 SETTINGS_ENV = "STEMSTREAM_"
-
-
-class NodeFailure(PermanentError, RuntimeError):
-    """A node streamer (or its job) stopped while the session needed it.
-
-    lost: names of the node streamers that stopped (empty: the whole job). writer_alive: the node hosting
-    the scan writer still runs, so the scan in flight can still be written (by the writer's deadline) with
-    the lost node's frames marked missing; decided by whoever knows the writer's host (the aggregator's
-    monitor says it).
-    """
-
-    def __init__(self, message: str, lost: list[str] | None = None, writer_alive: bool = False) -> None:
-        super().__init__(message)
-        self.lost = lost or []
-        self.writer_alive = writer_alive
 
 
 class Nodes(Protocol):
@@ -68,6 +54,12 @@ class Nodes(Protocol):
     def stop(self) -> None:
         """Stop them (cancel the job); safe to call more than once."""
 
+    def record(self, state: SessionState) -> None:
+        """Note in the state what was started (job id, processes), so cleanup can find it."""
+
+    def release_recorded(self, state: SessionState) -> None:
+        """Stop what the state says was started (after a crash: no started object is left)."""
+
 
 class Aggregator(Protocol):
     """The session's aggregator."""
@@ -82,6 +74,12 @@ class Aggregator(Protocol):
 
     def stop(self) -> None:
         """Stop it; safe to call more than once."""
+
+    def record(self, state: SessionState) -> None:
+        """Note in the state what was started (kind, PID), so cleanup can find it."""
+
+    def release_recorded(self, state: SessionState) -> None:
+        """Stop what the state says was started (after a crash: no started object is left)."""
 
 
 @dataclass
@@ -124,6 +122,17 @@ class LocalNodes:
         if self.group is not None:
             self.group.stop()
             self.group = None
+
+    def record(self, state: SessionState) -> None:
+        """The job id, the node processes and their token."""
+        state.job_id = self.job_id
+        if self.group is not None:
+            state.local_pids = [c.pid for c in self.group.children]
+            state.add_tokens(self.group.token)
+
+    def release_recorded(self, state: SessionState) -> None:
+        """SIGKILL every live process carrying one of the session's tokens (counting workers included)."""
+        kill_carrying(state.process_tokens)
 
 
 @dataclass
@@ -201,6 +210,16 @@ class SlurmNodes:
             self._allocator.close()
             self._allocator = None
 
+    def record(self, state: SessionState) -> None:
+        """The Slurm job id (recorded before the job may start, so cleanup can always cancel it)."""
+        state.job_id = self.job_id
+
+    def release_recorded(self, state: SessionState) -> None:
+        """Cancel the recorded Slurm job through SFAPI (a job already gone is fine)."""
+        if state.job_id:
+            with SfapiAllocator(self.sfapi) as allocator:
+                allocator.cancel(state.job_id)
+
 
 @dataclass
 class LocalAggregator:
@@ -225,13 +244,23 @@ class LocalAggregator:
         dead = [c for c in self.group.dead() if c.name == "aggregator"] if self.group is not None else []
         if dead:
             c = dead[0]
-            raise RuntimeError(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
+            raise AggregatorExited(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
 
     def stop(self) -> None:
         """Stop the process."""
         if self.group is not None:
             self.group.stop()
             self.group = None
+
+    def record(self, state: SessionState) -> None:
+        """Its kind, its PID and the token its processes (the live page's too) carry."""
+        state.aggregator, state.aggregator_pid = type(self).__name__, self.pid
+        if self.group is not None:
+            state.add_tokens(self.group.token)
+
+    def release_recorded(self, state: SessionState) -> None:
+        """SIGKILL every live process carrying one of the session's tokens."""
+        kill_carrying(state.process_tokens)
 
 
 @dataclass
@@ -265,23 +294,27 @@ class SshAggregator:
             stop_remote_process(self.ssh, self.pid)
             self.pid = None
 
+    def record(self, state: SessionState) -> None:
+        """Its kind and the PID of its process group on the aggregator host."""
+        state.aggregator, state.aggregator_pid = type(self).__name__, self.pid
+
+    def release_recorded(self, state: SessionState) -> None:
+        """Stop the recorded remote process group over SSH."""
+        if state.aggregator_pid:
+            stop_remote_process(self.ssh, int(state.aggregator_pid))
+
 
 def node_name(pid: int) -> str:
     """A node streamer's default name on this host, as it introduces itself to the aggregator."""
     return f"{socket.gethostname()}-{pid}"
 
 
-def record_state(plan: SessionPlan, **fields: object) -> None:
-    """Merge fields into the session's state file (job id, PIDs): what cleanup needs after a crash."""
-    plan.session_dir.mkdir(parents=True, exist_ok=True)
-    state = json.loads(plan.state_file.read_text()) if plan.state_file.exists() else {}
-    state.update(fields)
-    tmp = plan.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(plan.state_file)
-
-
-def read_state(session_dir: Path) -> dict:
-    """The session state file, or {} when there is none."""
-    path = session_dir / "session.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def release_recorded(state: SessionState, nodes: Nodes, aggregator: Aggregator) -> None:
+    """Stop everything the state says the session started, with backends built for its kind (no started
+    object needed). The aggregator goes first and at best effort: a host that cannot be reached over SSH
+    must not keep the nodes' job alive, nor hide the run's own failure."""
+    try:
+        aggregator.release_recorded(state)
+    except RemoteError as exc:
+        log.warning("could not stop the recorded aggregator (PID %s): %s", state.aggregator_pid, exc)
+    nodes.release_recorded(state)

@@ -29,7 +29,7 @@ class SessionPlan:
     """Everything the processes of one session need to find each other."""
 
     session_id: int
-    session_dir: Path  # logs and session state
+    session_dir: Path  # logs and the session's state file (tasks.launch.state)
     output_dir: Path  # where the scan writer puts the HDF5 files
     settings_file: Path  # the session's settings, as every process it starts reads them
     streaming: StreamingSettings  # as in the settings file (addresses, node count, keys)
@@ -60,11 +60,6 @@ class SessionPlan:
     def monitor_curve(self) -> CurveClientConfig | None:
         """The CURVE client config for watching the aggregator's monitor, loaded from the key files."""
         return client_curve(self.streaming.curve)
-
-    @property
-    def state_file(self) -> Path:
-        """Where the session records what it started, for cleanup on any exit."""
-        return self.session_dir / "session.json"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -96,9 +96,7 @@ class ProcessGroup:
                 log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", c.name, c.pid, grace)
                 _signal_group(c.popen, signal.SIGKILL)
                 c.popen.wait(5)
-        for pid in carrying(self.token):  # by our token, never by a group id that may be reused
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        kill_carrying([self.token])  # by our token, never by a group id that may be reused
         codes = {c.name: c.popen.returncode for c in self.children}
         self.children = []
         return codes
@@ -117,6 +115,15 @@ def carrying(token: str) -> list[int]:
                 if needle in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
     return found
+
+
+def kill_carrying(tokens: Sequence[str]) -> None:
+    """SIGKILL every live process whose environment carries one of these group tokens (what is left of
+    groups whose ProcessGroup object is gone: cleanup after a crash)."""
+    for token in tokens:
+        for pid in carrying(token):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _inherited(drop_prefix: str | None) -> dict[str, str]:

@@ -10,6 +10,7 @@ import base64
 import time
 from pathlib import Path
 
+import httpx
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -19,6 +20,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed
 
@@ -27,10 +29,12 @@ from counting.geometry import N_SECTORS
 from streaming.protocol.record import ScanRecord
 from tasks.acquisition.camera import CameraRun, ScanRequest, wait_for_new_scan
 from tasks.acquisition.monitor import MonitorFollower, wait_for_state
-from tasks.acquisition.result import ScanResult
-from tasks.settings import AnalysisSettings
-from tasks.launch.backends import Aggregator, NodeFailure, Nodes, record_state
+from tasks.acquisition.result import AnalysisOutcome, ScanResult
+from tasks.launch.backends import Aggregator, Nodes
+from tasks.launch.errors import NodeFailure, ReleaseError
 from tasks.launch.plan import SessionPlan
+from tasks.launch.state import SessionState
+from tasks.settings import AnalysisSettings
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -57,13 +61,14 @@ def _retry_transient(task, task_run, state) -> bool:
     cache_policy=NO_CACHE,
     timeout_seconds=1800,
 )
-def allocate_nodes(nodes: Nodes, plan: SessionPlan) -> str:
+def allocate_nodes(nodes: Nodes, plan: SessionPlan, state: SessionState) -> str:
     """Start the node streamers (local processes or a realtime Slurm job) and wait until they run."""
     logger = get_run_logger()
     if nodes.job_id is not None:  # a retry: the previous attempt's job must not outlive it
         nodes.stop()
     job_id = nodes.start(plan)
-    record_state(plan, job_id=job_id)  # first, so cleanup finds the job whatever happens next
+    nodes.record(state)  # first, so cleanup finds the job whatever happens next
+    state.save()
     logger.info("node streamers: job %s submitted for %d node(s)", job_id, plan.n_nodes)
     nodes.wait_started()
     logger.info("job %s is running", job_id)
@@ -78,10 +83,11 @@ def allocate_nodes(nodes: Nodes, plan: SessionPlan) -> str:
     cache_policy=NO_CACHE,
     timeout_seconds=120,
 )
-def arm_aggregator(aggregator: Aggregator, plan: SessionPlan) -> None:
+def arm_aggregator(aggregator: Aggregator, plan: SessionPlan, state: SessionState) -> None:
     """Start the aggregator for this session (node count, addresses, keys)."""
     aggregator.start(plan)
-    record_state(plan, aggregator=type(aggregator).__name__, aggregator_pid=aggregator.pid)
+    aggregator.record(state)
+    state.save()
     get_run_logger().info("aggregator armed for %d node(s) on %s", plan.n_nodes, plan.nodes_bind)
 
 
@@ -189,8 +195,8 @@ class _CancelWatch:
         try:
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(self._run_id).state
-        except Exception:  # the API briefly unreachable: ask again later, never end a session for it
-            return False
+        except (httpx.HTTPError, ObjectNotFound):  # the API briefly unreachable: ask again later, never end
+            return False  # a session for it
         self._cancelling = state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
         return self._cancelling
 
@@ -272,7 +278,7 @@ def verify_scan_file(path: str, width: int, height: int, min_completeness: float
 
 
 @task(name="postprocess-scan", cache_policy=NO_CACHE)
-def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dict:
+def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> AnalysisOutcome:
     """py4DSTEM analysis of a counted scan; images become artifacts in the Prefect UI."""
     from dataclasses import asdict
 
@@ -293,17 +299,16 @@ def postprocess_scan(path: str, out_dir: str, analysis: AnalysisSettings) -> dic
     )
     for warning in result.warnings:
         get_run_logger().warning("%s: %s", name, warning)
-    return {
-        "images": {k: str(v) for k, v in result.images.items()},
-        "timings": result.timings,
-        "warnings": result.warnings,
-        "scan": path,  # what the session records in the catalogue (tasks/acquisition/catalogue_link.py)
-        "params": asdict(config),
-        "summary": result.summary,
-        "calibration": result.calibration,  # "calibrated" or why not (tasks.analysis.calibration)
-        "calibrated": bool(result.calibration.get("calibrated")),
-        "fitted": result.fitted,  # defocus, rotations
-    }
+    return AnalysisOutcome(
+        scan=path,
+        params=asdict(config),
+        summary=result.summary,
+        images={k: str(v) for k, v in result.images.items()},
+        timings=result.timings,
+        warnings=result.warnings,
+        calibration=result.calibration,
+        fitted=result.fitted,
+    )
 
 
 def _calibration_line(result) -> str:
@@ -331,14 +336,15 @@ def summarise(rows: list[dict]) -> None:
 def release(nodes: Nodes, aggregator: Aggregator) -> None:
     """Stop the aggregator and release the nodes (cancel the job); always runs."""
     logger = get_run_logger()
-    errors = []
+    errors: list[tuple[str, Exception]] = []
     for what, thing in (("aggregator", aggregator), ("nodes", nodes)):
         try:
             thing.stop()
-        except Exception as exc:  # keep releasing the rest; report every failure
-            errors.append(f"{what}: {exc}")
+        except Exception as exc:  # keep releasing the rest (a job left running costs); all are re-raised
+            errors.append((what, exc))
     if errors:
-        raise RuntimeError("could not release everything: " + "; ".join(errors))
+        text = "; ".join(f"{what}: {exc}" for what, exc in errors)
+        raise ReleaseError("could not release everything: " + text) from errors[0][1]
     logger.info("released the aggregator and the nodes")
 
 
