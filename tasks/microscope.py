@@ -290,15 +290,3 @@ def _link(
     except (MicroscopeMetadataError, OSError) as exc:
         return MicroscopeLink("failed", str(path), str(exc))
     return MicroscopeLink("attached", str(path.resolve()), None, meta.summary())
-
-
-def catalogue_link(record: ScanRecord) -> tuple[str | None, dict, str | None] | None:
-    """What the catalogue's ``link_metadata(scan, path, tags, reason)`` takes for this scan, from its stop
-    record: (file, calibrations, None) when attached, (None, {}, reason) when missing or failed; None when
-    no microscope file was looked for."""
-    link = record.extra.get("microscope")
-    if not isinstance(link, dict) or link.get("status") in (None, "off"):
-        return None
-    if link.get("status") == "attached":
-        return link.get("file"), dict(link.get("calibration") or {}), None
-    return None, {}, f"{link.get('status')}: {link.get('reason')}"

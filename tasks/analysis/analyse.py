@@ -32,7 +32,7 @@ import numpy as np
 
 from counting.geometry import FRAME_COLS
 from counting.sparse import CountedScan, read_counted_scan
-from tasks.analysis.calibration import Calibration, calibration_from_metadata
+from tasks.analysis.calibration import ScanCalibration, calibration_from_metadata
 from tasks.analysis.data import densify, drop_flyback, fill_missing_positions  # noqa: F401 (its API)
 from tasks.analysis.images import save_pngs
 from tasks.settings import AnalysisSettings
@@ -102,7 +102,7 @@ class AnalysisResult:
     warnings: list[str]
     summary: dict
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the scan-sized maps
-    calibration: dict = field(default_factory=dict)  # Calibration.as_dict: "calibrated" or why not
+    calibration: dict = field(default_factory=dict)  # ScanCalibration.as_dict: "calibrated" or why not
     fitted: dict = field(default_factory=dict)  # fitted numbers: defocus, rotations (for the catalogue)
 
 
@@ -200,7 +200,7 @@ def analyse_scan(
     )
 
 
-def calibrated_config(config: AnalysisConfig, cal: Calibration) -> AnalysisConfig:
+def calibrated_config(config: AnalysisConfig, cal: ScanCalibration) -> AnalysisConfig:
     """The config with the scan's own calibrations in place of the nominal constants, where known."""
     values = {
         "r_pixel_size_angstrom": cal.step_angstrom,
@@ -211,7 +211,12 @@ def calibrated_config(config: AnalysisConfig, cal: Calibration) -> AnalysisConfi
 
 
 def _reconstruct(
-    run: _Run, counted: CountedScan, dense: np.ndarray, filled: int, config: AnalysisConfig, cal: Calibration
+    run: _Run,
+    counted: CountedScan,
+    dense: np.ndarray,
+    filled: int,
+    config: AnalysisConfig,
+    cal: ScanCalibration,
 ) -> dict:
     """DataCube and probe (required), then the optional reconstructions; returns the summary."""
     dc, probe = run.timed("datacube", build_datacube, dense, config)
@@ -232,7 +237,7 @@ def _reconstruct(
     return summary
 
 
-def _fitted(summary: dict, cal: Calibration) -> dict:
+def _fitted(summary: dict, cal: ScanCalibration) -> dict:
     """The fitted numbers worth keeping per scan (py4DSTEM: defocus = -C1), and whether they are physical."""
     out: dict = {"calibrated": cal.calibrated}
     dpc, par = summary.get("dpc") or {}, summary.get("parallax") or {}

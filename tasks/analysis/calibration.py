@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class Calibration:
+class ScanCalibration:
     """What the analysis is calibrated with; None: that quantity is unknown (uncalibrated)."""
 
     step_angstrom: float | None = None  # real-space pixel size of the analysed scan
@@ -96,11 +96,11 @@ class Calibration:
 
 def calibration_from_metadata(
     microscope: dict | None, scan_height: int, scan_width: int, flyback_dropped: bool = True
-) -> Calibration:
+) -> ScanCalibration:
     """The calibration of an analysed scan of (height, width) from the file's /metadata/microscope
-    attributes (counting.microscope_meta); an empty Calibration when there are none."""
+    attributes (counting.microscope_meta); an empty ScanCalibration when there are none."""
     if not microscope:
-        return Calibration()
+        return ScanCalibration()
     notes: list[str] = []
     step = _positive(microscope.get("step_x_angstrom"))
     step_y = _positive(microscope.get("step_y_angstrom"))
@@ -119,7 +119,7 @@ def calibration_from_metadata(
                 f"HAADF {shape[1]} px wide for {sample_width} scan columns: step scaled by {ratio:.4g}"
             )
             step *= ratio
-    return Calibration(
+    return ScanCalibration(
         step_angstrom=step,
         convergence_semiangle_mrad=_positive(microscope.get("convergence_semiangle_mrad")),
         energy_ev=_positive(microscope.get("energy_ev")),

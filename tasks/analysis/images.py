@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.analysis.calibration import Calibration
+from tasks.analysis.calibration import ScanCalibration
 
 
-def panels(cal: Calibration) -> dict[str, list[tuple[str, str, str]]]:
+def panels(cal: ScanCalibration) -> dict[str, list[tuple[str, str, str]]]:
     """image name: [(array, title, colormap)], the units as calibrated."""
     com = "mrad" if cal.reciprocal_space else "detector px, uncalibrated"
     tag = "" if cal.calibrated else " (uncalibrated)"
@@ -34,7 +34,7 @@ def save_pngs(
     out_dir: Path,
     stem: str,
     dpi: int,
-    cal: Calibration,
+    cal: ScanCalibration,
     warn: Callable[[str], None],
     defocus_angstrom: float | None = None,
 ) -> dict[str, Path]:

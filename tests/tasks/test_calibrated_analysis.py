@@ -17,7 +17,7 @@ from counting.sparse import write_counted_scan
 from stemstream_testing.dm4 import write_dm4
 from stemstream_testing.options import options
 from tasks.analysis.analyse import AnalysisConfig, analyse_scan, build_datacube, calibrated_config, densify
-from tasks.analysis.calibration import Calibration, calibration_from_metadata
+from tasks.analysis.calibration import ScanCalibration, calibration_from_metadata
 from tasks.analysis.images import panels
 from tasks.microscope import read_microscope_file
 from tasks.settings import MicroscopeSettings
@@ -110,11 +110,11 @@ def test_without_metadata_every_output_says_uncalibrated(tmp_path: Path, camera:
     result = analyse_scan(h5, tmp_path / "out", SIM)
     assert result.calibration["calibrated"] is False and result.calibration["status"] == "uncalibrated"
     assert result.summary["com_units"] == "detector px" and result.fitted["calibrated"] is False
-    cal = Calibration()
+    cal = ScanCalibration()
     assert "uncalibrated" in cal.describe()
     titles = [t for rows in panels(cal).values() for _, t, _ in rows]
     assert titles and all("uncalibrated" in t for t in titles)
-    calibrated = Calibration(0.5, 20.0, 3e5, "scan1.dm4")
+    calibrated = ScanCalibration(0.5, 20.0, 3e5, "scan1.dm4")
     assert not any("uncalibrated" in t for rows in panels(calibrated).values() for _, t, _ in rows)
     assert calibrated.describe() == "step 0.5 Å, α 20 mrad, 300 keV from scan1.dm4"
     # CoM in detector pixels: the binned CoM times the binning, the simulator's disk shift in pixels.
