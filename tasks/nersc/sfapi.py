@@ -21,6 +21,9 @@ private_key_jwt) and the HTTP. What this module adds, and why:
   is being cancelled. A job given up on is always cancelled, so it can never start later for nobody.
 * Token refresh after a 401: the client session is rebuilt once, which fetches a new token.
 * No secrets in messages or logs: errors carry the HTTP status and the URL path, never headers or bodies.
+
+The client, and what a failed request means and how it is described, are in tasks.nersc.requests; the
+retry loop is here, so its log lines stay under this module's logger.
 """
 
 from __future__ import annotations
@@ -30,14 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
 from typing import Any, TypeVar
-
-import httpx
-import tenacity
-from authlib.common.errors import AuthlibBaseError
-from sfapi_client import Client
-from sfapi_client.exceptions import ClientKeyError, SfApiError
 
 from tasks.nersc.credentials import credentials
 from tasks.nersc.errors import (
@@ -59,6 +55,7 @@ from tasks.nersc.jobs import (
     minutes,
     reason_hint,
 )
+from tasks.nersc.requests import BoundedClient, Reaction, classify, describe, fatal_error, unless_error
 from tasks.settings import SfapiSettings
 
 # The allocation's API: what this module raises and returns, importable from here.
@@ -85,103 +82,13 @@ T = TypeVar("T")
 _MAX_BACKOFF = 10.0
 
 
-class _BoundedClient(Client):
-    """sfapi_client's Client with its own retries off (we retry, bounded) and a settable request timeout."""
-
-    get = Client.get.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
-    post = Client.post.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
-    put = Client.put.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
-    delete = Client.delete.retry_with(stop=tenacity.stop_after_attempt(1), reraise=True)
-
-    request_timeout: float = 10.0
-
-    def _http_client(self) -> Any:
-        # Overrides a private method of sfapi_client 0.6; if it is renamed, only the 5/10 s defaults remain.
-        http = super()._http_client()
-        http.timeout = httpx.Timeout(self.request_timeout)  # the client hard-codes 10 s (OAuth) or 5 s
-        return http
-
-
-class _ErrorReply(Exception):
-    """SFAPI answered with status ERROR, e.g. squeue timing out on a busy slurmctld."""
-
-
-class _Kind(Enum):
-    TRANSIENT = "transient"  # retry with back-off
-    EXPIRED = "expired"  # 401 from the API: new token, then retry once
-    CREDENTIALS = "credentials"
-    FATAL = "fatal"
-
-
-def _classify(exc: BaseException, idempotent: bool) -> _Kind:
-    """How to react to an exception from one API request."""
-    if isinstance(exc, tenacity.RetryError):
-        last = exc.last_attempt.exception()
-        return _classify(last, idempotent) if last is not None else _Kind.TRANSIENT
-    if isinstance(exc, httpx.HTTPStatusError):
-        code = exc.response.status_code
-        if code == 401:
-            return _Kind.EXPIRED
-        if code == 403:
-            return _Kind.CREDENTIALS
-        if code == 429 or 500 <= code < 600:
-            # 429/502/503 mean the request never reached the API behind the gateway; others may have.
-            return _Kind.TRANSIENT if idempotent or code in (429, 502, 503) else _Kind.FATAL
-        return _Kind.FATAL
-    if isinstance(exc, httpx.TransportError):
-        # A POST that may have reached the server must not be repeated; a refused connection never did.
-        sent = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-        return _Kind.TRANSIENT if idempotent or not sent else _Kind.FATAL
-    if isinstance(exc, AuthlibBaseError | ClientKeyError):
-        return _Kind.CREDENTIALS
-    if isinstance(exc, _ErrorReply):
-        return _Kind.TRANSIENT if idempotent else _Kind.FATAL
-    if isinstance(exc, json.JSONDecodeError):
-        return _Kind.TRANSIENT if idempotent else _Kind.FATAL  # e.g. an HTML maintenance page
-    return _Kind.FATAL
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, secret-free description of a failed request."""
-    if isinstance(exc, tenacity.RetryError):
-        last = exc.last_attempt.exception()
-        return _describe(last) if last is not None else "retries exhausted"
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code} from {exc.request.method} {exc.request.url.path}"
-    if isinstance(exc, httpx.TransportError):
-        return (
-            f"{type(exc).__name__} ({exc}) on {exc.request.url.path}"
-            if _has_request(exc)
-            else type(exc).__name__
-        )
-    if isinstance(exc, _ErrorReply):
-        return f"SFAPI error: {exc}"
-    if isinstance(exc, SfApiError | ClientKeyError):
-        return str(exc.message)
-    if isinstance(exc, AuthlibBaseError):
-        error = getattr(exc, "error", None) or type(exc).__name__
-        description = getattr(
-            exc, "description", None
-        )  # the server's words, e.g. "signature does not verify"
-        return f"token endpoint refused the client: {error}" + (f" ({description})" if description else "")
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _has_request(exc: httpx.TransportError) -> bool:
-    try:
-        exc.request  # noqa: B018 — raises RuntimeError when the error has no request attached
-    except RuntimeError:
-        return False
-    return True
-
-
 class SfapiAllocator:
     """Submit, watch and cancel Slurm jobs through SFAPI; a context manager owning one client session."""
 
     def __init__(self, settings: SfapiSettings) -> None:
         self._settings = settings
         self._client_id, self._key = credentials(settings)
-        self._client: _BoundedClient | None = None
+        self._client: BoundedClient | None = None
 
     def __enter__(self) -> SfapiAllocator:
         return self
@@ -340,13 +247,9 @@ class SfapiAllocator:
         params = {"sacct": sacct, "cached": False, "kwargs": [f"jobid={job_id}"]}
         what = f"{'sacct' if sacct else 'squeue'} job {job_id}"
 
-        def query(c: _BoundedClient) -> dict[str, Any]:
-            reply = c.get(f"compute/jobs/{self._settings.machine}", params).json()
-            if str(reply.get("status", "")).upper() == "ERROR":
-                raise _ErrorReply(str(reply.get("error")))  # e.g. slurmctld busy: retried
-            return reply
-
-        reply = self._call(what, query)
+        reply = self._call(
+            what, lambda c: unless_error(c.get(f"compute/jobs/{self._settings.machine}", params).json())
+        )
         rows = [r for r in reply.get("output") or [] if str(r.get("jobid")) == str(job_id)]
         if not rows:
             return None
@@ -360,10 +263,10 @@ class SfapiAllocator:
             str(row.get("exitcode") or ""),
         )
 
-    def _session(self) -> _BoundedClient:
+    def _session(self) -> BoundedClient:
         if self._client is None:
             s = self._settings
-            self._client = _BoundedClient(
+            self._client = BoundedClient(
                 client_id=self._client_id,
                 secret=self._key,
                 api_base_url=s.api_base_url.rstrip("/"),
@@ -376,7 +279,7 @@ class SfapiAllocator:
         """Drop the HTTP session, so the next request fetches a new token."""
         self.close()
 
-    def _call(self, what: str, request: Callable[[_BoundedClient], T], *, idempotent: bool = True) -> T:
+    def _call(self, what: str, request: Callable[[BoundedClient], T], *, idempotent: bool = True) -> T:
         """Run one API operation, retrying transient failures with back-off within api_retries/api_timeout."""
         s = self._settings
         start = time.monotonic()
@@ -391,48 +294,34 @@ class SfapiAllocator:
             try:
                 return request(client)
             except Exception as exc:  # classified below; anything unknown becomes an AllocationError
-                kind = _classify(exc, idempotent)
+                kind = classify(exc, idempotent)
                 error = exc
-            if kind is _Kind.EXPIRED and not renewed_token:
+            if kind is Reaction.EXPIRED and not renewed_token:
                 log.info("SFAPI refused the access token during %s; fetching a new one", what)
                 self._reset_session()
                 renewed_token = True
                 continue
-            if kind in (_Kind.EXPIRED, _Kind.CREDENTIALS):
+            if kind in (Reaction.EXPIRED, Reaction.CREDENTIALS):
                 raise SfapiCredentialsError(
-                    f"SFAPI {what}: credentials refused ({_describe(error)})"
+                    f"SFAPI {what}: credentials refused ({describe(error)})"
                 ) from error
-            if kind is _Kind.FATAL:
-                raise _fatal(what, error, idempotent) from error
+            if kind is Reaction.FATAL:
+                raise fatal_error(what, error, idempotent) from error
             elapsed = time.monotonic() - start
             if attempt >= s.api_retries or deadline - time.monotonic() <= backoff:
                 raise SfapiUnavailable(
-                    f"SFAPI {what} failed {attempt} time(s) in {elapsed:.1f} s: {_describe(error)}"
+                    f"SFAPI {what} failed {attempt} time(s) in {elapsed:.1f} s: {describe(error)}"
                 ) from error
             log.warning(
                 "SFAPI %s failed (%s); retry %d/%d in %.1f s",
                 what,
-                _describe(error),
+                describe(error),
                 attempt,
                 s.api_retries,
                 backoff,
             )
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF)
-
-
-def _fatal(what: str, exc: Exception, idempotent: bool) -> AllocationError:
-    """The error to raise for a failure that retrying will not fix."""
-    if not idempotent and isinstance(
-        exc, httpx.TransportError | httpx.HTTPStatusError | json.JSONDecodeError
-    ):
-        return JobSubmitError(
-            f"SFAPI {what}: {_describe(exc)}; the request may have reached Slurm, so it is not repeated: "
-            "look for the job in squeue before resubmitting"
-        )
-    if isinstance(exc, SfApiError) and "unavailable" in str(exc.message):
-        return SfapiUnavailable(f"SFAPI {what}: {_describe(exc)}")
-    return SfapiRequestFailed(f"SFAPI {what} failed: {_describe(exc)}")
 
 
 def _job_id_from_task(task_id: str, status: str, result: Any) -> str:
