@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,16 +30,14 @@ from counting.geometry import N_SECTORS
 from counting.raw import open_raw_scan
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import load_settings, write_settings_file
+from stemstream_testing.support import CLI, free_port
 from streaming.aggregator.forwarder import offset_address
 from streaming.camera.push import DEFAULT_HWM
 from streaming.camera.rendering import SharedRendering
 from streaming.camera.sender import SendResult, run_sender
 from streaming.protocol import control as p
 from streaming.protocol.record import ScanRecord
-from tasks.launch.plan import free_port
 from tasks.launch.processes import ProcessGroup, process_tree, rss_kb
-
-CLI = [sys.executable, "-m", "flows.cli"]
 
 
 @dataclass

@@ -17,7 +17,6 @@ from counting.sparse import read_counted_scan
 from flows.session import session
 from stemstream_testing.postgres import PostgresServer
 from streaming.protocol.record import ScanRecord, record_path
-from tests.flows.conftest import prefect_harness, stemstream_env  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(400)]
 

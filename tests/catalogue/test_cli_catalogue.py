@@ -1,31 +1,30 @@
-"""`stemstream scans` and `stemstream analyse` as a person runs them (subprocesses, real files, SQLite
-and PostgreSQL), and every bad input as one `error:` line with a non-zero exit."""
+"""`stemstream scans` and `stemstream analyse` as a person runs them (real files, SQLite and PostgreSQL),
+and every bad input as one `error:` line with a non-zero exit. The commands run in this process (typer's
+CliRunner, their own environment each); a few run as real processes too: the entry point, the exit status
+and stderr of a command as a shell sees them."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from stemstream_testing.catalogue_scans import write_scan
+from stemstream_testing.cli import Ran, as_process, in_process
 from stemstream_testing.postgres import PostgresServer
-from tests.tasks.helpers import free_port
+from stemstream_testing.support import free_port
 
 JAN = datetime(2026, 1, 15, 12, 0).timestamp()
 MAR = datetime(2026, 3, 15, 12, 0).timestamp()
 
 
-def _env(tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSTREAM_")}
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The command's STEMSTREAM_ environment: its own output directory and an empty settings file."""
     config = tmp_path / "stemstream.toml"
     config.write_text("# empty\n")
     return {
-        **env,
         "STEMSTREAM_CONFIG": str(config),
         "STEMSTREAM_OUTPUT_DIR": str(tmp_path / "out"),
         "COLUMNS": "250",
@@ -33,19 +32,21 @@ def _env(tmp_path: Path, **extra: str) -> dict:
     }
 
 
-def stemstream(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=180
-    )
+def stemstream(env: dict[str, str], *args: str) -> Ran:
+    return in_process(list(args), env)
 
 
-def _ok(env: dict, *args: str) -> str:
-    r = stemstream(env, *args)
+def stemstream_process(env: dict[str, str], *args: str) -> Ran:
+    return as_process(list(args), env)
+
+
+def _ok(env: dict[str, str], *args: str, process: bool = False) -> str:
+    r = (stemstream_process if process else stemstream)(env, *args)
     assert r.returncode == 0, r.stderr + r.stdout
     return r.stdout
 
 
-def _one_error_line(r: subprocess.CompletedProcess, text: str) -> None:
+def _one_error_line(r: Ran, text: str) -> None:
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], r.stderr + r.stdout
@@ -66,9 +67,9 @@ def scans(tmp_path: Path) -> dict:
 
 def test_list_search_show_note_analyse_on_sqlite(tmp_path: Path, scans: dict) -> None:
     env = _env(tmp_path)
-    out = _ok(env, "scans", "rebuild", str(tmp_path / "data"))
+    out = _ok(env, "scans", "rebuild", str(tmp_path / "data"), process=True)
     assert "3 scan(s) (3 new)" in out and "catalogue.sqlite" in out
-    listed = _ok(env, "scans")
+    listed = _ok(env, "scans", process=True)
     assert "3 scan(s) in sqlite:///" in listed
     for r in scans.values():
         assert Path(r.path).name in listed and r.scan_uuid[:8] in listed
@@ -118,7 +119,7 @@ def test_list_search_show_note_analyse_on_sqlite(tmp_path: Path, scans: dict) ->
 
 def test_bad_inputs_are_one_error_line(tmp_path: Path, scans: dict) -> None:
     env = _env(tmp_path)
-    _one_error_line(stemstream(env, "scans"), "no scan catalogue at")  # nothing recorded yet
+    _one_error_line(stemstream_process(env, "scans"), "no scan catalogue at")  # nothing recorded yet
     _one_error_line(stemstream(env, "scans", "show", "abc"), "no scan catalogue at")
     _ok(env, "scans", "rebuild", str(tmp_path / "data"))
     _one_error_line(stemstream(env, "scans", "show", "nothing-like-it"), "no scan 'nothing-like-it'")
@@ -129,7 +130,7 @@ def test_bad_inputs_are_one_error_line(tmp_path: Path, scans: dict) -> None:
     _one_error_line(stemstream(env, "scans", "--shape", "8by8"), "shape must look like 64x64")
     _one_error_line(stemstream(env, "scans", "--status", "great"), "--status must be")
     _one_error_line(stemstream(env, "scans", "rebuild", str(tmp_path / "nowhere")), "is not a directory")
-    _one_error_line(stemstream(env, "analyse", "nothing-like-it"), "no scan 'nothing-like-it'")
+    _one_error_line(stemstream_process(env, "analyse", "nothing-like-it"), "no scan 'nothing-like-it'")
     _one_error_line(stemstream(env, "analyse", "2", "--param", "nope=1"), "unknown analysis parameter 'nope'")
     _one_error_line(stemstream(env, "analyse", "2", "--param", "dpc_q_highpass=high"), "wants a float")
     _one_error_line(stemstream(env, "analyse", "2", "--set", "analysis.keep_flyback=maybe"), "keep_flyback")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stemstream_testing.support import free_port
+
+__all__ = ["free_port"]  # re-exported for test_deployment
+
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "STEMSTREAM_E2E_MARKER"  # in the environment of every process a test starts, and their children
 SESSION_DEPLOYMENT = "stemstream-session/session"
@@ -29,12 +32,6 @@ def prefect_cmd() -> list[str]:
     """The `prefect` CLI of this interpreter's environment."""
     exe = Path(sys.executable).with_name("prefect")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path | None = None) -> None:

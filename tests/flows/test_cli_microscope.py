@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from counting.sparse import file_sha256
+from stemstream_testing.support import CLI
 from streaming.protocol.record import ScanRecord, record_path
 from tests.tasks.test_microscope import dm4_for, scan_file
-
-CLI = [sys.executable, "-m", "flows.cli"]
 
 
 def run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pytest
 
 from counting.sparse import read_counted_scan
 from stemstream_testing.pipeline import ProcessPipeline
+from stemstream_testing.support import CLI
 
-CLI = [sys.executable, "-m", "flows.cli"]
 pytestmark = pytest.mark.timeout(300)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +21,10 @@ from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
 from stemstream_testing.pipeline import ProcessPipeline
+from stemstream_testing.support import CLI
 from streaming.node.dark_sums import scan_sums
 from tasks.darks import session_dark
 
-CLI = [sys.executable, "-m", "flows.cli"]
 pytestmark = pytest.mark.timeout(300)
 SEED = 5  # the detector of the raw scan below (`stemstream simulate --seed 5`)
 
@@ -159,8 +158,8 @@ def test_dark_session_takes_the_next_scan_the_receivers_deliver(tmp_path: Path) 
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from stemstream_testing.support import free_port
     from streaming.camera.sender import run_sender
-    from tasks.launch.plan import free_port
 
     recv, nodes, monitor = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     (tmp_path / "none.toml").write_text("")

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +18,10 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from counting.sparse import read_counted_scan
-from tasks.launch.plan import free_port
+from stemstream_testing.support import CLI, free_port
 from tests.flows.conftest import set_env
 from tests.tasks.helpers import wait_until
 
-CLI = [sys.executable, "-m", "flows.cli"]
 pytestmark = pytest.mark.timeout(300)
 # (scan number, WxH): three shapes, and scan 1 again (the detector reset its numbers)
 SCRIPT = [(1, "16x8"), (2, "24x12"), (1, "12x10")]

@@ -17,9 +17,9 @@ from counting.simulator import SimulatorConfig
 from stemstream_testing.browser import headless_chromium
 from stemstream_testing.live_oracle import live_sums_from_file
 from stemstream_testing.pipeline import ProcessPipeline
+from stemstream_testing.support import free_port
 from streaming.live_settings import LiveSettings
 from streaming.view.server import LiveServer
-from tasks.launch.plan import free_port
 
 pytestmark = pytest.mark.timeout(400)
 LIVE = {"bf_center": (288.0, 288.0), "bf_radius": 180.0, "interval": 0.25}

@@ -218,6 +218,7 @@ def in_background(target: Callable[[], None]) -> threading.Thread:
 
 # ---- local backend ------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
+@pytest.mark.product_defaults  # the session as shipped: default node memory, the live page
 def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_env: Path) -> None:
     state, session_dir = run_session(
         stemstream_env, n_scans=2, scan_width=16, scan_height=16, postprocess=True
@@ -257,6 +258,7 @@ def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.product_defaults  # the loss bound below is about the default 32-frame batch
 def test_local_node_killed_mid_scan_costs_its_frames_in_flight_and_the_session_goes_on(
     stemstream_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from flows.soak import run_soak
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# serial: memory peaks of a session are only comparable with nothing else running beside it
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.serial, pytest.mark.product_defaults]
 
 
 @pytest.mark.timeout(300)

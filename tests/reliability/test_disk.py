@@ -29,17 +29,16 @@ from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import counted_scan_image
 from stemstream_testing.options import estimation, options
+from stemstream_testing.support import CLI, free_port
 from streaming.aggregator.aggregator import Aggregator
 from streaming.camera.sender import run_sender
 from streaming.components import node_config
 from streaming.node.streamer import NodeStreamer
 from streaming.protocol import control as p
 from streaming.writer.writer import ScanWriter, ScanWriterError, WriterConfig
-from tasks.launch.plan import free_port
 from tests.streaming.harness import counting_settings, stream_settings
 
 pytestmark = pytest.mark.timeout(180)
-CLI = [sys.executable, "-m", "flows.cli"]
 FIXED = Thresholds(30.5, 600.0)
 # Above every small file the node writes (probe, stop record, a numba cache file), below the scan's HDF5.
 FSIZE_LIMIT = 256 * 1024

@@ -20,7 +20,9 @@ from flows.settings import load_settings, write_settings_file
 from stemstream_testing.pipeline import ProcessPipeline
 from streaming.settings import StreamingSettings
 
-pytestmark = pytest.mark.timeout(150)
+# serial: the sustainable rate is measured, then the camera runs at twice it (other tests beside it would
+# change the rate between the two)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.serial]
 
 # Small queues, so the scan is many times what the pipeline can hold.
 RECEIVER_HWM = 8  # aggregator: sectors per receiver connection

@@ -24,6 +24,7 @@ from counting.settings import CountingSettings
 from counting.simulator import SimulatorConfig
 from stemstream_testing.live_oracle import live_sums_from_file
 from stemstream_testing.pipeline import ProcessPipeline
+from stemstream_testing.support import free_port
 from streaming.components import node_config, server_curve
 from streaming.live.publisher import LivePublisher
 from streaming.live_settings import LiveSettings
@@ -32,7 +33,6 @@ from streaming.protocol import live as live_wire
 from streaming.settings import CurveSettings, StreamingSettings
 from streaming.transport.security import write_keypair
 from streaming.view.server import LiveServer
-from tasks.launch.plan import free_port
 
 pytestmark = pytest.mark.timeout(300)
 GEOMETRY = {"bf_center": (288.0, 288.0), "bf_radius": 180.0}
@@ -149,7 +149,9 @@ def test_curve_snapshots_and_the_token(tmp_path: Path):
             cfg = node_config(
                 st, CountingSettings(), aggregator="tcp://127.0.0.1:1", output_dir=tmp_path, name=name
             )
-            pub = LivePublisher(zmq.Context.instance(), cfg)
+            pub = LivePublisher(
+                zmq.Context.instance(), cfg.name, cfg.streaming.live, cfg.aggregator, cfg.curve
+            )
             publishers.append(pub)
             key = f"key-{name}"
             pub.begin(p.ScanBegin(7, 4, 4, 16, 0, 1, scan_key=key))

@@ -230,9 +230,9 @@ def test_curve_with_forwarding_processes_lets_only_known_keys_in(tmp_path):
 
 
 def test_colliding_ports_are_a_clear_error_before_anything_starts():
+    from stemstream_testing.support import free_port
     from streaming.aggregator.aggregator import Aggregator
     from streaming.aggregator.hub import ForwarderError
-    from tasks.launch.plan import free_port
 
     port = free_port()
     settings = StreamingSettings(

@@ -124,6 +124,7 @@ def test_threads_split_frames_and_announce_their_counts(pull, pool) -> None:
     assert result.frames_this_thread == (7, 7, 6) and sum(result.frames_this_thread) == 20
 
 
+@pytest.mark.serial  # asserts a wall-clock rate
 def test_rate_limit(pull, pool) -> None:
     sock, endpoint = pull
     start = time.monotonic()
@@ -184,6 +185,7 @@ def test_stalled_receiver_is_an_error_not_a_silent_loss(ctx) -> None:
     sock.close(linger=0)
 
 
+@pytest.mark.serial  # the sender must outrun a reader at 1000 frames/s
 def test_realtime_drops_and_counts_what_the_aggregator_cannot_take(ctx, pool, caplog) -> None:
     """A camera cannot wait: with nobody reading, the sender keeps its pace, drops what its full queue
     cannot take, counts it and says so once; what it did send arrives intact after the scan."""
@@ -216,6 +218,7 @@ def test_realtime_drops_and_counts_what_the_aggregator_cannot_take(ctx, pool, ca
     assert len(warnings) == 1 and f"{result.overflowed} sectors lost" in warnings[0]
 
 
+@pytest.mark.serial  # asserts a wall-clock rate
 def test_realtime_keeps_the_camera_clock_and_loses_nothing_when_read(pull, pool) -> None:
     sock, endpoint = pull
     start = time.monotonic()

@@ -1,40 +1,18 @@
-"""Helpers shared by the tests of tasks/ (processes, ports, keys)."""
+"""Helpers shared by the tests of tasks/ and flows/ (SFAPI client id, SSH keys, waiting for a daemon's port);
+ports, polling and process liveness come from stemstream_testing.support."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from stemstream_testing.support import alive, free_port, wait_until
+
+__all__ = ["CLIENT_ID", "alive", "free_port", "keygen", "wait_port", "wait_until"]
+
 CLIENT_ID = "abcdefghijklm"  # SFAPI client ids are 13 characters
-
-
-def alive(pid: int) -> bool:
-    """Whether a local process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
-    """Poll a condition (bounded); True as soon as it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def keygen(path: Path, passphrase: str = "") -> Path:
@@ -57,3 +35,17 @@ def keygen(path: Path, passphrase: str = "") -> Path:
         check=True,
     )
     return path
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
+    """Return once a daemon (proc) listens on 127.0.0.1:port; raise if it exits or after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd did not listen on port {port} within {timeout} s")
