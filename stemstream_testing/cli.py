@@ -4,6 +4,7 @@ test of the entry point."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -24,16 +25,17 @@ class Ran:
     stderr: str
 
 
-def in_process(args: list[str], env: Mapping[str, str]) -> Ran:
-    """`stemstream ARGS` in this process: env is the whole STEMSTREAM_ environment the command sees (any
-    other STEMSTREAM_ variable of this process is hidden from it) plus other variables to set, e.g.
-    COLUMNS. An unexpected exception propagates (a traceback a user would see fails the test)."""
+def in_process(args: list[str], env: Mapping[str, str], cwd: Path | None = None) -> Ran:
+    """`stemstream ARGS` in this process (in cwd, if given): env is the whole STEMSTREAM_ environment the
+    command sees (any other STEMSTREAM_ variable of this process is hidden from it) plus other variables to
+    set, e.g. COLUMNS. An unexpected exception propagates (a traceback a user would see fails the test)."""
     from typer.testing import CliRunner
 
     from flows.cli import app
 
     hidden: dict[str, str | None] = {k: None for k in os.environ if k.startswith(SETTINGS_PREFIX)}
-    result = CliRunner().invoke(app, args, env=hidden | dict(env), catch_exceptions=False)
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        result = CliRunner().invoke(app, args, env=hidden | dict(env), catch_exceptions=False)
     return Ran(result.exit_code, result.stdout, result.stderr)
 
 

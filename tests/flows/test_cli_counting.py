@@ -1,36 +1,42 @@
-"""The counting CLI as a user runs it: real processes, real files, one-line errors."""
+"""The counting CLI as a user runs it: real files, one-line errors. The commands run in this process (typer's
+CliRunner); `simulate` (the module's raw scan) and one failing `count` run as real processes: the entry
+point, the exit status and stderr as a shell sees them."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from counting.sparse import read_counted_scan
+from stemstream_testing.cli import Ran, as_process, in_process
 
-STEMSTREAM = [sys.executable, "-m", "flows.cli"]
 
-
-def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*STEMSTREAM, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
+def run(*args: str, cwd: Path | None = None, env: dict | None = None, process: bool = False) -> Ran:
+    """`stemstream ARGS` with this environment's STEMSTREAM_ variables plus env."""
+    given = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
+    full = {**given, "COLUMNS": "200", **(env or {})}
+    return as_process(list(args), full, cwd=cwd) if process else in_process(list(args), full, cwd)
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim")
     r = run(
-        "simulate", "--out", str(out), "--scan", "8x6", "--dose", "150", "--seed", "4", "--dark-frames", "20"
+        "simulate",
+        "--out",
+        str(out),
+        "--scan",
+        "8x6",
+        "--dose",
+        "150",
+        "--seed",
+        "4",
+        "--dark-frames",
+        "20",
+        process=True,
     )
     assert r.returncode == 0, r.stderr
     assert "48 frames" in r.stdout
@@ -101,7 +107,7 @@ def test_truncated_raw_file_is_named_with_its_offset(simulated, tmp_path):
     for src in simulated.glob("*.data"):
         data = src.read_bytes()
         (tmp_path / src.name).write_bytes(data[: len(data) - 1000] if "module2" in src.name else data)
-    r = run("count", str(tmp_path), "--out", str(tmp_path / "x.h5"))
+    r = run("count", str(tmp_path), "--out", str(tmp_path / "x.h5"), process=True)
     assert r.returncode == 1
     assert "module2" in r.stderr and "byte" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.h5").exists()

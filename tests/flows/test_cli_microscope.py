@@ -4,24 +4,25 @@ there, nothing to find it with) is one error line and leaves the scan file as it
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 from counting.sparse import file_sha256
-from stemstream_testing.support import CLI
+from stemstream_testing.cli import Ran, as_process, in_process
 from streaming.protocol.record import ScanRecord, record_path
 from tests.tasks.test_microscope import dm4_for, scan_file
 
 
-def run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEMSTREAM_")}
-    clean |= {"STEMSTREAM_OUTPUT_DIR": str(cwd / "out"), "STEMSTREAM_CONFIG": str(cwd / "none.toml"), **env}
+def run(cwd: Path, *args: str, process: bool = False, **env: str) -> Ran:
+    """`stemstream ARGS` in cwd with its own output directory and an empty settings file: in this process,
+    or (process=True) as a real one."""
+    clean = {"STEMSTREAM_OUTPUT_DIR": str(cwd / "out"), "STEMSTREAM_CONFIG": str(cwd / "none.toml"), **env}
     (cwd / "none.toml").write_text("")
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=clean)
+    return (
+        as_process(list(args), clean, cwd=cwd, timeout=120) if process else in_process(list(args), clean, cwd)
+    )
 
 
-def error_line(done: subprocess.CompletedProcess) -> str:
+def error_line(done: Ran) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     return lines[0]
@@ -30,7 +31,7 @@ def error_line(done: subprocess.CompletedProcess) -> str:
 def test_microscope_command_adds_and_shows_the_metadata(tmp_path: Path) -> None:
     h5 = scan_file(tmp_path, 17)
     dm4 = dm4_for(tmp_path / "m", 17)
-    done = run(tmp_path, "microscope", str(h5), "--file", str(dm4))
+    done = run(tmp_path, "microscope", str(h5), "--file", str(dm4), process=True)  # the entry point, once
     assert done.returncode == 0, done.stderr
     assert "microscope metadata from" in done.stdout and "convergence_semiangle_mrad: 24.5" in done.stdout
     record = ScanRecord.load(record_path(h5))
@@ -61,6 +62,7 @@ def test_microscope_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
     ]
     for args, message in cases:
         assert message in error_line(run(tmp_path, *args)), args
+    assert "does not exist" in error_line(run(tmp_path, "microscope", "nothere.h5", process=True))
     missing = run(tmp_path, "microscope", str(h5), STEMSTREAM_MICROSCOPE__DIR=str(tmp_path / "m"))
     assert "no microscope file scan20.dm4" in error_line(missing)
     assert file_sha256(h5) == sha and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
