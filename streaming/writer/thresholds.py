@@ -85,7 +85,11 @@ class ThresholdBroker:
         if t is None:
             return None
         return p.ScanThresholds(
-            scan_number, t.background, t.xray, fixed_threshold_metadata(t), self.calibration
+            scan_number=scan_number,
+            background=t.background,
+            xray=t.xray,
+            metadata=fixed_threshold_metadata(t),
+            calibration=self.calibration,
         )
 
     def settle(
@@ -103,10 +107,17 @@ class ThresholdBroker:
             samples = np.stack([offer.frames[n] for n in numbers])
             est = estimate_thresholds(samples, self._dark, self._estimate, self._gain)
             thresholds = p.ScanThresholds(
-                scan_number, est.background_threshold, est.x_ray_threshold, est.metadata(), self.calibration
+                scan_number=scan_number,
+                background=est.background_threshold,
+                xray=est.x_ray_threshold,
+                metadata=est.metadata(),
+                calibration=self.calibration,
             )
         except ThresholdError as exc:
             log.error("scan %d: %s", scan_number, exc)
-            thresholds = p.ScanThresholds(scan_number, float("nan"), float("nan"), {"error": str(exc)})
+            nan = float("nan")  # the nodes count nothing, and the stop record says why
+            thresholds = p.ScanThresholds(
+                scan_number=scan_number, background=nan, xray=nan, metadata={"error": str(exc)}
+            )
         offer.frames.clear()
         return thresholds
