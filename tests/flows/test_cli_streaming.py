@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from counting.sparse import read_counted_scan
+from stemstream_testing.cli import in_process
 from stemstream_testing.pipeline import ProcessPipeline
 from stemstream_testing.support import CLI
 
@@ -46,21 +47,14 @@ def wait_ready(pipe: ProcessPipeline, n: int) -> None:
 
 @pytest.fixture
 def raw(tmp_path: Path) -> Path:
-    sim = subprocess.run(
-        [*CLI, "simulate", "--out", "raw", "--scan", "12x10", "--seed", "5", "--dark-frames", "20"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    """A simulated raw scan and its offline count, made by the CLI in this process (the streaming commands
+    the tests are about run as processes)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
+    sim = in_process(
+        ["simulate", "--out", "raw", "--scan", "12x10", "--seed", "5", "--dark-frames", "20"], env, tmp_path
     )
     assert sim.returncode == 0, sim.stderr
-    count = subprocess.run(
-        [*CLI, "count", "raw", "--dark", "raw/dark.npy", "--out", "offline.h5"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    count = in_process(["count", "raw", "--dark", "raw/dark.npy", "--out", "offline.h5"], env, tmp_path)
     assert count.returncode == 0, count.stderr
     return tmp_path
 
