@@ -19,8 +19,12 @@ and dropped. See streaming.protocol.control for the messages.
 
 Scale-out: with ``streaming.aggregator_processes`` K > 1 the aggregator starts K - 1 forwarding processes
 (streaming.aggregator.forwarder, streaming.aggregator.hub) and stays the one control point: it begins and ends every
-scan, holds the routes and the monitor; the processes forward (see aggregator_forwarding). Node control
-messages are handled in aggregator_control, which scan a sector belongs to in aggregator_admission.
+scan, holds the routes and the monitor; the processes forward (see streaming.aggregator.forwarding).
+
+Parts, each built here with its collaborators: the data path it shares with the forwarding processes
+(streaming.aggregator.data_path: sockets, routes, sends, ended scans, per-node begin and end), the
+admission of another scan's sectors (admission: a Verdict), the node conversation (control: NodeControl)
+and the forwarding processes' side (forwarding: ForwardingControl). This class is the loop that joins them.
 """
 
 from __future__ import annotations
@@ -29,25 +33,26 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
 
-from streaming.aggregator.admission import ScanAdmission
+from streaming.aggregator.admission import Admission
 from streaming.aggregator.control import NodeControl
+from streaming.aggregator.data_path import DataPath, PathConfig, weak
 from streaming.aggregator.forwarding import ForwardingControl
 from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
 from streaming.aggregator.registry import NodeEntry, NodeRegistry
-from streaming.aggregator.sockets import AggregatorSockets
-from streaming.aggregator.stats import ENDED_MEMORY, AggregatorStats, monitor_state
+from streaming.aggregator.sockets import AggregatorSockets, describe
+from streaming.aggregator.stats import AggregatorStats, monitor_state
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
+from streaming.protocol.reasons import EndReason, Verdict
 from streaming.protocol.sector import SectorHeader, WireError, decode_message
 from streaming.settings import StreamingSettings
 from streaming.signals import stop_on_signals
-from streaming.transport.router_io import Sent, drain, send_waiting
+from streaming.transport.router_io import Sent, drain
 from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -57,13 +62,15 @@ _BLOCKED_POLL_MS = 2  # while a node's queue is full: how long to wait between s
 _MAX_POLL_MS = 100
 
 
-class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
+class Aggregator:
     """Receives sectors, forwards frames to nodes, ends scans; see the module docstring.
 
     settings: the streaming settings (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline,
     heartbeat, node_timeout, aggregator_stall_timeout, aggregator_node_hwm, aggregator_receiver_hwm; port
     0 picks a free port, see receiver_endpoints). curve: CURVE server keys and allowed client keys for the
     node and monitor sockets (None: plain, for loopback). context: a zmq.Context to use (default: its own).
+
+    Its parts call back into it through weak references (data_path.weak): no reference cycle.
     """
 
     def __init__(
@@ -76,41 +83,40 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         st = settings
         if not st.receivers:
             raise ValueError("give at least one receiver address")
-        self.settings = st
-        self.n_nodes = st.n_nodes
-        self.scan_deadline = st.scan_deadline
-        self.heartbeat = st.heartbeat
-        self.stall_timeout = st.aggregator_stall_timeout
+        self.settings, self.n_nodes = st, st.n_nodes
+        self.scan_deadline, self.heartbeat = st.scan_deadline, st.heartbeat
         self.session_id = int.from_bytes(os.urandom(4), "little")
-        self.security = (
-            f"CURVE, {len(curve.allowed_clients)} allowed client key(s)"
-            if curve is not None
-            else "plain (no CURVE: for loopback or a trusted network only)"
-        )
+        self.security = describe(curve)
         self.stats = AggregatorStats()
-        self.sockets = AggregatorSockets(st, curve, context)  # bound now: the ports are known at once
-        self._receivers, self._router, self._monitor = (
-            self.sockets.receivers,
-            self.sockets.router,
-            self.sockets.monitor,
-        )
-        self._control_poller, self._data_poller = self.sockets.control_poller, self.sockets.data_poller
-        self.hub: ForwarderHub | None = None  # forwarding processes 1..K-1 (K = aggregator_processes)
-        if st.aggregator_processes > 1:
-            try:
-                self.hub = ForwarderHub(st, curve, self.sockets.context)
-            except BaseException:
-                self.sockets.close()
-                raise
-            for poller in (self._control_poller, self._data_poller):
-                poller.register(self.hub.socket, zmq.POLLIN)
+        config = PathConfig.of(st)
+        self.sockets = AggregatorSockets(config, st.monitor_bind, curve, context)  # ports known at once
+        self._receivers, self._router = self.sockets.receivers, self.sockets.router
+        self._monitor = self.sockets.monitor
+        # The forwarding processes 1..K-1 (K = aggregator_processes), if any.
+        self.forwarding = ForwardingControl.start(st, curve, self.sockets, self.stats)
+        self.hub: ForwarderHub | None = self.forwarding.hub if self.forwarding is not None else None
         self.nodes = NodeRegistry(st.n_nodes)
-        self._live: list[int] = []  # indices of the connected nodes: frames are routed over these
+        self.path = DataPath(
+            self.sockets.path,
+            0,
+            config,
+            identity=self.nodes.identity,
+            stop=weak(self._stop_requested),
+            wait=weak(self._wait_for_room),
+            failed=weak(self._send_failed),
+        )
+        self.admission = Admission(self.nodes, self.path.ended, self.stats, st.scan_deadline)
+        self.control = NodeControl(
+            self.nodes,
+            self.path,
+            self.forwarding,
+            session_id=self.session_id,
+            node_timeout=st.node_timeout,
+            joined=weak(self._joined),
+            lost=weak(self._lost),
+            publish=weak(self._publish_state),
+        )
         self._scan: OpenScan | None = None
-        self._held: tuple[SectorHeader, list] | None = None  # first sector of a scan waiting for the arm
-        self._ended: OrderedDict[int, float] = OrderedDict()  # scan number -> when it ended (monotonic)
-        self._armed_once = False  # all nodes have been ready at least once (the session's "ready")
-        self._refusing: dict[int, float] = {}  # scan number -> last refused sector (monotonic)
         self._next_state = 0.0
         self._stopping = False
         self._stop_event: threading.Event | None = None
@@ -122,10 +128,7 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         """The bound receiver addresses (real ports when bound to port 0); with forwarding processes, each
         receiver's addresses on every process, comma-separated (a receiver connects to all of them)."""
         own = list(self.sockets.endpoints["receivers"])
-        if self.hub is None:
-            return own
-        others = [x.receivers for x in self.hub.forwarders.values()]
-        return [",".join([a, *(r[j] for r in others)]) for j, a in enumerate(own)]
+        return own if self.forwarding is None else self.forwarding.receiver_endpoints(own)
 
     @property
     def nodes_endpoint(self) -> str:
@@ -198,14 +201,14 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         """One poll: control messages, then sectors (when armed or streaming, and before the first arm, to
         refuse them), then timers."""
         self._maybe_begin_held()
-        armed = self.nodes.all_ready(self._armed_once)
-        self._armed_once = self._armed_once or armed
-        streaming = self._scan is not None or (self._held is None and armed) or not self._armed_once
-        poller = self._data_poller if streaming else self._control_poller
+        adm = self.admission
+        armed = adm.check_armed()
+        streaming = self._scan is not None or (adm.held is None and armed) or not adm.armed_once
+        poller = self.sockets.data_poller if streaming else self.sockets.control_poller
         events = dict(poller.poll(self._poll_ms()))
         if self._router in events:
-            self._service_control()
-        if self.hub is not None and self.hub.socket in events:
+            self.control.service()
+        if self.forwarding is not None and self.forwarding.socket in events:
             self._service_hub()
         if streaming:
             for sock in self._receivers:
@@ -214,18 +217,10 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         now = time.monotonic()
         scan = self._scan
         if scan is not None and now - scan.last_sector >= self.scan_deadline:
-            self._end_scan("deadline")
+            self._end_scan(EndReason.DEADLINE)
         if now >= self._next_state:
-            self._check_liveness(now)
+            self.control.check_liveness(now)
             self._publish_state()
-
-    def _check_liveness(self, now: float) -> None:
-        """A node silent for node_timeout (no heartbeat) is lost: its place is free for a restarted one."""
-        for node in list(self.nodes.by_index.values()):
-            if node.connected and now - node.last_seen > self.settings.node_timeout:
-                self._lose(node, f"silent for {self.settings.node_timeout:g} s (no heartbeat)")
-        if self.hub is not None:
-            self.hub.alive_indices()  # logs a forwarding process that died
 
     def _poll_ms(self) -> int:
         now = time.monotonic()
@@ -237,34 +232,49 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
     def _drain(self, sock: zmq.Socket) -> None:
         """Take up to a batch of messages from one receiver without blocking; a new scan that waits for
         the arm stops the taking."""
-        drain(sock, self._on_message, _DRAIN_BATCH, lambda: self._held is not None)
+        drain(sock, self._on_message, _DRAIN_BATCH, lambda: self.admission.held is not None)
 
     # ------------------------------------------------------------------------------------------ data
     def _on_message(self, parts: list) -> None:
         try:
             header, _ = decode_message(parts)
         except WireError as exc:
-            self._on_malformed(exc)
+            self.admission.count_malformed(exc, self._scan)
             return
         scan = self._scan
         if scan is not None and header.scan_number == scan.number:
             self._forward(header, parts)
             return
         verdict = self._admit(header, parts)
-        if verdict == "begun":
+        if verdict is Verdict.BEGUN:
             self._forward(header, parts)
-        elif verdict == "refused":
-            self._count_refused(header.scan_number)
-        elif verdict == "late":
-            self._count_late(header.scan_number)
+        elif verdict is Verdict.REFUSED:
+            self.admission.count_refused(header.scan_number)
+        elif verdict is Verdict.LATE:
+            self.admission.count_late(header.scan_number)
+
+    def _admit(self, header: SectorHeader, parts: list | None) -> Verdict:
+        """What a sector of another scan than the open one does (parts None: a forwarder holds it): a new
+        scan supersedes the open one and begins now (BEGUN) or once every node is armed (HELD)."""
+        verdict = self.admission.decide(header, self._scan)
+        if verdict is not Verdict.NEW:
+            return verdict
+        if self._scan is not None:
+            self._end_scan(EndReason.SUPERSEDED)
+        if not self.admission.armed():
+            self.admission.hold(header, parts)  # begins when every node is armed again
+            return Verdict.HELD
+        self._begin_scan(header)
+        return Verdict.BEGUN
 
     def _forward(self, header: SectorHeader, parts: list) -> None:
         scan = self._scan
         assert scan is not None
         scan.add(header)
         self.stats.received += 1
-        node = self.nodes.by_index[p.route_live(header.frame_number, self._live)] if self._live else None
-        if node is not None and self._send(node, [p.DATA, *parts]):
+        live = self.path.live
+        node = self.nodes.by_index[p.route_live(header.frame_number, live)] if live else None
+        if node is not None and self.path.send(node.index, [p.DATA, *parts]):
             scan.sent[node.index] += 1
             self.stats.forwarded += 1
             self.stats.per_node[node.name] = self.stats.per_node.get(node.name, 0) + 1
@@ -273,12 +283,12 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
             self.stats.unroutable += 1
         scan.last_sector = time.monotonic()  # after the send: time blocked on a full node is not silence
         if scan.complete:
-            self._end_scan("complete")
+            self._end_scan(EndReason.COMPLETE)
 
     def _maybe_begin_held(self) -> None:
-        if self._held is not None and self._scan is None and self.nodes.all_ready(self._armed_once):
-            header, parts = self._held
-            self._held = None
+        held = self.admission.take_held() if self._scan is None else None
+        if held is not None:
+            header, parts = held
             self._begin_scan(header)
             if parts is not None:
                 self._forward(header, parts)
@@ -287,137 +297,68 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         self.stats.scans += 1
         scan = OpenScan(header, self.n_nodes, time.monotonic(), f"{self.session_id:08x}-{self.stats.scans}")
         self._scan = scan
-        for node in self.nodes.by_index.values():
-            node.ready = False  # the arm is used up: each node re-arms after its done
-        if self.hub is not None:
-            self.hub.tell(self._plan(scan))
-        for node in self.nodes.by_index.values():
-            self._send_control(node, self._scan_begin(scan, node))
-        log.info(
-            "scan %d begins: %dx%d, ~%d frames, %d nodes",
-            scan.number,
-            scan.width,
-            scan.height,
-            scan.expected_frames,
-            self.n_nodes,
-        )
+        self.nodes.disarm()
+        plan = scan.plan(self.session_id, self.path.routes)
+        if self.forwarding is not None:
+            self.forwarding.tell(plan)
+        self.path.begin(plan)
+        scan.log_begin(self.n_nodes)
         self._publish_state()
 
-    def _scan_begin(self, scan: OpenScan, node: NodeEntry) -> p.ScanBegin:
-        return p.ScanBegin(
-            scan.number,
-            scan.width,
-            scan.height,
-            scan.expected_frames,
-            node.index,
-            len(self._live),
-            self.session_id,
-            scan.key,
-        )
-
-    def _end_scan(self, reason: str) -> None:
+    def _end_scan(self, reason: EndReason) -> None:
         scan = self._scan
         assert scan is not None
         self._scan = None
-        self._ended.pop(scan.number, None)
-        self._ended[scan.number] = time.monotonic()
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
-        expected = scan.sectors_expected
-        lost = sorted(scan.lost)
+        self.path.ended.add(scan.number, time.monotonic())
+        end = scan.end(reason)
         forwarders = self.hub.alive_indices() if self.hub is not None else []
-        for index, node in sorted(self.nodes.by_index.items()):
-            end = p.ScanEnd(
-                scan.number,
-                scan.sent[index],
-                reason,
-                expected,
-                scan.received,
-                scan.malformed,
-                forwarders=forwarders,
-                lost=lost,
-            )
-            self._send_control(node, end)
-        if self.hub is not None:
-            self.hub.tell(f.End(scan.number, scan.key, reason, expected, scan.received, scan.malformed, lost))
-        self.stats.ended.append(
-            p.ScanEnd(
-                scan.number,
-                sum(scan.sent) + sum(scan.sent_elsewhere),
-                reason,
-                expected,
-                scan.received,
-                scan.malformed,
-                lost=lost,
-            )
-        )
-        log.info(
-            "scan %d ends (%s) after %.2f s: %d of %d sectors received, sent per node %s, "
-            "%d unroutable, %d malformed",
-            scan.number,
-            reason,
-            time.monotonic() - scan.started,
-            scan.received,
-            expected,
-            [a + b for a, b in zip(scan.sent, scan.sent_elsewhere)],  # by every forwarding path
-            scan.unroutable,
-            scan.malformed,
-        )
+        self.path.end(end, lambda index, _: scan.sent[index], forwarders)
+        if self.forwarding is not None:
+            self.forwarding.tell(end)
+        self.stats.ended.append(scan.record(end))
         self._publish_state()
 
-    # ------------------------------------------------------------------------------------------ sending
-    def _send(self, node: NodeEntry, parts: list) -> bool:
-        """Send [node identity, *parts] zero-copy; block while its queue is full (servicing control).
+    # ------------------------------------------------------------------------------------------ forwarders
+    def _service_hub(self) -> None:
+        assert self.forwarding is not None
+        for message in self.forwarding.receive():
+            if isinstance(message, f.Progress):
+                if self.forwarding.merge(message, self._scan):
+                    self._end_scan(EndReason.COMPLETE)
+            elif isinstance(message, f.Seen):
+                self._on_seen(message)
 
-        False when the node is gone (EHOSTUNREACH) or stalled past stall_timeout: it is then marked
-        disconnected, and its sectors count as unroutable until it talks to us again.
-        """
-        outcome = send_waiting(
-            self._router,
-            lambda: node.identity if node.connected else None,  # a node can reconnect while we wait
-            parts,
-            self.stall_timeout,
-            self._stop_requested,
-            self._wait_for_room,
-        )
-        if outcome is Sent.UNREACHABLE:
-            self._lose(node, "disconnected")
-        elif outcome is Sent.STALLED:
-            self._lose(node, f"stalled: its queue stayed full for {self.stall_timeout:g} s")
-        return outcome is Sent.SENT
+    def _on_seen(self, seen: f.Seen) -> None:
+        """A forwarder holds the first sector of a scan it has no word on: begin it, or say why not."""
+        assert self.forwarding is not None
+        header = self.forwarding.seen_header(seen)
+        if header is None:
+            return
+        scan = self._scan
+        if scan is not None and header.scan_number == scan.number:
+            self.forwarding.tell(scan.plan(self.session_id, self.path.routes))  # it began meanwhile
+            return
+        verdict = self._admit(header, None)
+        if verdict is Verdict.REFUSED or verdict is Verdict.LATE:
+            self.forwarding.tell(f.Drop(scan_number=header.scan_number, why=verdict))
+
+    # ------------------------------------------------------------------------------------------ nodes
+    def _send_failed(self, index: int, outcome: Sent) -> None:
+        self.control.send_failed(index, outcome)
 
     def _wait_for_room(self) -> None:
-        if self._control_poller.poll(_BLOCKED_POLL_MS):
-            self._service_control()
+        if self.sockets.control_poller.poll(_BLOCKED_POLL_MS):
+            self.control.service()
         if time.monotonic() >= self._next_state:
             self._publish_state()
 
-    def _send_control(self, node: NodeEntry, message: object) -> None:
-        if node.connected:
-            self._send(node, p.encode(message))
+    def _joined(self, node: NodeEntry) -> None:
+        if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
+            self.path.begin(self._scan.plan(self.session_id, self.path.routes), only=node.index)
 
-    def _lose(self, node: NodeEntry, why: str) -> None:
-        if node.connected:
-            rest = len(self._live) - 1
-            log.warning(
-                "node %s (index %d) %s; its frames in flight are lost, %s",
-                node.name,
-                node.index,
-                why,
-                f"later frames go to the {rest} other node(s)" if rest else "no node is left",
-            )
-            if self._scan is not None:
-                self._scan.lost.add(node.name)
-        self.nodes.lose(node)
-        self._routes_changed()
-        self._publish_state()
-
-    def _routes_changed(self) -> None:
-        """Route over the connected nodes from now on, here and in every forwarding process."""
-        routes = self.nodes.routes()
-        self._live = [i for i, _ in routes]
-        if self.hub is not None:
-            self.hub.tell(f.Routes([list(r) for r in routes]))
+    def _lost(self, name: str) -> None:
+        if self._scan is not None:
+            self._scan.lost.add(name)  # the writer must not wait for it
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:
@@ -434,20 +375,13 @@ class Aggregator(NodeControl, ForwardingControl, ScanAdmission):
         """End an open scan (reason "shutdown"), say bye to every node, publish the final state."""
         self._stopping = True
         if self._scan is not None:
-            self._end_scan("shutdown")
+            self._end_scan(EndReason.SHUTDOWN)
         for node in self.nodes.by_index.values():
             if node.connected:
-                self._reply(node.identity, p.Bye("shutdown"))
+                self.control.reply(node.identity, p.Bye(reason="shutdown"))
         if self._monitor is not None:
             self._publish_state()
-        log.info(
-            "aggregator stopped: %d received, %d forwarded, %d malformed, %d unroutable, %d late",
-            self.stats.received,
-            self.stats.forwarded,
-            self.stats.malformed,
-            self.stats.unroutable,
-            self.stats.late,
-        )
+        self.stats.log_stopped()
 
 
 def run_aggregator(

@@ -1,17 +1,22 @@
 """The aggregator's conversation with its nodes (the control messages of streaming.protocol.control): hello and
-welcome (roles from the node registry), ready, writer address, done, heartbeats. A part of Aggregator,
-kept apart so each file reads in one sitting; it uses the aggregator's registry, sockets and routes."""
+welcome (roles from the node registry), ready, writer address, done, heartbeats; and losing a node (gone,
+stalled or silent), which changes the routes here and in every forwarding process."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import suppress
 
 import zmq
 
-from streaming.aggregator.registry import NodeEntry
+from streaming.aggregator.data_path import DataPath
+from streaming.aggregator.forwarding import ForwardingControl
+from streaming.aggregator.registry import NodeEntry, NodeRegistry
 from streaming.protocol import control as p
+from streaming.protocol import paths as f
+from streaming.transport.router_io import Sent
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +24,35 @@ _CONTROL_BATCH = 64
 
 
 class NodeControl:
-    """Aggregator methods for the node control messages (mixed into Aggregator)."""
+    """Answers the nodes' control messages on the aggregator's ROUTER.
 
-    def _service_control(self) -> None:
+    nodes: the registry it keeps; path: the aggregator's data path (its routes, and sends that wait for
+    room); forwarding: the forwarding processes (None: none); joined(node): a node was welcomed (the
+    aggregator tells it about an open scan); lost(name): a node was lost (the open scan notes it);
+    publish(): the monitor's state changed.
+    """
+
+    def __init__(
+        self,
+        nodes: NodeRegistry,
+        path: DataPath,
+        forwarding: ForwardingControl | None,
+        *,
+        session_id: int,
+        node_timeout: float,
+        joined: Callable[[NodeEntry], None],
+        lost: Callable[[str], None],
+        publish: Callable[[], None],
+    ) -> None:
+        self.nodes, self.path, self.router, self.forwarding = nodes, path, path.router, forwarding
+        self.session_id, self.node_timeout = session_id, node_timeout
+        self._joined, self._lost, self._publish = joined, lost, publish
+
+    def service(self) -> None:
+        """Handle the control messages waiting (a bounded batch)."""
         for _ in range(_CONTROL_BATCH):
             try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK)
+                parts = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._on_control(parts)
@@ -47,15 +75,15 @@ class NodeControl:
             log.warning("%s from an unknown node ignored (it must say hello first)", type(message).__name__)
             return
         node.last_seen = time.monotonic()
-        if node.index not in self._live:  # a node marked lost that talks again (a stall that cleared)
-            self._routes_changed()
+        if node.index not in self.path.live:  # a node marked lost that talks again (a stall that cleared)
+            self.routes_changed()
         if isinstance(message, p.Ready):
             node.ready = True
             log.debug("node %s ready", node.name)
         elif isinstance(message, p.WriterAt):
             if self.nodes.writer_at(node, message):
                 for other in self.nodes.by_index.values():  # everyone learns the (new) writer address
-                    self._welcome(other)
+                    self.welcome(other)
         elif isinstance(message, p.Done):
             log.info(
                 "node %s done with scan %d: %d sectors, %d frames (%d incomplete), %s",
@@ -73,7 +101,7 @@ class NodeControl:
         bye = self.nodes.refusal(hello)
         if bye is not None:
             log.warning("node %s (pid %d) refused: %s", hello.name, hello.pid, bye.reason)
-            self._reply(identity, bye)
+            self.reply(identity, bye)
             return
         rejoin = hello.name in self.nodes.by_name
         node = self.nodes.join(identity, hello)
@@ -86,22 +114,65 @@ class NodeControl:
             node.index,
         )
         self.nodes.designate_writer(node)
-        self._routes_changed()
-        self._welcome(node)
-        if self._scan is not None:  # a node restarted mid-scan: tell it what the data that follows is
-            self._send_control(node, self._scan_begin(self._scan, node))
-        self._publish_state()
+        self.routes_changed()
+        self.welcome(node)
+        self._joined(node)
+        self._publish()
 
-    def _welcome(self, node: NodeEntry) -> None:
+    def welcome(self, node: NodeEntry) -> None:
         """Tell a node its index, whether it hosts the writer, and the writer's address once known."""
         w = self.nodes.writer
-        hosts = self.nodes.hosts_writer(node)
-        address = w.address if w is not None else ""
-        ports = self.hub.data_ports if self.hub is not None else []
-        self._send_control(
-            node, p.Welcome(node.index, self.n_nodes, self.session_id, hosts, address, data_ports=ports)
+        welcome = p.Welcome(
+            node_index=node.index,
+            n_nodes=self.nodes.n_nodes,
+            session_id=self.session_id,
+            host_writer=self.nodes.hosts_writer(node),
+            writer=w.address if w is not None else "",
+            data_ports=self.forwarding.hub.data_ports if self.forwarding is not None else [],
         )
+        self.path.send_control(node.index, welcome)
 
-    def _reply(self, identity: bytes, message: object) -> None:
+    def reply(self, identity: bytes, message: object) -> None:
+        """A message to a connection that may not be a node (yet), never waiting."""
         with suppress(zmq.ZMQError):  # a refused or vanished peer that cannot even take a bye
-            self._router.send_multipart([identity, *p.encode(message)], zmq.NOBLOCK)
+            self.router.send_multipart([identity, *p.encode(message)], zmq.NOBLOCK)
+
+    def check_liveness(self, now: float) -> None:
+        """A node silent for node_timeout (no heartbeat) is lost: its place is free for a restarted one."""
+        for node in list(self.nodes.by_index.values()):
+            if node.connected and now - node.last_seen > self.node_timeout:
+                self.lose(node, f"silent for {self.node_timeout:g} s (no heartbeat)")
+        if self.forwarding is not None:
+            self.forwarding.hub.alive_indices()  # logs a forwarding process that died
+
+    def send_failed(self, index: int, outcome: Sent) -> None:
+        """A node gone (EHOSTUNREACH) or stalled past the stall timeout is marked disconnected; its sectors
+        count as unroutable until it talks to us again."""
+        node = self.nodes.by_index[index]
+        if outcome is Sent.UNREACHABLE:
+            self.lose(node, "disconnected")
+        elif outcome is Sent.STALLED:
+            self.lose(node, f"stalled: its queue stayed full for {self.path.stall_timeout:g} s")
+
+    def lose(self, node: NodeEntry, why: str) -> None:
+        """Take a node out of the routes (its frames in flight are lost; later ones go to the others)."""
+        if node.connected:
+            rest = len(self.path.live) - 1
+            log.warning(
+                "node %s (index %d) %s; its frames in flight are lost, %s",
+                node.name,
+                node.index,
+                why,
+                f"later frames go to the {rest} other node(s)" if rest else "no node is left",
+            )
+            self._lost(node.name)
+        self.nodes.lose(node)
+        self.routes_changed()
+        self._publish()
+
+    def routes_changed(self) -> None:
+        """Route over the connected nodes from now on, here and in every forwarding process."""
+        routes = self.nodes.routes()
+        self.path.set_routes(routes)
+        if self.forwarding is not None:
+            self.forwarding.tell(f.Routes(routes=[list(r) for r in routes]))

@@ -16,38 +16,29 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
-from collections import OrderedDict
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 import zmq
 
-from streaming.aggregator.stats import ENDED_MEMORY
+from streaming.aggregator.data_path import DataPath, PathConfig, PathSockets, weak
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
-from streaming.protocol.sector import WireError, decode_message
+from streaming.protocol.reasons import Verdict
+from streaming.protocol.sector import SectorHeader, WireError, decode_message
 from streaming.settings import StreamingSettings
-from streaming.transport.router_io import Sent, drain, send_waiting
-from streaming.transport.security import CurveServerConfig, apply_server
+from streaming.transport.addresses import offset_address
+from streaming.transport.router_io import Sent, drain
+from streaming.transport.security import CurveServerConfig
+
+__all__ = ["Forwarder", "offset_address", "run_forwarder"]  # offset_address: its old home, still imported
 
 log = logging.getLogger(__name__)
 
 _REPORT_EVERY = 0.005  # seconds between progress reports while data flows
 _DRAIN_BATCH = 256
-LINGER_MS = 1000
-
-
-def offset_address(address: str, delta: int) -> str:
-    """tcp://host:port -> tcp://host:port+delta (port 0 stays 0: any free port); other transports: a
-    suffix, so ipc paths stay distinct."""
-    m = re.fullmatch(r"(tcp://.+):(\d+)", address)
-    if m is None:
-        return address if delta == 0 else f"{address}-{delta}"
-    port = int(m.group(2))
-    return address if port == 0 else f"{m.group(1)}:{port + delta}"
 
 
 @dataclass
@@ -69,9 +60,16 @@ class _Counts:
             self.received or self.sent or self.malformed or self.unroutable or self.late or self.refused
         )
 
+    def dropped(self, why: str) -> None:
+        """A sector of a scan the aggregator called late or refused."""
+        if why == Verdict.LATE:
+            self.late += 1
+        else:
+            self.refused += 1
+
 
 @dataclass
-class _Scan:
+class _PathScan:
     """The scan this forwarder streams: its plan, and what it sent each node."""
 
     plan: f.Begin
@@ -87,46 +85,36 @@ class Forwarder:
     ) -> None:
         self.settings, self.index = settings, index
         self.ctx = zmq.Context()
-        self._auth = None
-        delta = index * settings.aggregator_port_stride
-        self.receivers = []
-        for address in settings.receivers:
-            sock = self._socket(zmq.PULL)
-            sock.rcvhwm = settings.aggregator_receiver_hwm
-            sock.bind(offset_address(address, delta))
-            self.receivers.append(sock)
-        self.router = self._socket(zmq.ROUTER)
-        self.router.router_mandatory = 1
-        self.router.router_handover = 1
-        self.router.sndhwm = settings.aggregator_node_hwm
-        if curve is not None:
-            self._auth = apply_server(self.router, curve, self.ctx)
-        self.router.bind(offset_address(settings.nodes_bind, delta))
-        self.hub = self._socket(zmq.DEALER)
+        config = PathConfig.of(settings)
+        self.sockets = PathSockets(config, index, self.ctx, curve)
+        self.receivers, self.router = self.sockets.receivers, self.sockets.router
+        self.hub = self.sockets.socket(zmq.DEALER)
         self.hub.connect(hub)
+        self.path = DataPath(
+            self.sockets,
+            index,
+            config,
+            identity=self._identity,  # strong: asked on every send (the loop closes the sockets itself)
+            stop=weak(self._stopping),
+            wait=weak(self._wait_for_room),
+            failed=weak(self._send_failed),
+        )
         self.attached: dict[str, bytes] = {}  # node name -> identity on this forwarder's node socket
-        self.routes: list[tuple[int, str]] = []
-        self._live: list[int] = []
-        self._names: dict[int, str] = {}
-        self.scan: _Scan | None = None
+        self.scan: _PathScan | None = None
         self._held: tuple[int, list] | None = None  # (scan number, parts) waiting for begin or drop
         self._dropping: dict[int, tuple[str, float]] = {}  # scan number -> (why, last sector)
-        self._ended: OrderedDict[int, float] = OrderedDict()
         self._counts = _Counts()
         self._last_report = 0.0
         self._stop = False
         self._parent = os.getppid()  # an aggregator that died leaves no forwarder behind
-        self._send_up()
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.linger = LINGER_MS
-        return sock
-
-    def _send_up(self) -> None:
-        endpoints = [s.getsockopt(zmq.LAST_ENDPOINT).decode() for s in self.receivers]
-        nodes = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._tell(f.Up(self.index, endpoints, nodes, os.getpid()))
+        self._tell(
+            f.Up(
+                index=index,
+                receivers=self.sockets.receiver_endpoints,
+                nodes=self.sockets.nodes_endpoint,
+                pid=os.getpid(),
+            )
+        )
 
     def _tell(self, message: object) -> None:
         self.hub.send_multipart(f.encode(message))
@@ -160,12 +148,11 @@ class Forwarder:
 
     def close(self) -> None:
         """Close every socket (bounded linger) and the authenticator."""
-        for sock in (*self.receivers, self.router, self.hub):
-            sock.close(linger=LINGER_MS)
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        self.sockets.close()
         self.ctx.term()
+
+    def _stopping(self) -> bool:
+        return self._stop
 
     def _maybe_report(self) -> None:
         now = time.monotonic()
@@ -184,17 +171,17 @@ class Forwarder:
         with suppress(zmq.ZMQError):
             self._tell(
                 f.Progress(
-                    self.index,
-                    key,
-                    c.received,
-                    c.module_received,
-                    c.threads,
-                    c.sent,
-                    c.per_node,
-                    c.malformed,
-                    c.unroutable,
-                    c.late,
-                    c.refused,
+                    index=self.index,
+                    key=key,
+                    received=c.received,
+                    module_received=c.module_received,
+                    threads=c.threads,
+                    sent=c.sent,
+                    per_node=c.per_node,
+                    malformed=c.malformed,
+                    unroutable=c.unroutable,
+                    late=c.late,
+                    refused=c.refused,
                 )
             )
 
@@ -216,14 +203,13 @@ class Forwarder:
         if self._drop(number):
             return
         self._held = (number, parts)
-        self._tell(f.Seen(self.index, bytes(parts[0].buffer)))
+        self._tell(f.Seen(index=self.index, header=bytes(parts[0].buffer)))
 
     def _drop(self, number: int) -> bool:
         """Count and drop a sector of a scan the aggregator called late or refused (for scan_deadline after
         its last sector: then the same number is a new scan, the detector resets its numbers)."""
         now = time.monotonic()
-        ended = self._ended.get(number)
-        if ended is not None and now - ended < self.settings.scan_deadline:
+        if self.path.ended.is_late(number, now):
             self._counts.late += 1
             return True
         entry = self._dropping.get(number)
@@ -231,13 +217,10 @@ class Forwarder:
             self._dropping.pop(number, None)
             return False
         self._dropping[number] = (entry[0], now)
-        if entry[0] == "late":
-            self._counts.late += 1
-        else:
-            self._counts.refused += 1
+        self._counts.dropped(entry[0])
         return True
 
-    def _forward(self, scan: _Scan, header, parts: list) -> None:
+    def _forward(self, scan: _PathScan, header: SectorHeader, parts: list) -> None:
         c = self._counts
         c.received += 1
         c.module_received[header.module] += 1
@@ -245,13 +228,14 @@ class Forwarder:
         if thread not in scan.threads:
             scan.threads.add(thread)
             c.threads.append([header.module, header.thread_id, header.frames_this_thread])
-        if not self._live:
+        live = self.path.live
+        if not live:
             c.unroutable += 1
             return
-        index = p.route_live(header.frame_number, self._live)
-        name = self._names[index]
-        delivered = self._send(name, [p.DATA, *parts])
-        c = self._counts  # a wait in _send may have reported (and replaced) the counts meanwhile
+        index = p.route_live(header.frame_number, live)
+        name = self.path.names[index]
+        delivered = self.path.send(index, [p.DATA, *parts])
+        c = self._counts  # a wait in the send may have reported (and replaced) the counts meanwhile
         if delivered:
             scan.sent[name] = scan.sent.get(name, 0) + 1
             c.sent[index] = c.sent.get(index, 0) + 1
@@ -259,19 +243,13 @@ class Forwarder:
         else:
             c.unroutable += 1
 
-    def _send(self, name: str, parts: list) -> bool:
-        """Send to a node, waiting while its queue is full (up to the stall timeout); False: not delivered."""
-        outcome = send_waiting(
-            self.router,
-            lambda: self.attached.get(name),
-            parts,
-            self.settings.aggregator_stall_timeout,
-            lambda: self._stop,
-            self._wait_for_room,
-        )
-        if outcome is Sent.UNREACHABLE:
-            self.attached.pop(name, None)  # gone: the aggregator reroutes when it notices
-        return outcome is Sent.SENT
+    def _identity(self, index: int) -> bytes | None:
+        name = self.path.names.get(index)
+        return None if name is None else self.attached.get(name)
+
+    def _send_failed(self, index: int, outcome: Sent) -> None:
+        if outcome is Sent.UNREACHABLE:  # gone: the aggregator reroutes when it notices
+            self.attached.pop(self.path.names.get(index, ""), None)
 
     def _wait_for_room(self) -> None:
         if self.hub.poll(1):
@@ -294,9 +272,8 @@ class Forwarder:
                 continue
             self.attached[attach.name] = identity
             with suppress(zmq.ZMQError):
-                self.router.send_multipart(
-                    [identity, *p.encode(p.Attach(attach.name, self.index))], zmq.NOBLOCK
-                )
+                answer = p.Attach(name=attach.name, path=self.index)
+                self.router.send_multipart([identity, *p.encode(answer)], zmq.NOBLOCK)
 
     def _service_hub(self) -> None:
         for _ in range(64):
@@ -320,39 +297,20 @@ class Forwarder:
             self._dropping[message.scan_number] = (message.why, time.monotonic())
             if self._held is not None and self._held[0] == message.scan_number:
                 self._held = None
-                if message.why == "late":
-                    self._counts.late += 1
-                else:
-                    self._counts.refused += 1
+                self._counts.dropped(message.why)
         elif isinstance(message, f.Routes):
-            self._set_routes(message.routes)
+            self.path.set_routes(message.routes)
         elif isinstance(message, f.Stop):
             self._stop = True
-
-    def _set_routes(self, routes: list) -> None:
-        self.routes = [(int(i), str(n)) for i, n in routes]
-        self._live = [i for i, _ in self.routes]
-        self._names = dict(self.routes)
 
     def _begin(self, plan: f.Begin) -> None:
         if self.scan is not None:
             self._report()  # counts of the previous scan go under its key
-        self._set_routes(plan.routes)
+        self.path.set_routes(plan.routes)
         self._dropping.pop(plan.scan_number, None)
-        self._ended.pop(plan.scan_number, None)
-        self.scan = scan = _Scan(plan)
-        for index, name in self.routes:
-            begin = p.ScanBegin(
-                plan.scan_number,
-                plan.scan_width,
-                plan.scan_height,
-                plan.expected_frames,
-                index,
-                plan.n_nodes,
-                plan.session_id,
-                plan.key,
-            )
-            self._send(name, p.encode(begin))
+        self.path.ended.discard(plan.scan_number)
+        self.scan = scan = _PathScan(plan)
+        self.path.begin(plan)
         held, self._held = self._held, None
         if held is not None:
             if held[0] == plan.scan_number:
@@ -367,22 +325,8 @@ class Forwarder:
             return
         self._report()
         self.scan = None
-        self._ended.pop(end.scan_number, None)
-        self._ended[end.scan_number] = time.monotonic()
-        while len(self._ended) > ENDED_MEMORY:
-            self._ended.popitem(last=False)
-        for _, name in self.routes:
-            message = p.ScanEnd(
-                end.scan_number,
-                scan.sent.get(name, 0),
-                end.reason,
-                end.expected,
-                end.received,
-                end.malformed,
-                path=self.index,
-                lost=list(end.lost),
-            )
-            self._send(name, p.encode(message))
+        self.path.ended.add(end.scan_number, time.monotonic())
+        self.path.end(end, lambda _, name: scan.sent.get(name, 0), [])
 
 
 def run_forwarder(

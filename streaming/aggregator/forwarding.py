@@ -1,71 +1,95 @@
-"""The aggregator's side of its forwarding processes (streaming.aggregator.forwarder): the scan plan they forward by,
-the first sector of a new scan they report (begun, held for the arm, or dropped as late or refused), and
-their progress reports, merged into the open scan and the counters. A part of Aggregator, kept apart so
-each file reads in one sitting."""
+"""The aggregator's side of its forwarding processes (streaming.aggregator.forwarder): what it tells them
+(plans, drops, ends, routes) and their progress reports, merged into the open scan and the counters. Which
+scan a reported first sector starts is the aggregator's decision (streaming.aggregator.admission)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+import zmq
+
+from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
-from streaming.aggregator.stats import PATH_COUNTS
+from streaming.aggregator.sockets import AggregatorSockets
+from streaming.aggregator.stats import PATH_COUNTS, AggregatorStats
 from streaming.protocol import paths as f
-from streaming.protocol.sector import WireError, decode_header
+from streaming.protocol.sector import SectorHeader, WireError, decode_header
+from streaming.settings import StreamingSettings
+from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
 
 
 class ForwardingControl:
-    """Aggregator methods for the forwarding processes (mixed into Aggregator)."""
+    """Talks to the forwarding processes through the hub; adds their progress to ``stats``."""
 
-    def _plan(self, scan: OpenScan) -> f.Begin:
-        """The scan's plan for the forwarding processes."""
-        return f.Begin(
-            scan.number,
-            scan.key,
-            scan.width,
-            scan.height,
-            scan.expected_frames,
-            len(self._live),
-            self.session_id,
-            [list(r) for r in self.nodes.routes()],
-        )
+    def __init__(self, hub: ForwarderHub, stats: AggregatorStats) -> None:
+        self.hub, self.stats = hub, stats
 
-    def _service_hub(self) -> None:
-        for message in self.hub.receive():
-            if isinstance(message, f.Progress):
-                self._on_progress(message)
-            elif isinstance(message, f.Seen):
-                self._on_seen(message)
-
-    def _on_seen(self, seen: f.Seen) -> None:
-        """A forwarder holds the first sector of a scan it has no word on: begin it, or say why not."""
+    @classmethod
+    def start(
+        cls,
+        st: StreamingSettings,
+        curve: CurveServerConfig | None,
+        sockets: AggregatorSockets,
+        stats: AggregatorStats,
+    ) -> ForwardingControl | None:
+        """Start the forwarding processes 1..K-1 (none when K = aggregator_processes is 1) and poll their
+        hub with the aggregator's sockets; on failure the aggregator's sockets are closed too."""
+        if st.aggregator_processes <= 1:
+            return None
         try:
-            header = decode_header(seen.header)
-        except WireError as exc:  # it decoded the header itself: never expected
-            log.error("forwarder %d reported an undecodable header: %s", seen.index, exc)
-            return
-        scan = self._scan
-        if scan is not None and header.scan_number == scan.number:
-            self.hub.tell(self._plan(scan))  # it began meanwhile
-            return
-        verdict = self._admit(header, None)
-        if verdict in ("refused", "late"):
-            self.hub.tell(f.Drop(header.scan_number, verdict))
+            hub = ForwarderHub(st, curve, sockets.context)
+        except BaseException:
+            sockets.close()
+            raise
+        for poller in (sockets.control_poller, sockets.data_poller):
+            poller.register(hub.socket, zmq.POLLIN)
+        return cls(hub, stats)
 
-    def _on_progress(self, pr: f.Progress) -> None:
+    def receiver_endpoints(self, own: list[str]) -> list[str]:
+        """Each receiver's addresses on every path, comma-separated (a receiver connects to all)."""
+        others = [x.receivers for x in self.hub.forwarders.values()]
+        return [",".join([a, *(r[j] for r in others)]) for j, a in enumerate(own)]
+
+    @property
+    def socket(self) -> object:
+        """The hub's socket (polled with the aggregator's own)."""
+        return self.hub.socket
+
+    def tell(self, message: object) -> None:
+        """A message to every live forwarder."""
+        self.hub.tell(message)
+
+    def receive(self) -> list[object]:
+        """The forwarders' messages waiting, decoded."""
+        return self.hub.receive()
+
+    def seen_header(self, seen: f.Seen) -> SectorHeader | None:
+        """The header a forwarder reports holding (None, logged, if it does not decode: never expected,
+        the forwarder decoded it itself)."""
+        try:
+            return decode_header(seen.header)
+        except WireError as exc:
+            log.error("forwarder %d reported an undecodable header: %s", seen.index, exc)
+            return None
+
+    def merge(self, pr: f.Progress, scan: OpenScan | None) -> bool:
+        """Add a progress report to the counters and (when it is the open scan's) to ``scan``; True when
+        that completes the scan."""
         st = self.stats
+        forwarded = sum(pr.sent.values())
         st.received += pr.received
         st.malformed += pr.malformed
         st.unroutable += pr.unroutable
         st.late += pr.late
         st.refused += pr.refused
-        st.forwarded += sum(pr.sent.values())
+        st.forwarded += forwarded
         path = st.per_path.setdefault(pr.index, dict.fromkeys(PATH_COUNTS, 0))
         for name, k in (
             ("received", pr.received),
-            ("forwarded", sum(pr.sent.values())),
+            ("forwarded", forwarded),
             ("malformed", pr.malformed),
             ("late", pr.late),
             ("refused", pr.refused),
@@ -74,9 +98,8 @@ class ForwardingControl:
             path[name] += k
         for name, k in pr.per_node.items():
             st.per_node[name] = st.per_node.get(name, 0) + k
-        scan = self._scan
         if scan is None or pr.key != scan.key:
-            return
+            return False
         scan.merge(pr.received, pr.module_received, pr.threads)
         scan.malformed += pr.malformed
         scan.unroutable += pr.unroutable
@@ -84,5 +107,4 @@ class ForwardingControl:
             scan.sent_elsewhere[int(index)] += k
         if pr.received:
             scan.last_sector = time.monotonic()
-        if scan.complete:
-            self._end_scan("complete")
+        return scan.complete

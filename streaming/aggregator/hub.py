@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import zmq
 
 from counting.errors import PermanentError
-from streaming.aggregator.forwarder import offset_address, run_forwarder
+from streaming.aggregator.forwarder import run_forwarder
 from streaming.protocol import paths as f
 from streaming.settings import StreamingSettings
+from streaming.transport.addresses import offset_address, port_of
 from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class ForwarderInfo:
     @property
     def port(self) -> int:
         """Its node socket's port."""
-        return int(self.nodes.rsplit(":", 1)[1])
+        return port_of(self.nodes)
 
 
 def check_addresses(st: StreamingSettings) -> None:

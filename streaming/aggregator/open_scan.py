@@ -3,8 +3,16 @@ what went to which node. Pure: no sockets."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 from counting.geometry import N_SECTORS
+from streaming.protocol import control as p
+from streaming.protocol import paths as f
+from streaming.protocol.reasons import EndReason
 from streaming.protocol.sector import SectorHeader
+
+log = logging.getLogger("streaming.aggregator.aggregator")  # the scan lines are logged as the aggregator's
 
 
 class OpenScan:
@@ -29,6 +37,67 @@ class OpenScan:
         self.lost: set[str] = set()  # nodes lost while it streamed (the writer must not wait for them)
         # Frames in the whole scan as far as the first header tells: exact with one thread per receiver.
         self.expected_frames = max(header.frames_this_thread, self.width * self.height)
+
+    def plan(self, session_id: int, routes: list[tuple[int, str]]) -> f.Begin:
+        """The scan's plan (what every path tells its nodes, and forwards by), over these routes."""
+        return f.Begin(
+            scan_number=self.number,
+            key=self.key,
+            scan_width=self.width,
+            scan_height=self.height,
+            expected_frames=self.expected_frames,
+            n_nodes=len(routes),
+            session_id=session_id,
+            routes=[list(r) for r in routes],
+        )
+
+    def log_begin(self, n_nodes: int) -> None:
+        """The scan's begin line."""
+        log.info(
+            "scan %d begins: %dx%d, ~%d frames, %d nodes",
+            self.number,
+            self.width,
+            self.height,
+            self.expected_frames,
+            n_nodes,
+        )
+
+    def end(self, reason: EndReason) -> f.End:
+        """The scan's end (what every path tells its nodes, with what it sent each)."""
+        return f.End(
+            scan_number=self.number,
+            key=self.key,
+            reason=reason,
+            expected=self.sectors_expected,
+            received=self.received,
+            malformed=self.malformed,
+            lost=sorted(self.lost),
+        )
+
+    def record(self, end: f.End) -> p.ScanEnd:
+        """The ended scan as the aggregator's counters keep it (sectors_sent: all nodes, every path), and
+        its log line."""
+        log.info(
+            "scan %d ends (%s) after %.2f s: %d of %d sectors received, sent per node %s, "
+            "%d unroutable, %d malformed",
+            self.number,
+            end.reason,
+            time.monotonic() - self.started,
+            self.received,
+            end.expected,
+            [a + b for a, b in zip(self.sent, self.sent_elsewhere)],  # by every forwarding path
+            self.unroutable,
+            self.malformed,
+        )
+        return p.ScanEnd(
+            scan_number=self.number,
+            sectors_sent=sum(self.sent) + sum(self.sent_elsewhere),
+            reason=end.reason,
+            sectors_expected=end.expected,
+            sectors_received=self.received,
+            malformed=self.malformed,
+            lost=end.lost,
+        )
 
     def add(self, header: SectorHeader) -> None:
         """Count a sector of this scan."""

@@ -148,6 +148,16 @@ class NodeRegistry:
         live = [n for n in nodes if n.connected]
         return bool(live) and all(n.ready for n in live)
 
+    def identity(self, index: int) -> bytes | None:
+        """Node index's connection now (a node can reconnect while a send to it waits); None: gone."""
+        node = self.by_index.get(index)
+        return node.identity if node is not None and node.connected else None
+
+    def disarm(self) -> None:
+        """A scan began: the arm is used up, each node re-arms after its done."""
+        for node in self.by_index.values():
+            node.ready = False
+
     def routes(self) -> list[tuple[int, str]]:
         """The connected nodes, (index, name), in index order: what frames are routed over."""
         return [(i, n.name) for i, n in sorted(self.by_index.items()) if n.connected]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from streaming.aggregator.data_path import ENDED_MEMORY
 from streaming.aggregator.open_scan import OpenScan
 from streaming.aggregator.registry import NodeRegistry
 from streaming.protocol import control as p
 
-ENDED_MEMORY = 1024  # ended scans remembered (late sectors are recognised by their scan number)
+log = logging.getLogger("streaming.aggregator.aggregator")  # the stop line is logged as the aggregator's
 
 
 @dataclass
@@ -31,6 +33,17 @@ class AggregatorStats:
     per_path: dict[int, dict[str, int]] = field(default_factory=dict)
     # One ScanEnd per ended scan (sectors_sent: all nodes together), the latest ENDED_MEMORY of them.
     ended: deque[p.ScanEnd] = field(default_factory=lambda: deque(maxlen=ENDED_MEMORY), repr=False)
+
+    def log_stopped(self) -> None:
+        """The aggregator's last line."""
+        log.info(
+            "aggregator stopped: %d received, %d forwarded, %d malformed, %d unroutable, %d late",
+            self.received,
+            self.forwarded,
+            self.malformed,
+            self.unroutable,
+            self.late,
+        )
 
 
 def monitor_state(

@@ -4,22 +4,34 @@ when ``live.tap`` is on."""
 
 from __future__ import annotations
 
+import numpy as np
 import zmq
 
 from streaming.live.publisher import LivePublisher
 from streaming.live.tap import LiveTap
-from streaming.node.assembly import Slot
-from streaming.node.config import NodeConfig
+from streaming.live_settings import LiveSettings
 from streaming.protocol import control as p
+from streaming.transport.security import CurveClientConfig
 
 
 class LiveNode:
-    """The node's live snapshots and tap, either of which may be off."""
+    """The node's live snapshots and tap, either of which may be off.
 
-    def __init__(self, context: zmq.Context, config: NodeConfig) -> None:
-        live = config.streaming.live
-        self.publisher = LivePublisher(context, config) if live.enabled else None
-        self.tap = LiveTap(context, config.name, live) if live.tap else None
+    name: the node's name; live: the live settings; aggregator: the aggregator's address as the node
+    reaches it (the view is found beside it unless live.connect says otherwise); curve: the node's CURVE
+    client keys (None: plain).
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        name: str,
+        live: LiveSettings,
+        aggregator: str,
+        curve: CurveClientConfig | None,
+    ) -> None:
+        self.publisher = LivePublisher(context, name, live, aggregator, curve) if live.enabled else None
+        self.tap = LiveTap(context, name, live) if live.tap else None
 
     def welcome(self, node_index: int) -> None:
         """The aggregator told the node its index (the tap's port)."""
@@ -33,14 +45,20 @@ class LiveNode:
         if self.tap is not None:
             self.tap.begin(begin)
 
-    def batch(self, begin: p.ScanBegin, slot: Slot, n: int, events: object) -> None:
-        """A counted batch: the first n frames of the slot, their events (an EventList)."""
+    def batch(
+        self,
+        begin: p.ScanBegin,
+        positions: np.ndarray,
+        numbers: np.ndarray,
+        masks: np.ndarray,
+        events: object,
+    ) -> None:
+        """A counted batch: its frames' positions, frame numbers and sector masks (views of a slot that
+        is reused at once), and their events (an EventList)."""
         if self.publisher is not None:
-            self.publisher.batch(
-                begin.scan_key, slot.positions[:n], slot.masks[:n], events.offsets, events.indices
-            )
+            self.publisher.batch(begin.scan_key, positions, masks, events.offsets, events.indices)
         if self.tap is not None:
-            self.tap.batch(slot.positions[:n], slot.frame_numbers[:n], slot.masks[:n], events)
+            self.tap.batch(positions, numbers, masks, events)
 
     def end(self, begin: p.ScanBegin) -> None:
         """The node counted everything of the scan."""

@@ -22,9 +22,9 @@ import zmq
 from counting import live_images
 from counting.live_images import LiveGeometry, LiveImages
 from streaming.live_settings import LiveSettings, live_address
-from streaming.node.config import NodeConfig
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
+from streaming.transport.security import CurveClientConfig
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -60,13 +60,22 @@ class _Scan:
 class LivePublisher:
     """Live images of this node's scans, sent to the view; ``begin``/``batch``/``end`` never block."""
 
-    def __init__(self, context: zmq.Context, config: NodeConfig) -> None:
-        self.name, self.settings = config.name, config.streaming.live
-        self.address = live_address(self.settings, config.aggregator)
+    def __init__(
+        self,
+        context: zmq.Context,
+        name: str,
+        live: LiveSettings,
+        aggregator: str,
+        curve: CurveClientConfig | None,
+    ) -> None:
+        """name: the node's; aggregator: its address as the node reaches it (the view is beside it unless
+        live.connect says otherwise); curve: the node's CURVE client keys (None: plain)."""
+        self.name, self.settings = name, live
+        self.address = live_address(live, aggregator)
         self.dropped_batches = 0  # batches the thread could not take in time (the queue was full)
         self.dropped_snapshots = 0  # snapshots the view could not take in time
         self.sent = 0
-        self._ctx, self._curve = context, config.curve
+        self._ctx, self._curve = context, curve
         self._queue: queue.Queue = queue.Queue(self.settings.queue_batches)
         live_images.warm_up()  # compiled before the node is ready, not during its first scan
         self._thread = threading.Thread(target=self._run, name="stemstream-live", daemon=True)

@@ -65,6 +65,15 @@ class Sealed:
     incomplete: int
 
 
+@dataclass(frozen=True)
+class AssemblyCounts:
+    """What the assembler dropped or sealed early since it was last asked (one scan's worth)."""
+
+    duplicates: int  # repeated sectors, dropped
+    late: int  # sectors of frames already sealed (after an eviction), dropped
+    evicted: int  # slots sealed early because frames waited too long for their sectors
+
+
 class FrameAssembler:
     """Places sectors of one scan at a time into slots; yields sealed slots for counting."""
 
@@ -80,6 +89,12 @@ class FrameAssembler:
         self.late = 0  # sectors of frames already sealed (after an eviction): dropped and counted
         self.evicted = 0  # slots sealed early because frames waited too long for their sectors
         self._sealed_frames: set[int] = set()  # frame numbers of this scan already handed to counting
+
+    def take_counters(self) -> AssemblyCounts:
+        """The counts since the last call, which starts them again from zero (called as a scan closes)."""
+        counts = AssemblyCounts(self.duplicates, self.late, self.evicted)
+        self.duplicates = self.late = self.evicted = 0
+        return counts
 
     def slot(self, index: int) -> Slot:
         """A slot by index (for the counting side)."""

@@ -34,6 +34,14 @@ class NodeConfig:
         if st.node_batch < 1 or st.node_slots < 2 or st.node_workers < 0:
             raise ValueError("need node_batch >= 1, node_slots >= 2, node_workers >= 0")
 
+    def describe(self) -> str:
+        """The node's start-up line."""
+        st = self.streaming
+        return (
+            f"{self.name}: {st.node_slots} slots of {st.node_batch} frames, {st.node_workers} counting "
+            f"worker(s), hold limit {st.node_hold_limit} sectors; scans named {self.writer.name_template}"
+        )
+
 
 @dataclass
 class NodeCounters:

@@ -3,16 +3,17 @@ settings say (``streaming.writer_bind``), announced under an address the other n
 
 from __future__ import annotations
 
+import logging
 import socket
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
 
 from streaming.settings import StreamingSettings
+from streaming.transport.addresses import announced
 from streaming.writer.writer import ScanWriter, WriterConfig
 
-_WILDCARDS = {"*", "0.0.0.0", "::", "[::]"}
+log = logging.getLogger("streaming.node.streamer")  # its line is logged as the node streamer's
 
 
 class HostedWriter:
@@ -29,12 +30,15 @@ class HostedWriter:
         """Why the writer failed (then this node must stop), or None."""
         return self._writer.error if self._writer is not None else None
 
-    def start(self, dark: np.ndarray | None, gain: np.ndarray | None) -> str:
-        """Bind and start the writer; returns its announced address."""
+    def start(self, dark: np.ndarray | None, gain: np.ndarray | None, node: str) -> str:
+        """Bind and start the writer (for the node of that name); returns its announced address."""
         self._writer = ScanWriter(self._streaming.writer_bind, self.config, dark, gain, self._ctx).start()
         endpoint = self._writer.endpoint  # the real port when bound to port 0
         self.local_address = announced(endpoint, "127.0.0.1")
         self.address = announced(endpoint, self._streaming.writer_host or socket.gethostname())
+        log.info(
+            "%s: hosting the scan writer at %s, writing to %s", node, self.address, self.config.output_dir
+        )
         return self.address
 
     def stop(self) -> str | None:
@@ -47,12 +51,3 @@ class HostedWriter:
         finally:
             error = writer.error
         return error
-
-
-def announced(endpoint: str, host: str) -> str:
-    """A bound endpoint as others connect to it: a wildcard host (tcp://0.0.0.0:PORT) becomes ``host``."""
-    parts = urlsplit(endpoint)
-    if parts.scheme != "tcp" or parts.hostname is None:
-        return endpoint
-    bound = parts.netloc.rsplit(":", 1)[0]
-    return f"tcp://{host}:{parts.port}" if bound in _WILDCARDS else endpoint

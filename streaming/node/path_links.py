@@ -6,22 +6,19 @@ so no forwarder ever routes a sector to a node it cannot reach yet."""
 from __future__ import annotations
 
 import logging
-import re
 
 import zmq
 
 from streaming.node.config import NodeConfig
 from streaming.protocol import control as p
+from streaming.transport.addresses import with_port
+
+__all__ = ["ForwarderLinks", "forwarder_address"]
 
 log = logging.getLogger(__name__)
 
 
-def forwarder_address(aggregator: str, port: int) -> str:
-    """The aggregator's address as this node reaches it, with another port."""
-    m = re.fullmatch(r"(tcp://.+):(\d+)", aggregator)
-    if m is None:
-        raise ValueError(f"forwarding processes need a tcp:// aggregator address, got {aggregator!r}")
-    return f"{m.group(1)}:{port}"
+forwarder_address = with_port  # the aggregator's address as this node reaches it, with another port
 
 
 class ForwarderLinks:
@@ -48,7 +45,7 @@ class ForwarderLinks:
 
                 apply_client(sock, self.config.curve)
             sock.connect(forwarder_address(self.config.aggregator, port))
-            sock.send_multipart(p.encode(p.Attach(self.config.name)))
+            sock.send_multipart(p.encode(p.Attach(name=self.config.name)))
             self.sockets.append(sock)
         if self.ports:
             log.info(

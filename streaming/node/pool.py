@@ -26,6 +26,9 @@ import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
 from counting.kernel import Counter, EventList, Thresholds
+from streaming.node.slots import SlotMemory
+
+__all__ = ["CountResult", "CountingPool", "SlotMemory"]  # SlotMemory: its old home, still imported
 
 WARM_UP_TIMEOUT = 120.0  # seconds for the workers to start and load the kernel (a cold numba cache compiles)
 _WARM_UP_THRESHOLDS = Thresholds(20.5, 600.0)
@@ -33,39 +36,6 @@ PAGE_VALUES = 2048  # uint16 values per 4 KiB page
 _KEEP_CALIBRATIONS = 4  # recent calibrations a worker keeps, and shared blocks the pool keeps
 
 log = logging.getLogger(__name__)
-
-
-class SlotMemory:
-    """n_slots batches of batch_size frames, in shared memory (or private memory when shared=False)."""
-
-    def __init__(self, n_slots: int, batch_size: int, shared: bool = True):
-        if n_slots < 1 or batch_size < 1:
-            raise ValueError("need at least one slot of at least one frame")
-        self.n_slots, self.batch_size = n_slots, batch_size
-        size = n_slots * batch_size * FRAME_BYTES
-        self._shm = SharedMemory(create=True, size=size) if shared else None
-        buf = self._shm.buf if self._shm is not None else bytearray(size)
-        self.array = np.ndarray((n_slots, batch_size, *FRAME_SHAPE), np.uint16, buffer=buf)
-        # Touch every page now: otherwise the first scan pays the page faults of hundreds of MB (first use
-        # of each slot), and the first scan must be as fast as the later ones.
-        self.array[...] = 0
-
-    @property
-    def name(self) -> str | None:
-        """Shared-memory name for workers to attach to."""
-        return self._shm.name if self._shm is not None else None
-
-    def slots(self) -> list[np.ndarray]:
-        """One (batch, 576, 576) view per slot."""
-        return [self.array[i] for i in range(self.n_slots)]
-
-    def close(self) -> None:
-        """Release the memory (the owner unlinks it)."""
-        self.array = None  # drop the view before closing the buffer
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +365,11 @@ class CountingPool:
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes (for monitoring and fault-injection tests)."""
         return [p.pid for p in self._procs if p is not None and p.pid is not None]
+
+    def stop(self) -> None:
+        """Shutting down: a worker that ends from now on (by the same signal) is not restarted. Only sets
+        a flag, so it is safe from a signal handler or another thread; close() does the rest."""
+        self.closing = True
 
     def close(self) -> None:
         """Stop the workers (politely, then by force) and drop their pipes."""

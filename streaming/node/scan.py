@@ -4,6 +4,7 @@ offer, or fixed)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -14,6 +15,9 @@ from counting.kernel import Thresholds
 from streaming.node.assembly import Sealed, Slot
 from streaming.node.writer_client import WriterClient
 from streaming.protocol import control as p
+from streaming.protocol.reasons import EndReason
+
+log = logging.getLogger("streaming.node.streamer")  # its lines are logged as the node streamer's
 
 
 @dataclass
@@ -64,6 +68,47 @@ class NodeScan:
         """The aggregator's end came more than ``deadline`` ago and a forwarder's is still missing."""
         return 0 in self.ends and now - self.first_end_at > deadline and bool(self.missing_paths())
 
+    def overdue(self, now: float, last_heard: float, deadline: float, name: str) -> EndReason | None:
+        """Why this scan must end now though not every end is in (None while it need not): a forwarder's
+        end missing ``deadline`` after the aggregator's (the end is then combined from those that came),
+        or the aggregator silent for ``deadline``."""
+        if self.end is not None:
+            return None
+        if self.waiting_for_paths(now, deadline):
+            log.warning(
+                "%s: scan %d: forwarding process(es) %s sent no end within %.1f s of the aggregator's; "
+                "ending the scan",
+                name,
+                self.number,
+                self.missing_paths(),
+                deadline,
+            )
+            self.end = self.combined_end()
+            return EndReason.FORWARDER_LOST
+        if now - last_heard > deadline:
+            log.warning(
+                "%s: scan %d: aggregator silent for %.1f s, ending the scan", name, self.number, deadline
+            )
+            return EndReason.NODE_DEADLINE
+        return None
+
+    def take_thresholds(self, t: p.ScanThresholds, name: str) -> list[Sealed]:
+        """The writer's thresholds for this scan; returns the batches that waited for them, to count now, or
+        (when none could be had: ``failed``) to release uncounted."""
+        if np.isfinite(t.background) and np.isfinite(t.xray):
+            self.thresholds = Thresholds(t.background, t.xray)
+            self.samples_closed = True
+        else:
+            log.error(
+                "%s: scan %d has no thresholds (%s); its frames are not counted",
+                name,
+                t.scan_number,
+                t.metadata.get("error"),
+            )
+            self.failed = True
+        pending, self.pending = self.pending, []
+        return pending
+
     def combined_end(self) -> p.ScanEnd:
         """The aggregator's end with the sectors every path sent this node."""
         main = self.ends[0]
@@ -78,7 +123,13 @@ class NodeScan:
         numbers = [int(n) for n in slot.frame_numbers[rows]]
         self.samples_sent += len(rows)
         last = self.samples_sent >= wanted
-        header = p.SampleHeader(writer.name, self.number, numbers, last, self.begin.scan_key)
+        header = p.SampleHeader(
+            name=writer.name,
+            scan_number=self.number,
+            frame_numbers=numbers,
+            last=last,
+            scan_key=self.begin.scan_key,
+        )
         writer.send(header, *[slot.frames[r].tobytes() for r in rows])
         self.samples_closed = last
 
@@ -86,27 +137,51 @@ class NodeScan:
         """No more samples will come from this node (the scan ended before it had enough); nodes the
         aggregator lost will close nothing, so the writer estimates without them."""
         if (not self.samples_closed or lost) and self.thresholds is None:
-            writer.send(p.SampleHeader(writer.name, self.number, [], True, self.begin.scan_key, lost))
+            header = p.SampleHeader(
+                name=writer.name,
+                scan_number=self.number,
+                frame_numbers=[],
+                last=True,
+                scan_key=self.begin.scan_key,
+                lost=lost,
+            )
+            writer.send(header)
             self.samples_closed = True
 
     def done_messages(self, name: str, duplicates: int) -> tuple[p.NodeScanDone, p.Done]:
-        """What the writer and the aggregator are told when this node has finished the scan."""
+        """What the writer and the aggregator are told when this node has finished the scan (and its
+        log line)."""
         reason = self.end_reason or self.end.reason
-        return (
-            p.NodeScanDone(
-                name,
-                self.number,
-                self.sectors,
-                self.end.sectors_sent,
-                self.frames,
-                self.incomplete,
-                duplicates,
-                reason,
-                self.counting_seconds,
-                self.late,
-                self.evicted,
-                self.begin.scan_key,
-                list(self.end.lost),
-            ),
-            p.Done(name, self.number, self.sectors, self.frames, self.incomplete, reason),
+        log.info(
+            "%s: scan %d done: %d sectors, %d frames (%d incomplete), %s",
+            name,
+            self.number,
+            self.sectors,
+            self.frames,
+            self.incomplete,
+            reason,
         )
+        to_writer = p.NodeScanDone(
+            name=name,
+            scan_number=self.number,
+            sectors=self.sectors,
+            sectors_sent=self.end.sectors_sent,
+            frames=self.frames,
+            incomplete_frames=self.incomplete,
+            duplicates=duplicates,
+            reason=reason,
+            counting_seconds=self.counting_seconds,
+            late_sectors=self.late,
+            evicted_slots=self.evicted,
+            scan_key=self.begin.scan_key,
+            lost=list(self.end.lost),
+        )
+        to_aggregator = p.Done(
+            name=name,
+            scan_number=self.number,
+            sectors=self.sectors,
+            frames=self.frames,
+            incomplete_frames=self.incomplete,
+            reason=reason,
+        )
+        return to_writer, to_aggregator

@@ -23,7 +23,6 @@ import numpy as np
 import zmq
 
 from counting.geometry import ALL_SECTORS
-from counting.kernel import Thresholds
 from streaming.live.hooks import LiveNode
 from streaming.node.assembly import FrameAssembler, Sealed
 from streaming.node.config import NodeConfig, NodeCounters, NodeRefused
@@ -31,12 +30,15 @@ from streaming.node.dark_sums import NodeDarkSums
 from streaming.node.hold_queue import HoldQueue
 from streaming.node.hosted_writer import HostedWriter
 from streaming.node.path_links import ForwarderLinks
-from streaming.node.pool import CountingPool, CountResult, SlotMemory
+from streaming.node.polling import LoopPoller
+from streaming.node.pool import CountingPool, CountResult
 from streaming.node.scan import NodeScan
+from streaming.node.slots import SlotMemory
 from streaming.node.uplink import AggregatorLink
 from streaming.node.writer_client import WriterClient
 from streaming.protocol import control as p
 from streaming.protocol.calibration import calibration_digest, calibration_parts
+from streaming.protocol.reasons import EndReason
 from streaming.protocol.sector import WireError, decode_message
 from streaming.signals import stop_on_signals
 from streaming.writer.files import ScanWriterError, check_output_dir
@@ -63,10 +65,11 @@ class NodeStreamer:
         self.assembler = FrameAssembler(self.memory.slots())
         self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
         self.link = AggregatorLink(self._ctx, config)
-        self._agg = self.link.socket
         self.paths = ForwarderLinks(self._ctx, config)  # the aggregator's forwarding processes, if any
         self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch)
-        self.live = LiveNode(self._ctx, config)  # live snapshots and the tap: never blocking
+        # Live snapshots and the tap: never blocking.
+        self.live = LiveNode(self._ctx, config.name, st.live, config.aggregator, config.curve)
+        self._poller = LoopPoller()
         self._held = HoldQueue(st.node_hold_limit)
         self._scan: NodeScan | None = None
         # A dark session: the raw frames' per-pixel sums too (streaming.node.dark_sums).
@@ -75,7 +78,7 @@ class NodeStreamer:
     # ------------------------------------------------------------------------------------------- running
     def stop(self) -> None:
         """Ask the loop to end (safe from signal handlers and other threads)."""
-        self.pool.closing = True  # workers ended by the same signal are not restarted
+        self.pool.stop()  # workers ended by the same signal are not restarted
         self._stop.set()
 
     def run(self) -> NodeCounters:
@@ -94,49 +97,15 @@ class NodeStreamer:
         return self.counters
 
     def _serve(self) -> None:
-        st = self.config.streaming
-        log.info(
-            "%s: %d slots of %d frames, %d counting worker(s), hold limit %d sectors; scans named %s",
-            self.config.name,
-            st.node_slots,
-            st.node_batch,
-            st.node_workers,
-            st.node_hold_limit,
-            self.config.writer.name_template,
-        )
+        log.info("%s", self.config.describe())
         self.link.hello(self.hosted.address)
-        poller = zmq.Poller()
-        registered: list = []
-        generation = -1
-        reading = False
-        data_sockets: list[zmq.Socket] = []  # the aggregator's connection and the forwarders'
-        writer_socket = None
         while not self._stop.is_set() and self.link.refused is None:
-            if generation != self.pool.generation:  # a restarted worker has a new pipe
-                for conn in registered:
-                    poller.unregister(conn)
-                registered = self.pool.connections()
-                for conn in registered:
-                    poller.register(conn, zmq.POLLIN)
-                generation = self.pool.generation
-            if writer_socket is not self.writer.socket:  # connected, or reconnected to a new writer
-                if writer_socket is not None:
-                    poller.unregister(writer_socket)
-                writer_socket = self.writer.socket
-                poller.register(writer_socket, zmq.POLLIN)
-            want = self._can_read()
-            if want != reading or data_sockets != [self._agg, *self.paths.sockets]:
-                for sock in data_sockets if reading else []:
-                    poller.unregister(sock)
-                data_sockets = [self._agg, *self.paths.sockets]
-                for sock in data_sockets if want else []:
-                    poller.register(sock, zmq.POLLIN)
-                reading = want
-            events = dict(poller.poll(50))
-            for sock in data_sockets:
+            self._watch()
+            events = self._poller.poll(50)
+            for sock in self._poller.members("data"):
                 if sock in events:
                     self._drain_aggregator(sock)
-            if writer_socket is not None and writer_socket in events:
+            if self.writer.socket is not None and self.writer.socket in events:
                 self._drain_writer()
             self._take_results(self.pool.collect(0))
             self._housekeeping()
@@ -145,6 +114,16 @@ class NodeStreamer:
                 break
             if self.config.max_scans is not None and self.counters.scans >= self.config.max_scans:
                 break
+
+    def _watch(self) -> None:
+        """What the loop polls: the workers' pipes (a restarted worker has a new one), the writer (once
+        connected; a new address is a new socket), and the aggregator's and forwarders' connections while
+        this node can take sectors (the back-pressure)."""
+        self._poller.watch("workers", self.pool.generation, self.pool.connections)
+        self._poller.watch("writer", self.writer.socket, lambda: [self.writer.socket])
+        data = (self.link.socket, *self.paths.sockets)
+        want = self._can_read()
+        self._poller.watch("data", (want, data), lambda: list(data) if want else [])
 
     def close(self) -> None:
         """Stop workers and the hosted writer (after it has written what it has), close sockets."""
@@ -212,31 +191,28 @@ class NodeStreamer:
             self.counters.malformed += 1
             log.warning("%s: dropped a malformed attach answer: %s", self.config.name, exc)
             return
-        if self.paths.all_attached and self.writer.connected and self._scan is None and self.link.welcomed:
-            self.link.ready(-1)
+        if self.link.welcomed:
+            self._arm()
 
     def _on_welcome(self, w: p.Welcome) -> None:
         self.link.welcome(w)
         self.paths.update(w.data_ports)
         self.live.welcome(w.node_index)
         if w.host_writer and not self.hosted.address:
-            address = self.hosted.start(self._dark, self._gain)
-            log.info(
-                "%s: hosting the scan writer at %s, writing to %s",
-                self.config.name,
-                address,
-                self.config.output_dir,
-            )
-            self.link.writer_at(address)
+            self.link.writer_at(self.hosted.start(self._dark, self._gain, self.config.name))
             self.writer.connect(self.hosted.local_address)
         elif w.writer and not (self.hosted.address and w.writer == self.hosted.address):
             self.writer.connect(w.writer)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Ready for a scan, but only once counted frames have somewhere to go and sectors can come."""
         if self.writer.connected and self.paths.all_attached and self._scan is None:
-            self.link.ready(-1)  # armed only once counted frames have somewhere to go, and sectors can come
+            self.link.ready(-1)
 
     def _on_bye(self, bye: p.Bye) -> None:
         if self.link.bye(bye) and self._scan is not None and self._scan.end is None:
-            self._close_scan("aggregator-stopped")
+            self._close_scan(EndReason.AGGREGATOR_STOPPED)
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
         """Place a sector; returns False when it needs a slot and none is free (it is then held)."""
@@ -270,7 +246,7 @@ class NodeStreamer:
         if self._scan is not None and self._scan.begin.scan_key == begin.scan_key and begin.scan_key:
             return  # the same scan, announced on another path (a forwarding process)
         if self._scan is not None and self._scan.end is None:
-            self._close_scan("superseded")
+            self._close_scan(EndReason.SUPERSEDED)
         log.info(
             "%s: scan %d begins (%dx%d)",
             self.config.name,
@@ -292,18 +268,17 @@ class NodeStreamer:
             scan.end = scan.combined_end()
             self._close_scan(scan.end.reason)
 
-    def _close_scan(self, reason: str) -> None:
+    def _close_scan(self, reason: EndReason) -> None:
         scan = self._scan
         scan.end_reason = reason
         if scan.end is None:
-            scan.end = p.ScanEnd(scan.number, -1, reason)
+            scan.end = p.ScanEnd(scan_number=scan.number, sectors_sent=-1, reason=reason)
         for s in self.assembler.flush():
             self._sealed(s)
-        a = self.assembler
-        scan.late, scan.evicted = a.late, a.evicted
-        self.counters.duplicates += a.duplicates
-        self.counters.late_sectors += a.late
-        a.duplicates = a.late = a.evicted = 0
+        counts = self.assembler.take_counters()
+        scan.late, scan.evicted = counts.late, counts.evicted
+        self.counters.duplicates += counts.duplicates
+        self.counters.late_sectors += counts.late
         scan.close_samples(self.writer, list(scan.end.lost))
         self._maybe_done()
 
@@ -315,8 +290,8 @@ class NodeStreamer:
             return
         scan.frames += sealed.frames
         scan.incomplete += sealed.incomplete
+        slot = self.assembler.slot(sealed.slot)
         if self.dark_sums is not None:
-            slot = self.assembler.slot(sealed.slot)
             n = sealed.frames
             self.dark_sums.add(scan.number, scan.begin.scan_key, slot.frames[:n], slot.masks[:n])
         if scan.thresholds is not None:
@@ -325,7 +300,6 @@ class NodeStreamer:
             self.assembler.release(sealed.slot)
         else:
             scan.pending.append(sealed)
-            slot = self.assembler.slot(sealed.slot)
             scan.offer_samples(self.writer, slot, sealed, self.config.estimate.sample_frames)
 
     def _submit(self, scan: NodeScan, sealed: Sealed) -> None:
@@ -338,16 +312,9 @@ class NodeStreamer:
             slot = self.assembler.slot(r.slot)
             if scan is not None and slot.scan_number == scan.number:
                 n = len(r.events)
-                # send_multipart copies each part (copy=True), so slot views are safe to reuse at once.
-                self.writer.send(
-                    p.EventsHeader(self.config.name, scan.number, n, scan.begin.scan_key),
-                    slot.positions[:n],
-                    slot.frame_numbers[:n],
-                    slot.masks[:n],
-                    r.events.offsets,
-                    r.events.indices,
-                )
-                self.live.batch(scan.begin, slot, n, r.events)
+                positions, numbers, masks = slot.positions[:n], slot.frame_numbers[:n], slot.masks[:n]
+                self.writer.events(scan.begin, positions, numbers, masks, r.events)
+                self.live.batch(scan.begin, positions, numbers, masks, r.events)
                 scan.outstanding -= 1
                 scan.counting_seconds += r.seconds
                 self.counters.frames += n
@@ -376,22 +343,11 @@ class NodeStreamer:
             scan = self._scan
             if scan is None or scan.number != t.scan_number or scan.thresholds is not None:
                 continue
-            if not (np.isfinite(t.background) and np.isfinite(t.xray)):
-                log.error(
-                    "%s: scan %d has no thresholds (%s); its frames are not counted",
-                    self.config.name,
-                    t.scan_number,
-                    t.metadata.get("error"),
-                )
-                scan.failed = True
-                for s in scan.pending:
+            for s in scan.take_thresholds(t, self.config.name):
+                if scan.failed:
                     self.assembler.release(s.slot)
-            else:
-                scan.thresholds = Thresholds(t.background, t.xray)
-                scan.samples_closed = True
-                for s in scan.pending:
+                else:
                     self._submit(scan, s)
-            scan.pending.clear()
             self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -404,15 +360,6 @@ class NodeStreamer:
         self.writer.send(to_writer)
         self.live.end(scan.begin)
         self.link.send(to_aggregator)
-        log.info(
-            "%s: scan %d done: %d sectors, %d frames (%d incomplete), %s",
-            self.config.name,
-            scan.number,
-            scan.sectors,
-            scan.frames,
-            scan.incomplete,
-            to_writer.reason,
-        )
         self._scan = None
         self.counters.scans += 1
         self.link.ready(scan.number)
@@ -436,26 +383,10 @@ class NodeStreamer:
                     self._sealed(s)
                 self._replay_held()
         scan = self._scan
-        if scan is not None and scan.end is None and scan.waiting_for_paths(now, st.node_deadline):
-            log.warning(
-                "%s: scan %d: forwarding process(es) %s sent no end within %.1f s of the aggregator's; "
-                "ending the scan",
-                self.config.name,
-                scan.number,
-                scan.missing_paths(),
-                st.node_deadline,
-            )
-            scan.end = scan.combined_end()
-            self._close_scan("forwarder-lost")
-        scan = self._scan
-        if scan is not None and scan.end is None and now - self.link.last_heard > st.node_deadline:
-            log.warning(
-                "%s: scan %d: aggregator silent for %.1f s, ending the scan",
-                self.config.name,
-                scan.number,
-                st.node_deadline,
-            )
-            self._close_scan("node-deadline")
+        if scan is not None:
+            reason = scan.overdue(now, self.link.last_heard, st.node_deadline, self.config.name)
+            if reason is not None:
+                self._close_scan(reason)
         scan = self._scan
         state = "streaming" if scan is not None else "ready"
         self.link.tick(now, state, scan.number if scan else -1, self.hosted.address)

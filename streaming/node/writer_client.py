@@ -54,16 +54,30 @@ class WriterClient:
         """Tell the writer this node starts a scan."""
         self.send(
             p.NodeScanBegin(
-                self.name,
-                begin.scan_number,
-                begin.scan_width,
-                begin.scan_height,
-                begin.n_nodes,
-                begin.node_index,
-                begin.session_id,
-                begin.scan_key,
+                name=self.name,
+                scan_number=begin.scan_number,
+                scan_width=begin.scan_width,
+                scan_height=begin.scan_height,
+                n_nodes=begin.n_nodes,
+                node_index=begin.node_index,
+                session_id=begin.session_id,
+                scan_key=begin.scan_key,
             )
         )
+
+    def events(
+        self,
+        begin: p.ScanBegin,
+        positions: np.ndarray,
+        numbers: np.ndarray,
+        masks: np.ndarray,
+        events: object,
+    ) -> None:
+        """A counted batch (send_multipart copies each part, so slot views are safe to reuse at once)."""
+        header = p.EventsHeader(
+            name=self.name, scan_number=begin.scan_number, frames=len(positions), scan_key=begin.scan_key
+        )
+        self.send(header, positions, numbers, masks, events.offsets, events.indices)
 
     def receive(self) -> list[tuple[p.ScanThresholds, np.ndarray | None, np.ndarray | None]]:
         """Thresholds that arrived, each with the dark and gain it comes with (raises ProtocolError)."""

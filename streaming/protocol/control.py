@@ -109,7 +109,7 @@ class Done:
     sectors: int
     frames: int
     incomplete_frames: int
-    reason: str
+    reason: str  # an EndReason value
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,7 @@ class ScanEnd:
 
     scan_number: int
     sectors_sent: int  # sectors the aggregator sent to this node in this scan
-    # "complete": all expected sectors arrived; "deadline": the scan timed out upstream;
-    # "superseded": a newer scan started first; "shutdown": the aggregator stopped mid-scan
-    reason: str
+    reason: str  # an EndReason value (streaming.protocol.reasons): complete, deadline, superseded, shutdown
     sectors_expected: int = 0  # for the whole scan, all nodes
     sectors_received: int = 0  # by the aggregator, whole scan
     malformed: int = 0  # messages rejected during this scan
@@ -267,7 +265,7 @@ class NodeScanDone:
     frames: int
     incomplete_frames: int
     duplicates: int
-    reason: str
+    reason: str  # an EndReason value
     counting_seconds: float = 0.0
     late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
     evicted_slots: int = 0  # batches sealed early because their frames waited too long

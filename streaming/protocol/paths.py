@@ -77,7 +77,7 @@ class Drop:
     """Sectors of this scan are dropped and counted: "late" (it ended) or "refused" (before the arm)."""
 
     scan_number: int
-    why: str
+    why: str  # a Verdict value: "late" or "refused"
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class End:
 
     scan_number: int
     key: str
-    reason: str
+    reason: str  # an EndReason value
     expected: int
     received: int
     malformed: int

@@ -46,21 +46,23 @@ class Sent(enum.Enum):
 
 def send_waiting(
     router: zmq.Socket,
-    identity: Callable[[], bytes | None],
+    identity: Callable[[int], bytes | None],
+    index: int,
     parts: list,
     timeout: float,
     stop: Callable[[], bool],
     wait: Callable[[], None],
 ) -> Sent:
-    """Send [identity(), *parts], retrying while the peer's queue is full, up to timeout seconds.
+    """Send [identity(index), *parts], retrying while the peer's queue is full, up to timeout seconds.
 
-    identity is asked again on every try (a peer may reconnect under a new identity meanwhile; None: gone).
+    identity(index) is asked again on every try (a peer may reconnect under a new identity meanwhile; None:
+    gone); the peer is named by index, not by a closure, so a send allocates no function object.
     Between tries wait() runs: it must block briefly (ROUTER's POLLOUT means "some peer has room", so the
     owner waits on its own control input) and may service it.
     """
     start = None
     while True:
-        peer = identity()
+        peer = identity(index)
         if peer is None:
             return Sent.UNREACHABLE
         try:
