@@ -23,7 +23,7 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     """On failure, crash or cancellation: stop whatever the session's state file says is still running,
     through backends of the kind it records, with the settings the run was given (its parameters)."""
     params = flow_run.parameters or {}
-    settings = run_settings(params.get("settings_file"))
+    settings = run_settings(params.get("settings_file"), backend=params.get("backend"))
     recorded = SessionState.load(session_dir_of(settings, str(flow_run.id)))
     nodes, aggregator = make_backends(recorded.backend or settings.session.backend, settings)
     release_recorded(recorded, nodes, aggregator)
