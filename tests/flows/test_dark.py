@@ -6,6 +6,7 @@ with a timestamp, never overwritten, chosen newest-first by sessions, and bad in
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from counting.dark_store import list_darks, newest_dark, save_dark
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan
+from stemstream_testing.cli import Ran, as_process, in_process
 from stemstream_testing.pipeline import ProcessPipeline
 from stemstream_testing.support import CLI
 from streaming.node.dark_sums import scan_sums
@@ -29,8 +31,11 @@ pytestmark = pytest.mark.timeout(300)
 SEED = 5  # the detector of the raw scan below (`stemstream simulate --seed 5`)
 
 
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+def run(cwd: Path, *args: str, process: bool = False) -> Ran:
+    """`stemstream ARGS` in cwd with this environment's STEMSTREAM_ variables: in this process, or
+    (process=True) as a real one."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
+    return as_process(list(args), env, cwd=cwd) if process else in_process(list(args), env, cwd)
 
 
 def blanked(shape: ScanShape) -> SimulatorConfig:
@@ -133,7 +138,7 @@ def test_dark_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
         (["dark", "--scan-dir", "."], "no dark sums of any scan"),
         (["dark", "--scan", "2", "--simulated"], "--scan needs --scan-dir"),
     ]:
-        done = run(tmp_path, *args)
+        done = run(tmp_path, *args, process=args == ["dark"])  # one as a real process: the entry point
         assert done.returncode == 1, (args, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, done.stderr)
@@ -154,7 +159,6 @@ def test_simulated_dark_command(tmp_path: Path) -> None:
 def test_dark_session_takes_the_next_scan_the_receivers_deliver(tmp_path: Path) -> None:
     """`stemstream dark --session`: an instrument session for one scan, the nodes adding up its raw frames;
     the camera (here four sender threads, beam blanked) is independent of it, as on the microscope."""
-    import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
