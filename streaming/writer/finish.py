@@ -15,14 +15,12 @@ import numpy as np
 
 from counting.scan_file import ScanTally
 from streaming.protocol import control as p
+from streaming.protocol.reasons import EndReason
 from streaming.protocol.record import ScanRecord, ScanStatus
 from streaming.writer.files import ScanNaming, write_scan
 from streaming.writer.scan import OpenScan
 
 log = logging.getLogger(__name__)
-
-# The reason of a scan no node reported done: the writer's deadline ended it.
-_NO_REPORT = "deadline"
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class NodeTotals:
         """Sum the done reports of a scan's nodes."""
         reports = list(done)
         return cls(
-            reasons=sorted({d.reason for d in reports}) or [_NO_REPORT],
+            reasons=sorted({d.reason for d in reports}) or [EndReason.DEADLINE],  # none reported: timed out
             incomplete_frames=sum(d.incomplete_frames for d in reports),
             counting_seconds=sum(d.counting_seconds for d in reports),
             late_sectors=sum(d.late_sectors for d in reports),
