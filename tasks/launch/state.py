@@ -15,7 +15,7 @@ from pathlib import Path
 
 from catalogue.session_file import SESSION_FILE, session_file
 
-__all__ = ["SESSION_FILE", "SessionState"]
+__all__ = ["SESSION_FILE", "SessionState", "session_file"]
 
 
 @dataclass
