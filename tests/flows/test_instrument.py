@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelling
 
 from counting.sparse import read_counted_scan
+from stemstream_testing.cli import in_process
 from stemstream_testing.support import CLI, free_port
 from tests.flows.conftest import set_env
 from tests.tasks.helpers import wait_until
@@ -33,12 +34,16 @@ def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.Complete
 
 @pytest.fixture
 def raw_scans(tmp_path: Path) -> Path:
-    """Raw files of each scripted scan (one detector: the same dark) and their offline counts."""
+    """Raw files of each scripted scan (one detector: the same dark) and their offline counts, made by the
+    CLI in this process (the sessions and the camera under test are processes)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
     for k, (number, shape) in enumerate(SCRIPT):
         args = ["simulate", "--out", f"raw{k}", "--scan", shape, "--seed", "5", "--scan-number", str(number)]
-        done = run([*args, "--dark-frames", "20"], tmp_path)
+        done = in_process([*args, "--dark-frames", "20"], env, tmp_path)
         assert done.returncode == 0, done.stderr
-        done = run(["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], tmp_path)
+        done = in_process(
+            ["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], env, tmp_path
+        )
         assert done.returncode == 0, done.stderr
     return tmp_path
 
@@ -53,6 +58,9 @@ def session_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], str]:
         "STEMSTREAM_STREAMING__RECEIVERS": json.dumps([recv]),
         "STEMSTREAM_STREAMING__NODES_BIND": nodes,
         "STEMSTREAM_STREAMING__MONITOR_BIND": monitor,
+        # the live view's intake: a port of this test's own (the default is one port for the whole machine)
+        "STEMSTREAM_STREAMING__LIVE__BIND": f"tcp://127.0.0.1:{free_port()}",
+        "STEMSTREAM_STREAMING__LIVE__PAGE_PORT": "0",
         "STEMSTREAM_STREAMING__SCAN_DEADLINE": "3",  # the four sender processes start up to ~2 s apart
         "STEMSTREAM_COUNTING__DARK": str(tmp_path / "raw0" / "dark.npy"),
         "STEMSTREAM_SESSION__POSTPROCESS": "false",
