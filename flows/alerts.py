@@ -16,6 +16,8 @@ from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import AutomationCore
 from prefect.settings import PREFECT_API_URL
 
+from counting.errors import PermanentError
+
 BLOCK_NAME = "stemstream-alert-webhook"
 AUTOMATION_NAME = "stemstream-session-failed"
 FLOW_NAMES = ("stemstream-session", "stemstream-experiment")
@@ -32,6 +34,10 @@ BODY = (
     "Flow {{ flow.name }}, run {{ flow_run.name }} ({{ flow_run.id }}) entered {{ flow_run.state.name }}: "
     "{{ flow_run.state.message }}"
 )
+
+
+class ServerUnavailable(PermanentError, RuntimeError):
+    """No Prefect server to set alerts up on: PREFECT_API_URL unset, or nothing answers there."""
 
 
 def redact_url(url: str) -> str:
@@ -54,12 +60,12 @@ def check_webhook(url: str) -> None:
 
 
 def check_server(timeout: float = 5.0) -> str:
-    """The current PREFECT_API_URL, after checking that a server answers there; RuntimeError if not."""
+    """The current PREFECT_API_URL, after checking that a server answers there; ServerUnavailable if not."""
     import httpx
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise RuntimeError(
+        raise ServerUnavailable(
             "PREFECT_API_URL is not set: alerts need a running server "
             "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)"
         )
@@ -67,7 +73,7 @@ def check_server(timeout: float = 5.0) -> str:
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        raise RuntimeError(
+        raise ServerUnavailable(
             f"no Prefect server answers at {redact_url(url)} ({type(exc).__name__}): "
             "start one with `prefect server start` or fix PREFECT_API_URL"
         ) from None

@@ -10,19 +10,28 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from counting.errors import StemstreamError
-from flows.settings import given, load_settings, use_settings_file
+from flows import cli_catalogue, cli_dark, cli_microscope, cli_session, cli_streaming, cli_view
+from flows.cli_common import (
+    check_threshold_pair,
+    command_settings,
+    console,
+    err_console,
+    parse_scan,
+    print_error,
+    user_errors,
+)
+from flows.cli_terminal import embedded_prefect, run_settings_file
+from flows.settings import given
+from tasks.launch.errors import SessionFailed
+
+__all__ = ["app", "main", "user_errors"]
 
 app = typer.Typer(
     name="stemstream",
@@ -31,33 +40,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-# Failures a user can cause and fix: reported as one line, never as a traceback. StemstreamError is every
-# error the product raises on purpose (counting/errors.py); the builtins cover bad files and arguments.
-_USER_ERRORS: tuple[type[BaseException], ...] = (StemstreamError, ValueError, OSError, RuntimeError, KeyError)
-
-
-def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected exceptions into one `error:` line and exit status 1."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort):  # click's own exits (RuntimeError subclasses): not errors
-            raise
-        except _USER_ERRORS as exc:
-            # escaped: a message's own brackets ("[node0]", a path) are text, not rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     settings: Annotated[
         Path | None,
         typer.Option(
@@ -68,26 +55,16 @@ def _global_options(
     ] = None,
 ) -> None:
     """Stream 4D Camera data to HPC nodes, electron-count it, and write stempy-format sparse HDF5."""
-    try:
-        use_settings_file(settings)
-    except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def _parse_scan(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise typer.BadParameter(f"scan size must look like 64x64, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise typer.BadParameter("scan width and height must be positive")
-    return w, h
+    if settings is not None and not settings.is_file():
+        print_error(f"settings file {settings} does not exist")
+        raise typer.Exit(1)
+    ctx.obj = {"settings_file": settings}  # read back by cli_common.command_settings
 
 
 @app.command()
 @user_errors
 def simulate(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for raw files, dark.npy, truth.npz")],
     scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
     dose: Annotated[float | None, typer.Option(help="mean electrons per frame")] = None,
@@ -100,8 +77,8 @@ def simulate(
     """Simulate a scan: raw v5 sector files, a dark reference (dark.npy) and ground truth (truth.npz)."""
     from counting.simulate_files import write_simulated_scan
 
-    width, height = _parse_scan(scan)
-    settings = load_settings()
+    width, height = parse_scan(scan)
+    settings = command_settings(ctx)
     sim = settings.simulator.model_copy(
         update=given(
             scan_width=width,
@@ -137,6 +114,7 @@ def simulate(
 @app.command()
 @user_errors
 def count(
+    ctx: typer.Context,
     raw: Annotated[list[Path], typer.Argument(help="raw .data files of one scan, or a directory of them")],
     dark: Annotated[Path | None, typer.Option(help="dark reference .npy (576x576); default: no dark")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output sparse HDF5")] = Path("scan.h5"),
@@ -162,13 +140,14 @@ def count(
     check_threshold_pair(background_threshold, xray_threshold)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    settings = load_settings(
+    settings = command_settings(
+        ctx,
         counting=given(
             background_threshold=background_threshold,
             xray_threshold=xray_threshold,
             workers=workers,
             batch_size=batch_size,
-        )
+        ),
     )
     scan = open_raw_scan(raw_paths(raw), version=file_version)
     dark_arr = load_dark(str(dark)) if dark is not None else None
@@ -196,12 +175,6 @@ def count(
         out.unlink(missing_ok=True)  # asked for; the write itself never replaces a file
     write_counted_scan(out, counted)
     _print_summary(out, counted, elapsed)
-
-
-def check_threshold_pair(background: float | None, xray: float | None) -> None:
-    """Fixed thresholds come as a pair or not at all."""
-    if (background is None) != (xray is None):
-        raise typer.BadParameter("give both --background-threshold and --xray-threshold, or neither")
 
 
 def _progress() -> Progress:
@@ -257,35 +230,10 @@ def info(path: Annotated[Path, typer.Argument(help="a counted sparse HDF5 file")
     console.print(table)
 
 
-def _embedded_prefect(output_dir: Path) -> None:
-    """Unless a Prefect server is configured: keep the embedded one's database beside the output, quiet
-    and offline (set before Prefect loads)."""
-    import os
-
-    os.environ.setdefault("PREFECT_HOME", str((output_dir / ".prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-
-
-def print_summary(results: list) -> None:
-    """The session's summary table in the terminal (labels from flows.summary)."""
-    from flows.summary import summary_row, terminal_columns
-
-    shown = terminal_columns(results)
-    table = Table(title="session summary")
-    for key in shown:
-        table.add_column(key, justify="right")
-    for result in results:
-        row = summary_row(result)
-        table.add_row(*(str(row[k]) for k in shown))
-    console.print(table)
-
-
 @app.command()
 @user_errors
 def soak(
+    ctx: typer.Context,
     scans: Annotated[int, typer.Option(min=2, help="scans back to back in one session")] = 60,
     scan: Annotated[str, typer.Option(help="scan size WIDTHxHEIGHT")] = "64x64",
     nodes: Annotated[int, typer.Option(min=1, help="node streamers")] = 2,
@@ -296,13 +244,15 @@ def soak(
 
     from flows.soak import run_soak
 
-    width, height = _parse_scan(scan)
-    settings = load_settings()
-    _embedded_prefect(settings.output_dir)
+    width, height = parse_scan(scan)
+    settings = command_settings(ctx)
+    embedded_prefect(settings.output_dir)
     console.print(
         f"[bold]stemstream soak[/]: {scans} scans of {width}x{height} through {nodes} node streamer(s)"
     )
-    report = run_soak(scans, width, height, settings.simulator.dose, nodes)
+    report = run_soak(
+        scans, width, height, settings.simulator.dose, nodes, settings_file=str(run_settings_file(settings))
+    )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.as_dict(), indent=2))
@@ -314,12 +264,13 @@ def soak(
         f"{report.samples} samples); {report.wall_s:.0f} s"
     )
     if report.complete_scans != scans or report.frames_lost:
-        raise RuntimeError(f"the soak lost data: session {report.state}: {report.message}")
+        raise SessionFailed(f"the soak lost data: session {report.state}: {report.message}")
 
 
 @app.command()
 @user_errors
 def alerts(
+    ctx: typer.Context,
     webhook: Annotated[
         str | None,
         typer.Option(
@@ -338,7 +289,7 @@ def alerts(
         setup_alerts,
     )
 
-    webhook = webhook or load_settings().session.alert_webhook
+    webhook = webhook or command_settings(ctx).session.alert_webhook
     if not webhook:
         raise typer.BadParameter("give --webhook URL or set session.alert_webhook in the settings")
     check_webhook(webhook)
@@ -349,18 +300,8 @@ def alerts(
     console.print(f"  of flows {', '.join(FLOW_NAMES)}")
 
 
-def _register_streaming() -> None:
-    from flows import cli_catalogue, cli_dark, cli_microscope, cli_session, cli_streaming, cli_view
-
-    cli_streaming.register(app, user_errors)
-    cli_session.register(app, user_errors)
-    cli_catalogue.register(app, user_errors)
-    cli_view.register(app, user_errors)
-    cli_dark.register(app, user_errors)
-    cli_microscope.register(app, user_errors)
-
-
-_register_streaming()
+for _commands in (cli_streaming, cli_session, cli_catalogue, cli_view, cli_dark, cli_microscope):
+    _commands.register(app)
 
 
 def main() -> None:

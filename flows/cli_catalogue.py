@@ -10,39 +10,28 @@ import re
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from zoneinfo import ZoneInfo
 
 import typer
 from rich import box
 from rich.table import Table
 
-from catalogue import Catalogue, ScanQuery, ScanView, open_catalogue
-from flows.settings import Settings, load_settings
+from catalogue import open_catalogue
+from flows.cli_common import command_settings, console, err_console, user_errors
+from flows.settings import Settings
+
+if TYPE_CHECKING:  # the catalogue's types load SQLAlchemy and msgpack: only when a command runs
+    from catalogue import Catalogue, ScanQuery, ScanView
 
 scans_app = typer.Typer(
     help="The scan catalogue: list and search scans, show one, add a note, rebuild from stop records.",
     no_args_is_help=False,
     invoke_without_command=True,
 )
-_wrap: Any = None  # the CLI's error handling (flows.cli.user_errors), set by register()
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _settings(apply: Any = None) -> Settings:
-    """The settings (after ``apply``: the --set options); a bad value is one line naming the setting."""
-    from pydantic import ValidationError
-
-    try:
-        if apply is not None:
-            apply()
-        return load_settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ValueError(f"setting {where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def _open(settings: Settings, create: bool = False) -> Catalogue:
@@ -98,6 +87,7 @@ def _short_note(scan: ScanView) -> str:
 
 
 @scans_app.callback()
+@user_errors
 def scans(
     ctx: typer.Context,
     session: Annotated[
@@ -122,20 +112,14 @@ def scans(
     or note text; `scans show ID`, `scans note ID TEXT`, `scans rebuild DIR` for more."""
     if ctx.invoked_subcommand is not None:
         return
-    _wrap(_list)(session, since, until, shape, dose_min, dose_max, min_completeness, max_completeness, status,
-                 note, scan_number, limit, json_out)  # fmt: skip
+    from catalogue import ScanQuery
+    from streaming.protocol.record import ScanStatus
 
-
-def _list(
-    session, since, until, shape, dose_min, dose_max, min_completeness, max_completeness, status, note,
-    scan_number, limit, json_out,
-) -> None:  # fmt: skip
-    from flows.cli import console
-
-    settings = _settings()
+    settings = command_settings(ctx)
     tz = settings.streaming.timezone
-    if status is not None and status not in ("complete", "incomplete", "failed"):
-        raise ValueError(f"--status must be complete, incomplete or failed, not {status!r}")
+    statuses = [s.value for s in ScanStatus]
+    if status is not None and status not in statuses:
+        raise ValueError(f"--status must be {', '.join(statuses[:-1])} or {statuses[-1]}, not {status!r}")
     width, height = parse_shape(shape) if shape else (None, None)
     query = ScanQuery(
         session=session,
@@ -152,6 +136,11 @@ def _list(
         scan_number=scan_number,
         limit=limit,
     )
+    _list(settings, query, json_out)
+
+
+def _list(settings: Settings, query: ScanQuery, json_out: bool) -> None:
+    """Print the scans the query finds: a table, or one JSON object per scan."""
     with _open(settings) as cat:
         found = cat.search(query)
         where = cat.where
@@ -165,18 +154,6 @@ def _list(
     table = Table(
         title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
     )
-    columns = [
-        "id",
-        "file",
-        "session",
-        "scan",
-        "shape",
-        "status",
-        "complete %",
-        "e-/frame",
-        "verified",
-        "analyses",
-    ]
     rows = [
         [
             s.uid[:8],
@@ -192,7 +169,7 @@ def _list(
         ]
         for s in found
     ]
-    for k, name in enumerate(columns):
+    for k, name in enumerate(_COLUMNS):
         width = max([len(name), *(len(row[k]) for row in rows)])
         left = name in ("id", "file", "status", "verified")
         table.add_column(name, justify="left" if left else "right", no_wrap=True, min_width=width)
@@ -200,6 +177,20 @@ def _list(
     for row, s in zip(rows, found):
         table.add_row(*row, _short_note(s))
     console.print(table, soft_wrap=True)
+
+
+_COLUMNS = (
+    "id",
+    "file",
+    "session",
+    "scan",
+    "shape",
+    "status",
+    "complete %",
+    "e-/frame",
+    "verified",
+    "analyses",
+)
 
 
 def scan_json(scan: ScanView) -> dict:
@@ -210,22 +201,18 @@ def scan_json(scan: ScanView) -> dict:
 
 
 @scans_app.command()
+@user_errors
 def show(
+    ctx: typer.Context,
     scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
     json_out: Annotated[bool, typer.Option("--json", help="everything as JSON")] = False,
 ) -> None:
     """Everything the catalogue holds about one scan: file, session, times, counting, dark, microscope
     metadata, notes and every analysis."""
-    _wrap(_show)(scan, json_out)
-
-
-def _show(ref: str, json_out: bool) -> None:
-    from flows.cli import console
-
-    settings = _settings()
+    settings = command_settings(ctx)
     tz = settings.streaming.timezone
     with _open(settings) as cat:
-        s = cat.find_scan(ref)
+        s = cat.find_scan(scan)
     if json_out:
         typer.echo(json.dumps(scan_json(s), default=str, indent=2))
         return
@@ -255,13 +242,9 @@ def _show(ref: str, json_out: bool) -> None:
     rows += [(f"  {k}", _num(v)) for k, v in sorted(s.microscope_metadata.items())[:20]]
     rows += [("note", f"{_local(n.created_at, tz)} {n.author or ''}: {n.text}") for n in s.notes]
     for a in s.analyses:
-        rows.append(
-            (
-                f"analysis {a.id}",
-                f"{_local(a.created_at, tz, True)}, {a.kind}" + (f", FAILED: {a.error}" if a.error else ""),
-            )
-        )
-        rows += [(f"  {k}", v) for k, v in _analysis_lines(a)]
+        failed = f", FAILED: {a.error}" if a.error else ""
+        rows.append((f"analysis {a.id}", f"{_local(a.created_at, tz, True)}, {a.kind}{failed}"))
+        rows += [(f"  {k}", v) for k, v in _analysis_lines(a.params, a.results, a.images)]
     for key, value in rows:
         t.add_row(key, str(value))
     console.print(t, soft_wrap=True)
@@ -276,58 +259,56 @@ def _num(v: Any) -> str:
 _RESULT_KEYS = ("probe_radius_px", "q_pixel_mrad", "r_pixel_angstrom", "positions_filled")
 
 
-def _analysis_lines(a: Any, with_params: bool = True) -> list[tuple[str, str]]:
+def _analysis_lines(
+    params: dict, results: dict, images: dict, with_params: bool = True
+) -> list[tuple[str, str]]:
+    """An analysis's parameters, calibration, results and images as (label, text) lines."""
     lines = []
-    changed = a.params.get("changed") or {}
+    changed = params.get("changed") or {}
     if changed and with_params:
         lines.append(("parameters changed", ", ".join(f"{k}={v}" for k, v in changed.items())))
-    cal = a.results.get("calibration")
+    cal = results.get("calibration")
     if isinstance(cal, dict) and cal.get("status"):
+        semiangle = cal.get("convergence_semiangle_mrad")
         facts = [f"step {_num(cal['step_angstrom'])} Å" if cal.get("step_angstrom") else ""]
-        facts += [
-            f"{_num(cal['convergence_semiangle_mrad'])} mrad" if cal.get("convergence_semiangle_mrad") else ""
-        ]
+        facts += [f"{_num(semiangle)} mrad" if semiangle else ""]
         lines.append(("calibration", ", ".join([str(cal["status"]), *filter(None, facts)])))
     for key in _RESULT_KEYS:
-        if a.results.get(key) is not None:
-            lines.append((key, _num(a.results[key])))
-    fitted = a.results.get("fitted")
+        if results.get(key) is not None:
+            lines.append((key, _num(results[key])))
+    fitted = results.get("fitted")
     if isinstance(fitted, dict) and fitted:
         lines.append(("fitted", ", ".join(f"{k} {_num(v)}" for k, v in fitted.items() if v is not None)))
     for step in ("dpc", "parallax"):
-        info = a.results.get(step)
+        info = results.get(step)
         if isinstance(info, dict):
             shown = {k: v for k, v in info.items() if isinstance(v, int | float | str) and v is not None}
             if shown:
                 lines.append((step, ", ".join(f"{k} {_num(v)}" for k, v in list(shown.items())[:6])))
-    if a.images:
-        first = next(iter(a.images.values()))
-        lines.append(("images", f"{', '.join(a.images)} in {Path(first).parent}"))
-    if a.results.get("warnings"):
-        lines.append(("warnings", str(len(a.results["warnings"]))))
+    if images:
+        first = next(iter(images.values()))
+        lines.append(("images", f"{', '.join(images)} in {Path(first).parent}"))
+    if results.get("warnings"):
+        lines.append(("warnings", str(len(results["warnings"]))))
     return lines
 
 
 @scans_app.command()
+@user_errors
 def note(
+    ctx: typer.Context,
     scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
     text: Annotated[list[str], typer.Argument(help="the note (several words need no quotes)")],
     author: Annotated[str | None, typer.Option(help="who writes it (default: your user name)")] = None,
 ) -> None:
     """Add a note to a scan (kept beside earlier notes; find it again with `scans --note WORD`)."""
-    _wrap(_note)(scan, " ".join(text), author)
-
-
-def _note(ref: str, text: str, author: str | None) -> None:
-    from flows.cli import console
-
-    settings = _settings()
+    settings = command_settings(ctx)
     with _open(settings) as cat:
-        scan = cat.find_scan(ref)
-        cat.add_note(scan.uid, text, author or _user())
-        count = len(cat.find_scan(scan.uid).notes)
+        found = cat.find_scan(scan)
+        cat.add_note(found.uid, " ".join(text), author or _user())
+        count = len(cat.find_scan(found.uid).notes)
     console.print(
-        f"note added to scan {scan.uid[:8]} ({scan.file_name}); it has {count} note(s)",
+        f"note added to scan {found.uid[:8]} ({found.file_name}); it has {count} note(s)",
         highlight=False,
         soft_wrap=True,
     )
@@ -341,21 +322,18 @@ def _user() -> str | None:
 
 
 @scans_app.command()
+@user_errors
 def rebuild(
+    ctx: typer.Context,
     directory: Annotated[
         Path, typer.Argument(help="a directory of scans or sessions (searched recursively)")
     ],
 ) -> None:
     """Fill the catalogue from stop records, session state files and what a session could not record
     (idempotent: a scan already recorded is updated, never duplicated)."""
-    _wrap(_rebuild)(directory)
-
-
-def _rebuild(directory: Path) -> None:
     from catalogue.rebuild import rebuild as rebuild_from
-    from flows.cli import console, err_console
 
-    settings = _settings()
+    settings = command_settings(ctx)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
     with _open(settings, create=True) as cat:
@@ -372,6 +350,7 @@ def _rebuild(directory: Path) -> None:
 
 
 def analyse(
+    ctx: typer.Context,
     scan: Annotated[str, typer.Argument(help="the scan's uid (or its first characters), file name or id")],
     param: Annotated[
         list[str] | None,
@@ -389,11 +368,9 @@ def analyse(
 ) -> None:
     """Run the analysis of a stored scan again with other parameters; the result is recorded in the
     catalogue beside the earlier ones (see `scans show ID`)."""
-    from flows.cli import console
-    from flows.cli_session import apply_settings
     from tasks.analysis.reanalyse import parse_params, reanalyse
 
-    settings = _settings(lambda: apply_settings(set_))
+    settings = command_settings(ctx, set_)
     params = parse_params(param)
     with _open(settings) as cat:
         done = reanalyse(cat, scan, settings.analysis, params, out or settings.output_dir)
@@ -409,19 +386,14 @@ def analyse(
         console.print(
             "parameters changed: " + ", ".join(f"{k}={v}" for k, v in changed.items()), highlight=False
         )
-    from types import SimpleNamespace
-
-    shown = SimpleNamespace(params=done.params, results=done.summary, images={})
-    for key, value in _analysis_lines(shown, with_params=False):
+    for key, value in _analysis_lines(done.params, done.summary, {}, with_params=False):
         console.print(f"{key}: {value}", highlight=False, soft_wrap=True)
     for warning in done.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"images: {done.out_dir}", highlight=False, soft_wrap=True)
 
 
-def register(app: typer.Typer, wrap: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add `scans` and `analyse` to the CLI, with the CLI's error handling."""
-    global _wrap
-    _wrap = wrap
     app.add_typer(scans_app, name="scans")
-    app.command(name="analyse")(wrap(analyse))
+    app.command(name="analyse")(user_errors(analyse))

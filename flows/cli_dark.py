@@ -3,15 +3,21 @@ or raw files, and list the stored darks."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from flows.settings import load_settings
+from flows.cli_common import command_settings, user_errors
+from flows.cli_terminal import run_in_terminal
+from flows.settings import Settings
+from tasks.launch.errors import SessionFailed
 
 
 def dark(
+    ctx: typer.Context,
     raw: Annotated[
         list[Path] | None, typer.Argument(help="raw .data files of a dark scan (or their directory)")
     ] = None,
@@ -46,7 +52,7 @@ def dark(
     from counting.dark_store import list_darks as stored
     from flows.dark import acquire_dark
 
-    settings = load_settings()
+    settings = command_settings(ctx)
     if list_darks:
         for d in stored(dark_dir(settings.dark, settings.output_dir)):
             typer.echo(f"{d.path}  {d.camera}  {d.frames} frames  mean {d.mean:.2f}  noise {d.noise:.2f}  "
@@ -67,7 +73,7 @@ def dark(
         if not path.exists():
             raise FileNotFoundError(f"raw file {path} does not exist")
     if session:
-        settings, scan_dir = _dark_session(set_ or [])
+        settings, scan_dir = _dark_session(ctx, set_ or [])
     source = "simulated" if simulated else "scan" if scan_dir is not None else "raw"
     info, not_recorded = acquire_dark(settings, source, frames, scan_dir, scan, list(raw or []))
     typer.echo(
@@ -78,15 +84,9 @@ def dark(
         typer.echo(f"warning: not recorded in the catalogue: {not_recorded}", err=True)
 
 
-def _dark_session(assignments: list[str]):
+def _dark_session(ctx: typer.Context, assignments: list[str]) -> tuple[Settings, Path]:
     """Run an instrument session for one scan with the nodes adding up raw frames; (settings, scans dir)."""
-    import json
-    import time
-
-    from flows.cli_session import apply_settings, run_in_terminal
-
-    apply_settings([*assignments, "streaming.accumulate_dark=true"])
-    settings = load_settings()
+    settings = command_settings(ctx, [*assignments, "streaming.accumulate_dark=true"])
     s = settings.session
     t0 = time.time()
     params = dict(
@@ -94,16 +94,16 @@ def _dark_session(assignments: list[str]):
         nodes=s.nodes, backend=s.backend, postprocess=False, min_completeness=s.min_completeness,
         frame_rate=0.0, script="",
     )  # fmt: skip
-    run_in_terminal(params, postprocess=False)  # raises when the session failed: no dark then
+    run_in_terminal(settings, params, postprocess=False)  # raises when the session failed: no dark then
     sessions = [
         d for d in (settings.output_dir / "sessions").glob("*/session.json") if d.stat().st_mtime >= t0 - 1
     ]
     if not sessions:
-        raise RuntimeError("the dark session left no session directory")
+        raise SessionFailed("the dark session left no session directory")
     info = json.loads(max(sessions, key=lambda p: p.stat().st_mtime).read_text())
     return settings, Path(info["scans_dir"])
 
 
-def register(app: typer.Typer, wrap: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add `stemstream dark` to the CLI, with the CLI's error handling."""
-    app.command(name="dark")(wrap(dark))
+    app.command(name="dark")(user_errors(dark))

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.settings import load_settings
+from flows.cli_common import command_settings, user_errors
 
 
 def microscope(
+    ctx: typer.Context,
     scan: Annotated[Path, typer.Argument(help="a counted scan's HDF5 file")],
     file: Annotated[
         Path | None,
@@ -29,7 +30,7 @@ def microscope(
 
     if not scan.is_file():
         raise FileNotFoundError(f"scan file {scan} does not exist")
-    settings = load_settings()
+    settings = command_settings(ctx)
     if show:
         try:
             attrs, haadf = read_microscope(scan)
@@ -85,6 +86,6 @@ def _catalogue(settings: Any, scan: Path, rec_path: Path) -> None:
         )
 
 
-def register(app: typer.Typer, wrap: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add `stemstream microscope` to the CLI, with the CLI's error handling."""
-    app.command(name="microscope")(wrap(microscope))
+    app.command(name="microscope")(user_errors(microscope))

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.settings import Settings, given, load_settings
+from flows.cli_common import check_threshold_pair, command_settings, console, parse_scan, user_errors
+from flows.settings import Settings, given
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -18,11 +19,12 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
-def _streaming_settings(**overrides: Any) -> Settings:
-    return load_settings(streaming=given(**overrides))
+def _streaming_settings(ctx: typer.Context, **overrides: Any) -> Settings:
+    return command_settings(ctx, streaming=given(**overrides))
 
 
 def send(
+    ctx: typer.Context,
     aggregator: Annotated[
         list[str], typer.Option(help="aggregator receiver address(es): 1, or 4 (one per module)")
     ],
@@ -58,13 +60,12 @@ def send(
     from counting.geometry import ScanShape
     from counting.offline import raw_paths
     from counting.simulator import SimulatorConfig
-    from flows.cli import _parse_scan, console
     from streaming.camera.receivers import send_scan
 
     _configure_logging(verbose)
     if sum(given_ is not None for given_ in (raw, simulate, script)) != 1:
         raise typer.BadParameter("give one of --raw FILES, --simulate WIDTHxHEIGHT or --script FILE")
-    settings = load_settings()
+    settings = command_settings(ctx)
     rate = rate if rate is not None else settings.streaming.send_rate
     if realtime and rate is None:
         raise typer.BadParameter("--realtime needs --rate (or streaming.send_rate): the camera's frames/s")
@@ -78,7 +79,7 @@ def send(
         _send_script(script, aggregator, rate, realtime, settings)
         return
     if simulate is not None:
-        w, h = _parse_scan(simulate)
+        w, h = parse_scan(simulate)
         sim = settings.simulator
         source: Any = SimulatorConfig(
             ScanShape(w, h),
@@ -111,7 +112,6 @@ def _send_script(
     script: Path, aggregator: list[str], rate: float | None, realtime: bool, settings: Settings
 ) -> None:
     """`send --script`: play the script, one line per scan as it is sent."""
-    from flows.cli import console
     from streaming.camera.script import ScriptedSend, load_script, play_script
 
     loaded = load_script(script, settings.simulator)
@@ -133,6 +133,7 @@ def _send_script(
 
 
 def aggregator(
+    ctx: typer.Context,
     receivers: Annotated[
         list[str] | None, typer.Option(help="PULL address(es) to bind for the receivers")
     ] = None,
@@ -165,6 +166,7 @@ def aggregator(
 
     _configure_logging(verbose)
     settings = _streaming_settings(
+        ctx,
         receivers=receivers,
         nodes_bind=nodes_bind,
         n_nodes=nodes,
@@ -179,6 +181,7 @@ def aggregator(
 
 
 def node(
+    ctx: typer.Context,
     aggregator: Annotated[str, typer.Option(help="the aggregator's node address (this node connects out)")],
     output_dir: Annotated[
         Path,
@@ -204,13 +207,13 @@ def node(
     """Run a node streamer: the same command on every node; the aggregator says which one hosts the scan
     writer. Reassembles frames, counts them in worker processes, sends the events to the writer."""
     from counting.dark import load_dark, load_frame_array
-    from flows.cli import check_threshold_pair
     from streaming.components import node_config
     from streaming.node.streamer import run_node
 
     _configure_logging(verbose)
     check_threshold_pair(background_threshold, xray_threshold)
-    settings = load_settings(
+    settings = command_settings(
+        ctx,
         counting=given(background_threshold=background_threshold, xray_threshold=xray_threshold, dark=dark),
         streaming=given(node_workers=workers, writer_bind=writer_bind),
     )
@@ -233,7 +236,7 @@ def node(
     logging.getLogger("stemstream").info("node finished: %s", counters)
 
 
-def register(app: typer.Typer, wrap: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add the streaming commands to the CLI, with the CLI's error handling."""
     for fn in (send, aggregator, node):
-        app.command(name=fn.__name__)(wrap(fn))
+        app.command(name=fn.__name__)(user_errors(fn))

@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from flows.settings import given, load_settings
+from flows.cli_common import command_settings, user_errors
+from flows.settings import given
 
 
 def view(
+    ctx: typer.Context,
     bind: Annotated[str | None, typer.Option(help="where nodes send snapshots (default live.bind)")] = None,
     host: Annotated[
         str | None, typer.Option(help="the page's address (default live.page_host; not loopback: a token)")
@@ -35,7 +37,7 @@ def view(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     live = given(bind=bind, page_host=host, page_port=port)
-    settings = load_settings(streaming={"live": live} if live else None)
+    settings = command_settings(ctx, streaming={"live": live} if live else None)
     server = LiveServer(settings.streaming.live, server_curve(settings.streaming.curve), scan_dir)
     done = threading.Event()
     with stop_on_signals(done.set):
@@ -48,6 +50,6 @@ def view(
             server.stop()
 
 
-def register(app: typer.Typer, wrap: Any) -> None:
+def register(app: typer.Typer) -> None:
     """Add `stemstream view` to the CLI, with the CLI's error handling."""
-    app.command(name="view")(wrap(view))
+    app.command(name="view")(user_errors(view))

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.sources.utils import parse_env_vars
 
 from catalogue.settings import CatalogueSettings
 from counting.dark_settings import DarkSettings
@@ -112,31 +115,18 @@ def given(**values: object) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-_settings_file: Path | None = None  # set once by the CLI's --settings option
-
-
-def use_settings_file(path: Path | None) -> None:
-    """Make every later load_settings() in this process start from this settings file (the CLI's
-    ``--settings``: how a session hands its settings to the processes it starts)."""
-    global _settings_file
-    if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"settings file {path} does not exist")
-    _settings_file = None if path is None else Path(path)
-
-
 def load_settings(settings_file: Path | None = None, **overrides: object) -> Settings:
     """Build settings: defaults < TOML < environment < explicit overrides (the CLI's values).
 
     With a settings file (written by write_settings_file, e.g. a session's), its values win over the
     environment and the TOML file, which then only supply what the file leaves out (secrets)."""
-    path = settings_file or _settings_file
-    if path is None:
+    if settings_file is None:
         return Settings(**given(**overrides))
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(settings_file).read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read settings file {path}: {exc}") from None
-    return Settings(**_deep_merge(data, given(**overrides)))
+        raise ValueError(f"cannot read settings file {settings_file}: {exc}") from None
+    return Settings(**merge_overrides(data, given(**overrides)))
 
 
 def write_settings_file(settings: Settings, path: Path) -> Path:
@@ -161,11 +151,34 @@ def _without_secrets(data: object) -> object:
     return data
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def merge_overrides(base: dict, top: dict) -> dict:
+    """Nested override dicts merged section by section; ``top`` wins where both set a value."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
+
+
+class _Assignments(EnvSettingsSource):
+    """The environment source reading given STEMSTREAM_... variables instead of os.environ."""
+
+    def __init__(self, variables: Mapping[str, str]) -> None:
+        self._variables = dict(variables)
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._variables, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+def assignment_overrides(assignments: Mapping[str, str]) -> dict:
+    """SECTION.FIELD=VALUE assignments (the CLI's ``--set``) as nested overrides for load_settings, each
+    value parsed as its STEMSTREAM_SECTION__FIELD environment variable would be (JSON for lists)."""
+    if not assignments:
+        return {}
+    variables = {ENV_PREFIX + key.upper().replace(".", "__"): value for key, value in assignments.items()}
+    return dict(_Assignments(variables)())

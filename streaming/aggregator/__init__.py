@@ -1,1 +1,29 @@
-"""streaming.aggregator."""
+"""The aggregator (path 0) and its forwarding processes: sectors in, whole frames out to the nodes.
+
+Its public names resolve on first use (PEP 562), so importing one light name never loads the
+package's heavier modules."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "Aggregator": "streaming.aggregator.aggregator",
+    "run_aggregator": "streaming.aggregator.aggregator",
+    "Forwarder": "streaming.aggregator.forwarder",
+    "run_forwarder": "streaming.aggregator.forwarder",
+    "AggregatorStats": "streaming.aggregator.stats",
+}
+__all__ = ["Aggregator", "AggregatorStats", "Forwarder", "run_aggregator", "run_forwarder"]
+
+if TYPE_CHECKING:
+    from streaming.aggregator.aggregator import Aggregator, run_aggregator
+    from streaming.aggregator.forwarder import Forwarder, run_forwarder
+    from streaming.aggregator.stats import AggregatorStats
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,1 +1,27 @@
-"""streaming.live."""
+"""The node side of the live view: snapshots of each scan's images sent to the view.
+
+Its public names resolve on first use (PEP 562), so importing one light name never loads the
+package's heavier modules."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "LiveNode": "streaming.live.hooks",
+    "LivePublisher": "streaming.live.publisher",
+    "LiveTap": "streaming.live.tap",
+}
+__all__ = ["LiveNode", "LivePublisher", "LiveTap"]
+
+if TYPE_CHECKING:
+    from streaming.live.hooks import LiveNode
+    from streaming.live.publisher import LivePublisher
+    from streaming.live.tap import LiveTap
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

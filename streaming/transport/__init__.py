@@ -1,1 +1,55 @@
-"""streaming.transport."""
+"""ZeroMQ plumbing shared by every process: CURVE security, the routed send and drain, addresses.
+
+Its public names resolve on first use (PEP 562), so importing one light name never loads the
+package's heavier modules."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "offset_address": "streaming.transport.addresses",
+    "Sent": "streaming.transport.router_io",
+    "drain": "streaming.transport.router_io",
+    "send_waiting": "streaming.transport.router_io",
+    "CurveClientConfig": "streaming.transport.security",
+    "CurveServerConfig": "streaming.transport.security",
+    "apply_client": "streaming.transport.security",
+    "apply_server": "streaming.transport.security",
+    "generate_keypair": "streaming.transport.security",
+    "load_keypair": "streaming.transport.security",
+    "write_keypair": "streaming.transport.security",
+}
+__all__ = [
+    "apply_client",
+    "apply_server",
+    "CurveClientConfig",
+    "CurveServerConfig",
+    "drain",
+    "generate_keypair",
+    "load_keypair",
+    "offset_address",
+    "send_waiting",
+    "Sent",
+    "write_keypair",
+]
+
+if TYPE_CHECKING:
+    from streaming.transport.addresses import offset_address
+    from streaming.transport.router_io import Sent, drain, send_waiting
+    from streaming.transport.security import (
+        CurveClientConfig,
+        CurveServerConfig,
+        apply_client,
+        apply_server,
+        generate_keypair,
+        load_keypair,
+        write_keypair,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

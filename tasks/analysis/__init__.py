@@ -1,1 +1,43 @@
-"""tasks.analysis."""
+"""The py4DSTEM analysis of counted scans, and analysing a stored scan again.
+
+Its public names resolve on first use (PEP 562), so importing one light name never loads the
+package's heavier modules."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "AnalysisResult": "tasks.analysis.analyse",
+    "analyse_scan": "tasks.analysis.analyse",
+    "artifact_png": "tasks.analysis.artifact",
+    "ScanCalibration": "tasks.analysis.calibration",
+    "AnalysisConfig": "tasks.analysis.config",
+    "analysis_config": "tasks.analysis.config",
+    "parse_params": "tasks.analysis.reanalyse",
+    "reanalyse": "tasks.analysis.reanalyse",
+}
+__all__ = [
+    "analyse_scan",
+    "analysis_config",
+    "AnalysisConfig",
+    "AnalysisResult",
+    "artifact_png",
+    "parse_params",
+    "reanalyse",
+    "ScanCalibration",
+]
+
+if TYPE_CHECKING:
+    from tasks.analysis.analyse import AnalysisResult, analyse_scan
+    from tasks.analysis.artifact import artifact_png
+    from tasks.analysis.calibration import ScanCalibration
+    from tasks.analysis.config import AnalysisConfig, analysis_config
+    from tasks.analysis.reanalyse import parse_params, reanalyse
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
