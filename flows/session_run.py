@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect.states import Cancelled, Completed, Failed, State
 
+from catalogue.recorder import Recorder
 from flows.session_setup import (
     SessionRequest,
     choose_dark,
@@ -80,7 +81,9 @@ class SessionRun:
         self.cancelled = False
         self.player: CameraRun | None = None
         self.ends: float | None = None  # an instrument session: when it stops waiting (monotonic)
-        self.refused = ""
+        self.refused = ""  # scans the aggregator refused before the session was ready, in words
+        self.seen: set[str] = set()  # stop records already there (an earlier session's) or taken
+        self.recorder: Recorder | None = None
 
     def run(self) -> State:
         """Start, acquire, release (always), and the final state with the scan results."""
