@@ -42,6 +42,7 @@ import authlib.deprecate  # noqa: E402
 warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
 
 import pytest  # noqa: E402
+from _pytest.nodeid import coerce_node_id  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
@@ -89,12 +90,51 @@ def _group(item: pytest.Item) -> str | None:
     return None
 
 
+# The longest groups first, then the tests that run sessions: xdist hands out work in collection order, so a
+# long group collected last would run alone at the end.
+_FIRST = ("prefect-stack", "slurm")
+
+
+def _order(item: pytest.Item) -> int:
+    group = _group(item)
+    if group in _FIRST:
+        return _FIRST.index(group)
+    return len(_FIRST) + ("prefect_harness" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = _group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
+        items.sort(key=_order)  # stable: each file's own order is kept
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist sends the node ids to the controller
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _name_groups(session.config, session.items)
+
+
+def _name_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The xdist group as the node id's "@group" suffix, which is what --dist loadgroup schedules by.
+
+    pytest-xdist 3.8 writes that suffix to ``item._nodeid``, which pytest 9 no longer reads (node ids live
+    in ``item._id``): without this every test would be scheduled on its own and the groups ignored.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if not names or "@" in item.nodeid.rsplit("::", 1)[-1] or not hasattr(item, "_id"):
+            continue  # no group, already named (an older pytest), or a pytest without _id
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 # ---- SFAPI ----------------------------------------------------------------------------------------------
