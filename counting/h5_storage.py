@@ -15,12 +15,15 @@ with the scan. Here HDF5 writes to disk as it goes, but never sees a storage err
   reservation, before anything of the file's content depends on it.
 * The file has a temporary name in its destination directory, created with the permissions the umask
   allows (0666 & ~umask, as for any file a user creates), is fsynced, and gets its final name only when
-  complete, with os.link, which never replaces an existing file.
+  complete, with os.link, which never replaces an existing file (:class:`FinalName`; on a file system
+  without hard links, an atomic rename that never replaces one). A complete file that can be named neither
+  way is kept under a recoverable name (:class:`UnnamedFileError` says where), never removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -165,16 +168,83 @@ class StorageFile:
             return
 
 
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+class UnnamedFileError(OSError):
+    """A complete file could not take its final name (neither a hard link nor a no-replace rename works
+    there); it is kept, complete and fsynced, at ``kept``."""
+
+    def __init__(self, cause: OSError, final: Path, kept: Path) -> None:
+        super().__init__(cause.errno, f"{cause.strerror or cause}; the complete file is kept as {kept}")
+        self.final, self.kept = final, kept
+
+
+class FinalName:
+    """How a complete temporary file takes its final name without ever replacing an existing file: a hard
+    link, or where the file system has none, Linux's renameat2(RENAME_NOREPLACE). Subclass it to stand in
+    for a file system that lacks either (tests)."""
+
+    def link(self, src: Path, dst: Path) -> None:
+        """os.link: FileExistsError if dst is taken."""
+        os.link(src, dst)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        """An atomic rename that fails with FileExistsError rather than replace dst; OSError (ENOSYS,
+        EINVAL...) where the kernel or file system cannot do it."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "renameat2", None)
+        if call is None:
+            raise OSError(errno.ENOSYS, "renameat2 is not available", str(dst))
+        if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
+            err = ctypes.get_errno()
+            raise (FileExistsError if err == errno.EEXIST else OSError)(err, os.strerror(err), str(dst))
+
+    def publish(self, src: Path, dst: Path) -> bool:
+        """Give src the name dst (link, else no-replace rename), the directory entry fsynced; True when src
+        is gone (renamed), False when it is still a second name of the file (linked). FileExistsError if dst
+        is taken; the rename's OSError if neither works (src is then untouched)."""
+        try:
+            self.link(src, dst)
+            renamed = False
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (EPERM, ENOTSUP), EMLINK, ENOSPC for the entry...
+            self.rename(src, dst)
+            renamed = True
+        fsync_directory(dst.parent)
+        return renamed
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory, so the names created or renamed in it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class TempHDF5:
     """An HDF5 file being written under a temporary name beside its final one (``.<name>.<random>.partial``).
 
     ``close()`` finishes it (raising the storage error, if there was one), ``link(path)`` gives it its final
     name, ``discard()`` removes it; use it as a context manager to discard it on any way out but a link.
+    ``settle()`` is the writer's way out: it removes an unfinished file but keeps a complete one that has no
+    final name under a recoverable name, and a complete file that cannot be named (UnnamedFileError) is kept
+    too: a complete, fsynced file is only ever removed by an explicit ``discard()``.
     """
 
-    def __init__(self, directory: Path, name: str, reserve: int = 0) -> None:
+    def __init__(
+        self, directory: Path, name: str, reserve: int = 0, final_name: FinalName | None = None
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.fd, self.path = create_temporary(directory, name, "partial")
+        self.name = name
+        self.fd, path = create_temporary(directory, name, "partial")
+        self.path: Path | None = path  # None once named or kept: nothing of it is ours to remove then
+        self.final_name = final_name or FinalName()
+        self.complete = False  # closed and fsynced
         self.storage = StorageFile(self.fd)
         self.h5: h5py.File | None = None
         try:
@@ -200,6 +270,7 @@ class TempHDF5:
             h5.close()
         self.storage.check()
         os.fsync(self.fd)
+        self.complete = True
 
     def sha256(self) -> str:
         """Hex sha256 of the file's bytes (after close), read in 1 MiB chunks."""
@@ -211,24 +282,56 @@ class TempHDF5:
         return h.hexdigest()
 
     def link(self, path: Path) -> None:
-        """Give the closed file its final name; FileExistsError if that is taken (nothing is replaced)."""
-        os.link(self.path, path)
-        self._release(unlink=True)
+        """Give the closed file its final name; FileExistsError if that is taken (nothing is replaced, the
+        file stays, a later call may try another name). UnnamedFileError if this file system can name it
+        neither way: the complete file is then kept under a recoverable name (``kept``), never removed."""
+        try:
+            renamed = self.final_name.publish(self.path, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise UnnamedFileError(exc, path, self.keep()) from exc
+        self._release(unlink=not renamed)  # linked: the temporary name goes, the file stays
+        self.path = None
+
+    def keep(self) -> Path | None:
+        """Keep the file under ``.<name>.<random>.kept`` beside it (not a temporary name, which a sweep of
+        stale temporary files might remove), or where it is if even that fails; returns its path."""
+        kept = self.path
+        if kept is not None:
+            with contextlib.suppress(OSError):
+                fd, placeholder = create_temporary(kept.parent, self.name, "kept")
+                os.close(fd)
+                os.rename(kept, placeholder)  # replaces only the empty placeholder just made: ours
+                kept = placeholder
+                fsync_directory(kept.parent)
+        self._release(unlink=False)
+        self.path = None
+        return kept
+
+    def settle(self) -> Path | None:
+        """The end of the file's life: an unfinished file is removed, a complete one without its final name
+        is kept (its path returned), a named one is left alone."""
+        if self.complete and self.path is not None:
+            return self.keep()
+        self.discard()
+        return None
 
     def discard(self) -> None:
-        """Close and remove the temporary file (never raises)."""
+        """Close and remove the temporary file, whatever it holds (never raises)."""
         if self.h5 is not None:
             h5, self.h5 = self.h5, None
             with contextlib.suppress(Exception):  # the storage error, if any, is what the owner reports
                 h5.close()
         self._release(unlink=True)
+        self.path = None
 
     def _release(self, unlink: bool) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-        if unlink:
+        if unlink and self.path is not None:
             with contextlib.suppress(OSError):
                 self.path.unlink(missing_ok=True)
 

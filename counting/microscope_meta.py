@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,10 +93,17 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def attach_microscope(path: str | os.PathLike, meta: MicroscopeMetadata, expected_sha256: str | None) -> str:
+def attach_microscope(
+    path: str | os.PathLike,
+    meta: MicroscopeMetadata,
+    expected_sha256: str | None,
+    before_replace: Callable[[str], None] | None = None,
+) -> str:
     """Add ``meta`` to the finished scan file at ``path`` (see the module docstring: a checked copy renamed
     over it); returns the new file's sha256. MicroscopeMetadataError if the file changed since the writer
-    recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError for storage."""
+    recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError for storage.
+    ``before_replace(new_sha256)`` runs once the copy is complete and fsynced, just before it takes the
+    file's name (the caller stages the new stop record there); if it raises, the file is left untouched."""
     path = Path(path)
     before = path.stat()
     try:
@@ -123,6 +131,8 @@ def attach_microscope(path: str | os.PathLike, meta: MicroscopeMetadata, expecte
         now = path.stat()
         if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
             raise MicroscopeMetadataError(f"{path.name} changed while its microscope metadata was added")
+        if before_replace is not None:
+            before_replace(new_digest)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         return new_digest

@@ -18,8 +18,10 @@ buffered briefly (``flush_frames``) so that consecutive positions go to disk in 
 frame for a position goes to a plain spill file beside it; at the end, if there was one, the file is
 rewritten with k slots per position, in chunks, from the first file and the spill (slower, still flat).
 
-Memory per scan: 9 bytes per position (first frame number and mask), 4 per position for the frame count,
-the buffer, and HDF5's bounded caches; the events themselves are never all in memory.
+Memory per scan: 10 bytes per position (first frame number, mask and flag), 4 per position for the frame
+count, the buffer, and HDF5's bounded caches; the events themselves are never all in memory. The arrays
+are zeroed (calloc), so only positions that get frames touch memory, and a shape above ``max_positions``
+is refused (ScanTooLargeError) before anything is allocated for it.
 
 A storage failure (OSError, or any error HDF5 raises while writing) stops the writing at once, removes the
 temporary files and is kept in ``error``; the frames are still tallied, so the stop record can say what
@@ -35,13 +37,19 @@ from pathlib import Path
 
 import numpy as np
 
+from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, ScanShape
-from counting.h5_storage import TempHDF5, create_temporary
+from counting.h5_storage import FinalName, TempHDF5, create_temporary
 from counting.kernel import EventList
 from counting.sparse import create_layout, finish_layout, write_slots
 
 _EMPTY = np.empty(0, np.uint32)
 _REWRITE_CHUNK = 8192  # positions per step when rewriting with k > 1
+MAX_POSITIONS = 4096 * 4096  # default cap on a scan's positions (its shape comes from the wire)
+
+
+class ScanTooLargeError(PermanentError, ValueError):
+    """A scan's shape has more positions than the writer is allowed to allocate for."""
 
 
 @dataclass(frozen=True)
@@ -70,24 +78,41 @@ class ScanFile:
     removes whatever is left. ``add`` is called from one thread, the rest from one thread after it.
     """
 
-    def __init__(self, directory: Path, name: str, scan: ScanShape, flush_frames: int = 2048) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        scan: ScanShape,
+        flush_frames: int = 2048,
+        max_positions: int = MAX_POSITIONS,
+        final_name: FinalName | None = None,
+    ) -> None:
+        if scan.positions > max_positions:  # a shape from the wire: refuse before allocating for it
+            raise ScanTooLargeError(
+                f"a {scan.width}x{scan.height} scan has {scan.positions} positions, above the limit of "
+                f"{max_positions}"
+            )
         self.scan, self.directory, self.name = scan, directory, name
         self.error: Exception | None = None
         self._flush_frames = flush_frames
-        n = scan.positions
-        self._count = np.zeros(n, np.uint32)  # frames per position
-        self._first_number = np.full(n, -1, np.int64)  # frame number in the position's first slot
-        self._first_mask = np.zeros(n, np.uint8)
+        self._final_name = final_name
         self._frames = self._complete = self._events = self._bits = 0
         self._buffer: list[tuple[int, np.ndarray]] = []  # (position, events) waiting for the next write
         self._spill: _Spill | None = None  # frames beyond a position's first
         self._file: TempHDF5 | None = None
         self._slots = None
+        self._count = np.zeros(0, np.uint32)  # stays empty if the per-position arrays cannot be had
         try:
-            self._file = TempHDF5(directory, name)
+            # Zeroed arrays (calloc): memory is only touched for positions that get frames.
+            n = scan.positions
+            self._count = np.zeros(n, np.uint32)  # frames per position
+            self._has_first = np.zeros(n, np.bool_)  # the position's first slot is taken
+            self._first_number = np.zeros(n, np.int64)  # frame number in the position's first slot
+            self._first_mask = np.zeros(n, np.uint8)
+            self._file = TempHDF5(directory, name, final_name=final_name)
             self._slots = create_layout(self._file.h5, scan, n)
             self._file.storage.check()
-        except Exception as exc:  # noqa: BLE001 - every storage or HDF5 error is the scan's storage failure
+        except Exception as exc:  # noqa: BLE001 - every storage or HDF5 error (or no memory) fails the scan
             self._fail(exc)
 
     # ------------------------------------------------------------------------------------------ frames
@@ -107,13 +132,15 @@ class ScanFile:
         self._complete += int(np.count_nonzero(masks == ALL_SECTORS))
         self._bits += int(np.unpackbits(masks[:, None], axis=1).sum())
         self._events += int(events.offsets[-1] - events.offsets[0])
-        np.add.at(self._count, positions, 1)
+        if len(self._count):
+            np.add.at(self._count, positions, 1)
         if self.error is not None:
             return
         try:
             for i in range(len(positions)):
                 p = int(positions[i])
-                if self._first_number[p] < 0:
+                if not self._has_first[p]:
+                    self._has_first[p] = True
                     self._first_number[p] = frame_numbers[i]
                     self._first_mask[p] = masks[i]
                     self._buffer.append((p, events[i]))
@@ -156,8 +183,20 @@ class ScanFile:
         return self._file.sha256()
 
     def link(self, path: Path) -> None:
-        """Give the finished file its final name (FileExistsError if taken: nothing is ever replaced)."""
+        """Give the finished file its final name (FileExistsError if taken: nothing is ever replaced;
+        h5_storage.UnnamedFileError if the file system can name it neither way: the file is then kept)."""
         self._file.link(path)
+
+    @property
+    def complete(self) -> bool:
+        """Finished and fsynced."""
+        return self._file is not None and self._file.complete
+
+    def settle(self) -> Path | None:
+        """The writer's way out, whatever happened: temporary files are removed, but a finished file that
+        has no final name is kept under a recoverable name beside it (h5_storage), and its path returned."""
+        self._close_spill()
+        return self._file.settle() if self._file is not None else None
 
     def discard(self) -> None:
         """Remove the temporary files (after a failure, or a scan that is not to be written)."""
@@ -189,7 +228,7 @@ class ScanFile:
         """Lay the scan out again with k slots per position: first frames from the file, the others from
         the spill, each position's frames in ascending frame number."""
         old, old_slots = self._file, self._slots
-        self._file = TempHDF5(self.directory, self.name)
+        self._file = TempHDF5(self.directory, self.name, final_name=self._final_name)
         slots = create_layout(self._file.h5, self.scan, self.scan.positions * k)
         masks = np.zeros((self.scan.positions, k), np.uint8)
         extra = self._spill.index()  # sorted by position, then frame number
@@ -207,7 +246,7 @@ class ScanFile:
                 chunk = [_EMPTY] * ((b - a) * k)
                 for p in range(a, b):
                     frames = per_position.get(p, [])
-                    if self._first_number[p] >= 0:
+                    if self._has_first[p]:
                         frames.append((int(self._first_number[p]), int(self._first_mask[p]), firsts[p - a]))
                     frames.sort(key=lambda f: f[0])
                     for j, (_, mask, events) in enumerate(frames):

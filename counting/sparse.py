@@ -36,6 +36,7 @@ from counting.kernel import EventList
 FORMAT_VERSION = 3
 _VLEN_U32 = h5py.vlen_dtype(np.uint32)
 _CHUNK = 16384  # frame slots per HDF5 write
+_POSITIONS_CHUNK = 1 << 20  # scan positions per HDF5 write
 
 
 class SparseFormatError(PermanentError, ValueError):
@@ -150,7 +151,8 @@ class ScanAccumulator:
 
 def write_counted_scan(path: str | os.PathLike, scan: CountedScan) -> Path:
     """Write a counted scan atomically, straight to disk in chunks (counting.h5_storage); a storage failure
-    raises OSError and leaves no file behind, and an existing file is never replaced (FileExistsError)."""
+    raises OSError and leaves no file behind, and an existing file is never replaced (FileExistsError). A
+    complete file that cannot be named (h5_storage.UnnamedFileError) is kept, never removed."""
     path = Path(path)
     with TempHDF5(path.parent, path.name, reserve=estimated_file_size(scan)) as tmp:
         _write_layout(tmp.h5, scan)
@@ -175,11 +177,12 @@ def estimated_file_size(scan: CountedScan) -> int:
 
 
 def create_layout(f: h5py.File, scan: ScanShape, slots: int) -> h5py.Dataset:
-    """Everything known before the events: the version, scan positions, and the empty frames dataset of
-    ``slots`` entries (positions * frames per position), which is returned."""
+    """Everything known before the events: the version, the scan positions dataset (its values come with
+    finish_layout: nothing in proportion to the scan is written or held before data arrives), and the empty
+    frames dataset of ``slots`` entries (positions * frames per position), which is returned."""
     f.attrs["version"] = FORMAT_VERSION
     group = f.create_group("electron_events")
-    sp = group.create_dataset("scan_positions", data=np.arange(scan.positions, dtype=np.int64))
+    sp = group.create_dataset("scan_positions", (scan.positions,), dtype=np.int64)
     sp.attrs["Nx"] = scan.width
     sp.attrs["Ny"] = scan.height
     frames = group.create_dataset("frames", (slots,), dtype=_VLEN_U32)
@@ -202,8 +205,13 @@ def write_slots(frames: h5py.Dataset, start: int, events: Sequence[np.ndarray]) 
 
 
 def finish_layout(f: h5py.File, sector_masks: np.ndarray, metadata: dict) -> None:
-    """What is known at the end: the sector masks (positions, frames per position) and the metadata."""
+    """What is known at the end: the scan positions (0, 1, ... in chunks), the sector masks (positions,
+    frames per position) and the metadata."""
     group = f["electron_events"]
+    positions = group["scan_positions"]
+    for start in range(0, positions.shape[0], _POSITIONS_CHUNK):
+        stop = min(start + _POSITIONS_CHUNK, positions.shape[0])
+        positions[start:stop] = np.arange(start, stop, dtype=np.int64)
     masks = group.create_dataset("sector_masks", data=np.asarray(sector_masks, np.uint8))
     masks.attrs["description"] = "bit m set when sector (module) m of the frame arrived; 15 = complete"
     save_tree(f.create_group("metadata"), metadata)

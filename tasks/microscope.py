@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from counting.microscope_meta import (
     file_digest,
 )
 from streaming.protocol.record import ScanRecord, record_path
+from streaming.protocol.staged import commit_pending_record, pending_record_path, resolve_pending_record
 from tasks.settings import MicroscopeSettings
 
 log = logging.getLogger(__name__)
@@ -256,15 +257,26 @@ def link_microscope_metadata(
     h5_path: str | Path, settings: MicroscopeSettings, wait: float | None = None
 ) -> MicroscopeLink:
     """Find, read and add the scan's microscope metadata to its file, and keep the outcome (with the new
-    checksum) in its stop record. Never raises for a missing or unreadable microscope file: a scan without
-    one is still a scan, and the record says why."""
+    checksum) in its stop record. Never raises for a missing or unreadable microscope file, or for a record
+    it cannot write: a scan without one is still a scan, and the link says why.
+
+    File and record never get out of step: the new record is staged (``pending_record_path``, fsynced)
+    before the file is replaced and takes the record's name after; a crash in between leaves the staged
+    record, which ``resolve_pending_record`` (here, and in verification) keeps or drops by the file's
+    checksum."""
     h5_path = Path(h5_path)
     rec_path = record_path(h5_path)
+    resolve_pending_record(h5_path)
     record = ScanRecord.load(rec_path)
     link = _link(h5_path, record, settings, wait)
-    if link.status != "off":
+    if link.status in ("missing", "failed"):
+        resolve_pending_record(h5_path)  # a staged record the file never took is dropped here
+    if link.status in ("missing", "failed") and not pending_record_path(h5_path).exists():
         record.extra["microscope"] = link.to_json()
-        record.save(rec_path)
+        try:
+            record.save(rec_path)
+        except OSError as exc:  # the file is as the writer left it: the record still matches it
+            link.reason = f"{link.reason}; its stop record could not be updated: {exc}"
     return link
 
 
@@ -286,7 +298,20 @@ def _link(
             return MicroscopeLink(
                 "missing", str(path), f"{path.name} is for scan {meta.scan_number}, not {record.scan_number}"
             )
-        record.sha256 = attach_microscope(h5_path, meta, record.sha256)
+        link = MicroscopeLink("attached", str(path.resolve()), None, meta.summary())
+        pending = pending_record_path(h5_path)
+
+        def stage(digest: str) -> None:  # the new record, durable before the file changes
+            staged = replace(record, sha256=digest, extra={**record.extra, "microscope": link.to_json()})
+            staged.save(pending)
+
+        attach_microscope(h5_path, meta, record.sha256, before_replace=stage)
     except (MicroscopeMetadataError, OSError) as exc:
         return MicroscopeLink("failed", str(path), str(exc))
-    return MicroscopeLink("attached", str(path.resolve()), None, meta.summary())
+    try:
+        commit_pending_record(h5_path)
+    except OSError as exc:  # the staged record stays: resolve_pending_record settles it later
+        return MicroscopeLink(
+            "failed", str(path), f"metadata added, but its stop record is still staged: {exc}"
+        )
+    return link

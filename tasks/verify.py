@@ -19,6 +19,7 @@ import numpy as np
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS
 from counting.sparse import FORMAT_VERSION, file_sha256
 from streaming.protocol.record import ScanRecord, record_path
+from streaming.protocol.staged import resolve_pending_record
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def verify_scan(
     if not path.is_file():
         problems.append(f"file missing: {path} does not exist or is not a regular file")
         return result
+    resolve_pending_record(path)  # a metadata step that stopped midway: the matching record stays
     try:
         result.sha256 = file_sha256(path)
     except OSError as exc:

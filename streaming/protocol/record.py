@@ -100,11 +100,16 @@ class ScanRecord:
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     def save(self, path: Path) -> None:
-        """Write atomically (temporary name, then rename), so a reader never sees half a record."""
+        """Write atomically (temporary name, then rename), so a reader never sees half a record; the record
+        and its directory entry are fsynced, so it survives a crash or power loss once this returns."""
         tmp = path.with_name(f".{path.name}.partial")
         try:
-            tmp.write_text(json.dumps(self.to_json(), indent=2, default=float))
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.to_json(), indent=2, default=float))
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
+            _fsync_directory(path.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
                 tmp.unlink(missing_ok=True)
@@ -114,6 +119,14 @@ class ScanRecord:
     def load(cls, path: Path) -> ScanRecord:
         """Read a saved record."""
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def record_path(h5_path: Path) -> Path:

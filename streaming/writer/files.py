@@ -2,11 +2,14 @@
 never over an existing file, and its stop record.
 
 Storage failures are reported, not raised: the record then says "failed" with the OS reason and the
-caller decides (the scan writer stops its host: every later scan would fail the same way).
+caller decides (the scan writer stops its host: every later scan would fail the same way). A complete,
+fsynced file is never removed: one that cannot take its final name is kept under a recoverable name,
+which its stop record gives (``kept_file``), with its checksum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -19,6 +22,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from counting.errors import PermanentError
+from counting.h5_storage import FinalName, UnnamedFileError
 from counting.scan_file import ScanFile
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 
@@ -99,8 +103,13 @@ def write_scan(
         path = _link(scan_file, path, renamed)
         record.path = str(path)
     except Exception as exc:  # noqa: BLE001 - full disk, quota, EFBIG, read-only, gone, or HDF5's own error
-        scan_file.discard()
-        record.status, record.path, record.sha256 = ScanStatus.FAILED, None, None
+        # An unfinished file goes; a complete one is kept (the only copy of the counted data).
+        kept = exc.kept if isinstance(exc, UnnamedFileError) else scan_file.settle()
+        record.status, record.path = ScanStatus.FAILED, None
+        if kept is None:
+            record.sha256 = None
+        else:
+            record.extra["kept_file"] = str(kept)
         error = record.error = f"cannot write scan {record.scan_number} to {path.parent}: {exc}"
     record.written_time = _now()
     try:
@@ -122,17 +131,31 @@ def _link(scan_file: ScanFile, path: Path, renamed: Callable[[], Path]) -> Path:
     return path
 
 
-def check_output_dir(directory: Path) -> None:
-    """Create the directory and a probe file in it; ScanWriterError naming the directory and the OS reason."""
+def check_output_dir(directory: Path, final_name: FinalName | None = None) -> None:
+    """Create the directory and a probe file in it, and give the probe a final name the way the writer will
+    (a hard link, else a no-replace rename); ScanWriterError naming the directory and the OS reason."""
+    final_name = final_name or FinalName()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".stemstream-probe-", dir=directory)
+        named = probe + ".named"
         try:
             os.write(fd, b"probe")  # a full disk may still create an empty file, but not store a byte
             os.fsync(fd)
+            try:
+                final_name.publish(Path(probe), Path(named))
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                raise ScanWriterError(
+                    f"scan output directory {directory} cannot give finished scans their names: neither a "
+                    f"hard link nor a rename that never replaces a file works there ({exc})"
+                ) from exc
         finally:
             os.close(fd)
-            os.unlink(probe)
+            for name in (probe, named):  # the probe's own names, nothing else
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
     except OSError as exc:
         raise ScanWriterError(f"scan output directory {directory} is not writable: {exc}") from exc
 

@@ -36,11 +36,12 @@ class NodeTotals:
     sectors_lost_in_transit: int  # sent by the aggregator but never received
 
     @classmethod
-    def of(cls, done: Iterable[p.NodeScanDone]) -> NodeTotals:
-        """Sum the done reports of a scan's nodes."""
+    def of(cls, done: Iterable[p.NodeScanDone], cut_short: EndReason | None = None) -> NodeTotals:
+        """Sum the done reports of a scan's nodes (``cut_short``: the writer ended it before they were in)."""
         reports = list(done)
+        reasons = {d.reason for d in reports} | ({cut_short} if cut_short else set())
         return cls(
-            reasons=sorted({d.reason for d in reports}) or [EndReason.DEADLINE],  # none reported: timed out
+            reasons=sorted(reasons) or [EndReason.DEADLINE],  # none reported: timed out
             incomplete_frames=sum(d.incomplete_frames for d in reports),
             counting_seconds=sum(d.counting_seconds for d in reports),
             late_sectors=sum(d.late_sectors for d in reports),
@@ -98,16 +99,16 @@ class ScanFinisher:
         self._dark_reference = dark_reference
         self._failed = failed
 
-    def __call__(self, scan: OpenScan, last_data: float) -> ScanRecord:
-        """Store the scan (whatever is left of its temporary file goes, even after a bug)."""
+    def __call__(self, scan: OpenScan, last_data: float, cut_short: EndReason | None = None) -> ScanRecord:
+        """Store the scan (an unfinished temporary file goes, even after a bug; a finished one is kept)."""
         try:
-            return self._store(scan, last_data)
+            return self._store(scan, last_data, cut_short)
         finally:
-            scan.file.discard()
+            scan.file.settle()
 
-    def _store(self, scan: OpenScan, last_data: float) -> ScanRecord:
+    def _store(self, scan: OpenScan, last_data: float, cut_short: EndReason | None) -> ScanRecord:
         b = scan.begin
-        totals = NodeTotals.of(scan.done.values())
+        totals = NodeTotals.of(scan.done.values(), cut_short)
         record = stop_record(scan, scan.file.tally(), totals, last_data)
         error = write_scan(
             scan.file,

@@ -18,8 +18,10 @@ writer starts (before its node reports ready), thresholds go out the moment the 
 and the file is finished the moment the last node is done.
 
 Storage failures are fatal: the output directory is probed before serving (ScanWriterError if it is not
-writable), and when a scan cannot be written (disk full, quota, read-only) its file is not left behind, its
-stop record says "failed" with the OS reason, and ``error`` is set so the host stops. Every later scan would
+writable, or if finished files could not take their names there), and when a scan cannot be written (disk
+full, quota, read-only) its unfinished file is not left behind (a finished one is never removed: it is kept
+under a recoverable name), its stop record says "failed" with the OS reason, and ``error`` is set so the
+host stops. A writer stopped mid-scan writes what arrived of each open scan, with its stop record. Every later scan would
 fail the same way, so the writer's host fails loudly at once rather than streaming scans it cannot store.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +38,12 @@ import numpy as np
 import zmq
 
 from counting.geometry import ScanShape
+from counting.h5_storage import FinalName
 from counting.kernel import EventList, Thresholds
-from counting.scan_file import ScanFile
+from counting.scan_file import MAX_POSITIONS, ScanFile
 from counting.thresholds import ThresholdConfig
 from streaming.protocol import control as p
+from streaming.protocol.reasons import EndReason
 from streaming.protocol.record import ScanRecord
 from streaming.writer.files import ScanIds, ScanNaming, ScanWriterError, check_output_dir
 from streaming.writer.finish import ScanFinisher
@@ -74,9 +78,14 @@ class ScanWriter:
         dark: np.ndarray | None,
         gain: np.ndarray | None = None,
         context: zmq.Context | None = None,
+        *,
+        max_positions: int = MAX_POSITIONS,
+        final_name: FinalName | None = None,
     ):
-        check_output_dir(config.output_dir)  # before binding anything: nothing to undo when it fails
+        # Before binding anything: nothing to undo when it fails. It tries what the writer will do.
+        check_output_dir(config.output_dir, final_name)
         self.config = config
+        self._max_positions, self._final_name = max_positions, final_name
         self.dark, self.gain = dark, gain
         self._thresholds = ThresholdBroker(config.fixed, config.estimate, dark, gain)
         self._ctx = context or zmq.Context.instance()
@@ -121,17 +130,25 @@ class ScanWriter:
             self._sock.close()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish pending writes, then stop the loop."""
+        """Stop the loop, then write every scan still open as far as it came (its stop record says
+        ``shutdown``) and wait for the pending writes, all within about ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for fut in self._pending:
-            fut.result(timeout)
+        if self._thread is None or not self._thread.is_alive():  # the loop no longer touches the scans
+            for scan in list(self._scans.values()):
+                log.warning(
+                    "scan %d: the writer stops mid-scan; writing the %d frame(s) that arrived",
+                    scan.begin.scan_number,
+                    scan.frames,
+                )
+                self._finish(scan, cut_short=EndReason.SHUTDOWN)
+        _, running = wait(self._pending, max(deadline - time.monotonic(), 0.0))
         self._reap()
-        self._pool.shutdown(wait=True)
-        for scan in self._scans.values():  # never finished: nothing of them is left behind
-            scan.file.discard()
-        self._scans.clear()
+        if running:
+            log.error("%d scan(s) still being written after %.0f s; not waited for", len(running), timeout)
+        self._pool.shutdown(wait=not running)
 
     # ------------------------------------------------------------------------------------------- messages
     def _handle(self, frames: list) -> None:
@@ -169,7 +186,9 @@ class ScanWriter:
             started=started,
             scan_id=scan_id,
             path=path,
-            file=ScanFile(path.parent, path.name, shape),
+            file=ScanFile(
+                path.parent, path.name, shape, max_positions=self._max_positions, final_name=self._final_name
+            ),
             samples=SampleOffer(begin.n_nodes),
             thresholds=self._thresholds.fixed(begin.scan_number),
         )
@@ -273,9 +292,9 @@ class ScanWriter:
                 )
                 self._finish(scan)
 
-    def _finish(self, scan: OpenScan) -> None:
+    def _finish(self, scan: OpenScan, cut_short: EndReason | None = None) -> None:
         del self._scans[scan_key(scan.begin)]
-        self._pending.append(self._pool.submit(self._finisher, scan, time.time()))
+        self._pending.append(self._pool.submit(self._finisher, scan, time.time(), cut_short))
 
     def _fail(self, message: str) -> None:
         # Only the first failure is reported: later ones are its consequences.
