@@ -153,12 +153,7 @@ def count(
     dark_arr = load_dark(str(dark)) if dark is not None else None
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     options = counting_options(settings.counting)
-    summary = scan.summary()
-    if summary["incomplete"] or summary["positions_missing"]:
-        err_console.print(
-            f"[yellow]warning:[/] {summary['incomplete']} frames miss sectors and "
-            f"{summary['positions_missing']} scan positions have no frame; they are marked in the output mask"
-        )
+    _warn_incomplete(scan.summary())
     t0 = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("counting", total=scan.num_frames)
@@ -175,6 +170,15 @@ def count(
         out.unlink(missing_ok=True)  # asked for; the write itself never replaces a file
     write_counted_scan(out, counted)
     _print_summary(out, counted, elapsed)
+
+
+def _warn_incomplete(summary: dict) -> None:
+    """Say so when the raw files miss sectors or whole frames (the output mask marks them)."""
+    if summary["incomplete"] or summary["positions_missing"]:
+        err_console.print(
+            f"[yellow]warning:[/] {summary['incomplete']} frames miss sectors and "
+            f"{summary['positions_missing']} scan positions have no frame; they are marked in the output mask"
+        )
 
 
 def _progress() -> Progress:

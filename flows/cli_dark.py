@@ -3,7 +3,6 @@ or raw files, and list the stored darks."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +13,7 @@ from flows.cli_common import command_settings, user_errors
 from flows.cli_terminal import run_in_terminal
 from flows.settings import Settings
 from tasks.launch.errors import SessionFailed
+from tasks.launch.state import SESSION_FILE, SessionState
 
 
 def dark(
@@ -58,20 +58,7 @@ def dark(
             typer.echo(f"{d.path}  {d.camera}  {d.frames} frames  mean {d.mean:.2f}  noise {d.noise:.2f}  "
                        f"{d.hot_pixels} hot  {d.age_hours:.1f} h old  ({d.source})")  # fmt: skip
         return
-    sources = (("--simulated", simulated), ("--scan-dir", scan_dir), ("RAW", raw), ("--session", session))
-    if len([name for name, on in sources if on]) != 1:
-        raise ValueError("give exactly one of --simulated, --session, --scan-dir DIR or RAW files")
-    if set_ and not session:
-        raise ValueError("--set is for --session")
-    if scan is not None and scan_dir is None:
-        raise ValueError("--scan needs --scan-dir")
-    if frames is not None and not simulated:
-        raise ValueError("--frames is for --simulated")
-    if scan_dir is not None and not scan_dir.is_dir():
-        raise FileNotFoundError(f"scans directory {scan_dir} does not exist")
-    for path in raw or []:
-        if not path.exists():
-            raise FileNotFoundError(f"raw file {path} does not exist")
+    _check_inputs(raw, simulated, scan_dir, scan, frames, session, bool(set_))
     if session:
         settings, scan_dir = _dark_session(ctx, set_ or [])
     source = "simulated" if simulated else "scan" if scan_dir is not None else "raw"
@@ -82,6 +69,32 @@ def dark(
     )
     if not_recorded:
         typer.echo(f"warning: not recorded in the catalogue: {not_recorded}", err=True)
+
+
+def _check_inputs(
+    raw: list[Path] | None,
+    simulated: bool,
+    scan_dir: Path | None,
+    scan: int | None,
+    frames: int | None,
+    session: bool,
+    assignments: bool,
+) -> None:
+    """One source, and only the options that go with it; the given files and directories exist."""
+    sources = (("--simulated", simulated), ("--scan-dir", scan_dir), ("RAW", raw), ("--session", session))
+    if len([name for name, on in sources if on]) != 1:
+        raise ValueError("give exactly one of --simulated, --session, --scan-dir DIR or RAW files")
+    if assignments and not session:
+        raise ValueError("--set is for --session")
+    if scan is not None and scan_dir is None:
+        raise ValueError("--scan needs --scan-dir")
+    if frames is not None and not simulated:
+        raise ValueError("--frames is for --simulated")
+    if scan_dir is not None and not scan_dir.is_dir():
+        raise FileNotFoundError(f"scans directory {scan_dir} does not exist")
+    for path in raw or []:
+        if not path.exists():
+            raise FileNotFoundError(f"raw file {path} does not exist")
 
 
 def _dark_session(ctx: typer.Context, assignments: list[str]) -> tuple[Settings, Path]:
@@ -96,12 +109,12 @@ def _dark_session(ctx: typer.Context, assignments: list[str]) -> tuple[Settings,
     )  # fmt: skip
     run_in_terminal(settings, params, postprocess=False)  # raises when the session failed: no dark then
     sessions = [
-        d for d in (settings.output_dir / "sessions").glob("*/session.json") if d.stat().st_mtime >= t0 - 1
+        d for d in (settings.output_dir / "sessions").glob(f"*/{SESSION_FILE}") if d.stat().st_mtime >= t0 - 1
     ]
     if not sessions:
         raise SessionFailed("the dark session left no session directory")
-    info = json.loads(max(sessions, key=lambda p: p.stat().st_mtime).read_text())
-    return settings, Path(info["scans_dir"])
+    state = SessionState.load(max(sessions, key=lambda p: p.stat().st_mtime).parent)
+    return settings, Path(state.scans_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -57,9 +57,6 @@ def send(
 ) -> None:
     """Emulate the four receiving servers: one process per module sends its sectors to the aggregator.
     With --script, the scans of a script one after another (the four receivers as threads)."""
-    from counting.geometry import ScanShape
-    from counting.offline import raw_paths
-    from counting.simulator import SimulatorConfig
     from streaming.camera.receivers import send_scan
 
     _configure_logging(verbose)
@@ -72,40 +69,47 @@ def send(
     if script is not None:
         scan_options = {"--dose": dose, "--seed": seed, "--scan-number": scan_number, "--timeout": timeout}
         not_for_script = [name for name, value in scan_options.items() if value is not None]
-        if threads != 1:
-            not_for_script.append("--threads")
+        not_for_script += ["--threads"] if threads != 1 else []
         if not_for_script:
             raise typer.BadParameter(f"{', '.join(not_for_script)}: not with --script (the script says)")
         _send_script(script, aggregator, rate, realtime, settings)
         return
-    if simulate is not None:
-        w, h = parse_scan(simulate)
-        sim = settings.simulator
-        source: Any = SimulatorConfig(
-            ScanShape(w, h),
-            frames_per_position=sim.frames_per_position,
-            dose=dose if dose is not None else sim.dose,
-            seed=seed if seed is not None else sim.seed,
-            flyback=sim.flyback,
-        )
-    else:
-        source = raw_paths(raw)
-    results = send_scan(
-        source,
-        aggregator,
-        rate,
-        threads,
-        scan_number=scan_number,
-        timeout=timeout,
-        realtime=realtime,
-        # --timeout also bounds the wait for an aggregator that is not up yet (default: 10 s of silence)
-        **({"send_timeout": timeout} if timeout is not None else {}),
-    )
+    source = _send_source(raw, simulate, dose, seed, settings)
+    # --timeout also bounds the wait for an aggregator that is not up yet (default: 10 s of silence)
+    options = dict(scan_number=scan_number, timeout=timeout, realtime=realtime)
+    options |= {"send_timeout": timeout} if timeout is not None else {}
+    results = send_scan(source, aggregator, rate, threads, **options)
+    _print_sent(results)
+
+
+def _print_sent(results: dict) -> None:
+    """One line: the sectors the modules sent, dropped, and lost because the aggregator was too slow."""
     total = sum(r.sent for r in results.values())
     dropped = sum(r.dropped for r in results.values())
     overflowed = sum(r.overflowed for r in results.values())
     lost = f", {overflowed} lost: the aggregator did not take them in time" if overflowed else ""
     console.print(f"sent {total} sectors from {len(results)} modules ({dropped} dropped{lost})")
+
+
+def _send_source(
+    raw: list[Path] | None, simulate: str | None, dose: float | None, seed: int | None, settings: Settings
+) -> Any:
+    """What `send` sends: the simulated camera's scan of that shape, or the raw files."""
+    from counting.geometry import ScanShape
+    from counting.offline import raw_paths
+    from counting.simulator import SimulatorConfig
+
+    if simulate is None:
+        return raw_paths(raw)
+    w, h = parse_scan(simulate)
+    sim = settings.simulator
+    return SimulatorConfig(
+        ScanShape(w, h),
+        frames_per_position=sim.frames_per_position,
+        dose=dose if dose is not None else sim.dose,
+        seed=seed if seed is not None else sim.seed,
+        flyback=sim.flyback,
+    )
 
 
 def _send_script(

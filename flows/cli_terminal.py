@@ -9,7 +9,6 @@ file under the output directory, and the flow gets that file's path (its ``setti
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -23,6 +22,7 @@ from flows.cli_common import console
 from flows.settings import Settings, write_settings_file
 from tasks.acquisition.live import live_url
 from tasks.launch.errors import SessionFailed
+from tasks.launch.state import SessionState
 
 
 class SessionWatcher(threading.Thread):
@@ -51,16 +51,18 @@ class SessionWatcher(threading.Thread):
                 return
             self.session_dir = max(found, key=lambda d: d.stat().st_mtime).resolve()
         try:
-            state = json.loads((self.session_dir / "session.json").read_text())
-        except (OSError, ValueError):
+            state = SessionState.load(self.session_dir)
+        except (OSError, ValueError, TypeError):
+            return
+        if not state.path.exists():
             return
         if not self._live and (url := live_url(self.session_dir)):
             self._live = True
             self.echo(f"live: {url}")
-        if state.get("ready") and not self._ready:
+        if state.ready and not self._ready:
             self._ready = True
-            self.echo(f"ready: receivers {' '.join(state.get('receivers', []))}")
-        scans = Path(state.get("scans_dir", self.session_dir / "scans"))
+            self.echo(f"ready: receivers {' '.join(state.receivers)}")
+        scans = Path(state.scans_dir or self.session_dir / "scans")
         for path in sorted(scans.glob("*.json")) if self._ready else []:
             if path.name in self._printed or path.stat().st_mtime < self.since:
                 continue
@@ -128,9 +130,9 @@ def run_in_terminal(settings: Settings, params: dict, postprocess: bool) -> int:
 
 def _print_where(session_dir: Path, postprocess: bool) -> None:
     """Where the session's files are: scans, images, logs (paths whole, on one line each)."""
-    info = json.loads((session_dir / "session.json").read_text())
+    state = SessionState.load(session_dir)
     for line in (
-        f"HDF5 files: {info.get('scans_dir', session_dir / 'scans')}",
+        f"HDF5 files: {state.scans_dir or session_dir / 'scans'}",
         *([f"py4DSTEM images (PNG): {session_dir / 'analysis'}"] if postprocess else []),
         f"logs: {session_dir / 'logs'}",
     ):
