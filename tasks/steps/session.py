@@ -192,11 +192,12 @@ class _CancelWatch:
         if self._run_id is None or self._cancelling or time.monotonic() - self._last < self.every:
             return self._cancelling
         self._last = time.monotonic()
+        # The API briefly unreachable (or erring): ask again later, never end a session for it.
         try:
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(self._run_id).state
-        except (httpx.HTTPError, ObjectNotFound):  # the API briefly unreachable: ask again later, never end
-            return False  # a session for it
+        except (httpx.HTTPError, ObjectNotFound):
+            return False
         self._cancelling = state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
         return self._cancelling
 
