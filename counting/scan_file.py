@@ -44,7 +44,7 @@ from counting.kernel import EventList
 from counting.sparse import create_layout, finish_layout, write_slots
 
 _EMPTY = np.empty(0, np.uint32)
-_REWRITE_CHUNK = 8192  # positions per step when rewriting with k > 1
+_REWRITE_CHUNK = 8192  # frame slots per step when rewriting with k > 1
 MAX_POSITIONS = 4096 * 4096  # default cap on a scan's positions (its shape comes from the wire)
 
 
@@ -232,9 +232,10 @@ class ScanFile:
         slots = create_layout(self._file.h5, self.scan, self.scan.positions * k)
         masks = np.zeros((self.scan.positions, k), np.uint8)
         extra = self._spill.index()  # sorted by position, then frame number
+        step = max(_REWRITE_CHUNK // k, 1)  # positions per step: its memory does not grow with k
         try:
-            for a in range(0, self.scan.positions, _REWRITE_CHUNK):
-                b = min(a + _REWRITE_CHUNK, self.scan.positions)
+            for a in range(0, self.scan.positions, step):
+                b = min(a + step, self.scan.positions)
                 firsts = old_slots[a:b]
                 lo, hi = np.searchsorted(extra["position"], [a, b])
                 per_position: dict[int, list] = {}

@@ -26,7 +26,12 @@ def microscope(
     """Add the microscope's metadata (tags, calibrations, HAADF) to a written scan, or show it."""
     from counting.microscope_meta import attach_microscope, read_microscope
     from streaming.protocol.record import ScanRecord, record_path
-    from tasks.microscope import MicroscopeLink, find_microscope_file, read_microscope_file
+    from tasks.microscope import (
+        MicroscopeLink,
+        attach_with_record,
+        find_microscope_file,
+        read_microscope_file,
+    )
 
     if not scan.is_file():
         raise FileNotFoundError(f"scan file {scan} does not exist")
@@ -56,14 +61,14 @@ def microscope(
     meta = read_microscope_file(file, settings.microscope)  # one clear line if unreadable
     if record is not None and meta.scan_number is not None and meta.scan_number != record.scan_number:
         raise ValueError(f"{file.name} is for scan {meta.scan_number}, not {record.scan_number}")
-    sha = attach_microscope(
-        scan, meta, record.sha256 if record else None
-    )  # MicroscopeMetadataError: one line
     link = MicroscopeLink("attached", str(file.resolve()), None, meta.summary())
-    if record is not None:
-        record.sha256 = sha
-        record.extra["microscope"] = link.to_json()
-        record.save(rec_path)
+    if record is not None:  # file and stop record never out of step (MicroscopeMetadataError: one line)
+        if not attach_with_record(scan, meta, record, link):
+            typer.echo(
+                f"warning: {rec_path.name} not updated yet (staged; verification settles it)", err=True
+            )
+    else:
+        attach_microscope(scan, meta, None)
     typer.echo(f"{scan.name}: microscope metadata from {file}")
     for key, value in meta.summary().items():
         typer.echo(f"  {key}: {value}")

@@ -299,19 +299,30 @@ def _link(
                 "missing", str(path), f"{path.name} is for scan {meta.scan_number}, not {record.scan_number}"
             )
         link = MicroscopeLink("attached", str(path.resolve()), None, meta.summary())
-        pending = pending_record_path(h5_path)
-
-        def stage(digest: str) -> None:  # the new record, durable before the file changes
-            staged = replace(record, sha256=digest, extra={**record.extra, "microscope": link.to_json()})
-            staged.save(pending)
-
-        attach_microscope(h5_path, meta, record.sha256, before_replace=stage)
+        staged = attach_with_record(h5_path, meta, record, link)
     except (MicroscopeMetadataError, OSError) as exc:
         return MicroscopeLink("failed", str(path), str(exc))
+    if not staged:  # the staged record stays: resolve_pending_record settles it later
+        return MicroscopeLink("failed", str(path), "metadata added, but its stop record is still staged")
+    return link
+
+
+def attach_with_record(
+    h5_path: Path, meta: MicroscopeMetadata, record: ScanRecord, link: MicroscopeLink
+) -> bool:
+    """Add ``meta`` to the file and ``link`` (with the new checksum) to its stop record, never out of step:
+    the new record is staged and fsynced before the file is replaced, and committed after. Raises what
+    attach_microscope raises (the file and record are then as they were); False if the file was replaced
+    but the record could not be committed (it stays staged, for resolve_pending_record)."""
+    pending = pending_record_path(h5_path)
+
+    def stage(digest: str) -> None:  # the new record, durable before the file changes
+        replace(record, sha256=digest, extra={**record.extra, "microscope": link.to_json()}).save(pending)
+
+    attach_microscope(h5_path, meta, record.sha256, before_replace=stage)
     try:
         commit_pending_record(h5_path)
-    except OSError as exc:  # the staged record stays: resolve_pending_record settles it later
-        return MicroscopeLink(
-            "failed", str(path), f"metadata added, but its stop record is still staged: {exc}"
-        )
-    return link
+    except OSError as exc:
+        log.error("%s: microscope metadata added, but its stop record is still staged: %s", h5_path.name, exc)
+        return False
+    return True

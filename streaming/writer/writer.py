@@ -144,6 +144,12 @@ class ScanWriter:
                     scan.frames,
                 )
                 self._finish(scan, cut_short=EndReason.SHUTDOWN)
+        elif self._scans:
+            log.error(
+                "the writer loop did not stop within %.0f s; %d open scan(s) not written",
+                timeout,
+                len(self._scans),
+            )
         _, running = wait(self._pending, max(deadline - time.monotonic(), 0.0))
         self._reap()
         if running:
