@@ -145,6 +145,27 @@ def test_a_complete_scan_that_cannot_be_named_is_kept_and_its_record_says_where(
     assert saved["kept_file"] == str(kept) and saved["status"] == "failed"
 
 
+class EveryNameTaken(FinalName):
+    """Every final name the writer tries is taken by the time it links (another writer, a user's copy)."""
+
+    def link(self, src: Path, dst: Path) -> None:
+        if dst.suffix == ".h5":
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+        super().link(src, dst)
+
+
+def test_a_complete_scan_whose_names_are_all_taken_is_kept(tmp_path: Path):
+    writer = writer_for(tmp_path, EveryNameTaken())
+    try:
+        send_scan(writer, [0, 1, 2, 3], done=True)
+    finally:
+        writer.stop(timeout=20)
+    [record] = writer.records
+    assert record.status is ScanStatus.FAILED and "File exists" in record.error
+    kept = Path(record.extra["kept_file"])
+    assert file_sha256(kept) == record.sha256 and not list(tmp_path.glob("*.partial"))
+
+
 def test_a_temporary_file_that_cannot_be_named_is_never_removed(tmp_path: Path):
     with TempHDF5(tmp_path, "s.h5", final_name=NoNamesAtAll()) as tmp:
         tmp.h5["x"] = np.arange(3)
