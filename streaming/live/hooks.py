@@ -9,8 +9,8 @@ import zmq
 
 from streaming.live.publisher import LivePublisher
 from streaming.live.tap import LiveTap
-from streaming.live_settings import LiveSettings
 from streaming.protocol import control as p
+from streaming.settings import LiveSettings
 from streaming.transport.security import CurveClientConfig
 
 

@@ -21,9 +21,9 @@ import zmq
 
 from counting import live_images
 from counting.live_images import LiveGeometry, LiveImages
-from streaming.live_settings import LiveSettings, live_address
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
+from streaming.settings import LiveSettings
 from streaming.transport.security import CurveClientConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LivePublisher:
         """name: the node's; aggregator: its address as the node reaches it (the view is beside it unless
         live.connect says otherwise); curve: the node's CURVE client keys (None: plain)."""
         self.name, self.settings = name, live
-        self.address = live_address(live, aggregator)
+        self.address = live.snapshot_address(aggregator)
         self.dropped_batches = 0  # batches the thread could not take in time (the queue was full)
         self.dropped_snapshots = 0  # snapshots the view could not take in time
         self.sent = 0

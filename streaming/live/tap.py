@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import zmq
 
-from streaming.live_settings import LiveSettings
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
+from streaming.settings import LiveSettings
 
 log = logging.getLogger(__name__)
 

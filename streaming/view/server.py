@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from streaming.live_settings import LiveSettings
+from streaming.settings import LiveSettings
 from streaming.transport.security import CurveServerConfig
 from streaming.view.app import live_app
 from streaming.view.ingest import LiveIngest

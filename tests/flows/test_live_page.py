@@ -18,7 +18,7 @@ from stemstream_testing.browser import headless_chromium
 from stemstream_testing.live_oracle import live_sums_from_file
 from stemstream_testing.pipeline import ProcessPipeline
 from stemstream_testing.support import free_port
-from streaming.live_settings import LiveSettings
+from streaming.settings import LiveSettings
 from streaming.view.server import LiveServer
 
 pytestmark = pytest.mark.timeout(400)

@@ -27,10 +27,9 @@ from stemstream_testing.pipeline import ProcessPipeline
 from stemstream_testing.support import free_port
 from streaming.components import node_config, server_curve
 from streaming.live.publisher import LivePublisher
-from streaming.live_settings import LiveSettings
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
-from streaming.settings import CurveSettings, StreamingSettings
+from streaming.settings import CurveSettings, LiveSettings, StreamingSettings
 from streaming.transport.security import write_keypair
 from streaming.view.server import LiveServer
 
