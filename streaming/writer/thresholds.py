@@ -37,6 +37,7 @@ class SampleOffer:
     frames: dict[int, np.ndarray] = field(default_factory=dict)  # by frame number
     closed: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)  # nodes the aggregator lost: they offer no more
+    limit: int = 0  # frames kept (the lowest-numbered: the only ones the estimate uses); 0: all
 
     @property
     def all_in(self) -> bool:
@@ -48,7 +49,13 @@ class SampleOffer:
         if len(parts) != len(header.frame_numbers):
             raise p.ProtocolError("sample frame count does not match its header")
         for number, part in zip(header.frame_numbers, parts, strict=True):
-            self.frames[int(number)] = np.frombuffer(part.buffer, np.uint16).reshape(FRAME_SHAPE).copy()
+            number, frame = int(number), np.frombuffer(part.buffer, np.uint16).reshape(FRAME_SHAPE)
+            if self.limit and len(self.frames) >= self.limit and number not in self.frames:
+                highest = max(self.frames)
+                if number > highest:
+                    continue  # never among the frames the estimate uses: not kept
+                del self.frames[highest]
+            self.frames[number] = frame.copy()
         if header.last:
             self.closed.add(header.name)
         self.lost.update(header.lost)

@@ -195,7 +195,7 @@ class ScanWriter:
             file=ScanFile(
                 path.parent, path.name, shape, max_positions=self._max_positions, final_name=self._final_name
             ),
-            samples=SampleOffer(begin.n_nodes),
+            samples=SampleOffer(begin.n_nodes, limit=self.config.estimate.sample_frames),
             thresholds=self._thresholds.fixed(begin.scan_number),
         )
         if scan.file.error is not None:

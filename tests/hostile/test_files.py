@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
-from counting.geometry import ALL_SECTORS, ScanShape
+from counting.geometry import ALL_SECTORS, FRAME_SHAPE, ScanShape
 from counting.h5_storage import FinalName, TempHDF5, UnnamedFileError
 from counting.kernel import EventList, Thresholds
 from counting.scan_file import ScanFile, ScanTooLargeError
@@ -29,6 +29,7 @@ from stemstream_testing.options import estimation
 from streaming.protocol import control as p
 from streaming.protocol.record import ScanRecord, ScanStatus
 from streaming.writer.files import ScanWriterError, check_output_dir
+from streaming.writer.thresholds import SampleOffer
 from streaming.writer.writer import ScanWriter, WriterConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -288,3 +289,13 @@ def test_nothing_in_proportion_to_the_scan_is_written_at_its_begin(tmp_path: Pat
         assert positions.shape == (shape.positions,)
         assert np.array_equal(positions[-5:], np.arange(shape.positions - 5, shape.positions))
         assert np.array_equal(positions[: 1 << 10], np.arange(1 << 10))
+
+
+def test_threshold_samples_kept_are_bounded_by_what_the_estimate_uses():
+    """Before: every offered sample frame (663 kB each) was kept until the thresholds were settled."""
+    offer = SampleOffer(1, limit=4)
+    numbers = [9, 3, 7, 1, 8, 2, 6, 0, 5, 4]
+    frames = [np.full(FRAME_SHAPE, n, np.uint16).tobytes() for n in numbers]
+    offer.add(p.SampleHeader("n0", 1, numbers, True), [zmq.Frame(f) for f in frames])
+    assert sorted(offer.frames) == [0, 1, 2, 3]
+    assert all(int(offer.frames[n][0, 0]) == n for n in offer.frames)
