@@ -14,6 +14,7 @@ from counting.kernel import Thresholds
 from counting.pipeline import CountingOptions
 from counting.settings import CountingSettings
 from counting.thresholds import ThresholdConfig
+from streaming.aggregator.config import AggregatorConfig
 from streaming.node.config import NodeConfig
 from streaming.settings import CurveSettings, StreamingSettings
 from streaming.transport.security import CurveClientConfig, CurveServerConfig
@@ -92,3 +93,8 @@ def fixed_thresholds(counting: CountingSettings) -> Thresholds | None:
 def counting_options(counting: CountingSettings) -> CountingOptions:
     """What offline counting counts with, from the counting settings."""
     return CountingOptions(fixed_thresholds(counting), threshold_config(counting), counting.workers)
+
+
+def aggregator_config(streaming: StreamingSettings) -> AggregatorConfig:
+    """The aggregator's (and its forwarding processes') config."""
+    return AggregatorConfig.of(streaming)

@@ -38,8 +38,9 @@ from collections.abc import Callable
 import zmq
 
 from streaming.aggregator.admission import Admission
+from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.control import NodeControl
-from streaming.aggregator.data_path import DataPath, PathConfig, weak
+from streaming.aggregator.data_path import DataPath, weak
 from streaming.aggregator.forwarding import ForwardingControl
 from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
@@ -65,53 +66,51 @@ _MAX_POLL_MS = 100
 class Aggregator:
     """Receives sectors, forwards frames to nodes, ends scans; see the module docstring.
 
-    settings: the streaming settings (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline,
-    heartbeat, node_timeout, aggregator_stall_timeout, aggregator_node_hwm, aggregator_receiver_hwm; port
-    0 picks a free port, see receiver_endpoints). curve: CURVE server keys and allowed client keys for the
-    node and monitor sockets (None: plain, for loopback). context: a zmq.Context to use (default: its own).
+    config: an AggregatorConfig (streaming.components.aggregator_config), or the streaming settings it is
+    built from (receivers, nodes_bind, n_nodes, monitor_bind, scan_deadline, heartbeat, node_timeout, the
+    aggregator_* queues, stall timeout and processes; port 0 picks a free port, see receiver_endpoints).
+    curve: CURVE server keys and allowed client keys for the node and monitor sockets (None: plain, for
+    loopback). context: a zmq.Context to use (default: its own).
 
     Its parts call back into it through weak references (data_path.weak): no reference cycle.
     """
 
     def __init__(
         self,
-        settings: StreamingSettings,
+        config: AggregatorConfig | StreamingSettings,
         curve: CurveServerConfig | None = None,
         *,
         context: zmq.Context | None = None,
     ) -> None:
-        st = settings
-        if not st.receivers:
-            raise ValueError("give at least one receiver address")
-        self.settings, self.n_nodes = st, st.n_nodes
-        self.scan_deadline, self.heartbeat = st.scan_deadline, st.heartbeat
+        cfg = config if isinstance(config, AggregatorConfig) else AggregatorConfig.of(config)
+        self.config, self.n_nodes = cfg, cfg.n_nodes
+        self.scan_deadline, self.heartbeat = cfg.scan_deadline, cfg.heartbeat
         self.session_id = int.from_bytes(os.urandom(4), "little")
         self.security = describe(curve)
         self.stats = AggregatorStats()
-        config = PathConfig.of(st)
-        self.sockets = AggregatorSockets(config, st.monitor_bind, curve, context)  # ports known at once
+        self.sockets = AggregatorSockets(cfg.path, cfg.monitor_bind, curve, context)  # ports known at once
         self._receivers, self._router = self.sockets.receivers, self.sockets.router
         self._monitor = self.sockets.monitor
         # The forwarding processes 1..K-1 (K = aggregator_processes), if any.
-        self.forwarding = ForwardingControl.start(st, curve, self.sockets, self.stats)
+        self.forwarding = ForwardingControl.start(cfg, curve, self.sockets, self.stats)
         self.hub: ForwarderHub | None = self.forwarding.hub if self.forwarding is not None else None
-        self.nodes = NodeRegistry(st.n_nodes)
+        self.nodes = NodeRegistry(cfg.n_nodes)
         self.path = DataPath(
             self.sockets.path,
             0,
-            config,
+            cfg.path,
             identity=self.nodes.identity,
             stop=weak(self._stop_requested),
             wait=weak(self._wait_for_room),
             failed=weak(self._send_failed),
         )
-        self.admission = Admission(self.nodes, self.path.ended, self.stats, st.scan_deadline)
+        self.admission = Admission(self.nodes, self.path.ended, self.stats, cfg.scan_deadline)
         self.control = NodeControl(
             self.nodes,
             self.path,
             self.forwarding,
             session_id=self.session_id,
-            node_timeout=st.node_timeout,
+            node_timeout=cfg.node_timeout,
             joined=weak(self._joined),
             lost=weak(self._lost),
             publish=weak(self._publish_state),
@@ -174,8 +173,8 @@ class Aggregator:
             self.n_nodes,
             self.monitor_endpoint,
             self.security,
-            self.settings.aggregator_receiver_hwm,
-            self.settings.aggregator_node_hwm,
+            self.config.path.receiver_hwm,
+            self.config.path.node_hwm,
         )
         try:
             while not self._stop_requested():
@@ -385,7 +384,7 @@ class Aggregator:
 
 
 def run_aggregator(
-    settings: StreamingSettings,
+    settings: AggregatorConfig | StreamingSettings,
     curve: CurveServerConfig | None = None,
     stop_event: threading.Event | None = None,
     timeout: float | None = None,

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from streaming.aggregator.data_path import DataPath, PathConfig, PathSockets, weak
+from streaming.aggregator.config import AggregatorConfig
+from streaming.aggregator.data_path import DataPath, PathSockets, weak
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
 from streaming.protocol.reasons import Verdict
 from streaming.protocol.sector import SectorHeader, WireError, decode_message
-from streaming.settings import StreamingSettings
 from streaming.transport.addresses import offset_address
 from streaming.transport.router_io import Sent, drain
 from streaming.transport.security import CurveServerConfig
@@ -81,19 +81,18 @@ class Forwarder:
     """One forwarding process's sockets and loop; see the module docstring."""
 
     def __init__(
-        self, settings: StreamingSettings, curve: CurveServerConfig | None, index: int, hub: str
+        self, config: AggregatorConfig, curve: CurveServerConfig | None, index: int, hub: str
     ) -> None:
-        self.settings, self.index = settings, index
+        self.config, self.index = config, index
         self.ctx = zmq.Context()
-        config = PathConfig.of(settings)
-        self.sockets = PathSockets(config, index, self.ctx, curve)
+        self.sockets = PathSockets(config.path, index, self.ctx, curve)
         self.receivers, self.router = self.sockets.receivers, self.sockets.router
         self.hub = self.sockets.socket(zmq.DEALER)
         self.hub.connect(hub)
         self.path = DataPath(
             self.sockets,
             index,
-            config,
+            config.path,
             identity=self._identity,  # strong: asked on every send (the loop closes the sockets itself)
             stop=weak(self._stopping),
             wait=weak(self._wait_for_room),
@@ -158,7 +157,7 @@ class Forwarder:
         now = time.monotonic()
         if now - self._last_report >= _REPORT_EVERY and self._counts.any():
             self._report()
-        elif now - self._last_report >= self.settings.heartbeat:
+        elif now - self._last_report >= self.config.heartbeat:
             self._report()  # also a heartbeat
             if os.getppid() != self._parent:
                 log.warning("forwarder %d: the aggregator is gone; stopping", self.index)
@@ -213,7 +212,7 @@ class Forwarder:
             self._counts.late += 1
             return True
         entry = self._dropping.get(number)
-        if entry is None or now - entry[1] >= self.settings.scan_deadline:
+        if entry is None or now - entry[1] >= self.config.scan_deadline:
             self._dropping.pop(number, None)
             return False
         self._dropping[number] = (entry[0], now)
@@ -330,7 +329,7 @@ class Forwarder:
 
 
 def run_forwarder(
-    settings: StreamingSettings, curve: CurveServerConfig | None, index: int, hub: str, log_level: int
+    config: AggregatorConfig, curve: CurveServerConfig | None, index: int, hub: str, log_level: int
 ) -> None:
     """A forwarding process's entry point (multiprocessing spawn): serve until the aggregator says stop."""
     import signal
@@ -338,7 +337,7 @@ def run_forwarder(
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the aggregator stops its forwarders itself
     try:
-        forwarder = Forwarder(settings, curve, index, hub)
+        forwarder = Forwarder(config, curve, index, hub)
     except zmq.ZMQError as exc:
         logging.getLogger(__name__).error("forwarding process %d cannot start: %s", index, exc)
         raise SystemExit(1) from None

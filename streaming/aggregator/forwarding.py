@@ -9,13 +9,13 @@ import time
 
 import zmq
 
+from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
 from streaming.aggregator.sockets import AggregatorSockets
 from streaming.aggregator.stats import PATH_COUNTS, AggregatorStats
 from streaming.protocol import paths as f
 from streaming.protocol.sector import SectorHeader, WireError, decode_header
-from streaming.settings import StreamingSettings
 from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,17 @@ class ForwardingControl:
     @classmethod
     def start(
         cls,
-        st: StreamingSettings,
+        config: AggregatorConfig,
         curve: CurveServerConfig | None,
         sockets: AggregatorSockets,
         stats: AggregatorStats,
     ) -> ForwardingControl | None:
         """Start the forwarding processes 1..K-1 (none when K = aggregator_processes is 1) and poll their
         hub with the aggregator's sockets; on failure the aggregator's sockets are closed too."""
-        if st.aggregator_processes <= 1:
+        if config.processes <= 1:
             return None
         try:
-            hub = ForwarderHub(st, curve, sockets.context)
+            hub = ForwarderHub(config, curve, sockets.context)
         except BaseException:
             sockets.close()
             raise

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import zmq
 
 from counting.errors import PermanentError
+from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.forwarder import run_forwarder
 from streaming.protocol import paths as f
-from streaming.settings import StreamingSettings
 from streaming.transport.addresses import offset_address, port_of
 from streaming.transport.security import CurveServerConfig
 
@@ -45,15 +45,16 @@ class ForwarderInfo:
         return port_of(self.nodes)
 
 
-def check_addresses(st: StreamingSettings) -> None:
+def check_addresses(config: AggregatorConfig) -> None:
     """Every address the K paths bind, distinct (port 0 aside): a clear error before anything starts."""
-    wanted = [("monitor_bind", st.monitor_bind)] if st.monitor_bind else []
-    for i in range(st.aggregator_processes):
-        delta = i * st.aggregator_port_stride
+    path = config.path
+    wanted = [("monitor_bind", config.monitor_bind)] if config.monitor_bind else []
+    for i in range(config.processes):
+        delta = i * path.port_stride
         wanted += [
-            (f"receiver {j} of path {i}", offset_address(a, delta)) for j, a in enumerate(st.receivers)
+            (f"receiver {j} of path {i}", offset_address(a, delta)) for j, a in enumerate(path.receivers)
         ]
-        wanted.append((f"nodes_bind of path {i}", offset_address(st.nodes_bind, delta)))
+        wanted.append((f"nodes_bind of path {i}", offset_address(path.nodes_bind, delta)))
     seen: dict[str, str] = {}
     for what, address in wanted:
         if address.endswith(":0"):
@@ -61,7 +62,7 @@ def check_addresses(st: StreamingSettings) -> None:
         if address in seen:
             raise ForwarderError(
                 f"{what} would bind {address}, already the {seen[address]}: forwarding process i binds every "
-                f"receiver and the node address at port + i x {st.aggregator_port_stride} "
+                f"receiver and the node address at port + i x {path.port_stride} "
                 "(streaming.aggregator_port_stride); choose ports or a stride that do not collide"
             )
         seen[address] = what
@@ -70,8 +71,10 @@ def check_addresses(st: StreamingSettings) -> None:
 class ForwarderHub:
     """Starts, addresses and stops the forwarding processes 1..K-1."""
 
-    def __init__(self, st: StreamingSettings, curve: CurveServerConfig | None, context: zmq.Context) -> None:
-        check_addresses(st)
+    def __init__(
+        self, config: AggregatorConfig, curve: CurveServerConfig | None, context: zmq.Context
+    ) -> None:
+        check_addresses(config)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 1000
         self.socket.router_mandatory = 1
@@ -81,15 +84,15 @@ class ForwarderHub:
         spawn = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         try:
-            for i in range(1, st.aggregator_processes):
+            for i in range(1, config.processes):
                 proc = spawn.Process(
                     target=run_forwarder,
-                    args=(st, curve, i, address, level),
+                    args=(config, curve, i, address, level),
                     name=f"stemstream-forwarder-{i}",
                     daemon=True,
                 )
                 proc.start()
-                receivers = [offset_address(a, i * st.aggregator_port_stride) for a in st.receivers]
+                receivers = [offset_address(a, i * config.path.port_stride) for a in config.path.receivers]
                 self.forwarders[i] = ForwarderInfo(i, proc, receivers)
             self._wait_up()
         except BaseException:
