@@ -32,6 +32,8 @@ from pathlib import Path
 
 import h5py
 
+from counting.errors import PermanentError
+
 METADATA_CACHE = 2 << 20  # HDF5's metadata cache (it holds the event heaps being filled): fixed, not adaptive
 RESERVE_MIN = 1 << 20  # first reservation step
 RESERVE_MAX = 64 << 20  # steps double up to this
@@ -172,7 +174,7 @@ _RENAME_NOREPLACE = 1  # linux/fs.h
 _AT_FDCWD = -100
 
 
-class UnnamedFileError(OSError):
+class UnnamedFileError(PermanentError, OSError):
     """A complete file could not take its final name (neither a hard link nor a no-replace rename works
     there); it is kept, complete and fsynced, at ``kept``."""
 
