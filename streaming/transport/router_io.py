@@ -24,15 +24,19 @@ def send_routed(router: zmq.Socket, identity: bytes, parts: list) -> None:
 
 
 def drain(sock: zmq.Socket, handle: Callable[[list], None], batch: int, stop: Callable[[], bool]) -> None:
-    """Hand up to ``batch`` waiting messages to ``handle`` without blocking; ends early once ``stop()``."""
+    """Hand up to ``batch`` waiting messages to ``handle`` without blocking; takes none once ``stop()``.
+
+    stop() is asked before every message, the first included: an owner that drains several sockets in one
+    turn must not take a message from the next socket once one it cannot place yet is held (it would be
+    dropped: the aggregator holds one sector of a new scan until the nodes are armed)."""
     for _ in range(batch):
+        if stop():
+            return
         try:
             parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
         handle(parts)
-        if stop():
-            return
 
 
 class Sent(enum.Enum):
