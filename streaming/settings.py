@@ -152,6 +152,12 @@ class StreamingSettings(BaseModel):
     )
     timezone: str = Field("America/Los_Angeles", description="the facility's time zone, for file names")
     send_rate: float | None = Field(None, gt=0, description="sender frames/s per module (None: unlimited)")
+    max_scan_positions: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="the largest scan (width x height positions) accepted from the wire: a sector announcing a "
+        "larger one is refused and counted, and nothing is allocated for it (aggregator, nodes, writer, view)",
+    )
     aggregator_receiver_hwm: int = Field(
         1000,
         ge=1,
