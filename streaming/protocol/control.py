@@ -47,9 +47,10 @@ receive [b"state", AggregatorState] with a heartbeat.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgpack
+import msgspec
 
 from counting.errors import PermanentError
 
@@ -73,63 +74,74 @@ class ProtocolError(PermanentError, ValueError):
     """A control message is malformed."""
 
 
+# Field types with ranges, checked by ``decode`` (msgspec validates a decoded body against the annotations;
+# the wire stays the plain msgpack map of the dataclass).
+Count = Annotated[int, msgspec.Meta(ge=0)]  # counters, pids, indices
+ScanNumber = Annotated[int, msgspec.Meta(ge=-1, le=0xFFFFFFFF)]  # the wire's uint32; -1: none yet
+Side = Annotated[int, msgspec.Meta(ge=1, le=0xFFFF)]  # a scan's width or height (the wire's uint16)
+NodeCount = Annotated[int, msgspec.Meta(ge=1, le=0xFFFF)]  # frames are routed modulo this
+Name = Annotated[str, msgspec.Meta(max_length=255)]  # a node's name
+Text = Annotated[str, msgspec.Meta(max_length=4096)]  # addresses, paths, keys, reasons
+Names = Annotated[list[Name], msgspec.Meta(max_length=0xFFFF)]
+
+
 @dataclass(frozen=True)
 class Hello:
     """A node introduces itself."""
 
-    name: str
-    pid: int
+    name: Name
+    pid: Count
     protocol: int = PROTOCOL_VERSION
-    output_dir: str = ""  # where this node would write scans if it hosted the writer
+    output_dir: Text = ""  # where this node would write scans if it hosted the writer
 
 
 @dataclass(frozen=True)
 class WriterAt:
     """Node 0 hosts the scan writer, listening here."""
 
-    name: str
-    address: str
-    output_dir: str
+    name: Name
+    address: Text
+    output_dir: Text
 
 
 @dataclass(frozen=True)
 class Ready:
     """A node is armed for the next scan."""
 
-    name: str
-    last_scan: int = -1
+    name: Name
+    last_scan: ScanNumber = -1
 
 
 @dataclass(frozen=True)
 class Done:
     """A node finished a scan: what it received and counted."""
 
-    name: str
-    scan_number: int
-    sectors: int
-    frames: int
-    incomplete_frames: int
-    reason: str  # an EndReason value
+    name: Name
+    scan_number: ScanNumber
+    sectors: Count
+    frames: Count
+    incomplete_frames: Count
+    reason: Text  # an EndReason value
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     """Liveness plus a few counters."""
 
-    name: str
-    state: str
-    scan_number: int = -1
+    name: Name
+    state: Text
+    scan_number: ScanNumber = -1
 
 
 @dataclass(frozen=True)
 class Welcome:
     """The aggregator accepted a node."""
 
-    node_index: int
-    n_nodes: int
+    node_index: Count
+    n_nodes: NodeCount
     session_id: int = 0
     host_writer: bool = False  # this node hosts the session's scan writer (node 0)
-    writer: str = ""  # the scan writer's address; empty until node 0 has announced it
+    writer: Text = ""  # the scan writer's address; empty until node 0 has announced it
     data_ports: list[int] = field(default_factory=list)  # forwarders' node ports (aggregator's host)
 
 
@@ -137,44 +149,44 @@ class Welcome:
 class Attach:
     """A node on a forwarder's connection (and the forwarder's answer): sectors for this name come here."""
 
-    name: str
-    path: int = 0  # in the answer: the forwarder's number
+    name: Name
+    path: Count = 0  # in the answer: the forwarder's number
 
 
 @dataclass(frozen=True)
 class ScanBegin:
     """A scan starts: its shape and how frames are routed."""
 
-    scan_number: int
-    scan_width: int
-    scan_height: int
-    expected_frames: int  # frames in the whole scan (all nodes); 0 if unknown
-    node_index: int
-    n_nodes: int
+    scan_number: ScanNumber
+    scan_width: Side
+    scan_height: Side
+    expected_frames: Count  # frames in the whole scan (all nodes); 0 if unknown
+    node_index: Count
+    n_nodes: NodeCount
     session_id: int = 0
-    scan_key: str = ""  # unique per scan the aggregator begins, even when a scan number comes again
+    scan_key: Text = ""  # unique per scan the aggregator begins, even when a scan number comes again
 
 
 @dataclass(frozen=True)
 class ScanEnd:
     """No more sectors of this scan will be sent to this node."""
 
-    scan_number: int
-    sectors_sent: int  # sectors the aggregator sent to this node in this scan
-    reason: str  # an EndReason value (streaming.protocol.reasons): complete, deadline, superseded, shutdown
-    sectors_expected: int = 0  # for the whole scan, all nodes
-    sectors_received: int = 0  # by the aggregator, whole scan
-    malformed: int = 0  # messages rejected during this scan
-    path: int = 0  # who sends this end: 0 the aggregator, i forwarder i (each counts what it sent)
+    scan_number: ScanNumber
+    sectors_sent: Count  # sectors the aggregator sent to this node in this scan
+    reason: Text  # an EndReason value (streaming.protocol.reasons): complete, deadline, superseded, shutdown
+    sectors_expected: Count = 0  # for the whole scan, all nodes
+    sectors_received: Count = 0  # by the aggregator, whole scan
+    malformed: Count = 0  # messages rejected during this scan
+    path: Count = 0  # who sends this end: 0 the aggregator, i forwarder i (each counts what it sent)
     forwarders: list[int] = field(default_factory=list)  # aggregator's end: forwarders whose end follows
-    lost: list[str] = field(default_factory=list)  # nodes lost during this scan: the writer waits not
+    lost: Names = field(default_factory=list)  # nodes lost during this scan: the writer waits not
 
 
 @dataclass(frozen=True)
 class Bye:
     """The aggregator is going away."""
 
-    reason: str = "shutdown"
+    reason: Text = "shutdown"
     final: bool = (
         True  # False: a refusal that may clear (all slots taken while a lost node is not yet noticed)
     )
@@ -184,22 +196,22 @@ class Bye:
 class AggregatorState:
     """What monitors see: state, counters, per-node counters."""
 
-    state: str
-    scan_number: int
-    nodes_connected: int
-    nodes_ready: int
-    n_nodes: int
-    received: int
-    forwarded: int
-    malformed: int
-    unroutable: int
+    state: Text
+    scan_number: ScanNumber
+    nodes_connected: Count
+    nodes_ready: Count
+    n_nodes: Count
+    received: Count
+    forwarded: Count
+    malformed: Count
+    unroutable: Count
     per_node: dict[str, int] = field(default_factory=dict)
     time: float = 0.0
-    late: int = 0  # sectors of an already-ended scan, dropped
-    writer: str = ""  # name of the node that hosts the scan writer ("" until designated)
-    refused: int = 0  # sectors of scans that began before every node was first ready
-    scan_expected: int = 0  # sectors expected of the open scan (0: none open)
-    scan_received: int = 0  # ...and received so far
+    late: Count = 0  # sectors of an already-ended scan, dropped
+    writer: Text = ""  # name of the node that hosts the scan writer ("" until designated)
+    refused: Count = 0  # sectors of scans that began before every node was first ready
+    scan_expected: Count = 0  # sectors expected of the open scan (0: none open)
+    scan_received: Count = 0  # ...and received so far
     refused_scans: dict[int, int] = field(default_factory=dict)  # those scans: number -> sectors
     per_path: dict[int, dict[str, int]] = field(default_factory=dict)  # 0: aggregator, i: forwarder i
 
@@ -221,26 +233,26 @@ W_THRESHOLDS = b"w.thresholds"
 class NodeScanBegin:
     """A node streamer starts a scan."""
 
-    name: str
-    scan_number: int
-    scan_width: int
-    scan_height: int
-    n_nodes: int
-    node_index: int
+    name: Name
+    scan_number: ScanNumber
+    scan_width: Side
+    scan_height: Side
+    n_nodes: NodeCount
+    node_index: Count
     session_id: int = 0
-    scan_key: str = ""
+    scan_key: Text = ""
 
 
 @dataclass(frozen=True)
 class SampleHeader:
     """Complete frames offered for threshold estimation; ``last`` closes this node's offer for the scan."""
 
-    name: str
-    scan_number: int
+    name: Name
+    scan_number: ScanNumber
     frame_numbers: list[int]
     last: bool
-    scan_key: str = ""
-    lost: list[str] = field(default_factory=list)  # nodes lost mid-scan: their offers will never close
+    scan_key: Text = ""
+    lost: Names = field(default_factory=list)  # nodes lost mid-scan: their offers will never close
 
 
 @dataclass(frozen=True)
@@ -248,40 +260,40 @@ class EventsHeader:
     """Counted frames follow as arrays: positions int64, frame numbers int64, masks uint8, offsets int64,
     indices uint32."""
 
-    name: str
-    scan_number: int
-    frames: int
-    scan_key: str = ""
+    name: Name
+    scan_number: ScanNumber
+    frames: Count
+    scan_key: Text = ""
 
 
 @dataclass(frozen=True)
 class NodeScanDone:
     """A node has sent every counted frame of a scan."""
 
-    name: str
-    scan_number: int
-    sectors: int  # sectors this node received
-    sectors_sent: int  # sectors the aggregator says it sent to this node
-    frames: int
-    incomplete_frames: int
-    duplicates: int
-    reason: str  # an EndReason value
+    name: Name
+    scan_number: ScanNumber
+    sectors: Count  # sectors this node received
+    sectors_sent: Count  # sectors the aggregator says it sent to this node
+    frames: Count
+    incomplete_frames: Count
+    duplicates: Count
+    reason: Text  # an EndReason value
     counting_seconds: float = 0.0
-    late_sectors: int = 0  # sectors of frames already sealed incomplete, dropped
-    evicted_slots: int = 0  # batches sealed early because their frames waited too long
-    scan_key: str = ""
-    lost: list[str] = field(default_factory=list)  # nodes the aggregator lost during the scan
+    late_sectors: Count = 0  # sectors of frames already sealed incomplete, dropped
+    evicted_slots: Count = 0  # batches sealed early because their frames waited too long
+    scan_key: Text = ""
+    lost: Names = field(default_factory=list)  # nodes the aggregator lost during the scan
 
 
 @dataclass(frozen=True)
 class ScanThresholds:
     """Thresholds every node counts a scan with."""
 
-    scan_number: int
+    scan_number: ScanNumber
     background: float
     xray: float
     metadata: dict = field(default_factory=dict)
-    calibration: str = ""  # digest of the dark and gain that follow as two binary parts (empty: none)
+    calibration: Text = ""  # digest of the dark and gain that follow as two binary parts (empty: none)
 
 
 _KIND = {
@@ -321,15 +333,30 @@ def decode(kind: bytes, body: bytes | memoryview, expected: type[T] | None = Non
         raise ProtocolError(f"expected {expected.__name__}, got {cls.__name__}")
     try:
         data = msgpack.unpackb(bytes(body), strict_map_key=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unpacking failure is a malformed body
         raise ProtocolError(f"{cls.__name__} body is not msgpack ({type(exc).__name__})") from None
-    names = {f.name for f in fields(cls)}
-    if not isinstance(data, dict) or not set(data) <= names:
+    return validated(cls, data)
+
+
+def validated(cls: type[T], data: object) -> T:
+    """``data`` (an unpacked msgpack body) as a ``cls`` whose every field has its annotated type and range;
+    raises ProtocolError otherwise (unknown or missing fields, bools for ints, out-of-range values)."""
+    if not isinstance(data, dict) or not set(data) <= _fields(cls):
         raise ProtocolError(f"{cls.__name__} body has unexpected fields")
     try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ProtocolError(f"{cls.__name__} body is incomplete: {exc}") from None
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"{cls.__name__} body is invalid: {exc}") from None
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _fields(cls: type) -> frozenset[str]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
+    return names
 
 
 def route_live(frame_number: int, live: list[int]) -> int:

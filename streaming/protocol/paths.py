@@ -15,59 +15,75 @@ ROUTER (aggregator, loopback) / DEALER (forwarder) connection: [kind, msgpack bo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import msgpack
+import msgspec
 
-from streaming.protocol.control import ProtocolError
+from streaming.protocol.control import (
+    Count,
+    Name,
+    Names,
+    NodeCount,
+    ProtocolError,
+    ScanNumber,
+    Side,
+    Text,
+    validated,
+)
+
+Module = Annotated[int, msgspec.Meta(ge=0, le=3)]  # a detector module (sector) number
+Thread = Annotated[list[Count], msgspec.Meta(min_length=3, max_length=3)]  # [module, thread, frames]
 
 
 @dataclass(frozen=True)
 class Up:
     """A forwarder is bound and serving."""
 
-    index: int
-    receivers: list[str]
-    nodes: str
-    pid: int
+    index: Count
+    receivers: list[Text]
+    nodes: Text
+    pid: Count
 
 
 @dataclass(frozen=True)
 class Seen:
     """The first sector of a scan this forwarder has no word on (the raw wire header)."""
 
-    index: int
-    header: bytes
+    index: Count
+    header: Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
 @dataclass(frozen=True)
 class Progress:
     """Counts since the last report; ``key`` names the open scan ("" when none)."""
 
-    index: int
-    key: str = ""
-    received: int = 0
-    module_received: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
-    threads: list[list[int]] = field(default_factory=list)  # new [module, thread, frames_this_thread]
-    sent: dict[int, int] = field(default_factory=dict)  # node index -> sectors
-    per_node: dict[str, int] = field(default_factory=dict)  # node name -> sectors
-    malformed: int = 0
-    unroutable: int = 0
-    late: int = 0
-    refused: int = 0
+    index: Count
+    key: Text = ""
+    received: Count = 0
+    module_received: Annotated[list[Count], msgspec.Meta(max_length=4)] = field(
+        default_factory=lambda: [0, 0, 0, 0]
+    )
+    threads: list[Thread] = field(default_factory=list)  # new [module, thread, frames_this_thread]
+    sent: dict[Count, Count] = field(default_factory=dict)  # node index -> sectors
+    per_node: dict[Name, Count] = field(default_factory=dict)  # node name -> sectors
+    malformed: Count = 0
+    unroutable: Count = 0
+    late: Count = 0
+    refused: Count = 0
 
 
 @dataclass(frozen=True)
 class Begin:
     """A scan begins: forward its sectors by ``routes`` ([node index, node name] of the connected nodes)."""
 
-    scan_number: int
-    key: str
-    scan_width: int
-    scan_height: int
-    expected_frames: int
-    n_nodes: int
+    scan_number: ScanNumber
+    key: Text
+    scan_width: Side
+    scan_height: Side
+    expected_frames: Count
+    n_nodes: NodeCount
     session_id: int
     routes: list[list[Any]]
 
@@ -76,21 +92,21 @@ class Begin:
 class Drop:
     """Sectors of this scan are dropped and counted: "late" (it ended) or "refused" (before the arm)."""
 
-    scan_number: int
-    why: str  # a Verdict value: "late" or "refused"
+    scan_number: ScanNumber
+    why: Text  # a Verdict value: "late" or "refused"
 
 
 @dataclass(frozen=True)
 class End:
     """The scan ended; every node gets this forwarder's ``end`` with what it sent that node."""
 
-    scan_number: int
-    key: str
-    reason: str  # an EndReason value
-    expected: int
-    received: int
-    malformed: int
-    lost: list[str] = field(default_factory=list)
+    scan_number: ScanNumber
+    key: Text
+    reason: Text  # an EndReason value
+    expected: Count
+    received: Count
+    malformed: Count
+    lost: Names = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class Routes:
 class Stop:
     """Shut down."""
 
-    reason: str = "shutdown"
+    reason: Text = "shutdown"
 
 
 _KIND: dict[type, bytes] = {
@@ -134,9 +150,6 @@ def decode(parts: list[bytes]) -> Any:
         raise ProtocolError(f"unknown forwarder message {bytes(parts[0])[:20]!r}")
     try:
         data = msgpack.unpackb(bytes(parts[1]), strict_map_key=False)
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or not set(data) <= names:
-            raise ProtocolError(f"{cls.__name__} body has unexpected fields")
-        return cls(**data)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"{cls.__name__} body is malformed ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - any unpacking failure is a malformed body
+        raise ProtocolError(f"{cls.__name__} body is not msgpack ({type(exc).__name__})") from None
+    return validated(cls, data)
