@@ -166,7 +166,7 @@ def aggregator(
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
     from streaming.aggregator.aggregator import run_aggregator
-    from streaming.components import server_curve
+    from streaming.components import aggregator_config, server_curve
 
     _configure_logging(verbose)
     settings = _streaming_settings(
@@ -180,7 +180,8 @@ def aggregator(
         aggregator_node_hwm=node_hwm,
         aggregator_processes=processes,
     )
-    stats = run_aggregator(settings.streaming, server_curve(settings.streaming.curve), timeout=timeout)
+    config = aggregator_config(settings.streaming)
+    stats = run_aggregator(config, server_curve(settings.streaming.curve), timeout=timeout)
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
 
 

@@ -11,14 +11,23 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "Aggregator": "streaming.aggregator.aggregator",
     "run_aggregator": "streaming.aggregator.aggregator",
+    "AggregatorConfig": "streaming.aggregator.config",
     "Forwarder": "streaming.aggregator.forwarder",
     "run_forwarder": "streaming.aggregator.forwarder",
     "AggregatorStats": "streaming.aggregator.stats",
 }
-__all__ = ["Aggregator", "AggregatorStats", "Forwarder", "run_aggregator", "run_forwarder"]
+__all__ = [
+    "Aggregator",
+    "AggregatorConfig",
+    "AggregatorStats",
+    "Forwarder",
+    "run_aggregator",
+    "run_forwarder",
+]
 
 if TYPE_CHECKING:
     from streaming.aggregator.aggregator import Aggregator, run_aggregator
+    from streaming.aggregator.config import AggregatorConfig
     from streaming.aggregator.forwarder import Forwarder, run_forwarder
     from streaming.aggregator.stats import AggregatorStats
 

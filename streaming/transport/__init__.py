@@ -9,7 +9,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _WHERE = {
+    "announced": "streaming.transport.addresses",
     "offset_address": "streaming.transport.addresses",
+    "port_of": "streaming.transport.addresses",
+    "with_port": "streaming.transport.addresses",
     "Sent": "streaming.transport.router_io",
     "drain": "streaming.transport.router_io",
     "send_waiting": "streaming.transport.router_io",
@@ -22,6 +25,7 @@ _WHERE = {
     "write_keypair": "streaming.transport.security",
 }
 __all__ = [
+    "announced",
     "apply_client",
     "apply_server",
     "CurveClientConfig",
@@ -30,13 +34,15 @@ __all__ = [
     "generate_keypair",
     "load_keypair",
     "offset_address",
+    "port_of",
     "send_waiting",
     "Sent",
+    "with_port",
     "write_keypair",
 ]
 
 if TYPE_CHECKING:
-    from streaming.transport.addresses import offset_address
+    from streaming.transport.addresses import announced, offset_address, port_of, with_port
     from streaming.transport.router_io import Sent, drain, send_waiting
     from streaming.transport.security import (
         CurveClientConfig,

@@ -24,10 +24,12 @@ _WHERE = {
     "MonitorFollower": "tasks.acquisition.monitor",
     "latest_state": "tasks.acquisition.monitor",
     "wait_for_state": "tasks.acquisition.monitor",
+    "AnalysisOutcome": "tasks.acquisition.result",
     "CameraCounts": "tasks.acquisition.result",
     "ScanResult": "tasks.acquisition.result",
 }
 __all__ = [
+    "AnalysisOutcome",
     "CameraCounts",
     "CameraRun",
     "finish_recording",
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     )
     from tasks.acquisition.live import live_link, live_url
     from tasks.acquisition.monitor import MonitorFollower, latest_state, wait_for_state
-    from tasks.acquisition.result import CameraCounts, ScanResult
+    from tasks.acquisition.result import AnalysisOutcome, CameraCounts, ScanResult
 
 
 def __getattr__(name: str) -> Any:
