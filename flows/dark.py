@@ -61,7 +61,7 @@ def dark(
     scans_dir: str = "",
     scan_number: int = -1,
     raw: list[str] = (),  # a tuple: defaults must not be shared mutable lists
-    settings_file: str | None = None,
+    settings_file: str = "",
 ) -> dict:
     """A dark reference: the per-pixel mean of beam-blanked frames (float32), with its noise and hot pixels.
 

@@ -52,7 +52,7 @@ def session(
     min_completeness: Annotated[float, Field(ge=0, le=1)] = _SESSION["min_completeness"].default,
     frame_rate: Annotated[float, Field(ge=0, le=100000)] = 0.0,
     script: str = "",
-    settings_file: str | None = None,
+    settings_file: str = "",
 ):
     """One streaming session: scans counted, written, verified and analysed while it runs.
 
@@ -102,7 +102,7 @@ def experiment(
     scan_width: Annotated[int, Field(ge=1, le=4096)] = 64,
     scan_height: Annotated[int, Field(ge=1, le=4096)] = 64,
     backend: Literal["local", "nersc"] = _SESSION["backend"].default,
-    settings_file: str | None = None,
+    settings_file: str = "",
 ):
     """A multi-scan experiment: a dose series, one session (allocation) per dose, scans numbered on.
 

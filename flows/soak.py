@@ -168,7 +168,7 @@ def run_soak(
             nodes=nodes,
             backend="local",
             postprocess=False,
-            settings_file=settings_file,
+            settings_file=settings_file or "",
             return_state=True,
         )
     finally:
