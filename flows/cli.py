@@ -293,7 +293,8 @@ def alerts(
         setup_alerts,
     )
 
-    webhook = webhook or command_settings(ctx).session.alert_webhook
+    configured = command_settings(ctx).session.alert_webhook
+    webhook = webhook or (configured.get_secret_value() if configured else None)
     if not webhook:
         raise typer.BadParameter("give --webhook URL or set session.alert_webhook in the settings")
     check_webhook(webhook)

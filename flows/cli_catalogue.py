@@ -19,6 +19,7 @@ from rich.table import Table
 
 from catalogue import open_catalogue
 from flows.cli_common import command_settings, console, err_console, user_errors
+from flows.cli_text import plain
 from flows.settings import Settings
 
 if TYPE_CHECKING:  # the catalogue's types load SQLAlchemy and msgpack: only when a command runs
@@ -152,7 +153,7 @@ def _list(settings: Settings, query: ScanQuery, json_out: bool) -> None:
     # (facility time zone); `scans show` and --json give everything.
     title = f"{len(found)} scan(s) in {where}"
     table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        title=plain(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
     )
     rows = [
         [
@@ -175,7 +176,7 @@ def _list(settings: Settings, query: ScanQuery, json_out: bool) -> None:
         table.add_column(name, justify="left" if left else "right", no_wrap=True, min_width=width)
     table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=40)
     for row, s in zip(rows, found):
-        table.add_row(*row, _short_note(s))
+        table.add_row(*map(plain, row), plain(_short_note(s)))
     console.print(table, soft_wrap=True)
 
 
@@ -216,7 +217,7 @@ def show(
     if json_out:
         typer.echo(json.dumps(scan_json(s), default=str, indent=2))
         return
-    t = Table(title=f"scan {s.uid}", show_header=False, title_justify="left")
+    t = Table(title=plain(f"scan {s.uid}"), show_header=False, title_justify="left")
     bg, xr = s.thresholds
     rows = [
         ("file", s.path or f"not written: {s.error}"),
@@ -246,7 +247,7 @@ def show(
         rows.append((f"analysis {a.id}", f"{_local(a.created_at, tz, True)}, {a.kind}{failed}"))
         rows += [(f"  {k}", v) for k, v in _analysis_lines(a.params, a.results, a.images)]
     for key, value in rows:
-        t.add_row(key, str(value))
+        t.add_row(plain(key), plain(value))
     console.print(t, soft_wrap=True)
 
 

@@ -56,7 +56,7 @@ class SessionWatcher(threading.Thread):
             return
         if not state.path.exists():
             return
-        if not self._live and (url := live_url(self.session_dir)):
+        if not self._live and (url := live_url(self.session_dir, with_token=True)):  # the user's terminal
             self._live = True
             self.echo(f"live: {url}")
         if state.ready and not self._ready:

@@ -50,7 +50,9 @@ class SessionSettings(BaseModel):
         "with the nersc backend a directory the nodes can write and this machine can read, e.g. on CFS",
     )
     postprocess: bool = True
-    alert_webhook: str | None = Field(None, description="URL called when a session fails or crashes")
+    alert_webhook: SecretStr | None = Field(
+        None, description="URL called when a session fails or crashes (a secret: never in settings files)"
+    )
     aggregator_remote_command: list[str] | None = Field(
         None,
         description="how to run stemstream on the aggregator host, e.g. ['/opt/stemstream/bin/stemstream']",

@@ -32,7 +32,7 @@ from streaming.node.hosted_writer import HostedWriter
 from streaming.node.path_links import ForwarderLinks
 from streaming.node.polling import LoopPoller
 from streaming.node.pool import CountingPool, CountResult
-from streaming.node.scan import NodeScan
+from streaming.node.scan import NodeScan, check_shape
 from streaming.node.slots import SlotMemory
 from streaming.node.uplink import AggregatorLink
 from streaming.node.writer_client import WriterClient
@@ -243,6 +243,7 @@ class NodeStreamer:
         return True
 
     def _begin_scan(self, begin: p.ScanBegin) -> None:
+        check_shape(begin, self.config.streaming.max_scan_positions)  # before anything is allocated
         if self._scan is not None and self._scan.begin.scan_key == begin.scan_key and begin.scan_key:
             return  # the same scan, announced on another path (a forwarding process)
         if self._scan is not None and self._scan.end is None:

@@ -4,19 +4,21 @@ uvicorn, in one process, started and stopped as one."""
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import uvicorn
 
 from streaming.settings import LiveSettings
 from streaming.transport.security import CurveServerConfig
-from streaming.view.app import live_app
+from streaming.view.app import Clients, live_app
+from streaming.view.guard import page_hosts
 from streaming.view.ingest import LiveIngest
 from streaming.view.state import ViewState
+from streaming.view.token import page_token
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +26,20 @@ log = logging.getLogger(__name__)
 class LiveServer:
     """Takes snapshots on ``live.bind`` and serves the page on ``live.page_host:page_port``.
 
-    Exposed beyond loopback, the page asks for a token (live.token, or a random one made here)."""
+    Exposed beyond loopback (or with live.token_required), the page asks for a token: live.token, else the one
+    in live.token_file, else a random one made here (written to live.token_file when given). On loopback it
+    answers only to loopback Host names, and at most live.max_clients pages follow the state at once."""
 
     def __init__(
         self, live: LiveSettings, curve: CurveServerConfig | None = None, scan_dir: Path | None = None
     ) -> None:
         self.state = ViewState()
         self.token: str | None = None
+        self.token_configured = (
+            False  # live.token itself (its user knows it), not one from a file or made here
+        )
         if live.needs_token:
-            self.token = live.token.get_secret_value() if live.token else secrets.token_urlsafe(18)
+            self.token, self.token_configured = page_token(live)
         try:
             self._sock = socket.create_server((live.page_host, live.page_port))
         except OSError as exc:  # e.g. another session's page: any free port, the URL says which
@@ -40,22 +47,34 @@ class LiveServer:
             self._sock = socket.create_server((live.page_host, 0))
         self.port = self._sock.getsockname()[1]
         self.host = live.page_host
+        self.token_file = live.token_file
         self.ingest = LiveIngest(self.state, live.bind, curve, scan_dir)
+        self.clients = Clients(live.max_clients)
         config = uvicorn.Config(
-            live_app(self.state, self.token),
+            live_app(
+                self.state, self.token, hosts=page_hosts(live.page_host, live.exposed), clients=self.clients
+            ),
             log_level="warning",
             access_log=False,
-            ws="websockets-sansio",
+            ws="websockets-sansio",  # with write flow control from uvicorn 0.52.1: a send waits for the client
             lifespan="off",
+            ws_max_size=64 * 1024,  # the page sends nothing; nobody else needs more
+            limit_concurrency=live.max_clients + 64,  # connections and tasks: more get 503
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
-    def url(self) -> str:
-        """The page's address (with the token when there is one)."""
+    def address(self) -> str:
+        """The page's address without its token: what logs and links may show."""
         host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def url(self) -> str:
+        """The page's address with the token when there is one (for the user's own eyes only)."""
+        return self.address + (f"?token={quote(self.token)}" if self.token else "")
 
     def start(self, timeout: float = 10.0) -> LiveServer:
         """Serve in a background thread; returns once the page answers."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from streaming.view.token import TOKEN_FILE, write_token
 from tasks.launch.errors import AggregatorExited, NodeFailure
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.launch.processes import ProcessGroup, kill_carrying
@@ -237,6 +238,8 @@ class LocalAggregator:
         self.group = ProcessGroup(plan.session_dir / "logs")
         self.group.start("aggregator", aggregator_command(plan), drop_env_prefix=SETTINGS_ENV)
         if plan.streaming.live.enabled:  # the live page; its end never ends the session
+            if plan.streaming.live.token is not None:  # not in its settings file (a secret) nor its argv
+                write_token(plan.session_dir / TOKEN_FILE, plan.streaming.live.token.get_secret_value())
             self.group.start("view", view_command(plan), drop_env_prefix=SETTINGS_ENV)
 
     def check(self) -> None:

@@ -19,6 +19,7 @@ from streaming.aggregator.forwarder import offset_address
 from streaming.components import client_curve
 from streaming.settings import StreamingSettings
 from streaming.transport.security import CurveClientConfig
+from streaming.view.token import TOKEN_FILE
 
 # The node command runs on the compute nodes; `python -m flows.cli` there is the installed package.
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -119,8 +120,19 @@ def aggregator_command(plan: SessionPlan, settings_file: str | Path | None = Non
 
 
 def view_command(plan: SessionPlan) -> list[str]:
-    """The live page's command line (streaming.view.server): scan file names from the session's scan dir."""
-    return [*CLI, "--settings", str(plan.settings_file), "view", "--scan-dir", str(plan.output_dir)]
+    """The live page's command line (streaming.view.server): scan file names from the session's scan dir;
+    its token in the session's 0600 token file (live.token written there first, else a random one), never here."""
+    token_file = str(plan.session_dir / TOKEN_FILE)
+    return [
+        *CLI,
+        "--settings",
+        str(plan.settings_file),
+        "view",
+        "--scan-dir",
+        str(plan.output_dir),
+        "--token-file",
+        token_file,
+    ]
 
 
 def shell(argv: list[str]) -> str:

@@ -18,5 +18,5 @@ def test_live_url_from_the_view_log(tmp_path: Path):
 
 def test_live_link_names_the_scan_file():
     row = live_link("http://host:17080/?token=abc", "/data/scans/FOURD_261205_2302_00001_00001.h5")
-    assert row == {"live view": "http://host:17080/?token=abc#file=FOURD_261205_2302_00001_00001.h5"}
+    assert row == {"live view": "http://host:17080/#file=FOURD_261205_2302_00001_00001.h5"}  # no token
     assert live_link(None, "/x.h5") == {"live view": ""}
