@@ -9,6 +9,7 @@ of the scan (batches counted before it is known are kept and added once it is).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numba as nb
@@ -17,6 +18,7 @@ import numpy as np
 from counting.geometry import FRAME_COLS, FRAME_ROWS
 
 BF, ADF = 1, 2  # pixel labels
+MAX_POSITIONS = 4096 * 4096  # default cap on a scan's positions (its shape comes from the wire)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class LiveGeometry:
     adf_outer: float
 
     def __post_init__(self) -> None:
+        values = (self.cx, self.cy, self.bf_radius, self.adf_inner, self.adf_outer)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):  # from the wire, too
+            raise ValueError(f"geometry values must be finite numbers, got {self}")
         if not (self.bf_radius > 0 and self.bf_radius <= self.adf_inner < self.adf_outer):
             raise ValueError(f"need 0 < bf_radius <= adf_inner < adf_outer, got {self}")
 
@@ -134,7 +139,10 @@ class LiveImages:
         estimate_frames: int = 64,
         adf_factors: tuple[float, float] = (1.2, 2.5),
         auto_settle: bool = True,
+        max_positions: int = MAX_POSITIONS,
     ) -> None:
+        if not (width > 0 and height > 0 and width * height <= max_positions):  # before allocating for it
+            raise ValueError(f"a {width}x{height} scan is outside 1..{max_positions} positions")
         self.width, self.height = width, height
         self.arrays = LiveArrays.zeros(width * height)
         self.geometry = geometry

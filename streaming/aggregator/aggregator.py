@@ -104,7 +104,9 @@ class Aggregator:
             wait=weak(self._wait_for_room),
             failed=weak(self._send_failed),
         )
-        self.admission = Admission(self.nodes, self.path.ended, self.stats, cfg.scan_deadline)
+        self.admission = Admission(
+            self.nodes, self.path.ended, self.stats, cfg.scan_deadline, cfg.path.max_scan_positions
+        )
         self.control = NodeControl(
             self.nodes,
             self.path,
@@ -255,7 +257,7 @@ class Aggregator:
     def _admit(self, header: SectorHeader, parts: list | None) -> Verdict:
         """What a sector of another scan than the open one does (parts None: a forwarder holds it): a new
         scan supersedes the open one and begins now (BEGUN) or once every node is armed (HELD)."""
-        verdict = self.admission.decide(header, self._scan)
+        verdict = self.admission.decide(header, self._scan, parts)
         if verdict is not Verdict.NEW:
             return verdict
         if self._scan is not None:
@@ -291,6 +293,8 @@ class Aggregator:
             self._begin_scan(header)
             if parts is not None:
                 self._forward(header, parts)
+        for parts in self.admission.take_replay(self._scan):  # a superseding scan's first, kept sectors
+            self._on_message(parts)
 
     def _begin_scan(self, header: SectorHeader) -> None:
         self.stats.scans += 1

@@ -20,6 +20,7 @@ import zmq
 
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
+from streaming.protocol.sector import MAX_MESSAGE_BYTES
 from streaming.settings import StreamingSettings
 from streaming.transport.addresses import offset_address
 from streaming.transport.router_io import Sent, send_waiting
@@ -40,6 +41,7 @@ class PathConfig:
     node_hwm: int
     stall_timeout: float
     scan_deadline: float
+    max_scan_positions: int  # a scan announcing more positions is refused (streaming.max_scan_positions)
 
     @classmethod
     def of(cls, st: StreamingSettings) -> PathConfig:
@@ -52,6 +54,7 @@ class PathConfig:
             node_hwm=st.aggregator_node_hwm,
             stall_timeout=st.aggregator_stall_timeout,
             scan_deadline=st.scan_deadline,
+            max_scan_positions=st.max_scan_positions,
         )
 
 
@@ -71,12 +74,14 @@ class PathSockets:
             for address in config.receivers:
                 sock = self.socket(zmq.PULL)
                 sock.rcvhwm = config.receiver_hwm
+                sock.maxmsgsize = MAX_MESSAGE_BYTES  # queued memory: hwm x connections x this, at most
                 sock.bind(offset_address(address, delta))
                 self.receivers.append(sock)
             self.router = self.socket(zmq.ROUTER)
             self.router.router_mandatory = 1  # a vanished node is an error, not a silent drop
             self.router.router_handover = 1  # a reconnect with the same identity takes over
             self.router.sndhwm = config.node_hwm
+            self.router.maxmsgsize = MAX_MESSAGE_BYTES  # the nodes send only control messages here
             if curve is not None:
                 self.auth = apply_server(self.router, curve, context)
             self.router.bind(offset_address(config.nodes_bind, delta))

@@ -26,6 +26,11 @@ class OpenScan:
         self.started = now
         self.last_sector = now
         self.threads: dict[tuple[int, int], int] = {}  # (module, thread_id) -> frames_this_thread
+        # Per module, kept as threads arrive (O(1) each, never a pass over all threads): the sum of the
+        # announced counts, whether a thread announced 0 (unknown), whether the module was seen at all.
+        self._module_sum = [0] * N_SECTORS
+        self._module_unknown = [False] * N_SECTORS
+        self._module_seen = [False] * N_SECTORS
         self.module_expected = [0] * N_SECTORS
         self.module_received = [0] * N_SECTORS
         self.modules_done: set[int] = set()
@@ -105,7 +110,7 @@ class OpenScan:
         key = (m, header.thread_id)
         if key not in self.threads:
             self.threads[key] = header.frames_this_thread
-            self._update_expected(m)
+            self._update_expected(m, header.frames_this_thread)
         self.received += 1
         self.module_received[m] += 1
         if self.module_received[m] >= self.module_expected[m]:
@@ -116,20 +121,22 @@ class OpenScan:
         for m, t, n in threads:
             if (m, t) not in self.threads:
                 self.threads[(m, t)] = n
-                self._update_expected(m)
+                self._update_expected(m, n)
         self.received += received
         for m, k in enumerate(module_received):
             if k:
                 self.module_received[m] += k
-                if self.module_received[m] >= self.module_expected[m] and any(
-                    x[0] == m for x in self.threads
-                ):
+                if self.module_received[m] >= self.module_expected[m] and self._module_seen[m]:
                     self.modules_done.add(m)
 
-    def _update_expected(self, module: int) -> None:
-        counts = [n for (m, _), n in self.threads.items() if m == module]
+    def _update_expected(self, module: int, count: int) -> None:
+        """A new thread of ``module`` announced ``count`` frames: update the module's expected count."""
+        self._module_seen[module] = True
+        self._module_sum[module] += count
+        self._module_unknown[module] = self._module_unknown[module] or count == 0
         # A receiver that does not know its count sends 0: assume one frame per scan position.
-        self.module_expected[module] = self.width * self.height if 0 in counts else sum(counts)
+        unknown = self._module_unknown[module]
+        self.module_expected[module] = self.width * self.height if unknown else self._module_sum[module]
         if self.module_received[module] < self.module_expected[module]:
             self.modules_done.discard(module)
 
@@ -141,5 +148,5 @@ class OpenScan:
     @property
     def sectors_expected(self) -> int:
         """Sum over modules; a module never seen is assumed to send as much as the largest seen."""
-        seen = [e for m, e in enumerate(self.module_expected) if any(k[0] == m for k in self.threads)]
+        seen = [e for m, e in enumerate(self.module_expected) if self._module_seen[m]]
         return sum(seen) + (N_SECTORS - len(seen)) * max(seen, default=self.width * self.height)

@@ -113,6 +113,7 @@ class LivePublisher:
         sock = self._ctx.socket(zmq.DEALER)  # out to the view; its only answer: the scan's agreed geometry
         sock.setsockopt(zmq.SNDHWM, self.settings.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 16)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # in: only the view's small geometry answers
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no view connected: drop, never queue for later
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # no view running: retry ever less often, up to 5 s
@@ -148,7 +149,11 @@ class LivePublisher:
     def _handle(self, item: tuple, scan: _Scan | None, sock: zmq.Socket) -> _Scan | None:
         kind = item[0]
         if kind == "begin":
-            scan = _Scan(item[1], self.settings)
+            try:
+                scan = _Scan(item[1], self.settings)
+            except ValueError as exc:  # a shape beyond the live images' cap: this scan has none
+                log.warning("%s: no live images for scan %d: %s", self.name, item[1].scan_number, exc)
+                return None
             scan.lo, scan.hi = 0, 0
             self._send(sock, scan, final=False)  # the view lists the scan at once
             return scan
@@ -182,7 +187,11 @@ class LivePublisher:
             except live_wire.LiveWireError:
                 continue
             if kind == live_wire.GEOMETRY and header.get("scan_key") == scan.begin.scan_key:
-                scan.images.settle(LiveGeometry(**header["geometry"]))
+                try:
+                    geometry = LiveGeometry(**header["geometry"])
+                except (KeyError, TypeError, ValueError):  # never expected from the view (it checks): ignored
+                    continue
+                scan.images.settle(geometry)
                 scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height  # BF/ADF all changed
         if scan.images.geometry is not None or not scan.images.ready_to_estimate:
             return

@@ -42,6 +42,7 @@ class LiveTap:
             self.socket.close(linger=0)
         sock = self._ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, self.settings.tap_hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # it takes only subscriptions (a few bytes) in
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.bind(address)

@@ -11,6 +11,7 @@ import zmq
 
 from streaming.node.config import NodeConfig
 from streaming.protocol import control as p
+from streaming.protocol.sector import MAX_MESSAGE_BYTES
 from streaming.transport.addresses import with_port
 
 __all__ = ["ForwarderLinks", "forwarder_address"]
@@ -40,6 +41,7 @@ class ForwarderLinks:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 2000)
             sock.setsockopt(zmq.RCVHWM, 4 * self.config.streaming.node_batch)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a sector, or a control message
             if self.config.curve is not None:
                 from streaming.transport.security import apply_client
 

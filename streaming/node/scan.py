@@ -20,6 +20,15 @@ from streaming.protocol.reasons import EndReason
 log = logging.getLogger("streaming.node.streamer")  # its lines are logged as the node streamer's
 
 
+def check_shape(begin: p.ScanBegin, max_positions: int) -> None:
+    """Refuse (ProtocolError) a scan above streaming.max_scan_positions before anything is allocated for it."""
+    if begin.scan_width * begin.scan_height > max_positions:
+        raise p.ProtocolError(
+            f"scan {begin.scan_number} of {begin.scan_width}x{begin.scan_height} positions is above "
+            f"streaming.max_scan_positions={max_positions}: refused"
+        )
+
+
 @dataclass
 class NodeScan:
     """Per-scan state and counters of a node."""

@@ -15,6 +15,7 @@ import zmq
 
 from streaming.node.config import NodeConfig
 from streaming.protocol import control as p
+from streaming.protocol.sector import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class AggregatorLink:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.setsockopt(zmq.RCVHWM, 4 * st.node_batch)  # back-pressure starts here
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a sector, or a control message
         if config.curve is not None:
             from streaming.transport.security import apply_client
 

@@ -44,6 +44,10 @@ TAP_ARRAYS = (
 )
 
 
+# The only array dtypes a live message may carry: little-endian ints and floats (numpy's dtype.str spelling).
+DTYPES = frozenset({"|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f4", "<f8"})
+
+
 class LiveWireError(PermanentError, ValueError):
     """A live-view or tap message is malformed."""
 
@@ -57,21 +61,36 @@ def encode(kind: bytes, header: dict, arrays: dict[str, np.ndarray] | None = Non
 
 
 def decode(parts: list) -> tuple[bytes, dict, dict[str, np.ndarray]]:
-    """(kind, header, arrays by name) of a message; raises LiveWireError."""
-    raw = [bytes(p.buffer) if hasattr(p, "buffer") else bytes(p) for p in parts]
-    if len(raw) < 2:
+    """(kind, header, arrays by name) of a message; raises LiveWireError (never another exception)."""
+    if len(parts) < 2:
         raise LiveWireError("a live message has a kind and a header")
     try:
+        raw = [bytes(p.buffer) if hasattr(p, "buffer") else bytes(p) for p in parts]
         header = msgpack.unpackb(raw[1])
+        if not isinstance(header, dict):  # checked before any use of it
+            raise LiveWireError(f"the header is not a map but {type(header).__name__}")
         listed = header.pop("arrays", [])
-        if not isinstance(header, dict) or len(listed) != len(raw) - 2:
+        if not isinstance(listed, list) or len(listed) != len(raw) - 2:
             raise LiveWireError("header and array parts do not match")
         arrays = {}
-        for (name, dtype, n), buf in zip(listed, raw[2:], strict=True):
+        for entry, buf in zip(listed, raw[2:], strict=True):
+            name, dtype, n = _listed(entry)
             a = np.frombuffer(buf, dtype=np.dtype(dtype))
             if len(a) != n:
                 raise LiveWireError(f"array {name} has {len(a)} entries, header says {n}")
             arrays[name] = a
-    except (ValueError, TypeError, msgpack.ExtraData) as exc:
-        raise LiveWireError(f"malformed live message: {exc}") from None
+    except LiveWireError:
+        raise
+    except Exception as exc:  # msgpack and numpy raise many types for garbage: all are malformed input
+        raise LiveWireError(f"malformed live message ({type(exc).__name__}): {exc}"[:300]) from None
     return raw[0], header, arrays
+
+
+def _listed(entry: object) -> tuple[str, str, int]:
+    """One ``arrays`` entry: [name, dtype, length], with an allow-listed dtype."""
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise LiveWireError("an arrays entry is [name, dtype, length]")
+    name, dtype, n = entry
+    if not isinstance(name, str) or dtype not in DTYPES or type(n) is not int or n < 0:
+        raise LiveWireError(f"bad arrays entry {str(entry)[:80]}")
+    return name, dtype, n

@@ -19,6 +19,9 @@ from counting.geometry import N_SECTORS, SECTOR_BYTES
 HEADER_FIELDS = 9
 _UINT32_MAX = 2**32 - 1
 _UINT16_MAX = 2**16 - 1
+# ZMQ_MAXMSGSIZE of every data-path socket (receivers, aggregator <-> node, forwarders): a sector payload
+# plus headroom; headers and control messages are far smaller. A peer sending more is disconnected by ZeroMQ.
+MAX_MESSAGE_BYTES = SECTOR_BYTES + 64 * 1024
 
 
 class WireError(PermanentError, ValueError):

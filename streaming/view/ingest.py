@@ -13,10 +13,13 @@ import h5py
 import zmq
 
 from streaming.protocol import live as live_wire
+from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig
 from streaming.view.state import ViewState
 
 log = logging.getLogger(__name__)
+_ratelog = RateLimitedLog(log)
+FOREIGN_FILES = 4096  # files known not to be this view's scans (by path and mtime), never re-opened
 
 
 class LiveIngest:
@@ -36,6 +39,8 @@ class LiveIngest:
         self.socket.setsockopt(zmq.RCVHWM, 64)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # The largest part: one position array of a whole scan (a final snapshot), 8 bytes a position.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 8 * state.max_positions + 64 * 1024)
         if curve is not None:
             from streaming.transport.security import apply_server
 
@@ -47,9 +52,12 @@ class LiveIngest:
             raise OSError(f"the live view cannot take snapshots on {bind}: {exc}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.received = 0
-        self._seen: dict[Path, float] = {}
+        self._seen: dict[Path, float] = {}  # files looked at: this view's, by mtime
+        self._foreign: dict[Path, tuple[float, str]] = {}  # files of no scan of this view yet: mtime, key
+        self.failures = 0  # exceptions the loop survived (beyond malformed snapshots)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stemstream-live-ingest", daemon=True)
+        state.intake_alive = self._thread.is_alive
 
     def start(self) -> LiveIngest:
         """Start the thread."""
@@ -66,19 +74,30 @@ class LiveIngest:
             self._auth.stop()
         self._ctx.term()
 
+    @property
+    def alive(self) -> bool:
+        """The intake thread runs (for /api/state: a dead intake must not pass for a quiet one)."""
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         next_look = 0.0
         while not self._stop.is_set():
-            if self.socket.poll(100):
-                for _ in range(64):  # bounded: the file look is not starved
-                    try:
-                        parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._take(parts)
-            if self.scan_dir is not None and time.monotonic() > next_look:
-                self._look()
-                next_look = time.monotonic() + 1.0
+            try:
+                if self.socket.poll(100):
+                    for _ in range(64):  # bounded: the file look is not starved
+                        try:
+                            parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._take(parts)
+                if self.scan_dir is not None and time.monotonic() > next_look:
+                    next_look = time.monotonic() + 1.0
+                    self._look()
+            except zmq.ContextTerminated:
+                return
+            except Exception as exc:  # the intake outlives anything one message or file does to it
+                self.failures += 1
+                _ratelog("live intake error", "the live intake survived %s: %s", type(exc).__name__, exc)
 
     def _take(self, parts: list) -> None:
         try:
@@ -94,9 +113,9 @@ class LiveIngest:
                 self.socket.send_multipart([parts[0].bytes, *reply], flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # the node asks again with its next snapshot
-        except (live_wire.LiveWireError, KeyError, ValueError, TypeError) as exc:
+        except Exception as exc:  # per message: count, log at a bounded rate, keep going
             self.state.malformed += 1
-            log.warning("dropped a malformed live snapshot: %s", exc)
+            _ratelog("malformed live snapshot", "dropped: %s: %s", type(exc).__name__, str(exc)[:200])
 
     def _look(self) -> None:
         try:
@@ -106,7 +125,7 @@ class LiveIngest:
         for path in files:
             try:
                 mtime = path.stat().st_mtime
-                if self._seen.get(path) == mtime:
+                if self._seen.get(path) == mtime or self._known_foreign(path, mtime):
                     continue
                 self._seen[path] = mtime
                 with h5py.File(path, "r") as f:
@@ -116,5 +135,19 @@ class LiveIngest:
                 continue
             if key and self.state.scan(key) is not None:
                 self.state.set_file(key, str(path))
-            else:  # not (yet) a scan of this view: look again later
+            else:  # not (yet) a scan of this view: look again only when it changes, or the scan appears
                 self._seen.pop(path, None)
+                if len(self._foreign) < FOREIGN_FILES:
+                    self._foreign[path] = (mtime, key)
+
+    def _known_foreign(self, path: Path, mtime: float) -> bool:
+        """A file already opened and found to be no scan of this view, unchanged since (L7: never opened
+        again every second); when its scan has appeared meanwhile, it is named now, without opening it."""
+        known = self._foreign.get(path)
+        if known is None or known[0] != mtime:
+            return False
+        if known[1] and self.state.scan(known[1]) is not None:
+            self.state.set_file(known[1], str(path))
+            del self._foreign[path]
+            self._seen[path] = mtime
+        return True

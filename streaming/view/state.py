@@ -4,17 +4,26 @@ snapshots, the web server reads."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS, N_SECTORS
-from counting.live_images import LiveArrays, LiveGeometry
+from counting.live_images import MAX_POSITIONS, LiveArrays, LiveGeometry
 
 IMAGES = ("bf", "adf", "com_x", "com_y", "pattern", "frames")
 _POSITION_ARRAYS = ("counts", "bf", "adf", "sum_col", "sum_row", "frames")
+# What each array of a snapshot may be (numpy dtype.str): the node sends int64 sums, int32 frames, a uint32
+# pattern; anything else (floats: NaN or inf; narrower ints filling whole ranges cheaply) is refused.
+_DTYPES = {**dict.fromkeys(_POSITION_ARRAYS[:5], "<i8"), "frames": "<i4", "pattern": "<u4"}
+_INT_FIELDS = ("scan_number", "width", "height", "expected_frames", "n_nodes", "lo", "hi", "seq")
+_COUNTERS = ("frames", "sectors", "events", "dropped_batches", "dropped_snapshots")
+_TEXT_MAX = 200  # characters of a scan key or node name
+MAX_NODES = 1024  # node names per scan, whatever a snapshot's n_nodes says
 
 
 @dataclass
@@ -135,22 +144,29 @@ class ScanView:
 class ViewState:
     """Every scan of the session seen so far, newest last."""
 
-    def __init__(self, keep_scans: int = 200, keep_images: int = 10) -> None:
+    def __init__(
+        self, keep_scans: int = 200, keep_images: int = 10, max_positions: int = MAX_POSITIONS
+    ) -> None:
+        self.max_positions = max_positions  # streaming.max_scan_positions: larger scans are refused
         self._lock = threading.Lock()
         self._scans: dict[str, ScanView] = {}
         self._keep, self._keep_images = keep_scans, keep_images  # rows; scans whose images are kept
         self.version = 0  # bumped on every change
         self.malformed = 0
         self.changed = threading.Condition(self._lock)
+        self.intake_alive: Callable[[], bool] = lambda: False  # the intake thread's, once it is made
+
+    def intake(self) -> dict:
+        """The intake's health (for /api/state): its thread alive, malformed snapshots dropped."""
+        return {"alive": self.intake_alive(), "malformed": self.malformed}
 
     def apply(self, header: dict, arrays: dict[str, np.ndarray]) -> dict | None:
-        """Take a node's snapshot (raises KeyError/ValueError when it does not fit its scan); returns the
-        scan's agreed geometry: the first any of its nodes settled on or proposed (None: none yet)."""
-        key = str(header["scan_key"] or f"number-{header['scan_number']}")
-        width, height = int(header["width"]), int(header["height"])
-        lo, hi = int(header["lo"]), int(header["hi"])
-        if not (0 <= lo <= hi <= width * height) or len(arrays["pattern"]) != FRAME_ROWS * FRAME_COLS:
-            raise ValueError("snapshot ranges do not fit the scan")
+        """Take a node's snapshot (raises KeyError/ValueError when it does not fit its scan, before anything
+        is allocated for it); returns the scan's agreed geometry: the first valid one any of its nodes
+        settled on or proposed (None: none yet)."""
+        check_snapshot(header, arrays, self.max_positions)
+        key = header["scan_key"] or f"number-{header['scan_number']}"
+        width, height, lo, hi = header["width"], header["height"], header["lo"], header["hi"]
         with self._lock:
             scan = self._scans.get(key)
             if scan is None:
@@ -170,10 +186,14 @@ class ViewState:
                     old.nodes = {name: _NodeSums(None, n.header) for name, n in old.nodes.items()}
                     old.images_kept, old._merged = False, (-1, None)
             node = scan.nodes.get(header["node"])
+            if node is None and len(scan.nodes) >= min(max(scan.n_nodes, 1), MAX_NODES):
+                raise ValueError(f"scan {key[:40]} already has its {len(scan.nodes)} nodes")
+            if (width, height) != (scan.width, scan.height):
+                raise ValueError(f"snapshot of {width}x{height} for a {scan.width}x{scan.height} scan")
             if node is None:
                 sums = LiveArrays.zeros(width * height) if scan.images_kept else None
                 node = scan.nodes[header["node"]] = _NodeSums(sums, {})
-            scan.agreed = scan.agreed or header.get("geometry") or header.get("proposal")
+            scan.agreed = scan.agreed or valid_geometry(header.get("geometry") or header.get("proposal"))
             if node.header.get("final") or header["seq"] < node.header.get("seq", -1):
                 return scan.agreed  # a stale snapshot never replaces a newer one
             if scan.images_kept:
@@ -228,3 +248,45 @@ class ViewState:
         scan.version += 1
         self.version += 1
         self.changed.notify_all()
+
+
+def check_snapshot(header: dict, arrays: dict[str, np.ndarray], max_positions: int) -> None:
+    """Raise ValueError unless a snapshot's fields have their types and ranges (checked before the view
+    allocates anything for it): ints that are ints, a shape within max_positions, finite times, known
+    array dtypes and lengths."""
+    for name in _INT_FIELDS:
+        if type(header.get(name)) is not int:
+            raise ValueError(f"snapshot field {name} is not an int")
+    for name in _COUNTERS:
+        if type(header.get(name, 0)) is not int or not 0 <= header.get(name, 0) < 2**62:
+            raise ValueError(f"snapshot counter {name} is not a non-negative int")
+    for name in ("scan_key", "node"):
+        if not isinstance(header.get(name), str) or len(header[name]) > _TEXT_MAX:
+            raise ValueError(f"snapshot field {name} is not a short string")
+    width, height, lo, hi = header["width"], header["height"], header["lo"], header["hi"]
+    if not (width > 0 and height > 0 and width * height <= max_positions):
+        raise ValueError(f"a {width}x{height} scan is outside 1..{max_positions} positions")
+    if not (0 <= lo <= hi <= width * height and 0 <= header["expected_frames"] < 2**62):
+        raise ValueError("snapshot ranges do not fit the scan")
+    if not 0 < header["n_nodes"] <= MAX_NODES:
+        raise ValueError(f"snapshot n_nodes is outside 1..{MAX_NODES}")
+    for name in ("counted_at", "oldest_at"):
+        value = header.get(name, 0.0)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"snapshot field {name} is not a finite number")
+    for name, dtype in _DTYPES.items():
+        a = arrays[name]
+        want = FRAME_ROWS * FRAME_COLS if name == "pattern" else hi - lo
+        if a.dtype.str != dtype or len(a) != want:
+            raise ValueError(f"snapshot array {name} is not {want} x {dtype}")
+
+
+def valid_geometry(geometry: object) -> dict | None:
+    """A geometry proposal as a valid LiveGeometry's dict, or None: an invalid one is never agreed on
+    (nor relayed to the nodes)."""
+    if not isinstance(geometry, dict):
+        return None
+    try:
+        return LiveGeometry(**geometry).as_dict()
+    except (TypeError, ValueError):
+        return None
