@@ -48,7 +48,9 @@ class LiveSettings(BaseModel):
         description="a file (mode 0600) holding the page's token; a session's view reads live.token from it, "
         "and writes its random token there when none is set",
     )
-    max_clients: int = Field(16, ge=1, le=1024, description="pages following the state at once (more: refused)")
+    max_clients: int = Field(
+        16, ge=1, le=1024, description="pages following the state at once (more: refused)"
+    )
     tap: bool = Field(False, description="nodes publish counted events on a PUB socket (the tap)")
     tap_host: str = Field("127.0.0.1", description="the tap's address on the node (0.0.0.0: every interface)")
     tap_port: int = Field(TAP_PORT, ge=1, le=65000, description="node i publishes on tap_port + i")
