@@ -16,11 +16,13 @@ from streaming.aggregator.forwarding import ForwardingControl
 from streaming.aggregator.registry import NodeEntry, NodeRegistry
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
+from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.router_io import Sent
 
 log = logging.getLogger(__name__)
 
 _CONTROL_BATCH = 64
+_PROBE_INTERVAL = 0.2  # seconds between checks of one node's connection (another connection claims its name)
 
 
 class NodeControl:
@@ -47,32 +49,53 @@ class NodeControl:
         self.nodes, self.path, self.router, self.forwarding = nodes, path, path.router, forwarding
         self.session_id, self.node_timeout = session_id, node_timeout
         self._joined, self._lost, self._publish = joined, lost, publish
+        self.malformed = 0  # control messages dropped: undecodable, or their handling failed
+        self.refused = 0  # well-formed ones from a connection not entitled to them (never said hello, ...)
+        self._log = RateLimitedLog(log)
 
     def service(self) -> None:
-        """Handle the control messages waiting (a bounded batch)."""
+        """Handle the control messages waiting (a bounded batch); no message ends the aggregator."""
         for _ in range(_CONTROL_BATCH):
             try:
                 parts = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_control(parts)
+            try:
+                self._on_control(parts)
+            except zmq.ContextTerminated:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one message must not stop the aggregator
+                self.malformed += 1
+                self._log("control message dropped", "handling it failed: %s: %s", type(exc).__name__, exc)
 
     def _on_control(self, parts: list[bytes]) -> None:
         if len(parts) != 3:
-            log.warning("control message with %d parts ignored", len(parts))
+            self.malformed += 1
+            self._log("malformed control message dropped", "%d parts", len(parts))
             return
         identity, kind, body = parts
         try:
             message = p.decode(kind, body)
         except p.ProtocolError as exc:
-            log.warning("bad control message ignored: %s", exc)
+            self.malformed += 1
+            self._log("malformed control message dropped", "%s", exc)
             return
+        name = getattr(message, "name", None)
+        if isinstance(name, str) and identity not in self.nodes.by_identity:
+            self._check_gone(name)
         if isinstance(message, p.Hello):
             self._on_hello(identity, message)
             return
         node = self.nodes.node_for(identity, getattr(message, "name", None))
-        if node is None:
-            log.warning("%s from an unknown node ignored (it must say hello first)", type(message).__name__)
+        if node is None or getattr(message, "name", node.name) != node.name:
+            # Never said hello, or speaks for another node (e.g. a WriterAt under the writer host's name).
+            self.refused += 1
+            self._log(
+                "control message refused",
+                "%s naming %r from a connection not bound to that node",
+                type(message).__name__,
+                getattr(message, "name", None),
+            )
             return
         node.last_seen = time.monotonic()
         if node.index not in self.path.live:  # a node marked lost that talks again (a stall that cleared)
@@ -97,10 +120,30 @@ class NodeControl:
         elif not isinstance(message, p.Heartbeat):
             log.warning("unexpected %s from node %s ignored", type(message).__name__, node.name)
 
+    def _check_gone(self, name: str) -> None:
+        """Another connection speaks for node ``name``: if the node's own connection is gone (a restarted
+        node, whose old connection the ROUTER has dropped), lose it now, so the new one may take its place;
+        otherwise the name stays bound to it. The check repeats the node's welcome (nodes take a welcome
+        again whenever the writer address changes), which ROUTER_MANDATORY refuses for a vanished peer."""
+        node = self.nodes.by_name.get(name)
+        now = time.monotonic()
+        if node is None or not node.connected or now - node.probed < _PROBE_INTERVAL:
+            return
+        node.probed = now
+        try:
+            self.router.send_multipart([node.identity, *p.encode(self._welcome_of(node))], zmq.NOBLOCK)
+        except zmq.Again:
+            return  # its queue is full: it is there
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.lose(node, "disconnected (a new connection speaks for it)")
+
     def _on_hello(self, identity: bytes, hello: p.Hello) -> None:
-        bye = self.nodes.refusal(hello)
+        bye = self.nodes.refusal(hello, identity)
         if bye is not None:
-            log.warning("node %s (pid %d) refused: %s", hello.name, hello.pid, bye.reason)
+            self.refused += 1
+            self._log("hello refused", "node %r (pid %d): %s", hello.name, hello.pid, bye.reason)
             self.reply(identity, bye)
             return
         rejoin = hello.name in self.nodes.by_name
@@ -121,8 +164,11 @@ class NodeControl:
 
     def welcome(self, node: NodeEntry) -> None:
         """Tell a node its index, whether it hosts the writer, and the writer's address once known."""
+        self.path.send_control(node.index, self._welcome_of(node))
+
+    def _welcome_of(self, node: NodeEntry) -> p.Welcome:
         w = self.nodes.writer
-        welcome = p.Welcome(
+        return p.Welcome(
             node_index=node.index,
             n_nodes=self.nodes.n_nodes,
             session_id=self.session_id,
@@ -130,7 +176,6 @@ class NodeControl:
             writer=w.address if w is not None else "",
             data_ports=self.forwarding.hub.data_ports if self.forwarding is not None else [],
         )
-        self.path.send_control(node.index, welcome)
 
     def reply(self, identity: bytes, message: object) -> None:
         """A message to a connection that may not be a node (yet), never waiting."""

@@ -9,6 +9,7 @@ import time
 
 import zmq
 
+from counting.geometry import N_SECTORS
 from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
@@ -16,6 +17,7 @@ from streaming.aggregator.sockets import AggregatorSockets
 from streaming.aggregator.stats import PATH_COUNTS, AggregatorStats
 from streaming.protocol import paths as f
 from streaming.protocol.sector import SectorHeader, WireError, decode_header
+from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class ForwardingControl:
 
     def __init__(self, hub: ForwarderHub, stats: AggregatorStats) -> None:
         self.hub, self.stats = hub, stats
+        self._log = RateLimitedLog(log)
 
     @classmethod
     def start(
@@ -77,7 +80,23 @@ class ForwardingControl:
 
     def merge(self, pr: f.Progress, scan: OpenScan | None) -> bool:
         """Add a progress report to the counters and (when it is the open scan's) to ``scan``; True when
-        that completes the scan."""
+        that completes the scan. A report that does not fit (a node or module index out of range) is
+        dropped, counted and logged: it never stops the aggregator."""
+        try:
+            return self._merge(pr, scan)
+        except Exception as exc:  # noqa: BLE001 - a report's content must not stop the aggregator
+            self.hub.malformed += 1
+            self._log(
+                "progress report dropped", "from forwarder %s: %s: %s", pr.index, type(exc).__name__, exc
+            )
+            return False
+
+    def _merge(self, pr: f.Progress, scan: OpenScan | None) -> bool:
+        # Checked before anything is added, so a refused report leaves no partial counts.
+        if any(m >= N_SECTORS for m, _, _ in pr.threads):
+            raise ValueError("a module number out of range")
+        if scan is not None and pr.key == scan.key and any(i >= len(scan.sent_elsewhere) for i in pr.sent):
+            raise ValueError("a node index out of range")
         st = self.stats
         forwarded = sum(pr.sent.values())
         st.received += pr.received

@@ -1,6 +1,10 @@
 """The aggregator's side of its forwarding processes: starts K - 1 of them (multiprocessing, spawn), waits
 until each is bound, and talks to them over one internal ROUTER on loopback (streaming.protocol.paths).
-Plain plumbing: what a message means is the aggregator's business."""
+Plain plumbing: what a message means is the aggregator's business.
+
+The hub accepts messages only from the connections its own forwarders said ``f.up`` on (an ``Up`` whose
+pid is the process it started), each only under that forwarder's index; anything else on the loopback
+socket (another local process) is counted in ``refused`` and dropped."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.forwarder import run_forwarder
 from streaming.protocol import paths as f
 from streaming.transport.addresses import offset_address, port_of
+from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,10 @@ class ForwarderHub:
         self.socket.bind("tcp://127.0.0.1:0")
         address = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.forwarders: dict[int, ForwarderInfo] = {}
+        self._by_identity: dict[bytes, int] = {}  # each forwarder's connection -> its index
+        self.refused = 0  # messages from a connection that is not one of ours, or under another's index
+        self.malformed = 0
+        self._log = RateLimitedLog(log)
         spawn = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         try:
@@ -116,12 +125,20 @@ class ForwarderHub:
             if not self.socket.poll(int(min(left, 0.5) * 1000)):
                 continue
             identity, *parts = self.socket.recv_multipart()
-            message = f.decode(parts)
-            if isinstance(message, f.Up) and message.index in waiting:
+            message = self._decode(parts)
+            if (
+                isinstance(message, f.Up)
+                and message.index in waiting
+                and message.pid == self.forwarders[message.index].process.pid  # ours, not a local stranger
+                and identity not in self._by_identity
+            ):
                 info = self.forwarders[message.index]
                 info.receivers, info.nodes = list(message.receivers), message.nodes
                 info.identity = identity
+                self._by_identity[identity] = message.index
                 waiting.discard(message.index)
+            elif message is not None:
+                self._refuse(message)
         log.info(
             "%d forwarding process(es) up: %s",
             len(self.forwarders),
@@ -161,14 +178,36 @@ class ForwarderHub:
         out = []
         for _ in range(256):
             try:
-                _, *parts = self.socket.recv_multipart(zmq.NOBLOCK)
+                identity, *parts = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            try:
-                out.append(f.decode(parts))
-            except Exception as exc:  # noqa: BLE001 - one bad internal message must not stop the aggregator
-                log.warning("bad forwarder message dropped: %s", exc)
+            index = self._by_identity.get(identity)
+            message = self._decode(parts) if index is not None else None
+            if index is None:
+                self.refused += 1
+                self._log("hub message refused", "from a connection that is not one of its forwarders")
+            elif message is not None and getattr(message, "index", index) != index:
+                self._refuse(message)
+            elif message is not None:
+                out.append(message)
         return out
+
+    def _decode(self, parts: list[bytes]) -> object | None:
+        try:
+            return f.decode(parts)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the aggregator
+            self.malformed += 1
+            self._log("bad forwarder message dropped", "%s: %s", type(exc).__name__, exc)
+            return None
+
+    def _refuse(self, message: object) -> None:
+        self.refused += 1
+        self._log(
+            "hub message refused",
+            "%s (index %s) from a connection not bound to that forwarder",
+            type(message).__name__,
+            getattr(message, "index", "?"),
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Tell every forwarder to stop, wait for it (bounded), then kill what is left; idempotent."""

@@ -5,7 +5,10 @@ Rules, in the order they are applied to a hello:
   * another protocol version: refused;
   * a node started with another output directory than the writer host's: refused (its scans would go
     somewhere else, or a second writer would write the same names);
-  * a known name (a reconnect): same index again;
+  * a known name (a reconnect): same index again, but only once the connection that name is bound to is
+    gone (lost: disconnected, stalled or silent past ``node_timeout``); until then a hello under that name
+    from another connection is refused (not finally: a restarted node asks again until its old self is
+    noticed lost), so no connection takes over another's name;
   * otherwise the lowest free index; a free index is one never taken, or one whose node is gone
     (disconnected, or silent past ``node_timeout``) so a restarted node takes its place; none free:
     refused, naming the limit (not finally: the node asks again until the node it replaces is noticed
@@ -37,6 +40,7 @@ class NodeEntry:
     connected: bool = True
     ready: bool = False
     last_seen: float = 0.0
+    probed: float = 0.0  # when the aggregator last checked that its connection is still there
 
 
 @dataclass
@@ -58,10 +62,17 @@ class NodeRegistry:
         self.by_index: dict[int, NodeEntry] = {}
         self.writer: WriterRole | None = None
 
-    def refusal(self, hello: p.Hello) -> p.Bye | None:
-        """Why this hello cannot join (the bye to send), or None."""
+    def refusal(self, hello: p.Hello, identity: bytes) -> p.Bye | None:
+        """Why this hello (from the connection ``identity``) cannot join (the bye to send), or None."""
         if hello.protocol != p.PROTOCOL_VERSION:
             return p.Bye(f"it speaks protocol {hello.protocol}, the aggregator {p.PROTOCOL_VERSION}")
+        known = self.by_name.get(hello.name)
+        if known is not None and known.connected and known.identity != identity:
+            return p.Bye(
+                f"node {hello.name} is connected already (another connection); a restarted node is let in "
+                "once its old connection is noticed lost",
+                final=False,
+            )
         w = self.writer
         if w is not None and w.name != hello.name and hello.output_dir and w.output_dir != hello.output_dir:
             return p.Bye(
@@ -124,11 +135,14 @@ class NodeRegistry:
             self.writer = None
 
     def node_for(self, identity: bytes, name: str | None) -> NodeEntry | None:
-        """The node behind an identity; a known name on a new identity is that node reconnected."""
+        """The node behind an identity; a known name on a new identity is that node reconnected, but only
+        when its old connection is gone (lost): a name is never taken from a live connection."""
         node = self.by_identity.get(identity)
-        if node is None and name is not None and name in self.by_name:
-            node = self.by_name[name]
-            self.rebind(node, identity)
+        if node is None and name is not None:
+            known = self.by_name.get(name)
+            if known is not None and not known.connected:
+                self.rebind(known, identity)
+                node = known
         return node
 
     def rebind(self, node: NodeEntry, identity: bytes) -> None:

@@ -11,6 +11,7 @@ import zmq
 
 from streaming.settings import StreamingSettings
 from streaming.transport.addresses import announced
+from streaming.transport.security import CurveClientConfig, peer_curve
 from streaming.writer.writer import ScanWriter, WriterConfig
 
 log = logging.getLogger("streaming.node.streamer")  # its line is logged as the node streamer's
@@ -19,20 +20,39 @@ log = logging.getLogger("streaming.node.streamer")  # its line is logged as the 
 class HostedWriter:
     """Starts, announces and stops the writer this node hosts (if it is designated to)."""
 
-    def __init__(self, config: WriterConfig, streaming: StreamingSettings, context: zmq.Context) -> None:
+    def __init__(
+        self,
+        config: WriterConfig,
+        streaming: StreamingSettings,
+        context: zmq.Context,
+        curve: CurveClientConfig | None = None,
+    ) -> None:
         self.config, self._streaming, self._ctx = config, streaming, context
+        self._curve = peer_curve(curve)[0] if curve is not None else None  # the nodes' keys (see peer_curve)
         self._writer: ScanWriter | None = None
         self.address = ""  # as the other nodes reach it; empty while not hosting
         self.local_address = ""  # as this node reaches it
 
     @property
     def error(self) -> str | None:
-        """Why the writer failed (then this node must stop), or None."""
-        return self._writer.error if self._writer is not None else None
+        """Why the writer failed or its thread died (then this node must stop), or None."""
+        if self._writer is None:
+            return None
+        if self._writer.error is None and self._writer.died:
+            return "the scan writer's thread died (its error is logged above)"
+        return self._writer.error
 
     def start(self, dark: np.ndarray | None, gain: np.ndarray | None, node: str) -> str:
         """Bind and start the writer (for the node of that name); returns its announced address."""
-        self._writer = ScanWriter(self._streaming.writer_bind, self.config, dark, gain, self._ctx).start()
+        self._writer = ScanWriter(
+            self._streaming.writer_bind,
+            self.config,
+            dark,
+            gain,
+            self._ctx,
+            max_positions=self._streaming.max_scan_positions,
+            curve=self._curve,
+        ).start()
         endpoint = self._writer.endpoint  # the real port when bound to port 0
         self.local_address = announced(endpoint, "127.0.0.1")
         self.address = announced(endpoint, self._streaming.writer_host or socket.gethostname())

@@ -59,14 +59,14 @@ class NodeStreamer:
         self._stop = threading.Event()
         self._dark, self._gain = dark, gain
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
-        self.hosted = HostedWriter(config.writer, st, self._ctx)
+        self.hosted = HostedWriter(config.writer, st, self._ctx, config.curve)
         self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
         self.memory = SlotMemory(st.node_slots, st.node_batch, shared=st.node_workers > 0)
         self.assembler = FrameAssembler(self.memory.slots())
         self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
         self.link = AggregatorLink(self._ctx, config)
         self.paths = ForwarderLinks(self._ctx, config)  # the aggregator's forwarding processes, if any
-        self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch)
+        self.writer = WriterClient(self._ctx, config.name, 4 * st.node_batch, config.curve)
         # Live snapshots and the tap: never blocking.
         self.live = LiveNode(self._ctx, config.name, st.live, config.aggregator, config.curve)
         self._poller = LoopPoller()

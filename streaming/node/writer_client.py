@@ -14,15 +14,20 @@ import zmq
 
 from streaming.protocol import control as p
 from streaming.protocol.calibration import calibration_arrays
+from streaming.transport.security import CurveClientConfig, apply_client, peer_curve
 
 log = logging.getLogger(__name__)
 
 
 class WriterClient:
-    """DEALER to the scan writer; never drops counted events (no send high-water mark)."""
+    """DEALER to the scan writer (CURVE with the nodes' keys when the node has them); never drops counted
+    events (no send high-water mark)."""
 
-    def __init__(self, context: zmq.Context, name: str, rcvhwm: int) -> None:
+    def __init__(
+        self, context: zmq.Context, name: str, rcvhwm: int, curve: CurveClientConfig | None = None
+    ) -> None:
         self._ctx, self.name, self._rcvhwm = context, name, rcvhwm
+        self._curve = peer_curve(curve)[1] if curve is not None else None
         self.address = ""
         self.socket: zmq.Socket | None = None
 
@@ -42,6 +47,8 @@ class WriterClient:
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
         sock.setsockopt(zmq.SNDHWM, 0)  # counted events must never be dropped on the way to the writer
+        if self._curve is not None:
+            apply_client(sock, self._curve)
         sock.connect(address)
         self.socket, self.address = sock, address
         return True

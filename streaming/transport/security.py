@@ -25,6 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from counting.errors import PermanentError
+from streaming.transport.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,27 @@ class CurveClientConfig:
         return cls(public, secret, load_keypair(server_key_file)[0])
 
 
+def peer_curve(node: CurveClientConfig) -> tuple[CurveServerConfig, CurveClientConfig]:
+    """CURVE between the nodes and the scan writer node 0 hosts, from the nodes' own key pair (the session's
+    nodes share one, ``streaming.curve.client_secret_file``): the writer serves with it and accepts only it;
+    each node connects with it as client and server key."""
+    server = CurveServerConfig(node.secret_key, node.public_key, (node.public_key,))
+    return server, CurveClientConfig(node.public_key, node.secret_key, node.public_key)
+
+
 class _AllowList:
     """ZAP credentials provider: accept exactly the listed client public keys."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._keys = frozenset(k.encode("ascii") for k in keys)
+        self._refused = RateLimitedLog(log)  # one line per power of two: a reconnect loop cannot flood
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the authenticator with the client's z85 public key."""
         allowed = key in self._keys
         if not allowed:
-            log.warning(
-                "refused a CURVE client with an unknown public key %s", key.decode("ascii", "replace")
+            self._refused(
+                "refused a CURVE client with an unknown public key", "%s", key.decode("ascii", "replace")
             )
         return allowed
 

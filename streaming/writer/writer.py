@@ -45,6 +45,8 @@ from counting.thresholds import ThresholdConfig
 from streaming.protocol import control as p
 from streaming.protocol.reasons import EndReason
 from streaming.protocol.record import ScanRecord
+from streaming.transport.ratelog import RateLimitedLog
+from streaming.transport.security import CurveServerConfig, apply_server
 from streaming.writer.files import ScanIds, ScanNaming, ScanWriterError, check_output_dir
 from streaming.writer.finish import ScanFinisher
 from streaming.writer.scan import OpenScan, scan_key
@@ -53,6 +55,8 @@ from streaming.writer.thresholds import SampleOffer, ThresholdBroker
 log = logging.getLogger(__name__)
 
 __all__ = ["ScanWriter", "ScanWriterError", "WriterConfig"]
+
+RCVHWM = 1000  # messages queued per node connection; beyond it ZeroMQ stops reading (TCP back-pressure)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class ScanWriter:
         *,
         max_positions: int = MAX_POSITIONS,
         final_name: FinalName | None = None,
+        curve: CurveServerConfig | None = None,
     ):
         # Before binding anything: nothing to undo when it fails. It tries what the writer will do.
         check_output_dir(config.output_dir, final_name)
@@ -88,10 +93,14 @@ class ScanWriter:
         self._max_positions, self._final_name = max_positions, final_name
         self.dark, self.gain = dark, gain
         self._thresholds = ThresholdBroker(config.fixed, config.estimate, dark, gain)
-        self._ctx = context or zmq.Context.instance()
+        # CURVE: a context of its own, so its ZAP handler (one per context) is the writer's alone.
+        self._own_ctx = zmq.Context() if curve is not None else None
+        self._ctx = self._own_ctx or context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
-        self._sock.setsockopt(zmq.RCVHWM, 0)  # events are small; never drop a node's counted frames
+        # Inbound ROUTER queues never drop: a full one makes ZeroMQ stop reading that node's connection.
+        self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        self._auth = apply_server(self._sock, curve, self._ctx) if curve is not None else None
         self._sock.bind(bind)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._scans: dict[str, OpenScan] = {}  # by scan key: a scan number may come again
@@ -99,6 +108,7 @@ class ScanWriter:
         self._pending: list[Future] = []
         self.records: list[ScanRecord] = []
         self.malformed = 0
+        self._log_malformed = RateLimitedLog(log)
         self.error: str | None = None  # set (once) when a scan or its stop record could not be written
         self._naming = ScanNaming(config.output_dir, config.name_template, config.session_id, config.timezone)
         self._ids = ScanIds(config.output_dir)
@@ -115,8 +125,13 @@ class ScanWriter:
         self._thread.start()
         return self
 
+    @property
+    def died(self) -> bool:
+        """True when the loop thread ended without being stopped."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def run(self) -> None:
-        """Serve nodes until stop() is called."""
+        """Serve nodes until stop() is called; input never ends the loop, a bug in it sets ``error``."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         try:
@@ -126,8 +141,15 @@ class ScanWriter:
                         self._handle(self._sock.recv_multipart(copy=False))
                 self._check_deadlines()
                 self._reap()
+        except Exception as exc:
+            log.exception("the scan writer loop failed")
+            self._fail(f"the scan writer loop failed: {type(exc).__name__}: {exc}")  # its host stops
         finally:
             self._sock.close()
+            if self._auth is not None:
+                self._auth.stop()
+            if self._own_ctx is not None:
+                self._own_ctx.term()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the loop, then write every scan still open as far as it came (its stop record says
@@ -158,8 +180,11 @@ class ScanWriter:
 
     # ------------------------------------------------------------------------------------------- messages
     def _handle(self, frames: list) -> None:
-        identity, kind = frames[0].bytes, frames[1].bytes
+        """One message; whatever it holds, it never ends the loop (counted as malformed and dropped)."""
         try:
+            if len(frames) < 3:
+                raise p.ProtocolError(f"a message of {len(frames) - 1} part(s)")
+            identity, kind = frames[0].bytes, frames[1].bytes
             if kind == p.W_BEGIN:
                 self._on_begin(identity, p.decode(kind, frames[2].bytes, p.NodeScanBegin))
             elif kind == p.W_SAMPLES:
@@ -170,9 +195,12 @@ class ScanWriter:
                 self._on_done(p.decode(kind, frames[2].bytes, p.NodeScanDone))
             else:
                 raise p.ProtocolError(f"unexpected message {kind[:20]!r}")
-        except (p.ProtocolError, ValueError, IndexError) as exc:
+        except OSError as exc:  # storage, not input: every later scan would fail the same way
+            log.exception("the scan writer cannot store")
+            self._fail(f"storing failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - input must never end the writer loop
             self.malformed += 1
-            log.warning("writer dropped a malformed message: %s", exc)
+            self._log_malformed("writer dropped a malformed message", "%s: %s", type(exc).__name__, exc)
 
     def _on_begin(self, identity: bytes, begin: p.NodeScanBegin) -> None:
         scan = self._scans.get(scan_key(begin))
