@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -280,3 +282,41 @@ def test_catalogue_markup_and_escapes_print_literally(tmp_path: Path):
         assert "[/]" in r.stdout, r.stdout
     shown = in_process(["scans", "show", record.scan_uuid], env).stdout
     assert "[/] [31mred[0m [bold]b[/bold]" in shown
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    host=st.sampled_from([b"127.0.0.1:17080", b"localhost", b"[::1]:1"]) | st.binary(max_size=40),
+    origin=st.none() | st.just(b"http://127.0.0.1:17080") | st.binary(max_size=40),
+    query=st.sampled_from([b"token=" + TOKEN.encode(), b"token=%C3%A9", b"token=%FF"])
+    | st.binary(max_size=60),
+    cookie=st.none() | st.binary(max_size=60),
+    kind=st.sampled_from(["http", "websocket"]),
+)
+def test_the_guard_answers_any_request_with_a_status_never_an_error(host, origin, query, cookie, kind):
+    """Arbitrary Host, Origin, query and cookie bytes: the guard lets the request through or refuses it
+    with 400, 401 or 403; nothing raises (a non-ASCII token was a 500)."""
+    import asyncio
+
+    from streaming.view.guard import PageGuard, page_hosts
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    headers = [(b"host", host)] + [(b"origin", origin)] * (origin is not None)
+    headers += [(b"cookie", cookie)] * (cookie is not None)
+    scope = {
+        "type": kind,
+        "headers": headers,
+        "query_string": query,
+        "extensions": {"websocket.http.response": {}},
+    }
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    guard = PageGuard(app, TOKEN, page_hosts("127.0.0.1", exposed=False))
+    asyncio.run(guard(scope, None, send))
+    assert sent[0]["status"] in (200, 400, 401, 403)
+    assert sent[0]["status"] != 200 or TOKEN.encode() in query + (cookie or b"")
