@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 import zmq
 
+from counting.geometry import FRAME_COLS, FRAME_ROWS
 from streaming.protocol import live as live_wire
 from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig
@@ -19,7 +20,14 @@ from streaming.view.state import ViewState
 
 log = logging.getLogger(__name__)
 _ratelog = RateLimitedLog(log)
+PATTERN_BYTES = 4 * FRAME_ROWS * FRAME_COLS  # a snapshot's summed pattern, uint32
 FOREIGN_FILES = 4096  # files known not to be this view's scans (by path and mtime), never re-opened
+
+
+def max_part_bytes(max_positions: int) -> int:
+    """The intake socket's MAXMSGSIZE: the largest part of a snapshot, one int64 position array of a whole
+    scan (a final snapshot) or the pattern, with headroom."""
+    return max(8 * max_positions, PATTERN_BYTES) + 64 * 1024
 
 
 class LiveIngest:
@@ -39,8 +47,7 @@ class LiveIngest:
         self.socket.setsockopt(zmq.RCVHWM, 64)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.setsockopt(zmq.LINGER, 0)
-        # The largest part: one position array of a whole scan (a final snapshot), 8 bytes a position.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, 8 * state.max_positions + 64 * 1024)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(state.max_positions))
         if curve is not None:
             from streaming.transport.security import apply_server
 
