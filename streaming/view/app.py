@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources import files
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -67,8 +69,6 @@ def live_app(
     clients: Clients | None = None,
 ) -> PageGuard:
     """The page's ASGI app over ``state``; ``hosts``: the Host names served (None: any, an exposed page)."""
-    from importlib.resources import files
-
     page = files("streaming.view").joinpath("page.html").read_text().replace("{{title}}", title)
     clients = clients if clients is not None else Clients()
     building = asyncio.Semaphore(2)  # image encodings at once: many requests queue, not pile up in memory
@@ -105,6 +105,13 @@ def live_app(
             body = await asyncio.to_thread(image_png, img, name)
         return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
+    rendered: list = [-1, ""]  # the state's JSON at one version: made once however many clients follow it
+
+    def render(version: int) -> str:
+        if rendered[0] != version:
+            rendered[:] = [version, json.dumps(_state(state))]
+        return rendered[1]
+
     async def updates(ws: WebSocket) -> None:
         client = clients.join()
         if client is None:
@@ -112,7 +119,7 @@ def live_app(
             return
         try:
             await ws.accept()
-            await _follow(ws, state, client)
+            await _follow(ws, state, client, render)
         finally:
             clients.open.remove(client)
 
@@ -127,7 +134,7 @@ def live_app(
     return PageGuard(app, token, hosts)
 
 
-async def _follow(ws: WebSocket, state: ViewState, client: Client) -> None:
+async def _follow(ws: WebSocket, state: ViewState, client: Client, render: Callable[[int], str]) -> None:
     """Send the state whenever its version changed, each send awaited (uvicorn's flow control holds it while
     the client's socket is full), so versions that pass meanwhile are skipped, never queued. Ends when the
     client goes (its slot is free at once, not at the next failed send)."""
@@ -138,7 +145,7 @@ async def _follow(ws: WebSocket, state: ViewState, client: Client) -> None:
             if version != client.seen:
                 client.skipped += version - client.seen - 1 if client.seen >= 0 else 0
                 client.seen, client.sending = version, True
-                await ws.send_text(json.dumps(_state(state)))
+                await ws.send_text(render(version))
                 client.sent, client.sending = client.sent + 1, False
             await asyncio.wait([gone], timeout=POLL)
     except (WebSocketDisconnect, RuntimeError, OSError):
@@ -159,4 +166,10 @@ def _values_json(version: int, img) -> bytes:
 
 
 def _state(state: ViewState) -> dict:
-    return {"version": state.version, "scans": state.scans(), "malformed": state.malformed}
+    # intake: its thread alive (a dead intake must not pass for a quiet one) and the malformed snapshots
+    return {
+        "version": state.version,
+        "scans": state.scans(),
+        "malformed": state.malformed,
+        "intake": state.intake(),
+    }
