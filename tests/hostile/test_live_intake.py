@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from counting.live_images import LiveGeometry, LiveImages
 from streaming.protocol import live as live_wire
 from streaming.view import ingest as ingest_module
+from streaming.view.app import _state
 from streaming.view.ingest import LiveIngest
 from streaming.view.state import ViewState
 
@@ -209,6 +210,7 @@ def test_one_bad_snapshot_does_not_stop_the_intake(intake: LiveIngest) -> None:
             s.send_multipart(message)
         assert wait_for(lambda: intake.state.malformed == len(bad))
         assert intake.alive and intake.state.intake() == {"alive": True, "malformed": len(bad)}
+        assert _state(intake.state)["intake"] == {"alive": True, "malformed": len(bad)}  # in /api/state
         s.send_multipart(snapshot(geometry=None, proposal=GEOMETRY))
         assert wait_for(lambda: intake.state.scan("k3") is not None)
         assert s.poll(5000)
