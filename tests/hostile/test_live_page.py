@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from stemstream_testing.catalogue_scans import write_scan
-from stemstream_testing.cli import in_process
+from stemstream_testing.cli import as_process, in_process
 from stemstream_testing.support import free_port, wait_until
 from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
@@ -275,12 +275,12 @@ def test_catalogue_markup_and_escapes_print_literally(tmp_path: Path):
     assert in_process(["scans", "rebuild", str(tmp_path / "data")], env).returncode == 0
     note = "[/] \x1b[31mred\x1b[0m [bold]b[/bold] \x07"
     assert in_process(["scans", "note", record.scan_uuid, note], env).returncode == 0
-    for args in (["scans", "show", record.scan_uuid], ["scans"]):
-        r = in_process(args, env)
+    for args in (["scans", "show", record.scan_uuid], ["scans"]):  # real processes: the real terminal width
+        r = as_process(args, env)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "\x1b" not in r.stdout and "\x07" not in r.stdout
         assert "[/]" in r.stdout, r.stdout
-    shown = in_process(["scans", "show", record.scan_uuid], env).stdout
+    shown = as_process(["scans", "show", record.scan_uuid], env).stdout
     assert "[/] [31mred[0m [bold]b[/bold]" in shown
 
 
