@@ -219,10 +219,9 @@ def test_a_client_that_never_reads_skips_updates_instead_of_queueing_them(page: 
                 sent_at[i] = stuck.sent
         # The server's buffer for it filled (kernel buffers + the transport's high-water mark), then every
         # further version was skipped: nothing queued in proportion to the updates.
-        assert sent_at[99] == sent_at[50] and sent_at[99] <= 20, sent_at
-        assert stuck.sending and page.state.version - stuck.seen >= 60, (
-            stuck
-        )  # one message in flight, no queue
+        assert sent_at[99] == sent_at[60] < 60, sent_at  # (9 here: 4 MB of kernel buffer, 400 kB each)
+        # One message in flight to it (its queue is at most 1), many versions behind: skipped, not queued.
+        assert stuck.sending and page.state.version - stuck.seen >= 40, stuck
     finally:
         silent.close()
     assert wait_until(lambda: not page.clients.open, 10)
