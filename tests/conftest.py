@@ -66,11 +66,6 @@ _MODULE_GROUPS = {
     "tests/counting/test_live_images.py",
     "tests/counting/test_raw.py",
 }
-# Tests that start a Slurm cluster of their own: never beside the shared one (a job was seen cancelled
-# when two clusters ran side by side on a loaded machine).
-_OWN_SLURM = {
-    "tests/tasks/test_sfapi.py::test_fake_cli_with_a_slurm_cluster_runs_jobs_and_stops_every_daemon"
-}
 # Real `prefect server` + `prefect deploy` + a worker: one stack at a time, on one worker.
 _PREFECT_STACK = {
     "tests/flows/test_deployment.py",
@@ -84,7 +79,7 @@ def _group(item: pytest.Item) -> str | None:
     path = item.nodeid.split("::", 1)[0]
     names = set(getattr(item, "fixturenames", ()))
     callspec = getattr(item, "callspec", None)
-    if "slurm_cluster" in names or item.nodeid.split("[", 1)[0] in _OWN_SLURM:
+    if "slurm_cluster" in names:
         return "slurm"
     if path in _PREFECT_STACK:
         return "prefect-stack"
