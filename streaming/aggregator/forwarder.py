@@ -30,6 +30,7 @@ from streaming.protocol import paths as f
 from streaming.protocol.reasons import Verdict
 from streaming.protocol.sector import SectorHeader, WireError, decode_message
 from streaming.transport.addresses import offset_address
+from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.router_io import Sent, drain
 from streaming.transport.security import CurveServerConfig
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _REPORT_EVERY = 0.005  # seconds between progress reports while data flows
 _DRAIN_BATCH = 256
+_MAX_ATTACHED = 1024  # names attached at once: a flood of made-up names cannot grow the table without end
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Forwarder:
             failed=weak(self._send_failed),
         )
         self.attached: dict[str, bytes] = {}  # node name -> identity on this forwarder's node socket
+        self._log = RateLimitedLog(log)
         self.scan: _PathScan | None = None
         self._held: tuple[int, list] | None = None  # (scan number, parts) waiting for begin or drop
         self._dropping: dict[int, tuple[str, float]] = {}  # scan number -> (why, last sector)
@@ -265,14 +268,33 @@ class Forwarder:
             try:
                 if len(rest) != 2 or rest[0] != p.ATTACH:
                     raise p.ProtocolError(f"unexpected message {rest[:1]!r}")
-                attach = p.decode(p.ATTACH, rest[1], p.Attach)
+                self._on_attach(identity, p.decode(p.ATTACH, rest[1], p.Attach))
             except p.ProtocolError as exc:
-                log.warning("forwarder %d: node message ignored: %s", self.index, exc)
-                continue
-            self.attached[attach.name] = identity
-            with suppress(zmq.ZMQError):
-                answer = p.Attach(name=attach.name, path=self.index)
-                self.router.send_multipart([identity, *p.encode(answer)], zmq.NOBLOCK)
+                self._log("node message ignored", "forwarder %d: %s", self.index, exc)
+
+    def _on_attach(self, identity: bytes, attach: p.Attach) -> None:
+        """A node's name is bound to the connection that attached it, until that connection is gone (a
+        restarted node): another connection under the same name is refused."""
+        old = self.attached.get(attach.name)
+        if old is None and len(self.attached) >= _MAX_ATTACHED:
+            raise p.ProtocolError(f"{len(self.attached)} names attached already")
+        if old is not None and old != identity and self._reachable(old, attach.name):
+            raise p.ProtocolError(f"{attach.name!r} is attached on another connection")
+        self.attached[attach.name] = identity
+        with suppress(zmq.ZMQError):
+            answer = p.Attach(name=attach.name, path=self.index)
+            self.router.send_multipart([identity, *p.encode(answer)], zmq.NOBLOCK)
+
+    def _reachable(self, identity: bytes, name: str) -> bool:
+        """Whether a node's connection is still there: its attach answer again (nodes take it again), which
+        ROUTER_MANDATORY refuses for a vanished peer."""
+        try:
+            self.router.send_multipart([identity, *p.encode(p.Attach(name, self.index))], zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        except zmq.ZMQError as exc:
+            return exc.errno != zmq.EHOSTUNREACH
+        return True
 
     def _service_hub(self) -> None:
         for _ in range(64):
@@ -283,7 +305,7 @@ class Forwarder:
             try:
                 message = f.decode(parts)
             except p.ProtocolError as exc:
-                log.warning("forwarder %d: %s", self.index, exc)
+                self._log("hub message ignored", "forwarder %d: %s", self.index, exc)
                 continue
             self._on_hub(message)
 

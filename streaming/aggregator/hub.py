@@ -137,7 +137,7 @@ class ForwarderHub:
                 info.identity = identity
                 self._by_identity[identity] = message.index
                 waiting.discard(message.index)
-            elif message is not None:
+            elif message is not None and identity not in self._by_identity:
                 self._refuse(message)
         log.info(
             "%d forwarding process(es) up: %s",

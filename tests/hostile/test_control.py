@@ -164,6 +164,7 @@ def test_control_round_trip_encoded_as_before_decodes_to_the_same_message(messag
     kind, body = p.encode(message)
     assert body == msgpack.packb(asdict(message))  # the pre-change encoding, byte for byte
     assert p.decode(kind, body) == message
+    assert type(message)(**msgpack.unpackb(body, strict_map_key=False)) == message  # the old decoder agrees
 
 
 @FUZZ
@@ -173,6 +174,7 @@ def test_forwarder_round_trip(message: object) -> None:
     parts = f.encode(message)
     assert parts[1] == msgpack.packb(asdict(message))
     assert f.decode(parts) == message
+    assert type(message)(**msgpack.unpackb(parts[1], strict_map_key=False)) == message
 
 
 @settings(max_examples=300, deadline=None)
@@ -381,7 +383,8 @@ def test_a_known_name_from_a_new_connection_cannot_take_over(tmp_path: Path) -> 
 
 def test_a_strangers_progress_on_the_hub_is_dropped(tmp_path: Path) -> None:
     """M3: with a forwarding process, a local DEALER on the hub (loopback) is refused: its Progress (mistyped
-    or well-formed) is neither merged nor fatal; the next real scan is complete."""
+    or well-formed) is neither merged nor fatal; a node's name cannot be attached on the forwarder from
+    another connection; the next real scan is complete."""
     session = start_session(tmp_path, 1, fixed=FIXED, agg_overrides={"aggregator_processes": 2})
     agg = session.aggregator
     try:
@@ -395,6 +398,14 @@ def test_a_strangers_progress_on_the_hub_is_dropped(tmp_path: Path) -> None:
         assert agg.stats.received == received
         assert session.threads[0].is_alive()
         s.close()
+        # The forwarder's node socket: node0's name from another connection gets no answer (not attached).
+        taker = dealer(hub.forwarders[1].nodes.replace("0.0.0.0", "127.0.0.1"))
+        taker.send_multipart(p.encode(p.Attach(name="node0")))
+        taker.send_multipart(p.encode(p.Attach(name="stranger")))  # a name nobody has: answered
+        assert taker.poll(5000)
+        assert p.decode(*taker.recv_multipart()) == p.Attach(name="stranger", path=1)
+        assert not taker.poll(500)
+        taker.close()
         real_scan_is_complete(session, 13)
     finally:
         session.close()
