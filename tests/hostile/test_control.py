@@ -79,6 +79,11 @@ def begin_body(**changes: object) -> bytes:
     return msgpack.packb(body)
 
 
+def hosted_writer(session: Session) -> ScanWriter:
+    """The scan writer of the session (hosted by whichever node joined first)."""
+    return next(n.hosted._writer for n in session.nodes if n.hosted._writer is not None)
+
+
 def real_scan_is_complete(session: Session, scan_number: int) -> None:
     """Send a simulated scan through the session; its file is complete."""
     session.send(SCAN, scan_number=scan_number)
@@ -319,8 +324,8 @@ def test_a_curve_session_writes_through_the_curve_writer(tmp_path: Path) -> None
         tmp_path, 2, fixed=FIXED, node_overrides={"curve": node_curve}, agg_overrides={"curve": agg_curve}
     )
     try:
-        w = session.nodes[0].hosted._writer
-        assert w is not None and w._auth is not None
+        w = hosted_writer(session)
+        assert w._auth is not None
         plain = dealer(w.endpoint)
         plain.send_multipart([p.W_BEGIN, begin_body(scan_number=90)])
         real_scan_is_complete(session, 9)
@@ -357,24 +362,24 @@ def test_a_mistyped_hello_does_not_stop_the_aggregator() -> None:
 
 
 def test_a_known_name_from_a_new_connection_cannot_take_over(tmp_path: Path) -> None:
-    """M3: node0's name from another connection is refused (hello, WriterAt, ready); the writer address and
-    the routes stay; the next real scan is complete."""
+    """M3: the writer host's name from another connection is refused (hello, WriterAt, ready); the writer
+    address and the routes stay; the next real scan is complete."""
     session = start_session(tmp_path, 2, fixed=FIXED)
     agg = session.aggregator
     try:
-        address = agg.nodes.writer.address
-        identity = agg.nodes.by_name["node0"].identity
+        host, address = agg.nodes.writer.name, agg.nodes.writer.address
+        identity = agg.nodes.by_name[host].identity
         s = dealer(agg.nodes_endpoint)
-        s.send_multipart(p.encode(p.WriterAt("node0", "tcp://evil:1", "")))
-        s.send_multipart(p.encode(p.Ready("node0")))
-        s.send_multipart(p.encode(p.Hello("node0", 1, output_dir=str(session.output_dir))))
+        s.send_multipart(p.encode(p.WriterAt(host, "tcp://evil:1", "")))
+        s.send_multipart(p.encode(p.Ready(host)))
+        s.send_multipart(p.encode(p.Hello(host, 1, output_dir=str(session.output_dir))))
         assert s.poll(5000)
         bye = p.decode(*s.recv_multipart())
         assert isinstance(bye, p.Bye) and not bye.final and "connected already" in bye.reason
-        s.send_multipart(p.encode(p.WriterAt("node0", "tcp://evil:1", "")))
+        s.send_multipart(p.encode(p.WriterAt(host, "tcp://evil:1", "")))
         assert wait_for(lambda: agg.control.refused >= 4)
         assert agg.nodes.writer.address == address
-        assert agg.nodes.by_name["node0"].identity == identity
+        assert agg.nodes.by_name[host].identity == identity
         s.close()
         real_scan_is_complete(session, 12)
     finally:
@@ -463,7 +468,7 @@ def test_fuzzed_control_messages_never_stop_the_aggregator(tmp_path: Path) -> No
 def test_fuzzed_writer_messages_never_stop_the_writer(tmp_path: Path) -> None:
     """N fuzzed messages on node 0's writer socket; the writer serves on and the next real scan is complete."""
     session = start_session(tmp_path, 2, fixed=FIXED, node_overrides={"max_scan_positions": 4096})
-    w = session.nodes[0].hosted._writer
+    w = hosted_writer(session)
     s = dealer(w.endpoint)
     writer_types = [p.NodeScanBegin, p.SampleHeader, p.EventsHeader, p.NodeScanDone]
     try:
