@@ -65,6 +65,14 @@ class RemoteCommandFailed(PermanentError, RemoteError):
         self.stderr_tail = stderr_tail
 
 
+class ForeignProcess(PermanentError, RemoteError):
+    """The PID to stop is no longer the process we started (it exited and the PID was reused)."""
+
+
+# In a started process's environment (as local processes carry theirs): how a stop knows the PID is ours.
+TOKEN_VARIABLE = "STEMSTREAM_PROCESS_GROUP"
+
+
 @dataclass(frozen=True)
 class RemoteResult:
     """What a remote command returned."""
@@ -105,15 +113,19 @@ def start_remote_process(
     *,
     settle: float = 0.2,
     files: dict[str, str] | None = None,
+    token: str | None = None,
 ) -> int:
     """Start a detached process on the host (output appended to log_path) and return its PID.
 
     files: {remote path: text} written first (e.g. the session's settings file for the aggregator); they
     travel inside the same command, base64-encoded, so no second channel or file transfer is needed.
     The process gets its own session, so ``stop_remote_process`` can end it with all its children. If it
-    is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log.
+    is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log. token: put in its
+    environment, for ``stop_remote_process`` to check that the PID is still this process.
     """
     text = command if isinstance(command, str) else shlex.join(command)
+    if token is not None:
+        text = f"env {TOKEN_VARIABLE}={shlex.quote(token)} {text}"
     log_q = shlex.quote(log_path)
     writes = []
     for path, content in (files or {}).items():
@@ -143,17 +155,24 @@ def start_remote_process(
 
 
 def stop_remote_process(
-    settings: SshSettings, pid: int, *, grace: float = 5.0
+    settings: SshSettings, pid: int, *, grace: float = 5.0, token: str | None = None
 ) -> Literal["not-running", "terminated", "killed"]:
-    """End a process started by start_remote_process (SIGTERM to its group, SIGKILL after grace)."""
+    """End a process started by start_remote_process (SIGTERM to its group, SIGKILL after grace). With the
+    token it was started with, a PID whose /proc/PID/environ does not carry it is refused (ForeignProcess):
+    the PID may have been reused by an unrelated process since."""
     if pid < 2:
         raise ValueError(f"refusing to signal PID {pid}")  # kill -TERM -1 would hit every process of the user
     steps = max(1, int(grace / 0.1))
+    needle = shlex.quote(f"{TOKEN_VARIABLE}={token}")
+    ours = [
+        f"tr '\\0' '\\n' </proc/$pid/environ 2>/dev/null | grep -qxF -- {needle} || {{ echo foreign; exit 0; }}"
+    ]
     # "kill -TERM -PID" signals the process group; dash's kill does not take "--".
     script = [
         _ALIVE,
         f"pid={pid}",
         'alive "$pid" || { echo not-running; exit 0; }',
+        *(ours if token is not None else []),
         'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null',
         f'i=0; while alive "$pid" && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done',
         'alive "$pid" || { kill -KILL "-$pid" 2>/dev/null; echo terminated; exit 0; }',
@@ -164,6 +183,11 @@ def stop_remote_process(
     ]
     result = run_remote(settings, _sh(script), timeout=grace + settings.command_timeout)
     outcome = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    if outcome == "foreign":
+        raise ForeignProcess(
+            f"refusing to stop PID {pid} on {settings.host}: it does not carry this session's token "
+            "(it is no longer the process this session started)"
+        )
     if outcome not in ("not-running", "terminated", "killed"):
         raise RemoteCommandFailed(f"stop PID {pid}", result.exit_status, result.stderr or result.stdout)
     log.info("PID %d on %s: %s", pid, settings.host, outcome)

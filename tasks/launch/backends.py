@@ -17,6 +17,7 @@ import os
 import posixpath
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -227,6 +228,7 @@ class LocalAggregator:
     """The aggregator as a local process."""
 
     group: ProcessGroup | None = None
+    view_lost: bool = False  # the live view exited (reported once)
 
     @property
     def pid(self) -> int | None:
@@ -243,11 +245,16 @@ class LocalAggregator:
             self.group.start("view", view_command(plan), drop_env_prefix=SETTINGS_ENV)
 
     def check(self) -> None:
-        """Raise if the aggregator process exited."""
-        dead = [c for c in self.group.dead() if c.name == "aggregator"] if self.group is not None else []
-        if dead:
-            c = dead[0]
-            raise AggregatorExited(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
+        """Raise if the aggregator process exited; a live view that exited is reported (once, as an error
+        naming it) and the session goes on without its page."""
+        dead = self.group.dead() if self.group is not None else []
+        for c in dead:
+            if c.name == "aggregator":
+                raise AggregatorExited(f"aggregator exited with code {c.popen.returncode}:\n{c.tail()}")
+            if c.name == "view" and not self.view_lost:
+                self.view_lost = True
+                log.error("live view exited with code %s; the session goes on without its page:\n%s",
+                          c.popen.returncode, c.tail())  # fmt: skip
 
     def stop(self) -> None:
         """Stop the process."""
@@ -273,6 +280,7 @@ class SshAggregator:
     ssh: SshSettings
     remote_command: list[str] | None = None  # how to run stemstream there (default: the local CLI path)
     pid: int | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # in its environment: stop checks it
 
     def start(self, plan: SessionPlan) -> None:
         """Start the aggregator for this session on the remote host; reads back its PID."""
@@ -286,6 +294,7 @@ class SshAggregator:
             argv,
             str(logs / "aggregator-remote.log"),
             files={remote_settings: plan.settings_file.read_text()},
+            token=self.token,
         )
 
     def check(self) -> None:
@@ -294,17 +303,19 @@ class SshAggregator:
     def stop(self) -> None:
         """Stop the remote aggregator (its whole process group)."""
         if self.pid is not None:
-            stop_remote_process(self.ssh, self.pid)
+            stop_remote_process(self.ssh, self.pid, token=self.token)
             self.pid = None
 
     def record(self, state: SessionState) -> None:
-        """Its kind and the PID of its process group on the aggregator host."""
+        """Its kind, the PID of its process group on the aggregator host and the token it carries."""
         state.aggregator, state.aggregator_pid = type(self).__name__, self.pid
+        state.aggregator_token = self.token
 
     def release_recorded(self, state: SessionState) -> None:
-        """Stop the recorded remote process group over SSH."""
+        """Stop the recorded remote process group over SSH (refused if that PID no longer carries the
+        recorded token: ForeignProcess)."""
         if state.aggregator_pid:
-            stop_remote_process(self.ssh, int(state.aggregator_pid))
+            stop_remote_process(self.ssh, int(state.aggregator_pid), token=state.aggregator_token)
 
 
 def node_name(pid: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -72,6 +73,7 @@ class ProcessGroup:
                 env={**_inherited(drop_env_prefix), **(env or {}), _TOKEN: self.token},
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         child = Child(name, popen, log_path)
         self.children.append(child)
@@ -117,13 +119,69 @@ def carrying(token: str) -> list[int]:
     return found
 
 
-def kill_carrying(tokens: Sequence[str]) -> None:
-    """SIGKILL every live process whose environment carries one of these group tokens (what is left of
-    groups whose ProcessGroup object is gone: cleanup after a crash)."""
-    for token in tokens:
-        for pid in carrying(token):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+def kill_carrying(tokens: Sequence[str], grace: float = 3.0) -> None:
+    """Stop every live process whose environment carries one of these group tokens (what is left of
+    groups whose ProcessGroup object is gone: cleanup after a crash): SIGTERM first, so a node's writer can
+    still write what was counted, up to grace seconds, then SIGKILL; then unlink the /dev/shm segments
+    they had mapped (slot memory a killed node could not release)."""
+    pids = [pid for token in tokens for pid in carrying(token)]
+    segments = {seg for pid in pids for seg in _shm_segments(pid)}
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    left = [pid for token in tokens for pid in carrying(token)]  # and whatever they started meanwhile
+    _signal_all(left, signal.SIGKILL)
+    wait_until = time.monotonic() + 2.0
+    while time.monotonic() < wait_until and any(_alive(pid) for pid in left):
+        time.sleep(0.02)
+    for seg in segments:
+        with contextlib.suppress(OSError):
+            seg.unlink()
+            log.info("unlinked leftover shared memory %s", seg)
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie does not count: only its parent's wait is left)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _shm_segments(pid: int) -> set[Path]:
+    """The /dev/shm files this process has mapped (its POSIX shared memory, e.g. a node's slot memory)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/") and not parts[5].endswith("(deleted)"):
+                found.add(Path(parts[5].strip()))
+    return found
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGTERM (its clean stop) when the process that started it dies, even
+    by SIGKILL, so no node, aggregator or view outlives its session holding ports and shared memory. (The
+    signal follows the starting thread: the session starts its processes from its own long-lived thread.)"""
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls into it
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nothing would signal us any more
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _inherited(drop_prefix: str | None) -> dict[str, str]:

@@ -30,6 +30,7 @@ class SessionState:
     job_id: str | None = None  # the node streamers' job (a Slurm job id, or local-PID-SESSION)
     aggregator: str | None = None  # the aggregator backend's class name, once armed
     aggregator_pid: int | None = None
+    aggregator_token: str | None = None  # in the remote aggregator's environment: stop checks it is ours
     local_pids: list[int] = field(default_factory=list)  # local node streamer processes
     process_tokens: list[str] = field(default_factory=list)  # in every local process's environment
     ready: bool = False  # every node streamer reported ready: scans may start
