@@ -32,6 +32,7 @@ from pathlib import Path
 
 import h5py
 
+from counting.durable import fsync_directory
 from counting.errors import PermanentError
 
 METADATA_CACHE = 2 << 20  # HDF5's metadata cache (it holds the event heaps being filled): fixed, not adaptive
@@ -217,15 +218,6 @@ class FinalName:
             renamed = True
         fsync_directory(dst.parent)
         return renamed
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, so the names created or renamed in it survive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TempHDF5:

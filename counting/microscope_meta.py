@@ -30,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from counting.durable import file_sha256, fsync_directory
 from counting.errors import PermanentError
 from counting.h5_attrs import load_tree, plain, save_tree
 from counting.h5_storage import create_temporary
@@ -86,11 +87,7 @@ class MicroscopeMetadata:
 
 def file_digest(path: Path) -> str:
     """Hex sha256 of a file, in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def attach_microscope(
@@ -134,7 +131,7 @@ def attach_microscope(
         if before_replace is not None:
             before_replace(new_digest)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         return new_digest
     finally:
         if fd >= 0:
@@ -186,11 +183,3 @@ def _write(f: h5py.File, meta: MicroscopeMetadata) -> None:
         )
         images.attrs["names"] = ["HAADF"]
         images.attrs["source"] = meta.source
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

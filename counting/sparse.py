@@ -16,7 +16,6 @@ fewer frames get empty event lists (and mask 0) in the remaining slots, exactly 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -223,15 +222,6 @@ def _write_layout(f: h5py.File, scan: CountedScan) -> None:
     for start in range(0, len(flat), _CHUNK):
         write_slots(frames, start, flat[start : start + _CHUNK])
     finish_layout(f, scan.sector_masks, scan.metadata)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (constant memory for files of any size)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_counted_scan(path: str | os.PathLike) -> CountedScan:

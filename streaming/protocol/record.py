@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
+from counting.durable import fsync_directory
+
 
 class ScanStatus(StrEnum):
     """How a scan ended."""
@@ -109,7 +111,7 @@ class ScanRecord:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # keep the original error, not one about the cleanup
                 tmp.unlink(missing_ok=True)
@@ -119,14 +121,6 @@ class ScanRecord:
     def load(cls, path: Path) -> ScanRecord:
         """Read a saved record."""
         return cls.from_json(json.loads(Path(path).read_text()))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def record_path(h5_path: Path) -> Path:

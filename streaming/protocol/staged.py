@@ -9,12 +9,12 @@ record if the file has its checksum and drops it if the file still has the old r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
+from counting.durable import file_sha256, fsync_directory
 from streaming.protocol.record import record_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def resolve_pending_record(h5_path: str | os.PathLike) -> bool:
     try:
         staged = json.loads(pending.read_text()).get("sha256")
         current = json.loads(rec.read_text()).get("sha256") if rec.is_file() else None
-        digest = _sha256(h5_path)
+        digest = file_sha256(h5_path)
         if digest == staged:
             commit_pending_record(h5_path)
         elif digest == current:
@@ -56,20 +56,3 @@ def resolve_pending_record(h5_path: str | os.PathLike) -> bool:
         return False
     log.info("%s: stop record staged by an interrupted step settled", h5_path.name)
     return True
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, so a rename in it survives a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
