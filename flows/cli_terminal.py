@@ -96,6 +96,10 @@ def run_settings_file(settings: Settings) -> Path:
     return write_settings_file(settings, path)
 
 
+# The exit status of a session that otherwise succeeded but whose end stopped a scan mid-scan.
+STOPPED_MID_SCAN = 3
+
+
 def run_in_terminal(settings: Settings, params: dict, postprocess: bool) -> int:
     """Run the session flow with the watcher; print the summary and where things are; the exit status."""
     embedded_prefect(settings.output_dir)
@@ -120,11 +124,15 @@ def run_in_terminal(settings: Settings, params: dict, postprocess: bool) -> int:
     if watcher.session_dir is not None:
         _print_where(watcher.session_dir, postprocess)
     elapsed = time.time() - t0
+    # verified None: a scan the session's end stopped mid-scan (kept incomplete): exit STOPPED_MID_SCAN
+    partial = [r for r in results if r.verified is None] if isinstance(results, list) else []
     if state.is_completed() or (
-        state.is_cancelled() and isinstance(results, list) and all(r.verified for r in results)
+        state.is_cancelled()
+        and isinstance(results, list)
+        and all(r.verified for r in results if r not in partial)
     ):
         console.print(f"[green]session {state.name.lower()} in {elapsed:.1f} s: {state.message}[/]")
-        return 0
+        return STOPPED_MID_SCAN if partial else 0
     raise SessionFailed(f"the session failed: {state.message}")
 
 

@@ -84,6 +84,7 @@ class SessionRun:
         self.refused = ""  # scans the aggregator refused before the session was ready, in words
         self.seen: set[str] = set()  # stop records already there (an earlier session's) or taken
         self.recorder: Recorder | None = None
+        self.partial: list[ScanResult] = []  # scans the session's end stopped mid-scan (written as counted)
 
     def run(self) -> State:
         """Start, acquire, release (always), and the final state with the scan results."""
@@ -197,9 +198,32 @@ class SessionRun:
         self.refused = refused_report(self.plan)
         try:
             release(self.nodes, self.aggregator)
+            self.partial = self.stopped_mid_scan()
+            self.results += self.partial
         finally:
             timeout = self.settings.catalogue.flush_timeout
-            finish_recording(self.recorder, self.run_id, self.results, timeout)
+            taken = [r for r in self.results if r not in self.partial]  # the partial ones are not verified
+            finish_recording(self.recorder, self.run_id, taken, timeout)
+
+    def stopped_mid_scan(self) -> list[ScanResult]:
+        """Scans whose stop record appeared only as the processes stopped: the writer wrote what was
+        counted of a scan in flight (incomplete, reason shutdown). Listed, not verified."""
+        out = self.plan.output_dir
+        new = sorted(p for p in out.glob("*.json") if str(p) not in self.seen) if out.exists() else []
+        found = []
+        for path in new:
+            self.seen.add(str(path))
+            try:
+                record = ScanRecord.load(path)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            found.append(ScanResult(record))
+            self.log.warning(
+                "scan %d stopped mid-scan by the session's end: %.2f %% complete (%s), kept as %s",
+                record.scan_number, 100 * record.completeness, ",".join(record.reasons) or "no reason",
+                Path(record.path).name if record.path else "no file",
+            )  # fmt: skip
+        return found
 
     def outcome(self) -> State:
         """The summary artifact, then the final state: Failed when a scan failed verification or an
@@ -208,21 +232,35 @@ class SessionRun:
         summarise([summary_row(r) | live_link(live, r.record.path or "") for r in self.results])
         if self.refused:
             self.log.warning(self.refused)
-        results, failures = self.results, self.failures
+        results = [r for r in self.results if r not in self.partial]  # verified (or failed) scans
+        failures = self.failures
         failed_analyses = [f for f in self.analyses if f.state.is_failed()]
         if failures or failed_analyses:
             return Failed(
                 message=f"{len(failures)} of {len(results)} scan(s) failed verification"
                 + (f", {len(failed_analyses)} analysis step(s) failed" if failed_analyses else "")
-                + (": " + " | ".join(failures) if failures else ""),
-                data=results,
+                + (": " + " | ".join(failures) if failures else "")
+                + stopped_mid_scan_note(self.partial),
+                data=self.results,
             )
         done = (
             "counted, verified and analysed" if self.settings.session.postprocess else "counted and verified"
         )
+        done = f"{len(results)} scan(s) {done}" + stopped_mid_scan_note(self.partial)
         if self.cancelled:
-            return Cancelled(message=f"cancelled; {len(results)} scan(s) {done}", data=results)
-        return Completed(message=f"{len(results)} scan(s) {done}", data=results)
+            return Cancelled(message=f"cancelled; {done}", data=self.results)
+        return Completed(message=done, data=self.results)
+
+
+def stopped_mid_scan_note(partial: list[ScanResult]) -> str:
+    """The final message's note of scans stopped mid-scan ("" for none)."""
+    if not partial:
+        return ""
+    each = ", ".join(
+        f"scan {r.scan_number} {100 * r.record.completeness:.2f} % complete ({','.join(r.record.reasons)})"
+        for r in partial
+    )
+    return f"; {len(partial)} scan(s) stopped mid-scan, kept incomplete and not verified: {each}"
 
 
 def session_dir_of(settings: Settings, run_id: str) -> Path:

@@ -11,12 +11,16 @@ COLUMNS = {
     "scan": lambda r: r.scan_number,
     "file": lambda r: Path(r.record.path).name if r.record.path else "",
     "status": lambda r: str(r.record.status),
-    "verified": lambda r: "passed" if r.verified else "FAILED",
+    # None: not verified, a scan the session's end stopped mid-scan (its counted part kept, incomplete)
+    "verified": lambda r: (
+        "passed" if r.verified else ("stopped mid-scan" if r.verified is None else "FAILED")
+    ),
     "frames": lambda r: r.record.frames_written,
     "events per frame": lambda r: round(r.record.events_per_frame, 1),
     "completeness %": lambda r: round(100 * r.record.completeness, 3),
     "frames incomplete": lambda r: r.record.frames_incomplete,
     "sectors dropped by receivers": lambda r: r.sectors_overflowed,
+    "end reason": lambda r: ",".join(r.record.reasons),
     "sectors lost in transit": lambda r: r.record.sectors_lost_in_transit,
     "counted frames/s": lambda r: round(r.record.counted_frames_per_second),
     "seconds to counted file": lambda r: round(r.record.seconds_to_file, 3),
@@ -35,4 +39,5 @@ def summary_row(result: ScanResult) -> dict:
 def terminal_columns(results: list[ScanResult]) -> list[str]:
     """The columns to print: the losses never go unshown."""
     lossy = any(r.record.frames_incomplete or r.sectors_overflowed for r in results)
-    return TERMINAL[:4] + LOSSES + TERMINAL[4:] if lossy else list(TERMINAL)
+    shown = TERMINAL[:4] + LOSSES + TERMINAL[4:] if lossy else list(TERMINAL)
+    return shown + ["end reason"] if any(r.verified is None for r in results) else shown

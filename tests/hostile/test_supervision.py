@@ -36,7 +36,7 @@ def _port_free(address: str) -> bool:
     return True
 
 
-def _session(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, str], list[str]]:
+def _session(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, dict[str, str], list[str]]:
     """`stemstream session --camera instrument` on loopback ports of its own, its output in a file."""
     np.save(tmp_path / "dark.npy", np.zeros((576, 576), np.float32))
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(4)]
@@ -56,7 +56,7 @@ def _session(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, str], list[str
     (tmp_path / "none.toml").write_text("")
     out = open(tmp_path / "session.out", "w")  # noqa: SIM115 (closed with the test's tmp_path)
     proc = subprocess.Popen(
-        [*CLI, "session", "--camera", "instrument", "--nodes", "1"],
+        [*CLI, "session", "--camera", "instrument", "--nodes", "1", *args],
         cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     return proc, env, addresses
@@ -187,4 +187,38 @@ def test_a_dead_live_view_is_named_by_the_session(tmp_path: Path) -> None:
         assert wait_until(lambda: "live view exited" in _text(tmp_path), timeout=15), _text(tmp_path)[-3000:]
         assert proc.poll() is None
     finally:
+        _stop(proc, tmp_path)
+
+
+def test_a_session_ended_mid_scan_lists_the_partial_scan_and_says_so_in_its_exit_status(
+    tmp_path: Path,
+) -> None:
+    """M1 (session side): --duration ends the session while a scan streams; the counted part is kept as an
+    incomplete file (reason shutdown), the summary lists it, the final message names it and the exit
+    status is 3 (STOPPED_MID_SCAN), not 0."""
+    proc, env, addresses = _session(tmp_path, "--duration", "20")
+    sender = None
+    try:
+        assert wait_until(lambda: "ready:" in _text(tmp_path) or proc.poll() is not None, timeout=150)
+        assert "ready:" in _text(tmp_path), _text(tmp_path)[-3000:]
+        sender = subprocess.Popen(
+            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "32x32", "--rate", "30"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip: 1024 frames at 30/s, far longer than what is left of the session
+        code = proc.wait(120)
+        text = _text(tmp_path)
+        assert code == 3, text[-3000:]
+        assert "stopped mid-scan" in text and "shutdown" in text, text[-3000:]
+        assert "1 scan(s) stopped mid-scan" in text and "session summary" in text, text[-3000:]
+        [record] = (tmp_path / "out").rglob("FOURD_*.json")
+        saved = json.loads(record.read_text())
+        assert saved["status"] == "incomplete" and 0 < saved["completeness"] < 1
+        assert "shutdown" in saved["reasons"]
+    finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait(10)
         _stop(proc, tmp_path)
