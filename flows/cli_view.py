@@ -51,7 +51,7 @@ def view(
             server.start()
             print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
             print(f"snapshots: {server.ingest.address}", flush=True)
-            done.wait(timeout)
+            server.run_until(done, timeout)  # a part that stops ends the process non-zero
         finally:
             server.stop()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -98,6 +99,9 @@ class CountResult:
 
 def _worker_main(conn: Connection, shm_name: str, shape: tuple, calibration: Calibration) -> None:
     """Worker process: count slots on request until told to stop; take new calibrations as they come."""
+    # The node's SIGTERM (its group's, or its parent-death signal) is the node's to handle: the workers
+    # finish the counts in flight for its stop and end when it closes their pipe (EOF) or sends None.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     shm = SharedMemory(name=shm_name)
     try:
         slots = np.ndarray(shape, np.uint16, buffer=shm.buf)
@@ -245,14 +249,8 @@ class CountingPool:
 
     def submit(self, slot: int, n: int, thresholds: Thresholds) -> int:
         """Queue a slot for counting; returns the task id."""
-        task = CountTask(
-            self._next_id,
-            slot,
-            n,
-            float(thresholds.background),
-            float(thresholds.xray),
-            self._calibration.version,
-        )
+        bg, xray = float(thresholds.background), float(thresholds.xray)
+        task = CountTask(self._next_id, slot, n, bg, xray, self._calibration.version)
         self._next_id += 1
         if self.workers == 0:
             self._inline.append(self._count_inline(task))

@@ -126,7 +126,10 @@ class NodeStreamer:
         self._poller.watch("data", (want, data), lambda: list(data) if want else [])
 
     def close(self) -> None:
-        """Stop workers and the hosted writer (after it has written what it has), close sockets."""
+        """Take the counts in flight (bounded), stop workers and the writer (it writes what it has), close."""
+        deadline = time.monotonic() + (2.0 if self._stop.is_set() and self.hosted.error is None else 0.0)
+        while self.pool.outstanding and time.monotonic() < deadline:
+            self._take_results(self.pool.collect(0.05))
         self.pool.close()
         try:
             self.writer_error = self.hosted.stop()  # waits for pending writes, which may fail too
@@ -375,11 +378,8 @@ class NodeStreamer:
             oldest = self.assembler.oldest_waiting()
             if oldest is not None and now - oldest > st.frame_timeout:
                 # Never wedge on frames whose sectors are lost or far behind: count what we have, mark it.
-                log.warning(
-                    "%s: frames waited %.1f s for sectors with no slot free; sealing them incomplete",
-                    self.config.name,
-                    now - oldest,
-                )
+                log.warning("%s: frames waited %.1f s for sectors with no slot free; sealing them incomplete",
+                            self.config.name, now - oldest)  # fmt: skip
                 for s in self.assembler.evict_oldest():
                     self._sealed(s)
                 self._replay_held()

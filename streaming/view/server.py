@@ -23,6 +23,10 @@ from streaming.view.token import page_token
 log = logging.getLogger(__name__)
 
 
+class LiveViewFailed(RuntimeError):
+    """A part of the live view (its snapshot intake, its page) stopped on its own."""
+
+
 class LiveServer:
     """Takes snapshots on ``live.bind`` and serves the page on ``live.page_host:page_port``.
 
@@ -91,6 +95,18 @@ class LiveServer:
     def serve(self) -> None:
         """Serve the page in this thread until ``stop``."""
         self._server.run(sockets=[self._sock])
+
+    def run_until(self, done: threading.Event, timeout: float | None = None) -> None:
+        """Serve until done is set (or timeout), checking twice a second that the intake and the page still
+        run; raise LiveViewFailed naming a part that stopped (its process then exits non-zero)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.5):
+            if not self.ingest.alive:
+                raise LiveViewFailed("live view: the snapshot intake stopped (see the log above)")
+            if self._thread is not None and not self._thread.is_alive():
+                raise LiveViewFailed("live view: the page server stopped (see the log above)")
+            if end is not None and time.monotonic() >= end:
+                return
 
     def stop(self) -> None:
         """Stop the page and the intake."""

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +223,50 @@ def test_a_session_ended_mid_scan_lists_the_partial_scan_and_says_so_in_its_exit
             sender.kill()
             sender.wait(10)
         _stop(proc, tmp_path)
+
+
+def test_a_node_whose_writer_fails_is_named_by_the_session(tmp_path: Path) -> None:
+    """M8: a real fault kills a node's part (its hosted scan writer cannot store: the scans directory became
+    a file); the node exits non-zero with the cause and the session fails naming that node and the writer."""
+    proc, env, addresses = _session(tmp_path)
+    try:
+        assert wait_until(lambda: "ready:" in _text(tmp_path) or proc.poll() is not None, timeout=150)
+        assert "ready:" in _text(tmp_path), _text(tmp_path)[-3000:]
+        [scans] = (tmp_path / "out" / "sessions").glob("*/scans")
+        for leftover in scans.iterdir():
+            leftover.unlink()
+        scans.rmdir()
+        scans.write_text("not a directory\n")  # a fault even root cannot write through
+        sent = subprocess.run(
+            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "16x16", "--timeout", "60"],
+            cwd=tmp_path, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        assert proc.wait(120) != 0
+        text = _text(tmp_path)
+        assert "node streamer node0 exited with code 1" in text and "scan writer failed" in text, text[-3000:]
+    finally:
+        _stop(proc, tmp_path)
+
+
+def test_the_live_view_process_ends_when_its_intake_stops(tmp_path: Path) -> None:
+    """M8: the view serves only while its parts run: an intake that stopped ends run_until with the part
+    named (the view command then exits non-zero), within a second."""
+
+    from streaming.settings import LiveSettings
+    from streaming.view.server import LiveServer, LiveViewFailed
+
+    live = LiveSettings(bind=f"tcp://127.0.0.1:{free_port()}", page_host="127.0.0.1", page_port=0)
+    server = LiveServer(live).start()
+    try:
+        done = threading.Event()
+        t = time.monotonic()
+        server.run_until(done, timeout=0.6)  # healthy: serves until the timeout
+        assert time.monotonic() - t >= 0.5
+        server.ingest.close()  # the intake thread ends
+        t = time.monotonic()
+        with pytest.raises(LiveViewFailed, match="snapshot intake stopped"):
+            server.run_until(done, timeout=30)
+        assert time.monotonic() - t < 1.5
+    finally:
+        server.stop()
