@@ -45,17 +45,26 @@ def wait_ready(pipe: ProcessPipeline, n: int) -> None:
     pipe.wait_state(lambda s: s.nodes_connected >= n and s.writer != "", 60)
 
 
-@pytest.fixture
-def raw(tmp_path: Path) -> Path:
-    """A simulated raw scan and its offline count, made by the CLI in this process (the streaming commands
-    the tests are about run as processes)."""
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated raw scan and its offline count, made once for the module by the CLI in this process (the
+    streaming commands the tests are about run as processes)."""
+    where = tmp_path_factory.mktemp("streaming-raw")
     env = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
     sim = in_process(
-        ["simulate", "--out", "raw", "--scan", "12x10", "--seed", "5", "--dark-frames", "20"], env, tmp_path
+        ["simulate", "--out", "raw", "--scan", "12x10", "--seed", "5", "--dark-frames", "20"], env, where
     )
     assert sim.returncode == 0, sim.stderr
-    count = in_process(["count", "raw", "--dark", "raw/dark.npy", "--out", "offline.h5"], env, tmp_path)
+    count = in_process(["count", "raw", "--dark", "raw/dark.npy", "--out", "offline.h5"], env, where)
     assert count.returncode == 0, count.stderr
+    return where
+
+
+@pytest.fixture
+def raw(raw_dir: Path, tmp_path: Path) -> Path:
+    """This test's working directory (its own out/), with the module's raw scan and offline count linked in."""
+    for name in ("raw", "offline.h5"):
+        (tmp_path / name).symlink_to(raw_dir / name)
     return tmp_path
 
 
