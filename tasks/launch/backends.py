@@ -133,7 +133,8 @@ class LocalNodes:
             state.add_tokens(self.group.token)
 
     def release_recorded(self, state: SessionState) -> None:
-        """SIGKILL every live process carrying one of the session's tokens (counting workers included)."""
+        """Stop every live process carrying one of the session's tokens (counting workers included): SIGTERM,
+        then SIGKILL after a bounded wait; their leftover /dev/shm segments unlinked."""
         kill_carrying(state.process_tokens)
 
 
@@ -269,7 +270,7 @@ class LocalAggregator:
             state.add_tokens(self.group.token)
 
     def release_recorded(self, state: SessionState) -> None:
-        """SIGKILL every live process carrying one of the session's tokens."""
+        """Stop every live process carrying one of the session's tokens (SIGTERM, then SIGKILL)."""
         kill_carrying(state.process_tokens)
 
 
