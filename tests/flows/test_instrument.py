@@ -26,25 +26,42 @@ from tests.tasks.helpers import wait_until
 pytestmark = pytest.mark.timeout(300)
 # (scan number, WxH): three shapes, and scan 1 again (the detector reset its numbers)
 SCRIPT = [(1, "16x8"), (2, "24x12"), (1, "12x10")]
+SCAN_TIMEOUT = 1.0  # session.scan_timeout, the old per-scan limit; the microscopist's pauses are longer
+PAUSE = 1.5 * SCAN_TIMEOUT
+# --duration of the first session in the duration test: a scan (four sender processes) must fit in it on a
+# loaded machine (12 s did not, at a load of 9 on 2 cores)
+DURATION = 25
 
 
 def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def raw_scans(tmp_path: Path) -> Path:
-    """Raw files of each scripted scan (one detector: the same dark) and their offline counts, made by the
-    CLI in this process (the sessions and the camera under test are processes)."""
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Raw files of each scripted scan (one detector: the same dark) and their offline counts, made once for
+    the module by the CLI in this process (the sessions and the camera under test are processes)."""
+    where = tmp_path_factory.mktemp("instrument-raw")
     env = {k: v for k, v in os.environ.items() if k.startswith("STEMSTREAM_")}
     for k, (number, shape) in enumerate(SCRIPT):
         args = ["simulate", "--out", f"raw{k}", "--scan", shape, "--seed", "5", "--scan-number", str(number)]
-        done = in_process([*args, "--dark-frames", "20"], env, tmp_path)
+        done = in_process([*args, "--dark-frames", "20"], env, where)
         assert done.returncode == 0, done.stderr
         done = in_process(
-            ["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], env, tmp_path
+            ["count", f"raw{k}", "--dark", "raw0/dark.npy", "--out", f"offline{k}.h5"], env, where
         )
         assert done.returncode == 0, done.stderr
+    # one Prefect home for the module's sessions (one after another on a worker): the embedded server's
+    # database is made once, not once per session
+    (where / "prefect").mkdir()
+    return where
+
+
+@pytest.fixture
+def raw_scans(raw_dir: Path, tmp_path: Path) -> Path:
+    """This test's own working directory, with the module's raw scans and offline counts in it (links)."""
+    for item in raw_dir.iterdir():
+        (tmp_path / item.name).symlink_to(item)
     return tmp_path
 
 
@@ -64,8 +81,8 @@ def session_env(tmp_path: Path, **extra: str) -> tuple[dict[str, str], str]:
         "STEMSTREAM_STREAMING__SCAN_DEADLINE": "3",  # the four sender processes start up to ~2 s apart
         "STEMSTREAM_COUNTING__DARK": str(tmp_path / "raw0" / "dark.npy"),
         "STEMSTREAM_SESSION__POSTPROCESS": "false",
-        "STEMSTREAM_SESSION__SCAN_TIMEOUT": "3",  # the old per-scan limit: pauses are longer than this
-        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "STEMSTREAM_SESSION__SCAN_TIMEOUT": str(SCAN_TIMEOUT),  # the old per-scan limit: pauses are longer
+        "PREFECT_HOME": str((tmp_path / "prefect").resolve()),
         **extra,
     }
     (tmp_path / "none.toml").write_text("")
@@ -142,7 +159,7 @@ def test_instrument_session_counts_any_scan_at_any_pace(raw_scans: Path) -> None
         ready = session.wait_line("ready:")
         assert early.wait(120) == 0, early.stdout.read()
         for k, (number, _) in enumerate(SCRIPT):
-            time.sleep(5.0)  # the microscopist aligns: longer than session.scan_timeout (3 s)
+            time.sleep(PAUSE)  # the microscopist aligns: longer than session.scan_timeout
             sent = run(
                 ["send", "--aggregator", recv, "--raw", f"raw{k}", "--scan-number", str(number)], raw_scans
             )
@@ -171,7 +188,7 @@ def test_instrument_session_ends_on_duration_and_ids_go_on_across_sessions(raw_s
     (session.scan_dir) gives the next unique id, whatever the scan number."""
     shared = raw_scans / "shared-scans"
     env, recv = session_env(raw_scans, STEMSTREAM_SESSION__SCAN_DIR=str(shared))
-    first = Session(["--camera", "instrument", "--duration", "25"], raw_scans, env)
+    first = Session(["--camera", "instrument", "--duration", str(DURATION)], raw_scans, env)
     first.wait_line("ready:")
     assert run(["send", "--aggregator", recv, "--raw", "raw0"], raw_scans).returncode == 0
     first.wait_line("scan 1 (id 00001)")
@@ -202,10 +219,17 @@ def test_instrument_session_ends_when_cancelled_from_the_prefect_api(
     set_env(monkeypatch, "streaming", monitor_bind=f"tcp://127.0.0.1:{ports[2]}")
     sessions = stemstream_env / "sessions"
 
+    def ready() -> bool:
+        for d in sessions.glob("*"):
+            try:
+                if read_state_file(d).get("ready"):
+                    return True
+            except (FileNotFoundError, json.JSONDecodeError):  # the session's directory, its state not yet
+                pass
+        return False
+
     def cancel_when_ready() -> None:
-        if not wait_until(
-            lambda: any(read_state_file(d).get("ready") for d in sessions.glob("*")), timeout=120
-        ):
+        if not wait_until(ready, timeout=120):
             return
         run_id = next(d.name for d in sessions.glob("*"))
         for _ in range(10):  # a loaded API may time out once: ask again, a bounded number of times
