@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +34,26 @@ def in_process(args: list[str], env: Mapping[str, str], cwd: Path | None = None)
     from flows.cli import app
 
     hidden: dict[str, str | None] = {k: None for k in os.environ if k.startswith(SETTINGS_PREFIX)}
-    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext(), _width(env.get("COLUMNS")):
         result = CliRunner().invoke(app, args, env=hidden | dict(env), catch_exceptions=False)
     return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+@contextlib.contextmanager
+def _width(columns: str | None) -> Iterator[None]:
+    """The CLI's consoles as wide as env's COLUMNS while a command runs: they fix their width when created
+    if COLUMNS is set then (as in a pytest-xdist worker: 80), and a real process reads it at its start."""
+    from flows.cli_common import console, err_console
+
+    if columns is None or not columns.isdigit():
+        yield
+        return
+    before = console._width, err_console._width  # None: sized from the environment at each print
+    console.width = err_console.width = int(columns)
+    try:
+        yield
+    finally:
+        console.width, err_console.width = before
 
 
 def as_process(args: list[str], env: Mapping[str, str], cwd: Path | None = None, timeout: float = 180) -> Ran:

@@ -1,6 +1,6 @@
 """`stemstream scans` and `stemstream analyse` as a person runs them (real files, SQLite and PostgreSQL),
-and every bad input as one `error:` line with a non-zero exit: each command a real process, with its own
-environment."""
+and every bad input as one `error:` line with a non-zero exit: each command in this process (typer's
+CliRunner) with its own environment and a wide terminal, a few as real processes (the entry point)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stemstream_testing.catalogue_scans import write_scan
-from stemstream_testing.cli import Ran, as_process
+from stemstream_testing.cli import Ran, as_process, in_process
 from stemstream_testing.postgres import PostgresServer
 from stemstream_testing.support import free_port
 
@@ -32,9 +32,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def stemstream(env: dict[str, str], *args: str) -> Ran:
-    # A real process: in process (CliRunner), the tables came out squeezed to "..." once another command
-    # had run in the same pytest worker (not understood yet), and these tests read paths from the tables.
-    return as_process(list(args), env)
+    # In process; the tables' width comes from env's COLUMNS (the tests read whole paths from the tables)
+    return in_process(list(args), env)
 
 
 def stemstream_process(env: dict[str, str], *args: str) -> Ran:
