@@ -175,6 +175,8 @@ def test_dark_session_takes_the_next_scan_the_receivers_deliver(tmp_path: Path) 
         "STEMSTREAM_STREAMING__MONITOR_BIND": monitor,
         "STEMSTREAM_STREAMING__SCAN_DEADLINE": "3",
         "PREFECT_HOME": str(tmp_path / "prefect"),
+        # the embedded server starts beside the parallel test workers: a loaded 2-core machine needs more than 90 s
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
     }
     args = [*CLI, "dark", "--session", "--set", f'streaming.receivers=["{recv}"]', "--set", "session.nodes=2"]
     proc = subprocess.Popen(
