@@ -24,7 +24,7 @@ def microscope(
     show: Annotated[bool, typer.Option("--show", help="only show the scan's microscope metadata")] = False,
 ) -> None:
     """Add the microscope's metadata (tags, calibrations, HAADF) to a written scan, or show it."""
-    from counting.microscope_meta import attach_microscope, read_microscope
+    from counting.microscope_meta import attach_microscope
     from streaming.protocol.record import ScanRecord, record_path
     from tasks.microscope import (
         MicroscopeLink,
@@ -37,16 +37,7 @@ def microscope(
         raise FileNotFoundError(f"scan file {scan} does not exist")
     settings = command_settings(ctx)
     if show:
-        try:
-            attrs, haadf = read_microscope(scan)
-        except OSError as exc:
-            raise ValueError(f"{scan}: not a readable HDF5 file ({exc})") from None
-        if not attrs:
-            typer.echo(f"{scan.name}: no microscope metadata")
-            return
-        for key in sorted(k for k in attrs if k != "tags"):
-            typer.echo(f"{key}: {attrs[key]}")
-        typer.echo(f"HAADF: {'x'.join(map(str, haadf.shape)) if haadf is not None else 'none'}")
+        _show(scan)
         return
     rec_path = record_path(scan)
     record = ScanRecord.load(rec_path) if rec_path.is_file() else None
@@ -74,6 +65,22 @@ def microscope(
         typer.echo(f"  {key}: {value}")
     if record is not None and settings.catalogue.enabled:
         _catalogue(settings, scan, rec_path)
+
+
+def _show(scan: Path) -> None:
+    """Print a scan's microscope metadata (or that it has none)."""
+    from counting.microscope_meta import read_microscope
+
+    try:
+        attrs, haadf = read_microscope(scan)
+    except OSError as exc:
+        raise ValueError(f"{scan}: not a readable HDF5 file ({exc})") from None
+    if not attrs:
+        typer.echo(f"{scan.name}: no microscope metadata")
+        return
+    for key in sorted(k for k in attrs if k != "tags"):
+        typer.echo(f"{key}: {attrs[key]}")
+    typer.echo(f"HAADF: {'x'.join(map(str, haadf.shape)) if haadf is not None else 'none'}")
 
 
 def _catalogue(settings: Any, scan: Path, rec_path: Path) -> None:
