@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import uvicorn
 
+from counting.errors import PermanentError
 from streaming.settings import LiveSettings
 from streaming.transport.security import CurveServerConfig
 from streaming.view.app import Clients, live_app
@@ -23,7 +24,7 @@ from streaming.view.token import page_token
 log = logging.getLogger(__name__)
 
 
-class LiveViewFailed(RuntimeError):
+class LiveViewFailed(PermanentError, RuntimeError):
     """A part of the live view (its snapshot intake, its page) stopped on its own."""
 
 
