@@ -112,10 +112,10 @@ def test_a_sigkilled_session_takes_its_processes_and_ports_with_it(tmp_path: Pat
         assert segments  # the node's slot memory
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        t = time.monotonic()
-        assert wait_until(lambda: not any(alive(p) for p in pids), timeout=20), [p for p in pids if alive(p)]
+        # bounded, generous waits (each child stops cleanly: the node writes what it holds first)
+        left = lambda: [(p, _argv(p)[:6]) for p in pids if alive(p)]  # noqa: E731
+        assert wait_until(lambda: not left(), timeout=60), left()
         assert wait_until(lambda: all(_port_free(a) for a in addresses[:2]), timeout=5)
-        assert time.monotonic() - t < 20
         assert not [seg for seg in segments if os.path.exists(seg)]  # released by the clean stops
     finally:
         _stop(proc, tmp_path)
