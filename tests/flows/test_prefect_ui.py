@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.keys import Keys
 
 from stemstream_testing.browser import Browser, BrowserTimeout, headless_chromium
@@ -267,11 +268,20 @@ def test_session_summary_table_has_one_row_per_scan(ui: Ui, finished: SubmittedR
     b.click(b.wait_for_css(f"a[href$='/artifacts/artifact/{href.rsplit('/', 1)[1]}']"))
     b.wait_until(lambda: "/artifacts/artifact/" in b.url, "the artifact's page")
     b.wait_for_css("table tbody tr", text=scans[-1])
-    headers = [_norm(th.text) for th in b.find_all("table thead th")]
-    rows = [
-        [_norm(td.text) for td in tr.find_elements("css selector", "td")]
-        for tr in b.find_all("table tbody tr")
-    ]
+
+    def table() -> tuple[list[str], list[list[str]]] | None:
+        """The table's headers and rows, or None while the page re-renders it (stale elements)."""
+        try:
+            headers = [_norm(th.text) for th in b.find_all("table thead th")]
+            rows = [
+                [_norm(td.text) for td in tr.find_elements("css selector", "td")]
+                for tr in b.find_all("table tbody tr")
+            ]
+        except StaleElementReferenceException:
+            return None
+        return headers, rows
+
+    headers, rows = b.wait_until(table, "the summary table, read whole")
     assert "scan" in headers and "file" in headers, headers
     assert len(rows) == TINY["n_scans"], rows
     files = [row[headers.index("file")] for row in rows]
