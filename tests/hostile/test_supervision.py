@@ -4,6 +4,7 @@ part that dies is named by the session. Real processes, sockets and sshd on loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,10 +91,29 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
+def _with_env(entry: str) -> list[int]:
+    """Live processes (not this one) whose environment holds this exact NAME=value entry."""
+    needle = entry.encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in (d / "environ").read_bytes().split(b"\0"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
 def _stop(proc: subprocess.Popen, tmp_path: Path) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
+    # A SIGKILLed session leaves its embedded Prefect server (Prefect's own child, started without the
+    # session's process token): stop it here, found by the PREFECT_HOME this test gave the session.
+    for pid in _with_env(f"PREFECT_HOME={tmp_path / 'prefect'}"):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     states = list((tmp_path / "out" / "sessions").glob("*/session.json"))
     if states:
         kill_carrying(json.loads(states[0].read_text()).get("process_tokens", []), grace=1)
