@@ -111,14 +111,41 @@ def submitted(ui: Ui) -> SubmittedRun:
     for param, value in TINY.items():
         _type(b, param, value)
     b.screenshot(ui.shots / "run_form_filled.png", full_page=True)
-    b.click(b.wait_for_xpath("//button[normalize-space()='Submit']"))
-    # Submit goes back to the deployment's page, where the new run is listed by its name.
-    link = b.wait_for_xpath(f"//a[normalize-space()='{name}']", timeout=30)
-    b.click(link)
+    run_id = _submit(ui, name)
     b.wait_until(lambda: "/runs/flow-run/" in b.url, "the flow run's page")
-    run_id = b.url.split("/runs/flow-run/", 1)[1].split("?")[0].split("/")[0]
+    assert run_id in b.url, f"the run's page is not {name}'s ({run_id}): {b.url}"
     b.wait_for_xpath(f"//*[normalize-space()='{name}']")
     return SubmittedRun(run_id, name, dep)
+
+
+def _runs_named(ui: Ui, name: str) -> list[dict]:
+    found = ui.api("POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+    assert isinstance(found, list)
+    return found
+
+
+def _submit(ui: Ui, name: str, tries: int = 3) -> str:
+    """Click Submit, then open the new run from the deployment's run list, as a user does; return its id.
+
+    On a loaded machine a click can land before the form is ready and do nothing (the form stays up and the
+    server has no run by that name): the user clicks again, at most `tries` times. The server's run list is
+    the witness, so a run is never submitted twice."""
+    b = ui.browser
+    for attempt in range(1, tries + 1):
+        b.click(b.wait_for_xpath("//button[normalize-space()='Submit']"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _runs_named(ui, name):
+            time.sleep(0.5)
+        runs = _runs_named(ui, name)
+        if runs:
+            break
+        b.screenshot(ui.shots / f"submit_ignored_{attempt}.png", full_page=True)
+    else:
+        pytest.fail(f"{tries} clicks on Submit created no run named {name}; screenshots in {ui.shots}")
+    assert len(runs) == 1, f"{len(runs)} runs named {name}"
+    # Submit goes back to the deployment's page, where the new run is listed by its name.
+    b.click(b.wait_for_xpath(f"//a[normalize-space()='{name}']", timeout=60))
+    return runs[0]["id"]
 
 
 @pytest.fixture(scope="module")
