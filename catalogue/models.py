@@ -126,5 +126,6 @@ class AnalysisRow(Base):
     images: Mapped[dict] = mapped_column(Json, default=dict)  # name -> PNG path
     calibrated: Mapped[bool | None] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
+    uid: Mapped[str | None] = mapped_column(String(32), unique=True, index=True)  # replays add it once
 
     scan: Mapped[ScanRow] = relationship(back_populates="analyses")

@@ -1,6 +1,7 @@
 """Fill the catalogue from what is on disk: the sessions' state files, the entries a session could not
-record (pending files), and every scan's stop record. Idempotent: scans are upserted by uid, and a pending
-file, once replayed, is renamed so that its analyses are not added twice."""
+record (pending files), and every scan's stop record. Idempotent: scans are upserted by uid, an analysis
+with a uid (every one the recorder queues) is skipped when the catalogue has it already, so a replay that
+failed half-way can simply be run again, and a pending file, once replayed, is renamed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalogue.entries import ScanEntry, SessionEntry, stop_record_files, utc
-from catalogue.recorder import PENDING_NAME, apply_entry, read_pending
+from catalogue.journal import mark_replayed, read_pending
+from catalogue.recorder import PENDING_NAME, apply_entry
 from catalogue.session_file import SESSION_FILE
 from catalogue.store import Catalogue
 
@@ -50,7 +52,7 @@ def rebuild(catalogue: Catalogue, directory: Path) -> RebuildReport:
         for kind, data in ops:
             apply_entry(catalogue, kind, data)
         report.pending_entries += len(ops)
-        _mark_replayed(pending)
+        mark_replayed(pending)
     known = catalogue.scan_uids()
     for path in stop_record_files(directory):
         try:
@@ -100,11 +102,3 @@ def _sessions(directory: Path, report: RebuildReport) -> dict[str, SessionEntry]
         )
         found[str(scans.resolve())] = entry
     return found
-
-
-def _mark_replayed(path: Path) -> None:
-    target, k = path.with_name(f"{path.stem}.recorded.json"), 1
-    while target.exists():
-        target = path.with_name(f"{path.stem}.recorded-{k}.json")
-        k += 1
-    path.rename(target)

@@ -4,18 +4,19 @@ and a database that is down loses nothing.
 A Recorder takes entries (sessions, scans, analyses) at once and returns; one thread writes them in order.
 When the database cannot be reached it logs one warning, keeps everything, and tries again at the next
 entry (and every ``retry_every`` seconds); the outage's end is logged with what was caught up. ``close``
-tries once more for at most its timeout; whatever is still not recorded is written to a pending file
-(``catalogue-pending.json`` in the session directory) that ``stemstream scans rebuild`` replays, and the
-stop records beside the scan files hold every scan anyway.
+tries once more for at most its timeout. Every entry is journalled to a pending file
+(``catalogue-pending.json`` in the session directory, catalogue.journal) as it is handed in, so what is not
+recorded, after a crash too, is there for ``stemstream scans rebuild`` to replay; an entry the database
+refuses for another reason is kept there too. A clean close renames a file whose entries were all
+recorded to ``*.recorded.json``. The stop records beside the scan files hold every scan anyway.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -24,7 +25,10 @@ from typing import Any
 
 from catalogue.database import CatalogueError, CatalogueUnavailable
 from catalogue.entries import ScanEntry, SessionEntry
+from catalogue.journal import PendingJournal, read_pending
 from catalogue.store import Catalogue
+
+__all__ = ["PENDING_NAME", "Recorder", "RecorderReport", "apply_entry", "read_pending"]
 
 PENDING_NAME = "catalogue-pending.json"
 Logger = logging.Logger | logging.LoggerAdapter
@@ -54,7 +58,11 @@ class Recorder:
         self.pending_file = pending_file
         self.log = log or logging.getLogger(__name__)
         self.retry_every = retry_every
-        self._ops: list[tuple[str, dict]] = []
+        self._ops: list[tuple[int, str, dict]] = []  # (seq in the journal, kind, data)
+        self._failed: list[tuple[int, str, dict]] = []  # refused for another reason than an outage: kept
+        self._journal = PendingJournal(pending_file) if pending_file is not None else None
+        self._unjournalled: set[int] = set()  # entries the journal could not take (tried again at close)
+        self._seq = 0
         self._cond = threading.Condition()
         self._closing = False
         self._stopped = False  # close's timeout is over: the thread ends after its current call
@@ -80,9 +88,9 @@ class Recorder:
 
     def analysis(self, scan: str, params: dict, results: dict, **extra: Any) -> None:
         """Record an analysis of a scan (uid or path; never waits); ``extra``: record_analysis's options."""
-        self._put(
-            "analysis", {"scan": self._uids.get(scan, scan), "params": params, "results": results, **extra}
-        )
+        data = {"scan": self._uids.get(scan, scan), "params": params, "results": results, **extra}
+        data.setdefault("uid", uuid.uuid4().hex)  # stored with it: a replay never adds it twice
+        self._put("analysis", data)
 
     def end_session(self, key: str, state: str, message: str = "") -> None:
         """Record how the session ended (never waits)."""
@@ -98,13 +106,11 @@ class Recorder:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-            left = list(self._ops)
+            left = sorted(self._ops + self._failed)
             self._ops.clear()
         if self._thread.is_alive():  # still inside a database call: it ends by itself (daemon), bounded
             self.log.warning("catalogue: still busy after %g s; the rest is kept for later", timeout)
-        written = None
-        if left:
-            written = self._keep(left)
+        written = self._keep(left)
         if self._catalogue is not None and not self._thread.is_alive():
             self._catalogue.close()
         return RecorderReport(self._recorded, len(left), written, self._error)
@@ -114,9 +120,24 @@ class Recorder:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the catalogue recorder is closed")
-            self._ops.append((kind, data))
+            self._seq += 1
+            self._journal_entry(self._seq, kind, data)
+            self._ops.append((self._seq, kind, data))
             self._fresh = True
             self._cond.notify_all()
+
+    def _journal_entry(self, seq: int, kind: str, data: dict) -> None:
+        """Append the entry to the pending file (durable before the caller goes on); a journal that
+        cannot be written is logged, and the entry kept in memory and tried there again at close."""
+        if self._journal is None:
+            return
+        try:
+            self._journal.append(seq, kind, data)
+            self._unjournalled.discard(seq)
+        except OSError as exc:
+            if not self._unjournalled:
+                self.log.error("catalogue: cannot write the pending file %s: %s", self._journal.wanted, exc)
+            self._unjournalled.add(seq)
 
     def _run(self) -> None:
         while True:
@@ -140,19 +161,24 @@ class Recorder:
                 if not self._ops or self._stopped:
                     return
                 op = self._ops[0]
+            failed = False
             try:
-                self._apply(*op)
+                self._apply(op[1], op[2])
             except CatalogueUnavailable as exc:
                 self._unavailable(str(exc))
                 return
-            except Exception as exc:  # noqa: BLE001 - a bug or a refused entry: log it, never stop recording
-                self._error = f"{type(exc).__name__}: {exc}"
-                self.log.error("catalogue: could not record a %s (%s); it is skipped", op[0], self._error)
+            except Exception as exc:  # noqa: BLE001 - a bug or a refused entry: keep it, never stop recording
+                self._error, failed = f"{type(exc).__name__}: {exc}", True
+                self.log.error("catalogue: could not record a %s (%s); kept as pending", op[1], self._error)
             else:
                 self._recorded += 1
+                if self._journal is not None:
+                    self._journal.done(op[0])
             with self._cond:
                 if self._ops and self._ops[0] is op:
                     self._ops.pop(0)
+                    if failed:
+                        self._failed.append(op)
             if self._down_since is not None:
                 self.log.warning(
                     "catalogue reachable again after %.0f s: recording what was kept",
@@ -184,19 +210,24 @@ class Recorder:
                 raise CatalogueUnavailable(f"catalogue unavailable: {type(exc).__name__}: {exc}") from None
         apply_entry(self._catalogue, kind, data)
 
-    def _keep(self, ops: list[tuple[str, dict]]) -> str | None:
-        """Save what was not recorded, beside any earlier pending file's (never replacing it)."""
-        if self.pending_file is None:
-            self.log.error("catalogue: %d entr(ies) not recorded (no pending file given)", len(ops))
+    def _keep(self, ops: list[tuple[int, str, dict]]) -> str | None:
+        """What was not recorded stays in the journal (and whatever the journal missed is tried again);
+        a journal whose entries were all recorded is renamed out of the way."""
+        if self._journal is None:
+            if ops:
+                self.log.error("catalogue: %d entr(ies) not recorded (no pending file given)", len(ops))
             return None
-        path = self.pending_file
-        k = 1
-        while path.exists():
-            path = self.pending_file.with_name(f"{self.pending_file.stem}-{k}.json")
-            k += 1
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps([{"kind": k_, "data": d} for k_, d in ops], indent=1, default=str))
-        os.replace(tmp, path)
+        for seq, kind, data in ops:
+            if seq in self._unjournalled:
+                self._journal_entry(seq, kind, data)
+        if not ops:
+            self._journal.retire()
+            return None
+        self._journal.close()
+        path = self._journal.path
+        if self._unjournalled or path is None:
+            self.log.error("catalogue: %d entr(ies) not recorded and not kept (%s)", len(ops), self._error)
+            return None
         self.log.warning(
             "catalogue: %d entr%s not recorded (%s); kept in %s: run `stemstream scans rebuild %s` when the "
             "database is back",
@@ -225,11 +256,6 @@ def apply_entry(catalogue: Catalogue, kind: str, data: dict) -> None:
         catalogue.end_session(data["key"], data["state"], data.get("message", ""))
     else:
         raise ValueError(f"unknown catalogue entry kind {kind!r}")
-
-
-def read_pending(path: Path) -> list[tuple[str, dict]]:
-    """The entries of a pending file."""
-    return [(op["kind"], op["data"]) for op in json.loads(Path(path).read_text())]
 
 
 def _session_json(entry: SessionEntry) -> dict:

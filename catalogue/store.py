@@ -166,10 +166,14 @@ class Catalogue:
         calibrated: bool | None = None,
         kind: str = "reanalysis",
         error: str | None = None,
+        uid: str | None = None,
     ) -> int:
         """Add an analysis of a scan beside the earlier ones (its parameters, results, images);
-        returns its id. ``kind``: "session" for the analysis during acquisition, else "reanalysis"."""
+        returns its id. ``kind``: "session" for the analysis during acquisition, else "reanalysis".
+        ``uid``: the analysis's own id; one the catalogue has already is not added again (a replay)."""
         with self._session() as s:
+            if uid is not None and (known := s.scalar(select(AnalysisRow.id).where(AnalysisRow.uid == uid))):
+                return known
             row = _find(s, scan)
             analysis = AnalysisRow(
                 scan=row,
@@ -180,6 +184,7 @@ class Catalogue:
                 images={k: str(v) for k, v in (images or {}).items()},
                 calibrated=calibrated,
                 error=error,
+                uid=uid,
             )
             s.add(analysis)
             s.flush()

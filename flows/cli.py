@@ -17,6 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from counting.durable import file_sha256
 from flows import cli_catalogue, cli_dark, cli_microscope, cli_session, cli_streaming, cli_view
 from flows.cli_common import (
     check_threshold_pair,
@@ -53,12 +54,41 @@ def _global_options(
             "environment and stemstream.toml",
         ),
     ] = None,
+    settings_sha256: Annotated[
+        str | None,
+        typer.Option(
+            "--settings-sha256",
+            metavar="HEX",
+            help="the settings file's SHA-256 (a session renders it into its node commands): any other "
+            "content is refused (exit 2) before it is read",
+        ),
+    ] = None,
 ) -> None:
     """Stream 4D Camera data to HPC nodes, electron-count it, and write stempy-format sparse HDF5."""
     if settings is not None and not settings.is_file():
         print_error(f"settings file {settings} does not exist")
         raise typer.Exit(1)
+    if settings_sha256 is not None:
+        _check_settings_digest(settings, settings_sha256)
     ctx.obj = {"settings_file": settings}  # read back by cli_common.command_settings
+
+
+def _check_settings_digest(settings: Path | None, expected: str) -> None:
+    """Exit 2 unless the settings file's SHA-256 is ``expected`` (one line naming the file, never its text)."""
+    if settings is None:
+        print_error("--settings-sha256 needs --settings FILE")
+        raise typer.Exit(2)
+    try:
+        actual = file_sha256(settings)
+    except OSError as exc:
+        print_error(f"cannot read settings file {settings}: {exc.strerror or type(exc).__name__}")
+        raise typer.Exit(2) from None
+    if actual != expected.strip().lower():
+        print_error(
+            f"settings file {settings} does not match --settings-sha256 (its SHA-256 is {actual}): it was "
+            "changed after the session wrote it; refusing to start"
+        )
+        raise typer.Exit(2)
 
 
 @app.command()

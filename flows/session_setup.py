@@ -15,6 +15,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run as current_run
 
 from counting.dark import dark_reference
+from counting.durable import file_sha256
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from flows.settings import Settings, given, load_settings, write_settings_file
@@ -121,8 +122,9 @@ def session_plan(settings: Settings, session_dir: Path, max_scans: int | None = 
     if settings.session.backend == "local":
         settings_file = session_dir / "settings.json"
     else:  # the nodes read it from the scan directory, which they share with this machine
-        settings_file = scans / ".stemstream" / f"settings-{st.session_id:05d}.json"
+        settings_file = private_directory(scans / ".stemstream") / f"settings-{st.session_id:05d}.json"
     write_settings_file(settings, settings_file)
+    os.chmod(settings_file, 0o600)  # only this user's processes read it (the directory is 0700 too)
     return SessionPlan(
         session_id=st.session_id,
         session_dir=session_dir,
@@ -132,7 +134,16 @@ def session_plan(settings: Settings, session_dir: Path, max_scans: int | None = 
         nodes_connect=st.nodes_connect or st.nodes_bind,
         monitor_connect=st.monitor_connect or st.monitor_bind or "",
         max_scans=max_scans,
+        settings_sha256=file_sha256(settings_file),  # every process it starts checks the file against it
     )
+
+
+def private_directory(path: Path) -> Path:
+    """``path`` as a directory only this user can enter (0700, created so or made so): nobody else can
+    swap the settings file in it between the session writing it and the nodes reading it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask, and an existing directory keeps its own
+    return path
 
 
 def planned_scans(request: SessionRequest, settings: Settings) -> list[ScanRequest]:

@@ -172,7 +172,7 @@ def _read_json(path: Path, settings: MicroscopeSettings) -> MicroscopeMetadata:
         convergence, source = settings.convergence_semiangle_mrad, "microscope.convergence_semiangle_mrad"
     haadf = None
     if data.get("haadf_npy"):
-        haadf = np.load(path.parent / str(data["haadf_npy"]), allow_pickle=False).astype(np.float32)
+        haadf = np.load(_haadf_path(path, data["haadf_npy"]), allow_pickle=False).astype(np.float32)
     energy = _number(data.get("energy_ev", data.get("voltage_v")))
     return MicroscopeMetadata(
         source=str(path.resolve()),
@@ -187,6 +187,21 @@ def _read_json(path: Path, settings: MicroscopeSettings) -> MicroscopeMetadata:
         tags=data.get("tags") if isinstance(data.get("tags"), dict) else {},
         haadf=haadf,
     )
+
+
+def _haadf_path(sidecar: Path, name: object) -> Path:
+    """The sidecar's ``haadf_npy``: a plain file name beside it (no directory part, nor ``..``), so a sidecar
+    cannot pull another file into the shared scan file."""
+    text = str(name)
+    bad = not isinstance(name, str) or "/" in text or "\\" in text or text in (".", "..") or "\0" in text
+    directory = sidecar.parent.resolve()
+    target = directory if bad else (directory / text).resolve()  # a link out of the directory is refused
+    if bad or target.parent != directory:
+        raise MicroscopeMetadataError(
+            f"cannot read JSON sidecar {sidecar}: haadf_npy must be a plain file name in its directory, "
+            f"not {text[:200]!r}"
+        )
+    return target
 
 
 def _step(sizes: list, units: list) -> tuple[float, float] | None:

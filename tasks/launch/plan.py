@@ -37,6 +37,7 @@ class SessionPlan:
     nodes_connect: str  # the aggregator's node address as the nodes reach it
     monitor_connect: str  # ...and its monitor address as the session reaches it
     max_scans: int | None = None
+    settings_sha256: str | None = None  # the settings file's digest as written: every process checks it
 
     @property
     def n_nodes(self) -> int:
@@ -97,12 +98,20 @@ def local_addresses(ports: list[int] | None = None) -> dict[str, object]:
     }
 
 
+def settings_options(plan: SessionPlan, settings_file: str | Path | None = None) -> list[str]:
+    """``--settings FILE`` and, when the plan knows it, ``--settings-sha256 HEX``: a process refuses a file
+    changed after the session wrote it (the nodes read it from a shared directory, maybe much later)."""
+    argv = ["--settings", str(settings_file or plan.settings_file)]
+    if plan.settings_sha256 is not None:
+        argv += ["--settings-sha256", plan.settings_sha256]
+    return argv
+
+
 def node_command(plan: SessionPlan, settings_file: str | Path | None = None) -> list[str]:
     """The node streamer command line: the same on every node (the aggregator assigns the roles)."""
     argv = [
         *CLI,
-        "--settings",
-        str(settings_file or plan.settings_file),
+        *settings_options(plan, settings_file),
         "node",
         "--aggregator",
         plan.nodes_connect,
@@ -116,7 +125,7 @@ def node_command(plan: SessionPlan, settings_file: str | Path | None = None) -> 
 
 def aggregator_command(plan: SessionPlan, settings_file: str | Path | None = None) -> list[str]:
     """The aggregator command line: everything else comes from the settings file."""
-    return [*CLI, "--settings", str(settings_file or plan.settings_file), "aggregator"]
+    return [*CLI, *settings_options(plan, settings_file), "aggregator"]
 
 
 def view_command(plan: SessionPlan) -> list[str]:
@@ -125,8 +134,7 @@ def view_command(plan: SessionPlan) -> list[str]:
     token_file = str(plan.session_dir / TOKEN_FILE)
     return [
         *CLI,
-        "--settings",
-        str(plan.settings_file),
+        *settings_options(plan),
         "view",
         "--scan-dir",
         str(plan.output_dir),

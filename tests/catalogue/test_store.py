@@ -156,12 +156,12 @@ def test_darks_and_microscope_metadata(db_url: str, tmp_path: Path) -> None:
 
 def test_the_schema_is_the_migrations_and_matches_the_models(db_url: str) -> None:
     with Catalogue.open(db_url) as cat:
-        assert current_revision(cat.engine) == head_revision() == "0001"
+        assert current_revision(cat.engine) == head_revision() == "0002"
         with cat.engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], diff
     with Catalogue.open(db_url) as cat:  # opening again: already at head, nothing to do
-        assert current_revision(cat.engine) == "0001"
+        assert current_revision(cat.engine) == "0002"
 
 
 def test_rebuild_from_stop_records_and_pending_entries(db_url: str, tmp_path: Path) -> None:
