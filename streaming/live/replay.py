@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 import time
 import uuid
@@ -87,7 +88,11 @@ class ScanSource:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise SparseFormatError(f"{self.path}: no such file")
+            raise SparseFormatError(f"{self.path}: {'not a file' if self.path.exists() else 'no such file'}")
+        try:
+            self.path.open("rb").close()
+        except OSError as exc:
+            raise SparseFormatError(f"{self.path}: cannot be read ({exc.strerror})") from None
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
@@ -101,6 +106,8 @@ class ScanSource:
     def _open(self) -> None:
         f, path = self._file, self.path
         try:
+            if "electron_events" not in f:
+                raise SparseFormatError(f"{path}: not a counted scan (no /electron_events)")
             version = int(f.attrs.get("version", 1))
             if version != FORMAT_VERSION:
                 raise SparseFormatError(f"{path}: sparse format version {version}, not {FORMAT_VERSION}")
@@ -184,8 +191,9 @@ def _batch(events: np.ndarray, masks: np.ndarray, start: int, k: int) -> ReplayB
 def _why_unreadable(exc: OSError) -> str:
     """h5py's reason, in a user's words (truncated files say so)."""
     text = str(exc)
-    if "truncated" in text:
-        return f"truncated file ({text.split('(', 1)[-1].rstrip(')')})"
+    sizes = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if sizes:
+        return f"truncated file ({sizes[1]} of {sizes[2]} bytes)"
     if "signature" in text or "not an hdf5" in text.lower():
         return "not an HDF5 file"
     return f"not a readable HDF5 file ({text})"
