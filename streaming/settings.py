@@ -55,6 +55,15 @@ class LiveSettings(BaseModel):
     tap_host: str = Field("127.0.0.1", description="the tap's address on the node (0.0.0.0: every interface)")
     tap_port: int = Field(TAP_PORT, ge=1, le=65000, description="node i publishes on tap_port + i")
     tap_hwm: int = Field(256, ge=1, description="batches queued per tap subscriber (more: dropped, counted)")
+    tap_curve: bool = Field(
+        False,
+        description="the tap over CURVE on loopback too (always off loopback; a shared host's other users)",
+    )
+    tap_clients: list[Path] = Field(
+        default_factory=list,
+        description="public .key files of the subscribers a tap off loopback accepts over CURVE (besides "
+        "the nodes' own key)",
+    )
 
     @model_validator(mode="after")
     def _geometry_whole(self) -> LiveSettings:

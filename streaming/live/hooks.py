@@ -31,7 +31,7 @@ class LiveNode:
         curve: CurveClientConfig | None,
     ) -> None:
         self.publisher = LivePublisher(context, name, live, aggregator, curve) if live.enabled else None
-        self.tap = LiveTap(context, name, live) if live.tap else None
+        self.tap = LiveTap(name, live, curve) if live.tap else None  # its own context
 
     def welcome(self, node_index: int) -> None:
         """The aggregator told the node its index (the tap's port)."""

@@ -5,10 +5,17 @@ Node i binds ``tcp://<live.tap_host>:<live.tap_port + i>`` once the aggregator h
 the only socket the live view side of stemstream listens on at the HPC side. PUB never waits: a subscriber
 that falls ``tap_hwm`` batches behind loses batches (its own, nobody else's), and the per-node ``seq`` of
 each batch and the totals in ``tap.end`` tell it what it missed.
+
+The tap has its own ZeroMQ context: subscribers cost its I/O thread, never the node's, which decrypt the
+data path. On loopback it is plain, as ever. On any other address it is a CURVE server with the node's key
+pair (the session's nodes share one, ``streaming.curve.client_secret_file``) accepting those nodes' key and
+``live.tap_clients``; without keys it refuses to start (one error line, ``refused`` says why) and the
+node counts on without it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import numpy as np
@@ -17,15 +24,73 @@ import zmq
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
+from streaming.transport.security import (
+    CurveClientConfig,
+    CurveServerConfig,
+    apply_server,
+    load_public_keys,
+    peer_curve,
+)
 
 log = logging.getLogger(__name__)
 
 
-class LiveTap:
-    """The node's tap socket; every call returns at once."""
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1, localhost); anything else may be reached by others."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or an interface name: assume reachable
+        return False
 
-    def __init__(self, context: zmq.Context, name: str, live: LiveSettings) -> None:
-        self._ctx, self.name, self.settings = context, name, live
+
+def tap_curve(live: LiveSettings, node: CurveClientConfig | None) -> CurveServerConfig | None:
+    """The tap's CURVE server: the node's key pair, accepting the nodes' own key and live.tap_clients."""
+    if node is None:
+        return None
+    server = peer_curve(node)[0]
+    clients = (*server.allowed_clients, *load_public_keys(live.tap_clients))
+    return CurveServerConfig(server.secret_key, server.public_key, clients)
+
+
+def _secure(
+    live: LiveSettings, node: CurveClientConfig | None
+) -> tuple[CurveServerConfig | None, str | None]:
+    """The tap's CURVE server config, or why the tap must stay off."""
+    where = (
+        "live.tap_curve is set"
+        if is_loopback(live.tap_host)
+        else f"live.tap_host {live.tap_host} is not loopback"
+    )
+    try:
+        server = tap_curve(live, node)
+    except (OSError, ValueError) as exc:  # SecurityError is a ValueError; its text never shows a key
+        return None, f"{where} and the tap's CURVE keys cannot be used ({exc}); no tap (counting goes on)"
+    if server is None:
+        return None, (
+            f"{where} and the session has no CURVE keys (streaming.curve): the tap would publish counted "
+            "events to anyone who connects; no tap (counting goes on)"
+        )
+    return server, None
+
+
+class LiveTap:
+    """The node's tap socket; every call returns at once.
+
+    curve: the node's CURVE keys (None: none); needed when the tap is not on loopback."""
+
+    def __init__(self, name: str, live: LiveSettings, curve: CurveClientConfig | None = None) -> None:
+        self.name, self.settings = name, live
+        self.refused: str | None = None  # why the tap is off (it then never binds)
+        self._curve: CurveServerConfig | None = None
+        self._auth = None
+        if live.tap_curve or not is_loopback(live.tap_host):
+            self._curve, self.refused = _secure(live, curve)
+            if self.refused is not None:
+                log.error("%s: %s", name, self.refused)
+        self._ctx = zmq.Context(io_threads=1)  # its own: subscribers never load the node's I/O threads
         self.socket: zmq.Socket | None = None
         self.address = ""
         self.seq = 0
@@ -36,7 +101,7 @@ class LiveTap:
     def welcome(self, node_index: int) -> None:
         """Bind on tap_port + node_index (again if the index changed)."""
         address = f"tcp://{self.settings.tap_host}:{self.settings.tap_port + node_index}"
-        if address == self.address:
+        if address == self.address or self.refused is not None:
             return
         if self.socket is not None:
             self.socket.close(linger=0)
@@ -44,6 +109,8 @@ class LiveTap:
         sock.setsockopt(zmq.SNDHWM, self.settings.tap_hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # it takes only subscriptions (a few bytes) in
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:  # one ZAP handler for the tap's context, started with its first socket
+            self._auth = apply_server(sock, self._curve, self._ctx, self._auth)
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:  # the tap is an extra: counting goes on without it
@@ -52,7 +119,7 @@ class LiveTap:
             self.socket, self.address = None, address
             return
         self.socket, self.address = sock, address
-        log.info("%s: counted-data tap on %s", self.name, address)
+        log.info("%s: counted-data tap on %s%s", self.name, address, " (CURVE)" if self._curve else "")
 
     def begin(self, begin: p.ScanBegin) -> None:
         """Announce a scan."""
@@ -94,10 +161,14 @@ class LiveTap:
         )
 
     def close(self) -> None:
-        """Close the socket (nothing waits for subscribers)."""
+        """Close the socket and the tap's context (nothing waits for subscribers)."""
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self._ctx.term()
 
     def _send(self, parts: list) -> None:
         if self.socket is None:
