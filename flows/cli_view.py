@@ -102,7 +102,6 @@ def replay(
     then serve the page until Ctrl-C. Prints ``live: <URL>``, what the file lacks, progress, a summary."""
     from counting.sparse import SparseFormatError
     from streaming.live import replay as rp
-    from streaming.signals import stop_on_signals
     from streaming.view.server import LiveServer
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
@@ -113,35 +112,44 @@ def replay(
         source = rp.ScanSource(scan)
     except SparseFormatError as exc:
         _usage_error(str(exc))
-    # The intake takes only this process's own snapshots: any free loopback port, never live.bind's.
-    server = LiveServer(settings.model_copy(update={"bind": "tcp://127.0.0.1:*"}))
-    done, key = threading.Event(), rp.replay_key(source)
-    with contextlib.closing(source), stop_on_signals(done.set):
+    with contextlib.closing(source):
+        # The intake takes only this process's own snapshots: any free loopback port, never live.bind's.
+        server = LiveServer(settings.model_copy(update={"bind": "tcp://127.0.0.1:*"}))
         try:
-            server.start()
-            print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
-            print(_file_line(source), flush=True)
-            with rp.publisher(settings, server.ingest.address) as pub:
-                shown = rp.replay(
-                    source,
-                    [pub],
-                    key,
-                    fps,
-                    done,
-                    lambda d: _progress(server, key, source, d),
-                    settings.estimate_frames,
-                )
-            if shown.stopped:
-                print(f"replay: stopped at {shown.frames} of {shown.total_frames} frames", flush=True)
-                return
-            _wait_final(server, key, str(scan))
-            print(_summary(shown), flush=True)
-            if not exit_when_done:
-                server.run_until(done)
+            _serve_replay(server, source, settings, fps, exit_when_done)
         except SparseFormatError as exc:  # a part of the file unreadable, found while replaying it
             _usage_error(str(exc))
         finally:
             server.stop()
+
+
+def _serve_replay(server, source, settings, fps: float, exit_when_done: bool) -> None:
+    """Start the page, replay the file into it, then serve it until Ctrl-C (or not: exit_when_done)."""
+    from streaming.live import replay as rp
+    from streaming.signals import stop_on_signals
+
+    done, key = threading.Event(), rp.replay_key(source)
+    with stop_on_signals(done.set):
+        server.start()
+        print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
+        print(_file_line(source), flush=True)
+        with rp.publisher(settings, server.ingest.address) as pub:
+            shown = rp.replay(
+                source,
+                [pub],
+                key,
+                rate=fps,
+                stop=done,
+                progress=lambda d: _progress(server, key, source, d),
+                first=settings.estimate_frames,
+            )
+        if shown.stopped:
+            print(f"replay: stopped at {shown.frames} of {shown.total_frames} frames", flush=True)
+            return
+        _wait_final(server, key, str(source.path))
+        print(_summary(shown), flush=True)
+        if not exit_when_done:
+            server.run_until(done)
 
 
 def _frame_rate(text: str) -> float:
