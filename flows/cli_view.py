@@ -81,7 +81,10 @@ def _page_line(server, terminal: bool) -> str:
 def replay(
     ctx: typer.Context,
     scan: Annotated[
-        Path, typer.Argument(help="a counted scan (HDF5 in stempy's layout)", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="SCAN.h5", help="a counted scan (HDF5 in stempy's layout)", show_default=False
+        ),
     ],
     rate: Annotated[str, typer.Option(metavar="FPS", help="frames per second (0: as fast as it goes)")] = "0",
     exit_when_done: Annotated[
@@ -99,7 +102,7 @@ def replay(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Replay a written counted scan through the live images and page (no camera, no nodes), in scan order,
-    then serve the page until Ctrl-C. Prints ``live: <URL>``, what the file lacks, progress, a summary."""
+    then serve the page until Ctrl-C. Prints live: <URL>, what the file lacks, progress and a summary."""
     from counting.sparse import SparseFormatError
     from streaming.live import replay as rp
     from streaming.view.server import LiveServer
@@ -205,7 +208,7 @@ def _summary(done) -> str:
     """The replay's last line: frames, events, time, and events the masks left out."""
     elapsed = time.monotonic() - done.started
     line = (
-        f"replayed: {done.frames} frames, {done.events} events in {elapsed:.1f} s ({done.rate:.0f} frames/s)"
+        f"replayed: {done.frames} frames, {done.events} events in {elapsed:.2f} s ({done.rate:.0f} frames/s)"
     )
     if done.stray_events:
         line += f"; {done.stray_events} events in slots the sector masks mark empty, not replayed"
