@@ -32,7 +32,7 @@ import numpy as np
 from counting.frame_pool import FramePool
 from counting.geometry import ALL_SECTORS, FRAME_SHAPE, N_SECTORS, SECTOR_ROWS, FrameBatch, ScanShape
 from counting.simulator_config import SimulatorConfig, check_int, scan_seed
-from counting.simulator_kernels import frame_truth, log_capacity, new_scratch, render_batch
+from counting.simulator_kernels import frame_truth, log_capacity, new_scratch, render_batch, truth_batch
 from counting.simulator_model import FRAME_PIXELS, dark_pattern, event_model, noise_frame, specimen
 
 __all__ = ["SimulatedCamera", "SimulatorConfig", "scan_seed"]
@@ -167,6 +167,21 @@ class SimulatedCamera:
     def iter_batches_with_truth(self, batch_size: int = 64) -> Iterator[tuple[FrameBatch, list[np.ndarray]]]:
         """Like iter_batches, with each frame's ground-truth electron pixels."""
         yield from self._iter(batch_size, want_truth=True, pair=True)
+
+    def iter_counted(self, batch_size: int = 256) -> Iterator[tuple[np.ndarray, ...]]:
+        """The scan as counted batches without rendering frames (a fast path for tests): (positions int64,
+        sector masks uint8, offsets int64, indices uint32), each frame's true electron pixels as its events,
+        the batch format counting.live_images takes (counting finds these electrons, less merged neighbours)."""
+        check_int("batch_size", batch_size, 1)
+        fpp, total = self.config.frames_per_position, self.total_frames
+        for i0 in range(0, total, batch_size):
+            n = min(batch_size, total - i0)
+            out = np.empty(n * max(self._max_e, 1), np.uint32)
+            offsets = np.zeros(n + 1, np.int64)
+            with self._lock:
+                truth_batch(i0, n, self._model, self._scratch, out, offsets)
+            positions = np.arange(i0, i0 + n, dtype=np.int64) // fpp
+            yield positions, np.full(n, ALL_SECTORS, np.uint8), offsets, out[: offsets[-1]].copy()
 
     def reserve(self, batch_size: int = 64) -> None:
         """Allocate (and compile) now what rendering batches of batch_size frames needs, so that the time

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from counting.geometry import FRAME_ROWS, ScanShape
+from counting.phase.model import aberration_matrix
 
 BEAM_CENTER = (288.0, 288.0)  # (row, col) of the undeflected bright-field disk centre
 FLYBACK_SHIFT = (40.0, 48.0)  # (row, col) disk displacement in flyback frames, pixels (3x the sample's)
@@ -57,6 +58,14 @@ class SimulatorConfig:
     # SimulatorSettings.flyback, kept here so that the many SimulatorConfig(scan, ...) callers get it too.
     flyback: bool = True
     detector_seed: int | None = None  # seed of the dark pattern and dark frames; None: the seed
+    # Parallax (a defocused probe; counting.phase.model): a bright-field electron at detector offset k from
+    # the disk centre sees the sample at r + M k, M = R(rotation) (defocus I + astigmatism at its angle),
+    # scan px per detector px, vectors (x, y) = (column, row), angles in degrees from +x towards +y. The
+    # rotation (detector -> scan axes) also turns the disk deflection. All 0: today's frames, bit for bit.
+    defocus: float = 0.0
+    astigmatism: float = 0.0
+    astigmatism_angle: float = 0.0
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.scan, ScanShape):
@@ -85,6 +94,10 @@ class SimulatorConfig:
         _check_range("xray_rate", self.xray_rate, 0.0, 100.0)
         _check_range("xray_adu", self.xray_adu, 0.0, 60000.0, low_open=True)
         _check_range("xray_2x2_fraction", self.xray_2x2_fraction, 0.0, 1.0)
+        _check_range("defocus", self.defocus, -1.0, 1.0)
+        _check_range("astigmatism", self.astigmatism, 0.0, 1.0)
+        _check_range("astigmatism_angle", self.astigmatism_angle, -360.0, 360.0)
+        _check_range("rotation", self.rotation, -360.0, 360.0)
         # The 3x3 footprint of every bright-field electron must stay inside the frame.
         reach = self.disk_radius + self.deflection + 2.0
         if BEAM_CENTER[0] - reach < 0 or BEAM_CENTER[0] + reach > FRAME_ROWS - 1:
@@ -101,6 +114,15 @@ class SimulatorConfig:
     def sample_width(self) -> int:
         """Scan columns on the sample: the width less the flyback column (0 for a 1-column flyback scan)."""
         return self.scan.width - 1 if self.flyback else self.scan.width
+
+    @property
+    def parallax(self) -> bool:
+        """Whether bright-field electrons see a shifted sample (a defocus or astigmatism is set)."""
+        return self.defocus != 0.0 or self.astigmatism != 0.0
+
+    def parallax_matrix(self) -> np.ndarray:
+        """The simulated M (2x2, (x, y) basis, scan px per detector px): shift(k) = M k."""
+        return aberration_matrix(self.defocus, self.astigmatism, self.astigmatism_angle, self.rotation)
 
     @property
     def dark_seed(self) -> int:

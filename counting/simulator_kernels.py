@@ -89,6 +89,57 @@ def _quantile(table, u):
 
 
 @nb.njit(cache=True)
+def _bilinear(img, y, x):
+    """img at (y, x), bilinear, clamped to its edges."""
+    h, w = img.shape
+    y = min(max(y, 0.0), h - 1.0)
+    x = min(max(x, 0.0), w - 1.0)
+    i, j = int(y), int(x)
+    i1, j1 = min(i + 1, h - 1), min(j + 1, w - 1)
+    fy, fx = y - i, x - j
+    top = img[i, j] * (1.0 - fx) + img[i, j1] * fx
+    return top * (1.0 - fy) + (img[i1, j] * (1.0 - fx) + img[i1, j1] * fx) * fy
+
+
+@nb.njit(cache=True)
+def _halo_point(st, cy, cx, radius, halo, halo_tab):
+    """A scattered electron's position beyond the disk edge, inside the frame's 3x3-footprint border."""
+    while True:
+        while True:
+            a = 2.0 * _uniform(st) - 1.0
+            b = 2.0 * _uniform(st) - 1.0
+            q = a * a + b * b
+            if 0.0 < q <= 1.0:
+                break
+        rr = (radius + halo * _quantile(halo_tab, _uniform(st))) / math.sqrt(q)
+        y = cy + rr * a
+        x = cx + rr * b
+        if (
+            1 <= int(math.floor(y + 0.5)) <= FRAME_ROWS - 2
+            and 1 <= int(math.floor(x + 0.5)) <= FRAME_COLS - 2
+        ):
+            return y, x
+
+
+@nb.njit(cache=True)
+def _parallax_point(st, p, cy, cx, radius, halo, halo_tab, m, obj, scan_w, pad):
+    """An electron of a defocused probe at position p: a uniform point k of the disk stays in the bright
+    field with the sample's transmission at r + M k (M in the (row, col) basis; obj padded by pad), else
+    it is scattered."""
+    while True:
+        a = 2.0 * _uniform(st) - 1.0
+        b = 2.0 * _uniform(st) - 1.0
+        if a * a + b * b < 1.0:
+            break
+    ky, kx = radius * a, radius * b
+    sy = p // scan_w + pad + m[0, 0] * ky + m[0, 1] * kx
+    sx = p % scan_w + pad + m[1, 0] * ky + m[1, 1] * kx
+    if _uniform(st) >= _bilinear(obj, sy, sx):
+        return cy + ky, cx + kx
+    return _halo_point(st, cy, cx, radius, halo, halo_tab)
+
+
+@nb.njit(cache=True)
 def _gen_events(i, model, scratch):
     """Draw frame i's electrons and x-ray pixels into the scratch arrays; returns (electrons, x-ray pixels)."""
     (
@@ -105,6 +156,11 @@ def _gen_events(i, model, scratch):
         halo_tab,
         xray_adu,
         xray_2x2,
+        par_on,
+        par_m,
+        par_obj,
+        scan_w,
+        par_pad,
     ) = model
     st, e_pix, e_qy, e_qx, e_charge, x_pix, x_val = scratch
     st[0] = _mix(key ^ _mix(np.uint64(i) + _GOLDEN))
@@ -114,8 +170,15 @@ def _gen_events(i, model, scratch):
     sc = scatter[p]
     nq = SUBPIXEL_BINS
     ne = _draw_count(e_cdf, _uniform(st))
+    parallax = par_on and sm == 0.0  # a flyback frame is not on the sample
     for k in range(ne):
-        while True:
+        if parallax:
+            y, x = _parallax_point(
+                st, p, cy, centers[p, 1], radius, halo, halo_tab, par_m, par_obj, scan_w, par_pad
+            )
+            row = int(math.floor(y + 0.5))
+            col = int(math.floor(x + 0.5))
+        while not parallax:  # the drawing of every frame without parallax (as before it existed)
             # A smeared (flyback) disk: each electron's disk centre lies somewhere along the smear. Only
             # smeared frames draw this number, so the other frames' random streams are unchanged.
             cx = centers[p, 1] + (sm * (_uniform(st) - 0.5) if sm > 0.0 else 0.0)
@@ -251,3 +314,12 @@ def render_batch(dst, ring, slot0, i0, n, in_place, log_idx, log_val, log_n, mod
 def frame_truth(i, model, scratch, e_out, x_out):
     ne, nxp = _gen_events(i, model, scratch)
     return _unique_sorted(scratch[1], ne, e_out, 0), _unique_sorted(scratch[5], nxp, x_out, 0)
+
+
+@nb.njit(cache=True)
+def truth_batch(i0, n, model, scratch, out, offsets):
+    """Frames i0..i0+n-1's true electron pixels (sorted unique), no frames rendered: CSR in (offsets, out)."""
+    offsets[0] = 0
+    for k in range(n):
+        ne, _ = _gen_events(i0 + k, model, scratch)
+        offsets[k + 1] = offsets[k] + _unique_sorted(scratch[1], ne, out, offsets[k])

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import special
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS, FRAME_SHAPE, ScanShape
+from counting.phase.model import rotation
 from counting.simulator_config import BEAM_CENTER, FLYBACK_SHIFT, FLYBACK_SMEAR, SimulatorConfig
 from counting.simulator_kernels import SUBPIXEL_BINS, UINT16_MAX
 
@@ -36,6 +37,10 @@ class Specimen:
     centers: np.ndarray  # (positions, 2) bright-field disk centre (row, col), pixels
     scatter: np.ndarray  # (positions,) fraction of electrons scattered out of the disk
     smear: np.ndarray  # (positions,) length along the columns the disk is smeared over (flyback), pixels
+    # Parallax only: the scattered fraction on the sample grid padded by `pad` positions on every side (the
+    # sample goes on beyond the scan, and a tilted view of an edge position looks there).
+    parallax_scatter: np.ndarray | None = None
+    pad: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,13 @@ def specimen(config: SimulatorConfig, rng: np.random.Generator) -> Specimen:
     The sample covers the first sample_width columns; a flyback column gets the displaced, smeared disk and
     the mean scattered fraction of its row (the beam crosses the row while that frame is recorded)."""
     h, ws = config.scan.height, config.sample_width
+    state = rng.bit_generator.state  # the parallax grid redraws the same sample
     thickness, grad = _make_sample(ScanShape(ws, h), config.particles, rng) if ws else _no_sample(h)
     gmax = float(np.sqrt((grad**2).sum(axis=-1)).max()) if grad.size else 0.0
     shift = grad * (config.deflection / gmax) if gmax > 0 else np.zeros_like(grad)
+    if config.rotation != 0.0:  # the disk moves along the gradient seen in detector axes: R(-rotation)
+        turn = rotation(-config.rotation)  # (x, y) basis; shift is (d_row, d_col)
+        shift = np.stack([shift @ turn[1, ::-1], shift @ turn[0, ::-1]], axis=-1)
     scatter = config.scatter_min + (config.scatter_max - config.scatter_min) * thickness
     centers = np.asarray(BEAM_CENTER) + shift
     smear = np.zeros((h, ws))
@@ -66,9 +75,28 @@ def specimen(config: SimulatorConfig, rng: np.random.Generator) -> Specimen:
         flyback_center = np.broadcast_to(np.add(BEAM_CENTER, FLYBACK_SHIFT), (h, 1, 2))
         centers = np.concatenate([centers, flyback_center], axis=1)
         smear = np.concatenate([smear, np.full((h, 1), FLYBACK_SMEAR)], axis=1)
+    twin = np.random.default_rng()
+    twin.bit_generator.state = state
+    padded, pad = _padded_scatter(config, twin) if config.parallax and ws else (None, 0)
     return Specimen(
-        thickness, shift, np.ascontiguousarray(centers.reshape(-1, 2)), scatter.ravel(), smear.ravel()
+        thickness,
+        shift,
+        np.ascontiguousarray(centers.reshape(-1, 2)),
+        scatter.ravel(),
+        smear.ravel(),
+        padded,
+        pad,
     )
+
+
+def _padded_scatter(config: SimulatorConfig, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The same sample (the generator's state is the one _make_sample started from) on a grid padded by
+    the largest parallax shift: its scattered fraction (h + 2 pad, sample width + 2 pad) and pad."""
+    reach = np.abs(config.parallax_matrix()).sum(axis=1).max() * (config.disk_radius + config.deflection)
+    pad = int(np.ceil(reach)) + 2
+    h, ws = config.scan.height, config.sample_width
+    thickness, _ = _make_sample(ScanShape(ws, h), config.particles, rng, pad)
+    return config.scatter_min + (config.scatter_max - config.scatter_min) * thickness, pad
 
 
 def dark_pattern(config: SimulatorConfig, rng: np.random.Generator) -> np.ndarray:
@@ -109,8 +137,20 @@ def event_model(config: SimulatorConfig, sample: Specimen, key: np.uint64) -> Ev
         halo_tab,
         float(c.xray_adu),
         float(c.xray_2x2_fraction),
+        *_parallax_model(c, sample),
     )
     return EventModel(model, _footprint_table(c.charge_sigma), len(e_cdf) - 1, 4 * (len(x_cdf) - 1))
+
+
+def _parallax_model(config: SimulatorConfig, sample: Specimen) -> tuple:
+    """(on, M in the (row, col) basis, scattered fraction on the padded sample grid, scan width, pad): the
+    kernels' parallax inputs; off without a defocus/astigmatism or without sample columns."""
+    w, ws = config.scan.width, config.sample_width
+    on = config.parallax and ws > 0
+    m = config.parallax_matrix()
+    m_rc = np.ascontiguousarray([[m[1, 1], m[1, 0]], [m[0, 1], m[0, 0]]])
+    obj = np.ascontiguousarray(sample.parallax_scatter) if on else np.zeros((1, 1))
+    return bool(on), m_rc, obj, int(w), float(sample.pad)
 
 
 def _poisson_cdf(mean: float) -> np.ndarray:
@@ -142,13 +182,16 @@ def _no_sample(height: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((height, 0)), np.zeros((height, 0, 2))
 
 
-def _make_sample(scan: ScanShape, particles: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Thickness t = 1 - exp(-(film + sum of Gaussian particles)) on the scan grid and its gradient
-    (d/drow, d/dcol) per unit of the scan's longer side, shapes (h, w) and (h, w, 2)."""
+def _make_sample(
+    scan: ScanShape, particles: int, rng: np.random.Generator, pad: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Thickness t = 1 - exp(-(film + sum of Gaussian particles)) on the scan grid (pad positions more on
+    every side) and its gradient (d/drow, d/dcol) per unit of the scan's longer side, shapes (h, w) and
+    (h, w, 2), h and w padded."""
     side = max(scan.width, scan.height)
-    v = (np.arange(scan.height) + 0.5)[:, None] / side
-    u = (np.arange(scan.width) + 0.5)[None, :] / side
-    s = np.full((scan.height, scan.width), 0.1)
+    v = (np.arange(-pad, scan.height + pad) + 0.5)[:, None] / side
+    u = (np.arange(-pad, scan.width + pad) + 0.5)[None, :] / side
+    s = np.full((len(v), u.shape[1]), 0.1)
     ds_dv = np.zeros_like(s)
     ds_du = np.zeros_like(s)
     cu = rng.uniform(0.1, 0.9, particles) * scan.width / side

@@ -1,0 +1,77 @@
+"""Subpixel shifts of bin images against their shift-sum, by cross-correlation in Fourier space.
+
+A bin image I_b(r) = O(r + s_b) correlates best with the object at lag s_b: C(t) = sum_r I_b(r) O(r + t)
+peaks at t = s_b. Given guesses g_b, each image is first moved back by its guess (a Fourier shift) and only
+then windowed, so a window (which pulls a correlation peak towards lag 0) is unbiased at the fixed point
+delta = 0, on the positions every moved-back bin covers; the reference is the sum of the moved-back, windowed bins less the bin's own term (its counting
+noise would otherwise peak at lag 0); the correlation is smoothed (counting noise is white, the sample's
+signal is not); a parabola per axis refines the peak: s_b = g_b + delta_b. Iterated by counting.phase.fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as sfft
+from scipy import ndimage
+
+from counting.phase.shift_sum import ramps
+
+
+def taper(used: np.ndarray, width: float = 6.0) -> np.ndarray:
+    """float32 (h, w) window: 1 deep inside the used positions, falling as a cosine to 0 over width px
+    towards their edge and the image's edge (the image border counts as an edge)."""
+    padded = np.pad(np.asarray(used, bool), 1)
+    depth = ndimage.distance_transform_edt(padded)[1:-1, 1:-1]
+    ramp = np.clip((depth - 0.5) / width, 0.0, 1.0)
+    return (0.5 - 0.5 * np.cos(np.pi * ramp)).astype(np.float32)
+
+
+def measure_shifts(
+    spec: np.ndarray,
+    used: np.ndarray,
+    guess: np.ndarray,
+    reach: float,
+    smooth: float = 3.0,
+) -> np.ndarray:
+    """float64 (bins, 2) shifts (x, y) of each bin, from the bins' rfft2 spectra (bins, h, w//2+1), the
+    used positions (h, w) and guesses (bins, 2); peaks within reach px of the guess, correlation smoothed
+    by a Gaussian of smooth px."""
+    shape = used.shape
+    guess = np.asarray(guess, np.float64).reshape(-1, 2)
+    # Where every moved-back bin holds its own data: the used positions less the largest move, so no bin's
+    # edge (which moves with its guess, not with the sample) is inside the window.
+    margin = int(np.ceil(np.abs(guess).max(initial=0.0)))
+    inner = ndimage.binary_erosion(used, np.ones((2 * margin + 1,) * 2, bool)) if margin else used
+    window = taper(inner)
+    moved = np.empty_like(spec)
+    for b in range(len(spec)):
+        ey, ex = ramps(shape, guess[b])
+        moved[b] = spec[b] * ey * ex
+    aligned = sfft.irfft2(moved, s=shape, axes=(-2, -1)) * window
+    own = sfft.rfft2(aligned, axes=(-2, -1))
+    prod = np.conj(own) * (own.sum(axis=0) - own)
+    h, w = shape
+    q2 = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2
+    prod *= np.exp(-2.0 * np.pi**2 * smooth**2 * q2).astype(np.float32)
+    corr = sfft.irfft2(prod, s=shape, axes=(-2, -1))
+    return guess + np.array([_peak(c, reach) for c in corr])
+
+
+def _peak(corr: np.ndarray, reach: float) -> tuple[float, float]:
+    """(x, y) of the correlation's largest value within reach of lag 0, refined by a parabola per axis."""
+    h, w = corr.shape
+    lag_y = np.fft.fftfreq(h, 1.0 / h)[:, None]
+    lag_x = np.fft.fftfreq(w, 1.0 / w)[None, :]
+    near = np.where(lag_y**2 + lag_x**2 <= reach**2, corr, -np.inf)
+    iy, ix = np.unravel_index(int(np.argmax(near)), corr.shape)
+    dy = _parabola(corr[(iy - 1) % h, ix], corr[iy, ix], corr[(iy + 1) % h, ix])
+    dx = _parabola(corr[iy, (ix - 1) % w], corr[iy, ix], corr[iy, (ix + 1) % w])
+    return float(lag_x[0, ix] + dx), float(lag_y[iy, 0] + dy)
+
+
+def _parabola(left: float, mid: float, right: float) -> float:
+    """Vertex offset of the parabola through three equally spaced values (0 when flat), within +-0.5."""
+    curve = left - 2.0 * mid + right
+    if curve >= 0.0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curve, -0.5, 0.5))

@@ -1,0 +1,184 @@
+"""Fit the parallax aberrations (defocus C1, two-fold astigmatism A1 at an angle, rotation) from a scan's
+bin images (counting.phase.accumulate), as counted so far.
+
+Each bin image, normalised to its mean over the used positions (the seen ones, less a mask such as the
+flyback column), is cross-correlated against the others' sum (counting.phase.correlate): first as they are,
+then each moved back by the model's shift, which sharpens the reference and removes the window's bias. The measured shifts are
+fitted to s_b = M k_b + t by least squares weighted by each bin's counts (two rows of three unknowns: M's
+row and an offset t, the reference's own position); M gives C1, A1, phi, theta (counting.phase.model) and
+the parameters' covariance (residual variance times (X^T W X)^-1) their uncertainties, propagated through
+the decomposition. Values are in scan px per detector px until calibrate() turns C1 and A1 into nm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from counting.phase.accumulate import ParallaxSnapshot
+from counting.phase.correlate import measure_shifts
+from counting.phase.model import decompose
+from counting.phase.shift_sum import bin_rates, spectra
+
+PX_UNITS = "scan px per detector px"
+REFINE_REACH = 3.0  # px from the model's shift the later passes look for a peak
+MIN_SIDE = 8  # positions per side of the used region a fit needs
+
+
+class ParallaxFitError(ValueError):
+    """Not enough counted data (positions, bins or electrons) for a fit."""
+
+
+@dataclass(frozen=True)
+class AberrationFit:
+    """A parallax fit: values with 1-sigma uncertainties; angles in degrees, (x, y) = (column, row)."""
+
+    defocus: float  # C1: PX_UNITS, or nm once calibrated (positive: shifts along +k)
+    defocus_err: float
+    astigmatism: float  # |A1| >= 0, same units as the defocus
+    astigmatism_err: float
+    astigmatism_angle: float  # phi, (-90, 90]
+    astigmatism_angle_err: float
+    rotation: float  # theta, detector -> scan axes, (-90, 90] unless a hint chose the other branch
+    rotation_err: float
+    matrix: np.ndarray  # (2, 2) float64 M, always PX_UNITS: shift = M k
+    offset: np.ndarray  # (2,) float64 t, scan px
+    k: np.ndarray = field(repr=False)  # (bins, 2) detector px
+    measured: np.ndarray = field(repr=False)  # (bins, 2) measured shifts, scan px
+    weights: np.ndarray = field(repr=False)  # (bins,) electrons per bin over the used positions
+    positions: int = 0  # scan positions used
+    units: str = PX_UNITS
+    calibrated: bool = False
+    scan_step_nm: float | None = None
+    mrad_per_px: float | None = None
+
+    def model_shifts(self) -> np.ndarray:
+        """float64 (bins, 2): the model's shift M k of each bin, scan px (for shift_sum.tilt_corrected_bf)."""
+        return self.k @ self.matrix.T
+
+    def residual_rms(self) -> float:
+        """Weighted rms of measured - (M k + t), scan px."""
+        r = self.measured - self.model_shifts() - self.offset
+        return float(np.sqrt((self.weights * (r**2).sum(axis=1)).sum() / max(self.weights.sum(), 1e-300)))
+
+    def calibrate(self, scan_step_nm: float, mrad_per_px: float) -> AberrationFit:
+        """This fit with C1 and A1 in nm: shift_nm = C1_nm * tilt_rad, tilt_rad = k * mrad_per_px / 1000,
+        shift_nm = shift_px * scan_step_nm."""
+        if self.calibrated:
+            raise ValueError("this fit is calibrated already")
+        if not (
+            np.isfinite(scan_step_nm) and np.isfinite(mrad_per_px) and scan_step_nm > 0 and mrad_per_px > 0
+        ):
+            raise ValueError(f"need a positive scan step and mrad/px, got {scan_step_nm}, {mrad_per_px}")
+        f = scan_step_nm * 1000.0 / mrad_per_px
+        return replace(
+            self,
+            defocus=self.defocus * f,
+            defocus_err=self.defocus_err * f,
+            astigmatism=self.astigmatism * f,
+            astigmatism_err=self.astigmatism_err * f,
+            units="nm",
+            calibrated=True,
+            scan_step_nm=float(scan_step_nm),
+            mrad_per_px=float(mrad_per_px),
+        )
+
+    def as_dict(self) -> dict:
+        """Plain numbers and lists, for JSON, HDF5 attributes and the wire."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            out[name] = v.tolist() if isinstance(v, np.ndarray) else v
+        out["residual_rms"] = self.residual_rms()
+        return out
+
+
+def fit_aberrations(
+    snapshot: ParallaxSnapshot,
+    mask: np.ndarray | None = None,
+    iterations: int = 16,
+    rotation_hint: float | None = None,
+    tolerance: float = 0.01,
+) -> AberrationFit:
+    """Fit C1, A1, phi, theta to the bins of a snapshot (only positions seen and True in mask (h, w));
+    passes until no bin's model shift moves by tolerance px more (at most iterations)."""
+    images, inside, weights, used = _normalised(snapshot, mask)
+    k = snapshot.bins.k
+    spec = spectra(images)
+    reach = min(inside.shape) / 4.0  # the first pass: anywhere near; then near the model's shifts
+    m = np.zeros((2, 2))
+    for it in range(max(int(iterations), 1)):
+        guess = k @ m.T
+        measured = measure_shifts(spec, inside, guess, reach if it == 0 else min(reach, REFINE_REACH))
+        m, offset, cov = _weighted_fit(k, measured, weights)
+        if np.abs(k @ m.T - guess).max() < tolerance:  # the model's shifts moved less than this: settled
+            break
+    return _result(m, offset, cov, k, measured, weights, int(used.sum()), rotation_hint)
+
+
+def _normalised(
+    snapshot: ParallaxSnapshot, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, inside, weights, used): each bin / its mean - 1 over the used positions' box, 0 where
+    unused, padded with 0; the used positions in that padded box; the bins' electrons; used (h, w)."""
+    rates, used = bin_rates(snapshot, mask)
+    rows, cols = np.flatnonzero(used.any(axis=1)), np.flatnonzero(used.any(axis=0))
+    if len(rows) < MIN_SIDE or len(cols) < MIN_SIDE:
+        raise ParallaxFitError(f"a fit needs {MIN_SIDE}x{MIN_SIDE} used positions at least")
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    counts = snapshot.counts[used.ravel()].sum(axis=0, dtype=np.float64)
+    keep = counts > 0
+    if keep.sum() < 4:
+        raise ParallaxFitError("a fit needs electrons in 4 bins at least")
+    rates, inside = rates[:, box[0], box[1]], used[box]
+    means = rates[:, inside].mean(axis=1)
+    images = np.where(inside, rates / np.maximum(means, 1e-300)[:, None, None] - 1.0, 0.0)
+    images[~keep] = 0.0
+    # Zeros (the mean) around the box: a Fourier shift then brings in nothing from the opposite edge.
+    pad = int(np.clip(max(inside.shape) // 8, 8, 32))
+    images = np.pad(images.astype(np.float32), ((0, 0), (pad, pad), (pad, pad)))
+    return images, np.pad(inside, pad), counts, used
+
+
+def _weighted_fit(k: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least squares of s = M k + t: (M, t, cov (4, 4) of M's entries row-major)."""
+    x = np.column_stack([k, np.ones(len(k))])
+    used = w > 0
+    x, s, w = x[used], s[used], w[used]
+    xtwx_inv = np.linalg.inv(x.T @ (w[:, None] * x))
+    beta = xtwx_inv @ (x.T @ (w[:, None] * s))  # (3, 2): column c fits shift component c
+    resid = s - x @ beta
+    dof = max(len(x) - 3, 1)
+    cov = np.zeros((4, 4))
+    for c in range(2):
+        sigma2 = float((w * resid[:, c] ** 2).sum() / dof)
+        cov[2 * c : 2 * c + 2, 2 * c : 2 * c + 2] = sigma2 * xtwx_inv[:2, :2]
+    return beta[:2].T.copy(), beta[2].copy(), cov
+
+
+def _result(m, offset, cov, k, measured, weights, positions, hint) -> AberrationFit:
+    """The fit's values and their uncertainties through the decomposition's Jacobian."""
+    values = np.array(decompose(m, hint))
+    theta = values[3]
+    step = 1e-6 * max(np.abs(m).max(), 1e-12)
+    jac = np.zeros((4, 4))
+    for j in range(4):
+        d = np.zeros(4)
+        d[j] = step
+        up = np.array(decompose(m + d.reshape(2, 2), theta))
+        down = np.array(decompose(m - d.reshape(2, 2), theta))
+        diff = up - down
+        diff[2] = (diff[2] + 90.0) % 180.0 - 90.0  # angles differ across their wrap
+        diff[3] = (diff[3] + 180.0) % 360.0 - 180.0
+        jac[:, j] = diff / (2 * step)
+    err = np.sqrt(np.maximum(np.diag(jac @ cov @ jac.T), 0.0))
+    return AberrationFit(
+        *(float(v) for pair in zip(values, err, strict=True) for v in pair),
+        matrix=m,
+        offset=offset,
+        k=k.copy(),
+        measured=measured,
+        weights=weights,
+        positions=positions,
+    )
