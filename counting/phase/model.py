@@ -45,6 +45,8 @@ def decompose(m: np.ndarray, rotation_hint_deg: float | None = None) -> tuple[fl
     half = 0.5 * (s[0, 0] - s[1, 1])
     sym = 0.5 * (s[0, 1] + s[1, 0])
     a1 = math.hypot(half, sym)
+    if a1 <= 1e-12 * max(abs(c1), 1e-300):  # rounding, not astigmatism: no angle to speak of
+        a1 = 0.0
     phi = 0.5 * math.degrees(math.atan2(sym, half)) if a1 > 0 else 0.0
     return c1, a1, _wrap90(phi), theta
 
