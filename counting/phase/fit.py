@@ -19,10 +19,11 @@ import numpy as np
 from counting.phase.accumulate import ParallaxSnapshot
 from counting.phase.correlate import measure_shifts
 from counting.phase.model import decompose
-from counting.phase.shift_sum import bin_rates, spectra
+from counting.phase.shift_sum import spectra
 
 PX_UNITS = "scan px per detector px"
 REFINE_REACH = 3.0  # px from the model's shift the later passes look for a peak
+MAX_SIDE = 128  # binned positions across the used region the correlation runs on
 MIN_SIDE = 8  # positions per side of the used region a fit needs
 
 
@@ -99,18 +100,22 @@ def fit_aberrations(
     mask: np.ndarray | None = None,
     iterations: int = 16,
     rotation_hint: float | None = None,
-    tolerance: float = 0.01,
+    tolerance: float = 0.02,
+    max_side: int = MAX_SIDE,
 ) -> AberrationFit:
     """Fit C1, A1, phi, theta to the bins of a snapshot (only positions seen and True in mask (h, w));
-    passes until no bin's model shift moves by tolerance px more (at most iterations)."""
-    images, inside, weights, used = _normalised(snapshot, mask)
+    passes until no bin's model shift moves by tolerance px more (at most iterations); the bin images are
+    binned f x f first so the used region is at most max_side across (the shifts are measured in binned
+    px, then scaled by f)."""
+    images, inside, weights, used, f = _normalised(snapshot, mask, max_side)
     k = snapshot.bins.k
     spec = spectra(images)
     reach = min(inside.shape) / 4.0  # the first pass: anywhere near; then near the model's shifts
     m = np.zeros((2, 2))
     for it in range(max(int(iterations), 1)):
         guess = k @ m.T
-        measured = measure_shifts(spec, inside, guess, reach if it == 0 else min(reach, REFINE_REACH))
+        near = reach if it == 0 else min(reach, REFINE_REACH)
+        measured = f * measure_shifts(spec, inside, guess / f, near)
         m, offset, cov = _weighted_fit(k, measured, weights)
         if np.abs(k @ m.T - guess).max() < tolerance:  # the model's shifts moved less than this: settled
             break
@@ -118,27 +123,44 @@ def fit_aberrations(
 
 
 def _normalised(
-    snapshot: ParallaxSnapshot, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images, inside, weights, used): each bin / its mean - 1 over the used positions' box, 0 where
-    unused, padded with 0; the used positions in that padded box; the bins' electrons; used (h, w)."""
-    rates, used = bin_rates(snapshot, mask)
+    snapshot: ParallaxSnapshot, mask: np.ndarray | None, max_side: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(images, inside, weights, used, f): the used positions' box binned f x f, each bin's rate / its
+    mean - 1 there, 0 where no used position, padded with 0; the binned positions holding data in that
+    padded box; the bins' electrons; used (h, w); f."""
+    used = snapshot.seen()
+    if mask is not None:
+        used = used & np.asarray(mask, bool).reshape(used.shape)
     rows, cols = np.flatnonzero(used.any(axis=1)), np.flatnonzero(used.any(axis=0))
     if len(rows) < MIN_SIDE or len(cols) < MIN_SIDE:
         raise ParallaxFitError(f"a fit needs {MIN_SIDE}x{MIN_SIDE} used positions at least")
-    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    counts = snapshot.counts[used.ravel()].sum(axis=0, dtype=np.float64)
-    keep = counts > 0
-    if keep.sum() < 4:
+    counts = snapshot.counts.reshape(snapshot.height, snapshot.width, -1)
+    weights = counts[used].sum(axis=0, dtype=np.float64)
+    if (weights > 0).sum() < 4:
         raise ParallaxFitError("a fit needs electrons in 4 bins at least")
-    rates, inside = rates[:, box[0], box[1]], used[box]
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    f = max(1, -(-max(len(rows), len(cols)) // max_side))
+    inside = used[box]
+    frames = _block_sum(np.where(inside, snapshot.frames.reshape(used.shape)[box], 0), f)
+    binned = _block_sum(np.where(inside[..., None], counts[box], 0).astype(np.float32), f)
+    inside = frames > 0
+    rates = np.moveaxis(binned, -1, 0) / np.maximum(frames, 1)
     means = rates[:, inside].mean(axis=1)
-    images = np.where(inside, rates / np.maximum(means, 1e-300)[:, None, None] - 1.0, 0.0)
-    images[~keep] = 0.0
+    images = np.where(inside, rates / np.maximum(means, 1e-30)[:, None, None] - 1.0, 0.0)
+    images[weights == 0] = 0.0
     # Zeros (the mean) around the box: a Fourier shift then brings in nothing from the opposite edge.
     pad = int(np.clip(max(inside.shape) // 8, 8, 32))
     images = np.pad(images.astype(np.float32), ((0, 0), (pad, pad), (pad, pad)))
-    return images, np.pad(inside, pad), counts, used
+    return images, np.pad(inside, pad), weights, used, f
+
+
+def _block_sum(a: np.ndarray, f: int) -> np.ndarray:
+    """Sums over f x f blocks of the first two axes (zero-padded up to multiples of f)."""
+    if f == 1:
+        return a
+    h, w = -(-a.shape[0] // f) * f, -(-a.shape[1] // f) * f
+    a = np.pad(a, [(0, h - a.shape[0]), (0, w - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return a.reshape(h // f, f, w // f, f, *a.shape[2:]).sum(axis=(1, 3))
 
 
 def _weighted_fit(k: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
