@@ -221,13 +221,19 @@ def offline(config: SimulatorConfig):
 def real_scan(pipe: ProcessPipeline, side: int, number: int) -> dict:
     """One real scan; complete and identical to offline counting?"""
     config = SimulatorConfig(ScanShape(side, side), dose=100.0, seed=number)
-    t0 = time.monotonic()
-    pipe.send(config, number, send_timeout=120)
+    t0, before = time.monotonic(), pipe.state
+    sent = pipe.send(config, number, send_timeout=120)
     record, path = pipe.record(number, timeout=180)
+    after = pipe.state
+    counters = {
+        k: getattr(after, k) - getattr(before, k) for k in ("received", "malformed", "late", "refused")
+    }
     got, want = read_counted_scan(path), offline(config)
     same = all(np.array_equal(x, y) for x, y in zip(got.events.ravel(), want.events.ravel(), strict=True))
     return {"scan": f"{side}x{side}", "status": str(getattr(record.status, "value", record.status)), "completeness": got.completeness,
-            "identical_to_offline": bool(same), "seconds": round(time.monotonic() - t0, 2)}  # fmt: skip
+            "identical_to_offline": bool(same), "seconds": round(time.monotonic() - t0, 2),
+            "sectors_sent": sent.sent, "aggregator_during_scan": counters, "reasons": record.reasons,
+            "lost_in_transit": record.sectors_lost_in_transit}  # fmt: skip
 
 
 def view_state(port: int) -> dict:
@@ -373,11 +379,17 @@ def main() -> None:
     )
     ap.add_argument("--strays", type=int, default=12, help="stray sectors per receiver port (3 scan numbers)")
     ap.add_argument("--baseline", type=float, default=3.0, help="seconds sampled before and after")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)"
+    )
     ap.add_argument("--json", type=Path, default=RESULTS / "hostile_memory.json")
     args = ap.parse_args()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="stemstream-hostile-") as tmp:
-        result = run(args, Path(tmp))
+    if args.keep is not None:  # the processes' logs and files stay there
+        result = run(args, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="stemstream-hostile-") as tmp:
+            result = run(args, Path(tmp))
     result = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "wall_s": round(time.monotonic() - t0, 1), **result}  # fmt: skip
