@@ -33,6 +33,11 @@ class LiveNode:
         self.publisher = LivePublisher(context, name, live, aggregator, curve) if live.enabled else None
         self.tap = LiveTap(name, live, curve) if live.tap else None  # its own context
 
+    @property
+    def tap_refused(self) -> str | None:
+        """Why the tap asked for is off (logged once when the node started), or None."""
+        return self.tap.refused if self.tap is not None else None
+
     def welcome(self, node_index: int) -> None:
         """The aggregator told the node its index (the tap's port)."""
         if self.tap is not None:

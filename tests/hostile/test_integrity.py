@@ -211,6 +211,7 @@ def test_a_tap_off_loopback_without_keys_is_refused_and_the_node_goes_on(caplog)
     try:
         assert "live.tap_host 0.0.0.0 is not loopback" in node.tap.refused
         assert "no CURVE keys" in node.tap.refused and node.tap.refused in caplog.text
+        assert node.tap_refused == node.tap.refused and caplog.text.count("no CURVE keys") == 1
         node.welcome(0)  # never binds
         assert node.tap.socket is None and node.tap.address == ""
         events = SimpleNamespace(offsets=np.zeros(2, np.int64), indices=np.zeros(0, np.uint32))
