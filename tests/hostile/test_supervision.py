@@ -217,18 +217,21 @@ def test_a_session_ended_mid_scan_lists_the_partial_scan_and_says_so_in_its_exit
     """M1 (session side): --duration ends the session while a scan streams; the counted part is kept as an
     incomplete file (reason shutdown), the summary lists it, the final message names it and the exit
     status is 3 (STOPPED_MID_SCAN), not 0."""
-    proc, env, addresses = _session(tmp_path, "--duration", "20")
+    # --duration counts from `ready:`; the sender (a CLI process starting four sender processes) took over
+    # 20 s to deliver its first sector at a load of 10, so the session ended before the scan began. 30 s, and
+    # a rate slow enough that the scan is still streaming when they end, whenever within them it began.
+    proc, env, addresses = _session(tmp_path, "--duration", "30")
     sender = None
     try:
         assert wait_until(lambda: "ready:" in _text(tmp_path) or proc.poll() is not None, timeout=150)
         assert "ready:" in _text(tmp_path), _text(tmp_path)[-3000:]
         sender = subprocess.Popen(
-            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "32x32", "--rate", "30"],
+            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "32x32", "--rate", "10"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )  # fmt: skip: 1024 frames at 30/s, far longer than what is left of the session
+        )  # fmt: skip: 1024 frames at 10/s, far longer than the session
         code = proc.wait(120)
         text = _text(tmp_path)
         assert code == 3, text[-3000:]
