@@ -1,13 +1,16 @@
 """Fit the parallax aberrations (defocus C1, two-fold astigmatism A1 at an angle, rotation) from a scan's
 bin images (counting.phase.accumulate), as counted so far.
 
-Each bin image, normalised to its mean over the used positions (the seen ones, less a mask such as the
-flyback column), is cross-correlated against the others' sum (counting.phase.correlate): first as they are,
-then each moved back by the model's shift, which sharpens the reference and removes the window's bias. The measured shifts are
-fitted to s_b = M k_b + t by least squares weighted by each bin's counts (two rows of three unknowns: M's
-row and an offset t, the reference's own position); M gives C1, A1, phi, theta (counting.phase.model) and
-the parameters' covariance (residual variance times (X^T W X)^-1) their uncertainties, propagated through
-the decomposition. Values are in scan px per detector px until calibrate() turns C1 and A1 into nm.
+Each bin image, binned to at most MAX_SIDE positions across and normalised to its mean over the used
+positions (the seen ones, less a mask such as the flyback column), is cross-correlated against the other
+bins' sum (counting.phase.correlate): first as they are, then each moved back by the model's shift, which
+sharpens the reference and removes the window's bias; passes repeat until the model settles. The measured
+shifts are fitted to s_b = M k_b + t by least squares weighted by each bin's counts (per shift component,
+M's row and an offset t, the reference's own position); M gives C1, A1, phi, theta (counting.phase.model)
+and the parameters' covariance (residual variance times (X^T W X)^-1) their uncertainties, propagated
+through the decomposition. The uncertainties treat the bins' shift errors as independent; they share one
+reference, so the true scatter is larger (about 2x for A1 at 64x64, 200 e/frame: bench_phase). Values are
+in scan px per detector px until calibrate() turns C1 and A1 into nm.
 """
 
 from __future__ import annotations
