@@ -5,8 +5,8 @@ sector masks, events in CSR: offsets, indices = row * 576 + col), in one compile
 Memory: counts are (positions, bins) uint16, widened (copied to uint32, then uint64) before a batch could
 make any cell overflow, so no count is ever lost or clipped; frames per position are int32. At 512 x 512
 with the default 8 x 8 bins (60 kept): 262,144 * 60 * 2 B = 31,457,280 B (30 MiB) of counts plus 1 MiB of
-frames; 60 MiB of counts once widened to uint32 (a cell past 65,535 - len(batch) electrons: about
-330 frames at one position of 200 e/frame in one bin of 60, never in a single-frame scan).
+frames; 60 MiB of counts once widened to uint32 (when a cell plus the batch's events at one position
+could pass 65,535: after some 300 frames of 200 e at one position, never in a single-frame scan).
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ class ParallaxSnapshot:
         return (self.frames > 0).reshape(self.height, self.width)
 
     def bin_images(self) -> np.ndarray:
-        """float64 (bins, height, width): electrons per frame in each bin (0 where nothing arrived)."""
-        rate = self.counts.T.astype(np.float64) / np.maximum(self.frames, 1)
+        """float32 (bins, height, width): electrons per frame in each bin (0 where nothing arrived); 63 MB
+        at 512 x 512 with 60 bins."""
+        rate = self.counts.T.astype(np.float32)
+        rate /= np.maximum(self.frames, 1).astype(np.float32)
         return rate.reshape(-1, self.height, self.width)
 
     def __add__(self, other: ParallaxSnapshot) -> ParallaxSnapshot:
@@ -131,7 +133,7 @@ class ParallaxAccumulator:
 
     def _add(self, positions, offsets, indices, count_frames: bool) -> None:
         limit = int(np.iinfo(self.counts.dtype).max)
-        if self._peak + len(indices) > limit:  # this batch could overflow a cell: widen first
+        if self._peak + _most_at_one_position(positions, offsets) > limit:  # could overflow a cell: widen
             self.counts = self.counts.astype(_LADDER[_LADDER.index(self.counts.dtype.type) + 1])
         # Kept batches had their frames counted when they arrived.
         frames = self.frames if count_frames else np.zeros(len(self.frames), np.int32)
@@ -152,6 +154,15 @@ class ParallaxAccumulator:
         if len(indices) and indices.max() >= FRAME_ROWS * FRAME_COLS:
             raise ValueError("event pixel index beyond the 576x576 frame")
         return positions, offsets, indices
+
+
+def _most_at_one_position(positions: np.ndarray, offsets: np.ndarray) -> int:
+    """The most events the batch holds for any one position (its frames there together): a bound on what
+    it adds to any cell."""
+    if not len(positions):
+        return 0
+    _, which = np.unique(positions, return_inverse=True)
+    return int(np.bincount(which, weights=np.diff(offsets)).max())
 
 
 def _narrowest(counts: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from counting.phase.accumulate import ParallaxSnapshot
 
 
 def bin_rates(snapshot: ParallaxSnapshot, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rates, used): float64 (bins, h, w) electrons per frame per bin, positions not used (never seen, or
+    """(rates, used): float32 (bins, h, w) electrons per frame per bin, positions not used (never seen, or
     False in mask, e.g. a flyback column) filled with the bin's mean over the used ones; used bool (h, w)."""
     used = snapshot.seen()
     if mask is not None:
@@ -73,4 +73,4 @@ def tilt_corrected_bf(
 def virtual_bf(snapshot: ParallaxSnapshot, mask: np.ndarray | None = None) -> np.ndarray:
     """float64 (h, w): the plain sum of the bins (what the virtual BF of the disk shows), for comparison."""
     rates, _ = bin_rates(snapshot, mask)
-    return rates.sum(axis=0)
+    return rates.sum(axis=0, dtype=np.float64)

@@ -103,6 +103,10 @@ def test_memory_at_512x512_is_the_stated_figure():
     acc = ParallaxAccumulator(512, 512, ParallaxBins.from_geometry(GEOMETRY))
     assert acc.counts.nbytes == 31_457_280  # 512 * 512 positions * 60 bins * 2 B (accumulate's docstring)
     assert acc.nbytes == 31_457_280 + 512 * 512 * 4
+    n = 1024  # a large batch of single frames (200 e each) stays within uint16: no widening
+    hits = np.full(n * 200, 288 * 576 + 288, np.uint32)
+    acc.add(np.arange(n), np.full(n, 15, np.uint8), np.arange(0, n * 200 + 1, 200), hits)
+    assert acc.counts.dtype == np.uint16 and acc.nbytes == 31_457_280 + 512 * 512 * 4
 
 
 @pytest.mark.parametrize(
