@@ -65,12 +65,44 @@ class LiveSettings(BaseModel):
         "the nodes' own key)",
     )
 
+    parallax_bins: int = Field(
+        8,
+        ge=0,
+        le=16,
+        description="live phase contrast: bins per side over the BF disk each node sums per scan position "
+        "(0: off; 8 x 8 keeps 60 bins: 30 MiB per node at 512 x 512)",
+    )
+    parallax_max_positions: int = Field(
+        512 * 512,
+        ge=0,
+        description="live phase contrast only for scans of at most this many positions (node memory and "
+        "wire: 120 B per position at 8 x 8 bins)",
+    )
+    phase_interval: float = Field(
+        1.0,
+        ge=0.1,
+        le=60,
+        description="seconds between the view's phase fits during a scan (and one at its end)",
+    )
+    phase_scan_step_nm: float | None = Field(
+        None, gt=0, description="scan step in nm: with phase_mrad_per_px the fitted defocus is in nm"
+    )
+    phase_mrad_per_px: float | None = Field(
+        None, gt=0, description="detector mrad per pixel: with phase_scan_step_nm the defocus is in nm"
+    )
+
     @model_validator(mode="after")
     def _geometry_whole(self) -> LiveSettings:
         if (self.bf_center is None) != (self.bf_radius is None):
             raise ValueError("set both live.bf_center and live.bf_radius, or neither (estimated)")
         if self.adf_outer <= self.adf_inner or self.adf_inner < 1:
             raise ValueError("need 1 <= live.adf_inner < live.adf_outer (in BF radii)")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_whole(self) -> LiveSettings:
+        if (self.phase_scan_step_nm is None) != (self.phase_mrad_per_px is None):
+            raise ValueError("set both live.phase_scan_step_nm and live.phase_mrad_per_px, or neither")
         return self
 
     @property

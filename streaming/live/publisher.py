@@ -21,6 +21,9 @@ import zmq
 
 from counting import live_images
 from counting.live_images import LiveGeometry, LiveImages
+from counting.phase import accumulate as parallax_sums
+from counting.phase.accumulate import ParallaxAccumulator
+from counting.phase.bins import ParallaxBins
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
@@ -55,6 +58,34 @@ class _Scan:
         self.counted_at = 0.0  # newest batch added
         self.oldest_at = 0.0  # oldest batch added since the last snapshot sent
         self.sent_at = 0.0
+        # Live phase contrast: per-position bin counts (counting.phase), bounded by
+        # live.parallax_max_positions; rows plo..phi changed since the last snapshot taken.
+        positions = begin.scan_width * begin.scan_height
+        wanted = live.parallax_bins > 0 and positions <= live.parallax_max_positions
+        self.parallax = ParallaxAccumulator(begin.scan_height, begin.scan_width) if wanted else None
+        self.plo, self.phi = positions, 0
+
+    def settle_parallax(self, n: int) -> None:
+        """Fix the parallax bins once the BF geometry is (their sums then start); none when they would
+        exceed the wire's bound."""
+        acc, geometry = self.parallax, self.images.geometry
+        if acc is None or acc.bins is not None or geometry is None:
+            return
+        bins = ParallaxBins.from_geometry(geometry, n)
+        if len(acc.frames) * bins.count > live_wire.PARALLAX_MAX_CELLS:
+            log.warning("no live phase for scan %d: too many positions x bins", self.begin.scan_number)
+            self.parallax = None
+            return
+        acc.settle(bins)  # the batches kept until now are added: their rows are in plo..phi already
+
+    def parallax_part(self) -> tuple[dict | None, dict[str, np.ndarray]]:
+        """The snapshot's parallax header and array (rows changed since the last snapshot taken)."""
+        acc = self.parallax
+        if acc is None or acc.bins is None:
+            return None, {}
+        lo, hi = self.plo, max(self.phi, self.plo)
+        spec = {"n": acc.bins.n, "inner": acc.bins.inner, "bins": acc.bins.count, "lo": lo, "hi": hi}
+        return spec, {"parallax": acc.counts[lo:hi].ravel()}
 
 
 class LivePublisher:
@@ -78,6 +109,8 @@ class LivePublisher:
         self._ctx, self._curve = context, curve
         self._queue: queue.Queue = queue.Queue(self.settings.queue_batches)
         live_images.warm_up()  # compiled before the node is ready, not during its first scan
+        if live.parallax_bins:
+            parallax_sums.warm_up()
         self._thread = threading.Thread(target=self._run, name="stemstream-live", daemon=True)
         self._thread.start()
 
@@ -162,8 +195,12 @@ class LivePublisher:
         if kind == "batch":
             _, _, positions, masks, offsets, indices, counted_at = item
             scan.images.add(positions, masks, offsets, indices)
+            if scan.parallax is not None:
+                scan.parallax.add(positions, masks, offsets, indices)
             if len(positions):
-                scan.lo, scan.hi = min(scan.lo, int(positions.min())), max(scan.hi, int(positions.max()) + 1)
+                first, last = int(positions.min()), int(positions.max()) + 1
+                scan.lo, scan.hi = min(scan.lo, first), max(scan.hi, last)
+                scan.plo, scan.phi = min(scan.plo, first), max(scan.phi, last)
             scan.counted_at = counted_at
             scan.oldest_at = scan.oldest_at or counted_at
             return scan
@@ -200,9 +237,12 @@ class LivePublisher:
             scan.sent_at = 0.0  # offer it at once
         elif time.monotonic() - scan.proposed_at > AGREE_WAIT:
             scan.images.settle(scan.proposal)  # no view answered: this node's own estimate
+            scan.lo, scan.hi = 0, scan.begin.scan_width * scan.begin.scan_height  # kept batches added
 
     def _send(self, sock: zmq.Socket, scan: _Scan, final: bool, wait: float = 0.0) -> bool:
         b, img = scan.begin, scan.images
+        scan.settle_parallax(self.settings.parallax_bins)
+        parallax, parallax_arrays = scan.parallax_part()
         a, lo, hi = img.arrays, scan.lo, max(scan.hi, scan.lo)
         header = {
             "node": self.name,
@@ -226,9 +266,11 @@ class LivePublisher:
             "oldest_at": scan.oldest_at,
             "lo": lo,
             "hi": hi,
+            "parallax": parallax,
         }
         arrays = {n: getattr(a, n)[lo:hi] for n in ("counts", "bf", "adf", "sum_col", "sum_row", "frames")}
         arrays["pattern"] = a.pattern.astype(np.uint32)
+        arrays.update(parallax_arrays)
         parts = live_wire.encode(live_wire.SNAP, header, arrays)
         scan.sent_at = time.monotonic()
         if wait and not sock.poll(int(wait * 1000), zmq.POLLOUT):
@@ -242,5 +284,7 @@ class LivePublisher:
         scan.seq += 1
         self.sent += 1
         scan.lo, scan.hi = b.scan_width * b.scan_height, 0
+        if parallax is not None:  # before its bins are settled, the rows changed are kept for later
+            scan.plo, scan.phi = b.scan_width * b.scan_height, 0
         scan.oldest_at = 0.0
         return True

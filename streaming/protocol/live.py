@@ -11,6 +11,11 @@ names, dtypes and lengths the header's ``arrays`` lists in order.
         arrays: counts, bf, adf, sum_col, sum_row, frames for positions lo..hi-1 (this node's sums so far:
         cumulative, so a later snapshot makes up for a dropped one), and pattern (576*576 uint32);
         until its geometry is settled, a node offers its estimate as ``proposal``.
+        Live phase contrast (once the node's geometry is settled, else nil): header ``parallax`` = {n (bins
+        per side, 1..PARALLAX_MAX_SIDE), inner (fraction of the BF radius binned), bins (kept bins, as
+        counting.phase.bins makes them for the header's geometry), lo, hi (positions, changed since the
+        node's last snapshot taken)}; array ``parallax``: (hi - lo) x bins counts, row-major, <u2/<u4/<u8
+        (the node's sums so far, widened as they grow); positions x bins <= PARALLAX_MAX_CELLS.
     view -> node (on the node's connection)   [b"live.geometry", header: scan_key, geometry]  the scan's
         geometry: the first any of its nodes proposed (or settled on), so every node's BF/ADF add up.
 
@@ -43,6 +48,10 @@ TAP_ARRAYS = (
     ("indices", "<u4"),
 )
 
+
+PARALLAX_MAX_SIDE = 16  # bins per side a snapshot may carry (16 x 16 keeps about 200)
+PARALLAX_MAX_CELLS = 2**24  # positions x bins of one node's parallax sums (64 MiB in the view as uint32)
+PARALLAX_DTYPES = ("<u2", "<u4", "<u8")
 
 # The only array dtypes a live message may carry: little-endian ints and floats (numpy's dtype.str spelling).
 DTYPES = frozenset({"|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f4", "<f8"})
