@@ -1,8 +1,10 @@
 """The live page at the microscope: a Starlette app (served by uvicorn) over the live view's state.
 
     GET /                          the page (streaming/view/page.html)
-    GET /api/state                 every scan of the session: status, frames, rate, completeness, file
-    GET /api/scans/{key}/{image}.png    bf, adf, com_x, com_y, pattern, frames (PNG; ?v= the version)
+    GET /api/state                 every scan of the session: status, frames, rate, completeness, file,
+                                   phase (the live phase fit: streaming.view.phase.record)
+    GET /api/scans/{key}/{image}.png    bf, adf, com_x, com_y, pattern, frames, and tcbf (tilt-corrected
+                                   BF), idpc (iDPC phase) once the phase work made them (PNG; ?v= the version)
     GET /api/scans/{key}/{image}.json   the same image's values (version, shape, values; up to MAX_JSON_VALUES)
     WS  /ws                        the state again whenever it changes (at most ``max_clients`` at once)
 

@@ -18,6 +18,7 @@ from streaming.transport.security import CurveServerConfig
 from streaming.view.app import Clients, live_app
 from streaming.view.guard import page_hosts
 from streaming.view.ingest import LiveIngest
+from streaming.view.phase import Calibration, PhaseWorker
 from streaming.view.state import ViewState
 from streaming.view.token import page_token
 
@@ -54,6 +55,10 @@ class LiveServer:
         self.host = live.page_host
         self.token_file = live.token_file
         self.ingest = LiveIngest(self.state, live.bind, curve, scan_dir)
+        scale = None
+        if live.phase_scan_step_nm is not None and live.phase_mrad_per_px is not None:
+            scale = Calibration(live.phase_scan_step_nm, live.phase_mrad_per_px)
+        self.phase = PhaseWorker(self.state, live.phase_interval, scale)  # fits off the intake's thread
         self.clients = Clients(live.max_clients)
         config = uvicorn.Config(
             live_app(
@@ -84,6 +89,7 @@ class LiveServer:
     def start(self, timeout: float = 10.0) -> LiveServer:
         """Serve in a background thread; returns once the page answers."""
         self.ingest.start()
+        self.phase.start()
         self._thread = threading.Thread(target=self.serve, name="stemstream-live-page", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -116,3 +122,4 @@ class LiveServer:
             self._thread.join(10)
         self._sock.close()
         self.ingest.close()
+        self.phase.close()

@@ -14,8 +14,10 @@ import numpy as np
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS, N_SECTORS
 from counting.live_images import MAX_POSITIONS, LiveArrays, LiveGeometry
+from streaming.view.parallax import NodeParallax, check_parallax, same_bins
 
-IMAGES = ("bf", "adf", "com_x", "com_y", "pattern", "frames")
+PHASE_IMAGES = ("tcbf", "idpc")  # the phase worker's (streaming.view.phase), once a fit has run
+IMAGES = ("bf", "adf", "com_x", "com_y", "pattern", "frames", *PHASE_IMAGES)
 _POSITION_ARRAYS = ("counts", "bf", "adf", "sum_col", "sum_row", "frames")
 # What each array of a snapshot may be (numpy dtype.str): the node sends int64 sums, int32 frames, a uint32
 # pattern; anything else (floats: NaN or inf; narrower ints filling whole ranges cheaply) is refused.
@@ -30,6 +32,7 @@ MAX_NODES = 1024  # node names per scan, whatever a snapshot's n_nodes says
 class _NodeSums:
     arrays: LiveArrays | None  # None once the scan's images are let go
     header: dict
+    parallax: NodeParallax | None = None  # its parallax sums, once it sends them
 
 
 @dataclass
@@ -53,6 +56,10 @@ class ScanView:
     _merged: tuple = (-1, None)  # (version, LiveArrays) of the last merge
     agreed: dict | None = None  # the BF geometry every node is told to use
     images_kept: bool = True  # False for old scans: their row stays, their images are let go
+    phase: dict | None = None  # the latest phase record (streaming.view.phase), for /api/state
+    phase_images: dict = field(default_factory=dict)  # tcbf, idpc: float64 (height, width)
+    phase_seen: int = -1  # the scan's version the latest phase work started from
+    phase_at: float = 0.0  # monotonic time that work started
 
     def total(self, name: str) -> int:
         """A header counter added over the nodes."""
@@ -92,6 +99,7 @@ class ScanView:
             "version": self.version,
             "counted_at": self.counted_at,
             "oldest_at": self.oldest_at,
+            "phase": self.phase,
         }
 
     def rate(self) -> float:
@@ -120,6 +128,10 @@ class ScanView:
     def image(self, name: str, masked: bool = False) -> np.ndarray:
         """One image as float64: scan-shaped (height, width), or the 576x576 pattern; ``masked`` (for
         display): NaN at positions no frame reached yet, the pattern binned 2x2."""
+        if name in PHASE_IMAGES:
+            img = self.phase_images[name]  # KeyError: none yet
+            seen = self.merged().frames.reshape(img.shape) > 0
+            return np.where(seen, img, np.nan) if masked else img
         a = self.merged()
         if name == "pattern":
             pattern = a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
@@ -165,6 +177,7 @@ class ViewState:
         is allocated for it); returns the scan's agreed geometry: the first valid one any of its nodes
         settled on or proposed (None: none yet)."""
         check_snapshot(header, arrays, self.max_positions)
+        part = check_parallax(header, arrays, header["width"] * header["height"])
         key = header["scan_key"] or f"number-{header['scan_number']}"
         width, height, lo, hi = header["width"], header["height"], header["lo"], header["hi"]
         with self._lock:
@@ -184,7 +197,7 @@ class ViewState:
                     self._scans.pop(next(iter(self._scans)))
                 for old in list(self._scans.values())[: -self._keep_images]:  # memory flat over a session
                     old.nodes = {name: _NodeSums(None, n.header) for name, n in old.nodes.items()}
-                    old.images_kept, old._merged = False, (-1, None)
+                    old.images_kept, old._merged, old.phase_images = False, (-1, None), {}
             node = scan.nodes.get(header["node"])
             if node is None and len(scan.nodes) >= min(max(scan.n_nodes, 1), MAX_NODES):
                 raise ValueError(f"scan {key[:40]} already has its {len(scan.nodes)} nodes")
@@ -200,6 +213,10 @@ class ViewState:
                 for name in _POSITION_ARRAYS:
                     getattr(node.arrays, name)[lo:hi] = arrays[name]
                 node.arrays.pattern[:] = arrays["pattern"]
+                if part is not None:
+                    if node.parallax is None or not same_bins(node.parallax.bins, part.bins):
+                        node.parallax = NodeParallax(part.bins, width * height)
+                    node.parallax.take(part)
             node.header = header
             scan.counted_at = max(scan.counted_at, float(header.get("counted_at", 0.0)))
             scan.oldest_at = float(header.get("oldest_at", 0.0))
@@ -237,6 +254,44 @@ class ViewState:
             if not scan.images_kept:
                 raise KeyError(key)
             return scan.version, scan.image(name, masked)
+
+    def phase_due(self, interval: float) -> list[tuple[str, bool]]:
+        """(key, final) of the scans whose phase work is due, scans just done first: a done scan's once
+        (final), a live scan's when it changed and interval seconds passed since its last."""
+        now, due = time.monotonic(), []
+        with self._lock:
+            for scan in self._scans.values():
+                if not scan.images_kept or not any(n.parallax for n in scan.nodes.values()):
+                    continue
+                if scan.done and not (scan.phase or {}).get("final") and scan.phase_seen != scan.version:
+                    due.insert(0, (scan.key, True))
+                elif not scan.done and scan.phase_seen != scan.version and now - scan.phase_at >= interval:
+                    due.append((scan.key, False))
+        return due
+
+    def phase_take(self, key: str, take: Callable[[ScanView], object]) -> object:
+        """take(scan) under the lock (a copy of what the phase work needs), the scan marked as worked on
+        at its version now; None when the scan is gone or its images let go."""
+        with self._lock:
+            scan = self._scans.get(key)
+            if scan is None or not scan.images_kept:
+                return None
+            scan.phase_seen, scan.phase_at = scan.version, time.monotonic()
+            return take(scan)
+
+    def set_phase(self, key: str, record: dict, images: dict[str, np.ndarray]) -> None:
+        """A scan's new phase record and images (images not in it stay as they were)."""
+        with self._lock:
+            scan = self._scans.get(key)
+            if scan is None:
+                return
+            fresh = scan.phase_seen == scan.version  # no snapshot came while the work ran
+            scan.phase = record
+            if scan.images_kept:
+                scan.phase_images = {**scan.phase_images, **images}
+            self._bump(scan)
+            if fresh:
+                scan.phase_seen = scan.version  # this bump is no new data to fit
 
     def wait(self, version: int, timeout: float) -> int:
         """Block until the state's version passes ``version`` or the timeout; the version then."""
