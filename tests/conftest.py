@@ -18,6 +18,7 @@ assertions are about wall-clock rates or latencies are marked ``serial`` and run
 from __future__ import annotations
 
 import atexit
+import contextlib
 import getpass
 import json
 import os
@@ -95,11 +96,13 @@ def _group(item: pytest.Item) -> str | None:
 _FIRST = ("prefect-stack", "slurm")
 
 
-def _order(item: pytest.Item) -> int:
+def _order(item: pytest.Item) -> tuple[int, int]:
     group = _group(item)
+    names = getattr(item, "fixturenames", ())
     if group in _FIRST:
-        return _FIRST.index(group)
-    return len(_FIRST) + ("prefect_harness" not in getattr(item, "fixturenames", ()))
+        # the shared stack's users one after another, so it is started once (see shared_prefect_stack)
+        return _FIRST.index(group), SHARED_STACK in names
+    return len(_FIRST) + ("prefect_harness" not in names), 0
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks into the node ids
@@ -110,6 +113,56 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
     if getattr(config.option, "loadgroup", False):  # an xdist worker, --dist loadgroup
         items.sort(key=_order)  # stable: each file's own order is kept
+
+
+# ---- one real Prefect stack for the modules that only use it ----------------------------------------------
+SHARED_STACK = "shared_prefect_stack"
+
+
+class SharedStack:
+    """A real `prefect server` (with the UI) + `prefect deploy --all` + a process worker, started on first use
+    and stopped as soon as the next test does not use it (pytest_runtest_teardown below), so the modules
+    that share it (the UI test, the analyse deployment) pay its start-up once, and no idle worker polls the
+    rest of the run."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._exit: contextlib.ExitStack | None = None
+        self._stack = None
+
+    def get(self):
+        """The running stack (a tests.flows.prefect_processes.PrefectStack), started if need be."""
+        if self._stack is None:
+            from tests.flows.prefect_processes import prefect_stack
+
+            self._exit = contextlib.ExitStack()
+            self._stack = self._exit.enter_context(prefect_stack(self._factory.mktemp("prefect_stack")))
+        return self._stack
+
+    def close(self) -> None:
+        """Stop every process of the stack (asserts none is left running)."""
+        exit_stack, self._exit, self._stack = self._exit, None, None
+        if exit_stack is not None:
+            exit_stack.close()
+
+
+_shared_stacks: list[SharedStack] = []
+
+
+@pytest.fixture(scope="session")
+def shared_prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedStack]:
+    """The session's SharedStack: call .get() for the running stack."""
+    shared = SharedStack(tmp_path_factory)
+    _shared_stacks.append(shared)
+    yield shared
+    shared.close()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of this test's fixtures (module ones too)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if nextitem is None or SHARED_STACK not in getattr(nextitem, "fixturenames", ()):
+        for shared in _shared_stacks:
+            shared.close()
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist sends the node ids to the controller

@@ -10,17 +10,17 @@ import pytest
 
 from catalogue import Catalogue, ScanEntry
 from stemstream_testing.catalogue_scans import write_scan
-from tests.flows.prefect_processes import prefect_stack
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_the_analyse_deployment_records_a_reanalysis(tmp_path: Path) -> None:
+def test_the_analyse_deployment_records_a_reanalysis(shared_prefect_stack) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    out = tmp_path / "out"  # the worker's output_dir (prefect_stack): the catalogue is out/catalogue.sqlite
+    stack = shared_prefect_stack.get()  # shared with the Prefect UI's test (tests/conftest.py)
+    out = stack.output_dir  # the worker's output_dir: the catalogue is out/catalogue.sqlite
     record = write_scan(out / "scans", 3, 1, 12, 12, dose=60.0)
     url = f"sqlite:///{out / 'catalogue.sqlite'}"
     with Catalogue.open(url) as cat:
@@ -28,7 +28,7 @@ def test_the_analyse_deployment_records_a_reanalysis(tmp_path: Path) -> None:
         cat.record_analysis(
             record.scan_uuid, {"dpc_q_highpass": 0.03}, {"probe_radius_px": 2.0}, kind="session"
         )
-    with prefect_stack(tmp_path, ui=False) as stack, temporary_settings(updates={PREFECT_API_URL: stack.api}):
+    with temporary_settings(updates={PREFECT_API_URL: stack.api}):
         with get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name("stemstream-analyse/analyse")
         assert dep.enforce_parameter_schema and dep.work_pool_name == "stemstream-local"

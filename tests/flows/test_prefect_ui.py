@@ -27,7 +27,7 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.keys import Keys
 
 from stemstream_testing.browser import Browser, BrowserTimeout, headless_chromium
-from tests.flows.prefect_processes import SESSION_DEPLOYMENT, PrefectStack, prefect_stack
+from tests.flows.prefect_processes import SESSION_DEPLOYMENT, PrefectStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -61,11 +61,13 @@ def _norm(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
-    """Server (with its UI), `prefect deploy --all`, a worker, and a browser on the UI's start page."""
+def ui(tmp_path_factory: pytest.TempPathFactory, shared_prefect_stack) -> Iterator[Ui]:
+    """Server (with its UI), `prefect deploy --all`, a worker (the stack shared with the analyse deployment's
+    test), and a browser on the UI's start page."""
     work = tmp_path_factory.mktemp("prefect_ui")
     shots = work / "ui"
-    with prefect_stack(work) as stack, headless_chromium(work / "browser", timeout=30) as browser:
+    stack = shared_prefect_stack.get()
+    with headless_chromium(work / "browser", timeout=30) as browser:
         browser.open(f"{stack.url}/")
         # A browser with no saved preference is sent to the V2 UI (PREFECT_SERVER_UI_V2_ENABLED's default).
         browser.wait_until(lambda: "/v2/" in browser.url, "the redirect to the default (V2) UI")
