@@ -354,7 +354,11 @@ def test_fuzzed_messages_never_stop_the_intake(intake: LiveIngest) -> None:
     try:
 
         @settings(max_examples=EXAMPLES["loop"], deadline=None, suppress_health_check=list(HealthCheck))
-        @given(st.lists(st.one_of(live_messages(), hostile_snapshots()), min_size=1, max_size=6))
+        @given(
+            st.lists(
+                st.one_of(live_messages(), hostile_snapshots(), hostile_parallax()), min_size=1, max_size=6
+            )
+        )
         def fuzz(messages: list) -> None:
             for m in messages:
                 if isinstance(m, tuple):
@@ -374,3 +378,111 @@ def test_fuzzed_messages_never_stop_the_intake(intake: LiveIngest) -> None:
         assert intake.state.intake()["alive"]
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- the parallax part (live phase)
+def parallax_snapshot(**spec_changes: object) -> tuple[dict, dict[str, np.ndarray]]:
+    """A valid snapshot with a parallax part (2 x 2 bins over GEOMETRY's disk: 4 kept), spec changed."""
+    h = header()
+    h["parallax"] = {"n": 2, "inner": 0.85, "bins": 4, "lo": 0, "hi": 6, **spec_changes}
+    a = arrays()
+    a["parallax"] = np.arange(24, dtype=np.uint16)
+    return h, a
+
+
+def test_a_valid_parallax_part_is_kept_and_summed() -> None:
+    state = ViewState()
+    state.apply(*parallax_snapshot())
+    node = state.scan("k3").nodes["a"].parallax
+    assert node.counts.dtype == np.uint32 and node.counts.shape == (6, 4)
+    np.testing.assert_array_equal(node.counts.ravel(), np.arange(24))
+
+
+@pytest.mark.parametrize(
+    "spec, array",
+    [
+        ({"n": 0}, None),
+        ({"n": 17}, None),
+        ({"n": True}, None),
+        ({"inner": float("nan")}, None),
+        ({"inner": 1}, None),
+        ({"inner": 1.5}, None),
+        ({"bins": 5}, None),  # the geometry gives 4
+        ({"lo": 4, "hi": 2}, None),
+        ({"hi": 7}, None),
+        ({}, np.arange(24, dtype=np.int64)),
+        ({}, np.arange(24, dtype=np.float64)),
+        ({}, np.arange(20, dtype=np.uint16)),
+        ({}, np.full(24, 2**40, np.uint64)),
+    ],
+)
+def test_view_state_refuses_bad_parallax_parts(spec: dict, array: np.ndarray | None) -> None:
+    h, a = parallax_snapshot(**spec)
+    if array is not None:
+        a["parallax"] = array
+    state = ViewState()
+    with pytest.raises(ValueError):
+        state.apply(
+            *live_wire.decode([bytes(memoryview(x)) for x in live_wire.encode(live_wire.SNAP, h, a)])[1:]
+        )
+    assert state.scans() == []
+
+
+def test_parallax_needs_a_geometry_and_its_header() -> None:
+    h, a = parallax_snapshot()
+    h["geometry"] = None
+    with pytest.raises(ValueError):
+        ViewState().apply(h, a)
+    h, a = parallax_snapshot()
+    h["parallax"] = None
+    with pytest.raises(ValueError):
+        ViewState().apply(h, a)
+
+
+def test_parallax_of_too_many_positions_x_bins_is_refused_before_allocating() -> None:
+    side = 2**11  # 4 bins x 2048^2 = 2**24 cells is the limit: 2049 rows pass it
+    h, a = parallax_snapshot(lo=0, hi=0)
+    h.update(width=side, height=side + 1, lo=0, hi=0, expected_frames=0)
+    for name in ("counts", "bf", "adf", "sum_col", "sum_row", "frames"):
+        a[name] = a[name][:0]
+    a["parallax"] = a["parallax"][:0]
+    with pytest.raises(ValueError, match="do not fit"):
+        ViewState().apply(h, a)
+
+
+@st.composite
+def hostile_parallax(draw: st.DrawFn) -> tuple[dict, dict[str, np.ndarray]]:
+    """A valid parallax snapshot with a few spec fields replaced by anything, maybe another array."""
+    h, a = parallax_snapshot()
+    if draw(st.booleans()):
+        h["parallax"] = draw(st.one_of(_FIELD_VALUES, st.just(None)))
+    for name in draw(st.lists(st.sampled_from(["n", "inner", "bins", "lo", "hi"]), max_size=3)):
+        if isinstance(h["parallax"], dict):
+            h["parallax"][name] = draw(_FIELD_VALUES)
+    if draw(st.booleans()):
+        a["parallax"] = np.full(
+            draw(st.integers(0, 30)),
+            draw(st.integers(0, 2**64 - 1)) % 2 ** draw(st.sampled_from([8, 16, 32, 64])),
+            draw(st.sampled_from(["<u2", "<u4", "<u8", "<i8", "<f8", "|u1"])),
+        )
+    return h, a
+
+
+@settings(max_examples=EXAMPLES["state"], deadline=None, suppress_health_check=list(HealthCheck))
+@given(hostile_parallax())
+def test_fuzzed_parallax_parts_are_taken_or_refused_with_value_error(snap: tuple[dict, dict]) -> None:
+    """A parallax part fits and is kept, or the snapshot is refused (ValueError/KeyError); a kept one
+    gives the phase work consistent inputs."""
+    from streaming.view.phase import collect
+
+    state = ViewState()
+    try:
+        state.apply(*snap)
+    except (ValueError, KeyError):
+        assert state.scans() == []
+        return
+    scan = state.scan("k3")
+    node = scan.nodes["a"].parallax
+    if node is not None:
+        inputs = collect(scan, final=True)
+        assert inputs.parallax.counts.shape == (6, inputs.parallax.bins.count)
