@@ -23,24 +23,32 @@ import typer
 from flows.cli_common import command_settings, print_error, user_errors
 from flows.settings import given
 
+# Options `view` and `replay` share, spelled once.
+PageHost = Annotated[
+    str | None,
+    typer.Option("--host", help="the page's address (default live.page_host; not loopback: a token)"),
+]
+PagePort = Annotated[
+    int | None, typer.Option("--port", help="the page's port (default live.page_port; 0: any free)")
+]
+TokenFile = Annotated[
+    Path | None,
+    typer.Option("--token-file", help="the page's token (mode 0600): read, or a random one written there"),
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+
 
 def view(
     ctx: typer.Context,
     bind: Annotated[str | None, typer.Option(help="where nodes send snapshots (default live.bind)")] = None,
-    host: Annotated[
-        str | None, typer.Option(help="the page's address (default live.page_host; not loopback: a token)")
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="the page's port (default live.page_port; 0: any free)")
-    ] = None,
+    host: PageHost = None,
+    port: PagePort = None,
     scan_dir: Annotated[
         Path | None, typer.Option(help="where the session's scan files appear (their names on the page)")
     ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(help="the page's token (mode 0600): read, or a random one written there")
-    ] = None,
+    token_file: TokenFile = None,
     timeout: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Serve the live page: each scan's images building up as the nodes count it, and the session's scans.
     Nodes connect out to it (CURVE with the aggregator's keys when streaming.curve has them)."""
@@ -90,16 +98,10 @@ def replay(
     exit_when_done: Annotated[
         bool, typer.Option("--exit-when-done", help="exit 0 once the page has the final images")
     ] = False,
-    host: Annotated[
-        str | None, typer.Option(help="the page's address (default live.page_host; not loopback: a token)")
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="the page's port (default live.page_port; 0: any free)")
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(help="the page's token (mode 0600): read, or a random one written there")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    host: PageHost = None,
+    port: PagePort = None,
+    token_file: TokenFile = None,
+    verbose: Verbose = False,
 ) -> None:
     """Replay a written counted scan through the live images and page (no camera, no nodes), in scan order,
     then serve the page until Ctrl-C. Prints live: <URL>, what the file lacks, progress and a summary."""
