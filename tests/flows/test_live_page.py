@@ -1,10 +1,12 @@
 """The live page in headless Chromium while two real node streamers count scans: the images change while
 frames arrive, the scan list follows the session, and the final image the page serves equals the sums from
-the written file. Prints the update latency the page measured (batch counted -> its image shown)."""
+the written file; the live phase panels (tilt-corrected BF, iDPC) and the fitted defocus appear, during
+the scan and final. Prints the update latency the page measured (batch counted -> its image shown)."""
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 from pathlib import Path
@@ -31,6 +33,13 @@ def page_read(browser) -> dict:
         "return {frames: +document.getElementById('frames').textContent,"
         " key: document.body.dataset.key || '',"
         " bf: document.getElementById('img-bf').dataset.version || '',"
+        " tcbf: document.getElementById('img-tcbf').dataset.version || '',"
+        " idpc: document.getElementById('img-idpc').dataset.version || '',"
+        " tcbfKey: document.getElementById('img-tcbf').dataset.key || '',"
+        " shown: document.getElementById('img-tcbf').naturalWidth,"
+        " defocus: document.getElementById('defocus').textContent,"
+        " phaseNote: document.getElementById('phase-note').textContent,"
+        " fits: document.getElementById('fits').textContent,"
         " rows: [...document.querySelectorAll('#scans tbody tr')].map(r => [r.dataset.key, r.dataset.status,"
         " r.lastChild.textContent])}"
     )
@@ -87,6 +96,20 @@ def test_live_page_shows_the_scan_build_up(tmp_path: Path):
             assert browser.wait_until(
                 lambda: page_read(browser)["bf"] == str(final["version"]), "final image shown"
             )
+            phase = browser.wait_until(
+                lambda: (
+                    (r := page_read(browser))["fits"].endswith("(final)")
+                    and r["tcbf"]
+                    and r["idpc"]
+                    and r["shown"]
+                    and r
+                ),
+                "the final phase fit and its images shown",
+            )
+            assert re.fullmatch(r"-?[0-9.e+-]+ ± [0-9.e+-]+ px/px", phase["defocus"]), phase
+            assert "uncalibrated" in phase["phaseNote"]
+            record = view.state.scan(done["key"]).phase
+            assert record["final"] and record["status"] == "ok", record
             latencies = list(browser.js("return window.liveLatencies"))
 
             sending = threading.Thread(target=pipe.send, args=(config, 2, 150.0))
@@ -96,6 +119,11 @@ def test_live_page_shows_the_scan_build_up(tmp_path: Path):
             )
             assert rows[0][1] == "live" and rows[1][1] == "done"
             browser.wait_until(lambda: page_read(browser)["frames"] > 600, "scan 2 half way")
+            live_phase = browser.wait_until(
+                lambda: (r := page_read(browser))["tcbf"] and r["tcbfKey"] == rows[0][0] and r,
+                "scan 2's phase images during the scan",
+            )
+            assert not live_phase["fits"].endswith("(final)") and live_phase["defocus"] != "–", live_phase
             browser.screenshot(tmp_path / "live-view.png")  # README's docs/live-view.png is one of these
             sending.join(120)
             pipe.record(2)
