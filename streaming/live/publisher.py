@@ -1,7 +1,10 @@
 """A node's live snapshots: counted batches go to a thread that adds them to the scan's live images
 (counting.live_images) and sends a snapshot to the view at the microscope at most every ``live.interval``
 seconds, over a DEALER socket the node connects out with (CURVE when the aggregator link uses it). The
-view's only answer on it is the scan's agreed BF geometry, so the images of all nodes add up.
+view's only answer on it is the scan's agreed BF geometry, so the images of all nodes add up. With
+``live.parallax_bins`` (and a scan of at most ``live.parallax_max_positions``), the same batches also go into
+per-position bright-field bin counts (counting.phase.accumulate) for the view's live phase contrast; each
+snapshot carries the rows changed since the last one the view took.
 
 The counting loop only hands batches over (``put_nowait`` on a bounded queue); when the queue is full the
 batch is dropped and counted, and a snapshot the view cannot take in time is dropped and counted (its sums

@@ -1,8 +1,9 @@
 """Live phase contrast end to end on loopback: a simulated scan with a known defocus, astigmatism and
 rotation, counted by the simulator's fast path, goes through two nodes' LivePublishers (half the frames
 each) to a real view; the view's phase fits run during the scan and once at its end, /api/state's final
-defocus is within 5 % of the simulated one, and the tilt-corrected BF and iDPC images are served. Also: a
-node sends only the parallax rows changed since its last snapshot, and its sums' memory at 512 x 512."""
+defocus is within 5 % of the simulated one, and the tilt-corrected BF and iDPC images are served; the scan
+written to a file and replayed (stemstream replay's path) gives the same final numbers. Also: a node sends
+only the parallax rows changed since its last snapshot, and its sums' memory at 512 x 512."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from counting.geometry import ScanShape
 from counting.live_images import LiveGeometry
 from counting.phase.fit import PX_UNITS
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.support import free_port
+from streaming.live import replay as rp
 from streaming.live.publisher import LivePublisher, _Scan
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
@@ -123,6 +126,40 @@ def test_calibrated_fit_in_nm(live_scan):
     assert error is None and fit.calibrated and fit.units == "nm" and px.units == PX_UNITS
     assert fit.defocus == pytest.approx(px.defocus * 0.5 * 1000 / 0.1)
     assert set(images) == {"tcbf", "idpc"}
+
+
+def test_replay_of_the_written_scan_gives_the_live_phase(live_scan, batches, tmp_path):
+    view, key, _, _ = live_scan
+    events = np.empty((SIDE * SIDE, 1), object)
+    masks = np.zeros((SIDE * SIDE, 1), np.uint8)
+    for positions, batch_masks, offsets, indices in batches:
+        for i, pos in enumerate(positions):
+            events[pos, 0] = indices[offsets[i] : offsets[i + 1]]
+            masks[pos, 0] = batch_masks[i]
+    path = write_counted_scan(
+        tmp_path / "phase.h5",
+        CountedScan(ScanShape(SIDE, SIDE), events, masks, {"stemstream": {"scan_number": 1}}),
+    )
+    live = LiveSettings(**LIVE)
+    again = LiveServer(live.model_copy(update={"bind": "tcp://127.0.0.1:*", "page_port": 0})).start()
+    try:
+        source = rp.ScanSource(path)
+        replay_key = rp.replay_key(source)
+        with rp.publisher(live, again.ingest.address) as pub:
+            rp.replay(source, [pub], replay_key)
+        source.close()
+        replayed = wait_for(
+            lambda: (
+                (again.state.scan(replay_key).phase or {}).get("final") and again.state.scan(replay_key).phase
+            ),
+            30,
+            "the replay's final phase",
+        )
+    finally:
+        again.stop()
+    live_phase = view.state.scan(key).phase
+    for name in ("defocus", "defocus_err", "astigmatism", "astigmatism_angle", "rotation", "residual_px"):
+        assert replayed[name] == pytest.approx(live_phase[name], rel=1e-9, abs=1e-12), name
 
 
 def test_a_node_sends_only_the_parallax_rows_changed(batches):
