@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
@@ -20,7 +18,6 @@ from hypothesis import strategies as st
 from counting.geometry import N_SECTORS, SECTOR_BYTES, ScanShape
 from counting.kernel import Thresholds
 from counting.simulator import SimulatorConfig
-from streaming.aggregator.aggregator import Aggregator
 from streaming.aggregator.open_scan import OpenScan
 from streaming.node.scan import check_shape
 from streaming.protocol import control as p
@@ -28,9 +25,6 @@ from streaming.protocol.sector import SectorHeader, WireError, decode_header, de
 from tests.streaming.harness import Session, start_session
 from tests.streaming.test_aggregator import (
     SMALL,
-    FakeNode,
-    Running,
-    agg_settings,
     ended,
     joined,
     results,
@@ -59,47 +53,6 @@ HEADER_LIKE = st.lists(
 
 
 # ------------------------------------------------------------------------------------------- helpers
-@pytest.fixture
-def aggregator() -> Iterator[Callable[..., Aggregator]]:
-    """Start aggregators on loopback (4 receiver ports) in threads; stopped and closed afterwards."""
-    running: list[Running] = []
-
-    def start(n_nodes: int, **kwargs: object) -> Aggregator:
-        agg = Aggregator(agg_settings(n_nodes, **kwargs), None)
-        running.append(Running(agg))
-        return agg
-
-    try:
-        yield start
-    finally:
-        for r in running:
-            r.shutdown()
-
-
-@pytest.fixture
-def fake_nodes() -> Iterator[Callable[..., FakeNode]]:
-    made: list[FakeNode] = []
-
-    def make(endpoint: str, name: str) -> FakeNode:
-        made.append(FakeNode(endpoint, name))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for node in made:
-            node.close()
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    executor = ThreadPoolExecutor(max_workers=2 * N_SECTORS)
-    try:
-        yield executor
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
 def pusher(endpoint: str) -> zmq.Socket:
     """A PUSH on the shared context, connected to a receiver port."""
     s = zmq.Context.instance().socket(zmq.PUSH)
@@ -157,10 +110,10 @@ def test_the_node_refuses_an_oversize_scan_begin() -> None:
     check_shape(p.ScanBegin(7, 4096, 4096, 0, 0, 1), 4096 * 4096)  # at the limit: fine
 
 
-def test_a_smaller_limit_is_the_one_enforced(aggregator, fake_nodes, pool) -> None:
+def test_a_smaller_limit_is_the_one_enforced(start_aggregator, make_node, pool) -> None:
     """streaming.max_scan_positions set below a scan's size: the whole scan is refused and counted."""
-    agg = aggregator(1, max_scan_positions=SMALL.scan.positions - 1)
-    node = fake_nodes(agg.nodes_endpoint, "a")
+    agg = start_aggregator(1, max_scan_positions=SMALL.scan.positions - 1)
+    node = make_node(agg.nodes_endpoint, "a")
     joined([node])
     results(send(pool, SMALL, agg.receiver_endpoints, scan_number=5))
     assert wait_for(lambda: agg.stats.refused == N_SECTORS * SMALL.total_frames)
@@ -168,11 +121,11 @@ def test_a_smaller_limit_is_the_one_enforced(aggregator, fake_nodes, pool) -> No
 
 
 # ------------------------------------------------------------------------------------ M7: stray sectors
-def test_one_stray_sector_does_not_truncate_the_open_scan(aggregator, fake_nodes, pool) -> None:
+def test_one_stray_sector_does_not_truncate_the_open_scan(start_aggregator, make_node, pool) -> None:
     """One sector of scan 41 while scan 40 streams: 40 still completes with every sector; the stray
     number begins only after it (and is superseded by the next real scan, which completes)."""
-    agg = aggregator(2, scan_deadline=10.0)  # long: nothing here ends by its deadline
-    nodes = [fake_nodes(agg.nodes_endpoint, n) for n in ("a", "b")]
+    agg = start_aggregator(2, scan_deadline=10.0)  # long: nothing here ends by its deadline
+    nodes = [make_node(agg.nodes_endpoint, n) for n in ("a", "b")]
     joined(nodes)
     results(send(pool, SMALL, agg.receiver_endpoints, scan_number=40, modules=[0, 1, 2]))
     assert wait_for(lambda: agg.stats.received == 3 * SMALL.total_frames)
@@ -199,11 +152,11 @@ def test_one_stray_sector_does_not_truncate_the_open_scan(aggregator, fake_nodes
         s.close()
 
 
-def test_a_quiet_open_scan_is_superseded_at_once(aggregator, fake_nodes, pool) -> None:
+def test_a_quiet_open_scan_is_superseded_at_once(start_aggregator, make_node, pool) -> None:
     """An open scan without a sector for scan_deadline/4 is superseded by the first sector of a newer one
     (today's behaviour for a scan that lost sectors), and the newer scan is complete."""
-    agg = aggregator(1, scan_deadline=2.0)
-    node = fake_nodes(agg.nodes_endpoint, "a")
+    agg = start_aggregator(1, scan_deadline=2.0)
+    node = make_node(agg.nodes_endpoint, "a")
     joined([node])
     results(send(pool, SMALL, agg.receiver_endpoints, scan_number=50, modules=[0, 1, 2]))
     time.sleep(0.7)  # quiet for more than 2.0 / 4 s
