@@ -257,7 +257,8 @@ class ViewState:
 
     def phase_due(self, interval: float) -> list[tuple[str, bool]]:
         """(key, final) of the scans whose phase work is due, scans just done first: a done scan's once
-        (final), a live scan's when it changed and interval seconds passed since its last."""
+        (final), a live scan's when it changed, interval seconds passed since its last, and it will not
+        end while the work runs (by its rate and the last work's time: the final would wait for it)."""
         now, due = time.monotonic(), []
         with self._lock:
             for scan in self._scans.values():
@@ -265,7 +266,12 @@ class ViewState:
                     continue
                 if scan.done and not (scan.phase or {}).get("final") and scan.phase_seen != scan.version:
                     due.insert(0, (scan.key, True))
-                elif not scan.done and scan.phase_seen != scan.version and now - scan.phase_at >= interval:
+                elif (
+                    not scan.done
+                    and scan.phase_seen != scan.version
+                    and now - scan.phase_at >= interval
+                    and not _ends_before(scan, float((scan.phase or {}).get("seconds") or 0.0))
+                ):
                     due.append((scan.key, False))
         return due
 
@@ -303,6 +309,12 @@ class ViewState:
         scan.version += 1
         self.version += 1
         self.changed.notify_all()
+
+
+def _ends_before(scan: ScanView, seconds: float) -> bool:
+    """The scan will likely end within ``seconds`` (a live fit of that length would hold up its final)."""
+    rate, expected = scan.rate(), scan.expected_frames or scan.width * scan.height
+    return rate > 0 and (expected - scan.total("frames")) / rate < seconds
 
 
 def check_snapshot(header: dict, arrays: dict[str, np.ndarray], max_positions: int) -> None:
