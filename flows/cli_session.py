@@ -1,17 +1,30 @@
 """`stemstream session` and `stemstream demo`: the session flow from a terminal (flows/cli_terminal.py: the
 embedded Prefect server, the `ready:` and scan lines, the summary). Exit status 0 when every scan passed
-verification."""
+verification. Both mark the session's timeline (flows/timeline.py), write it as timeline.json into the
+session's logs at exit and, with --timings, print it."""
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flows.cli_common import command_settings, console, parse_scan, user_errors
-from flows.cli_terminal import run_in_terminal
-from flows.settings import SimulatorSettings
+from flows.cli_terminal import embedded_prefect, run_in_terminal
+from flows.settings import Settings, SimulatorSettings
+from flows.timeline import COMMAND, EXIT, PREFECT_IMPORTED, PREFECT_UP, SETTINGS, Timeline, cli_timeline
+from flows.timeline_phases import CLI_DONE, marks_table, phases, phases_table
+
+Timings = Annotated[
+    bool,
+    typer.Option(
+        "--timings",
+        help="print where the session's seconds went (every process's marks, then the phases) at the end; "
+        "it is always written to the session's logs/timeline.json",
+    ),
+]
 
 
 def _script(path: Path | None, camera: str, simulator: SimulatorSettings) -> str:
@@ -55,14 +68,18 @@ def session(
             help="any setting, SECTION.FIELD=VALUE (e.g. streaming.receivers='[\"tcp://0.0.0.0:6001\"]')",
         ),
     ] = None,
+    timings: Timings = False,
 ) -> None:
     """A microscope session from the terminal: book the nodes, print `ready:`, count every scan taken (of any
     shape, at any pace), verify and analyse each; ends after --scans, --duration, or Ctrl-C."""
+    timeline = cli_timeline()
+    timeline.mark(COMMAND, "session", process="cli")
     if camera not in ("instrument", "simulated"):
         raise typer.BadParameter(f"--camera must be instrument or simulated, not {camera!r}")
     if backend is not None and backend not in ("local", "nersc"):
         raise typer.BadParameter(f"--backend must be local or nersc, not {backend!r}")
     settings = command_settings(ctx, set_)
+    timeline.mark(SETTINGS, process="cli")
     s = settings.session
     width, height = parse_scan(scan)
     n_scans = scans if scans is not None else (3 if camera == "simulated" else 0)
@@ -80,7 +97,7 @@ def session(
         frame_rate=frame_rate,
         script=_script(script, camera, settings.simulator),
     )
-    raise typer.Exit(run_in_terminal(settings, params, params["postprocess"]))
+    raise typer.Exit(_run_timed(timeline, settings, params, timings))
 
 
 def demo(
@@ -104,11 +121,15 @@ def demo(
             help="play a microscopist's scan script instead (shapes, numbers, pauses; see send --script)"
         ),
     ] = None,
+    timings: Timings = False,
 ) -> None:
     """A complete local session on Prefect's embedded server: node streamers, aggregator, simulated camera,
     counting, verification and py4DSTEM analysis of every scan."""
+    timeline = cli_timeline()
+    timeline.mark(COMMAND, "demo", process="cli")
     width, height = parse_scan(scan)
     settings = command_settings(ctx)
+    timeline.mark(SETTINGS, process="cli")
     what = f"the scans of {script}" if script else f"{scans} scan(s) of {width}x{height}"
     console.print(f"[bold]stemstream demo[/]: {what} through {nodes} node streamer(s)", soft_wrap=True)
     params = dict(
@@ -124,7 +145,48 @@ def demo(
         frame_rate=frame_rate or 0.0,
         script=_script(script, "simulated", settings.simulator),
     )
-    raise typer.Exit(run_in_terminal(settings, params, postprocess))
+    raise typer.Exit(_run_timed(timeline, settings, params, timings))
+
+
+def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool) -> int:
+    """run_in_terminal, its Prefect server started first (a mark of its own); the timeline is finished at
+    this process's exit, after Prefect's server has stopped (an exit hook registered before the server's)."""
+    atexit.register(_finish_timeline, timeline, show)
+    embedded_prefect(settings.output_dir)
+    if _prefect_up(timeline):
+        timeline.mark(PREFECT_UP, process="cli")
+    try:
+        return run_in_terminal(settings, params, params["postprocess"])
+    finally:
+        timeline.mark(CLI_DONE, process="cli")
+
+
+def _prefect_up(timeline: Timeline) -> bool:
+    """Start the embedded Prefect server now, as the flow's first call would (nothing when a server is
+    configured but to ask it); False if it did not answer (the flow then says why)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        timeline.mark(PREFECT_IMPORTED, process="cli")
+        with get_client(sync_client=True) as client:
+            return client.api_healthcheck() is None
+    except Exception:  # a measurement must not fail the session: the flow meets the same error and says it
+        return False
+
+
+def _finish_timeline(timeline: Timeline, show: bool) -> None:
+    """At exit: the last mark, timeline.json into the session's logs, and the tables with --timings."""
+    timeline.mark(EXIT, process="cli")
+    try:
+        path = timeline.write()
+    except OSError as exc:
+        path = None
+        console.print(f"could not write the session's timeline: {exc}", highlight=False, soft_wrap=True)
+    if show:
+        console.print(marks_table(timeline))
+        console.print(phases_table(phases(timeline)))
+        if path is not None:
+            console.print(f"timeline: {path}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,8 @@ import typer
 
 from flows.cli_common import check_threshold_pair, command_settings, console, parse_scan, user_errors
 from flows.settings import Settings, given
+from flows.timeline import child_started
+from flows.timeline import emit as timing
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -169,6 +171,7 @@ def aggregator(
     from streaming.components import aggregator_config, server_curve
 
     _configure_logging(verbose)
+    child_started()  # timing: lines in its log (flows/timeline.py), for the session's timeline
     settings = _streaming_settings(
         ctx,
         receivers=receivers,
@@ -182,6 +185,7 @@ def aggregator(
     )
     config = aggregator_config(settings.streaming)
     stats = run_aggregator(config, server_curve(settings.streaming.curve), timeout=timeout)
+    timing("stopped")
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
 
 
@@ -216,6 +220,7 @@ def node(
     from streaming.node.streamer import run_node
 
     _configure_logging(verbose)
+    child_started()  # timing: lines in its log (flows/timeline.py), for the session's timeline
     check_threshold_pair(background_threshold, xray_threshold)
     settings = command_settings(
         ctx,
@@ -238,6 +243,7 @@ def node(
     dark_arr = load_dark(str(dark_path)) if dark_path is not None else None
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     counters = run_node(config, dark_arr, gain_arr)
+    timing("stopped")
     logging.getLogger("stemstream").info("node finished: %s", counters)
 
 

@@ -22,6 +22,8 @@ import typer
 
 from flows.cli_common import command_settings, print_error, user_errors
 from flows.settings import given
+from flows.timeline import child_started
+from flows.timeline import emit as timing
 
 # Options `view` and `replay` share, spelled once.
 PageHost = Annotated[
@@ -57,6 +59,7 @@ def view(
     from streaming.view.server import LiveServer
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    child_started()  # timing: lines in its log (flows/timeline.py), for the session's timeline
     live = given(bind=bind, page_host=host, page_port=port, token_file=token_file)
     settings = command_settings(ctx, streaming={"live": live} if live else None)
     server = LiveServer(settings.streaming.live, server_curve(settings.streaming.curve), scan_dir)
@@ -66,6 +69,7 @@ def view(
             server.start()
             print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
             print(f"snapshots: {server.ingest.address}", flush=True)
+            timing("page up")
             server.run_until(done, timeout)  # a part that stops ends the process non-zero
         finally:
             server.stop()

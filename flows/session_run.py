@@ -28,6 +28,8 @@ from flows.session_setup import (
 )
 from flows.settings import Settings
 from flows.summary import summary_row
+from flows.timeline import FLOW_BEGINS, FLOW_ENDS, Timeline, session_timeline
+from flows.timeline_phases import ALLOCATE, ANALYSES_DONE, ARM, READY, RELEASE, SUMMARY, WAIT_READY
 from streaming.protocol.record import ScanRecord
 from tasks.acquisition.camera import CameraRun, ScanTimeout
 from tasks.acquisition.catalogue_link import finish_recording, record_analyses, record_scan, start_recorder
@@ -57,9 +59,12 @@ class SessionRun:
     dark, plan, settings file, backends and state file exist); ``run()`` does the rest."""
 
     def __init__(self, settings: Settings, request: SessionRequest, run_id: str, log) -> None:
+        self.timeline = session_timeline()  # the CLI's, when the CLI runs this session
+        self.timeline.mark(FLOW_BEGINS, run_id)
         self.request, self.run_id, self.log = request, run_id, log
         self.session_dir = session_dir_of(settings, run_id).resolve()
         self.session_dir.mkdir(parents=True, exist_ok=True)
+        self.timeline.session_dir = self.session_dir
         self.dark = choose_dark(settings, request.simulated, self.session_dir, log)
         self.settings = session_settings(settings, self.dark, session_id(), request.simulated)
         self.plan = session_plan(self.settings, self.session_dir)
@@ -100,26 +105,48 @@ class SessionRun:
             s.backend, self.log,
         )  # fmt: skip
         try:
-            self.start()
-            self.acquire()
-        except AllocationCancelled:  # cancelled while the Slurm job waited to start: the job is cancelled too
-            self.cancelled = True
+            try:
+                self.start()
+                self.acquire()
+            except AllocationCancelled:  # cancelled while the Slurm job waited to start: the job is too
+                self.cancelled = True
+            finally:
+                self.release()
+            return self.outcome()
         finally:
-            self.release()
-        return self.outcome()
+            self.end_timeline()
+
+    def end_timeline(self) -> None:
+        """The flow's last mark; timeline.json into the logs, unless the CLI writes it at its exit (with
+        its own last marks). A file that cannot be written costs a warning, never the session."""
+        self.timeline.mark(FLOW_ENDS)
+        if self.timeline.held_by_cli:
+            return
+        try:
+            self.timeline.write()
+        except OSError as exc:
+            self.log.warning("could not write the session's timeline: %s", exc)
 
     def start(self) -> None:
         """Book the nodes, arm the aggregator, wait for every node; then the session is ready (``ready:``)."""
         st, plan = self.settings, self.plan
         # Its timeout above the job's own start wait, which ends first, with Slurm's reason, job cancelled.
         wait = st.sfapi.submit_timeout + st.sfapi.start_timeout + 300
+        mark = self.timeline.mark
+        mark(f"{ALLOCATE} start")
         allocate_nodes.with_options(timeout_seconds=wait)(self.nodes, plan, self.state)
+        mark(f"{ALLOCATE} end")
+        mark(f"{ARM} start")
         arm_aggregator(self.aggregator, plan, self.state)
+        mark(f"{ARM} end")
+        mark(f"{WAIT_READY} start")
         wait_nodes_ready(plan, self.nodes, self.aggregator, st.session.nodes_ready_timeout)
+        mark(f"{WAIT_READY} end")
         self.ends = session_end(st, self.request.duration) if not self.request.simulated else None
         self.state.ready, self.state.receivers = True, plan.receivers
         self.state.ends_in = remaining(self.ends)
         self.state.save()
+        mark(READY, " ".join(plan.receivers))
         self.log.info("session ready: receivers %s", " ".join(plan.receivers))
         if self.request.simulated:
             rate = self.request.frame_rate or None
@@ -135,8 +162,10 @@ class SessionRun:
                 break
             k += 1
             self.take(result)
+        self.timeline.mark("last scan taken", f"{k} scan(s)")
         for future in self.analyses:
             future.wait()
+        mark_analyses(self.timeline, self.analyses)
         record_analyses(self.recorder, self.analyses)
 
     def next_scan(self, k: int) -> ScanResult | None:
@@ -170,6 +199,7 @@ class SessionRun:
         elif r.completeness < 1.0:
             self._warn_incomplete(r)
         result.verified = verified.is_completed()
+        mark_scan(self.timeline, len(self.results) + 1, r)
         result.verify_sha256 = report.sha256 if isinstance(report, VerifyResult) else None
         self.results.append(result)
         record_scan(self.recorder, result, self.run_id, self.dark)  # never waits on the database
@@ -197,7 +227,9 @@ class SessionRun:
             self.player.stop()
         self.refused = refused_report(self.plan)
         try:
+            self.timeline.mark(f"{RELEASE} start")
             release(self.nodes, self.aggregator)
+            self.timeline.mark(f"{RELEASE} end")
             self.partial = self.stopped_mid_scan()
             self.results += self.partial
         finally:
@@ -230,6 +262,7 @@ class SessionRun:
         analysis failed, Cancelled when cancelled, else Completed; each carries the scan results."""
         live = live_url(self.session_dir)
         summarise([summary_row(r) | live_link(live, r.record.path or "") for r in self.results])
+        self.timeline.mark(SUMMARY)
         if self.refused:
             self.log.warning(self.refused)
         results = [r for r in self.results if r not in self.partial]  # verified (or failed) scans
@@ -250,6 +283,27 @@ class SessionRun:
         if self.cancelled:
             return Cancelled(message=f"cancelled; {done}", data=self.results)
         return Completed(message=done, data=self.results)
+
+
+def mark_scan(timeline: Timeline, k: int, r: ScanRecord) -> None:
+    """The k-th scan's marks: its first and last counted data and its file (the writer's clock), and its
+    verification (now)."""
+    what = f"scan {r.scan_number}"
+    for name, wall in (("first data", r.first_data_time), ("last data", r.last_data_time)):
+        if wall:
+            timeline.mark(f"scan {k} {name}", what, wall)
+    if r.written_time:
+        timeline.mark(f"scan {k} written", what, r.written_time)
+    timeline.mark(f"scan {k} verified", what)
+
+
+def mark_analyses(timeline: Timeline, futures: list) -> None:
+    """Each analysis's end (its final state's time), then that all are done (now)."""
+    for k, future in enumerate(futures, 1):
+        stamp = getattr(future.state, "timestamp", None)
+        if stamp is not None:
+            timeline.mark(f"analysis {k} done", future.state.type.value, stamp.timestamp())
+    timeline.mark(ANALYSES_DONE, f"{len(futures)} analysis step(s)")
 
 
 def stopped_mid_scan_note(partial: list[ScanResult]) -> str:
