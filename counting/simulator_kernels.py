@@ -4,7 +4,9 @@ Frame i's randomness comes from a counter-based generator seeded by (camera key,
 depends only on the config and its index, never on batch size or order. _gen_events draws Poisson(dose)
 electrons (uniform in the bright-field disk, or scattered into the halo beyond it; in a flyback frame the
 disk centre of each electron is spread along a smear) with gamma-distributed
-charges and sub-pixel positions, then Poisson(xray_rate) x-ray hits of 1 or 2x2 pixels. _deposit adds each
+charges and sub-pixel positions, then Poisson(xray_rate) x-ray hits of 1 or 2x2 pixels. With a parallax
+(a defocused probe, counting.simulator_config), a bright-field electron at disk offset k stays unscattered
+with the sample's transmission at r + M k instead (_parallax_point). _deposit adds each
 electron as a pixel-integrated Gaussian over its 3x3 pixels (a footprint table) and each x-ray pixel's ADU,
 saturating at uint16, optionally logging (index, old value) so restore can take the frame off again.
 
@@ -140,6 +142,48 @@ def _parallax_point(st, p, cy, cx, radius, halo, halo_tab, m, obj, scan_w, pad):
 
 
 @nb.njit(cache=True)
+def _focus_point(st, cy, cx0, sm, sc, radius, halo, halo_tab):
+    """An electron of an in-focus probe: uniform in the disk, or scattered into the halo with the
+    position's scattered fraction sc; in a flyback frame (smear sm > 0) the disk is smeared."""
+    while True:
+        # A smeared (flyback) disk: each electron's disk centre lies somewhere along the smear. Only
+        # smeared frames draw this number, so the other frames' random streams are unchanged.
+        cx = cx0 + (sm * (_uniform(st) - 0.5) if sm > 0.0 else 0.0)
+        if _uniform(st) < sc:
+            y, x = _halo_point(st, cy, cx, radius, halo, halo_tab)
+        else:
+            while True:
+                a = 2.0 * _uniform(st) - 1.0
+                b = 2.0 * _uniform(st) - 1.0
+                if a * a + b * b < 1.0:
+                    break
+            y = cy + radius * a
+            x = cx + radius * b
+        row = int(math.floor(y + 0.5))
+        col = int(math.floor(x + 0.5))
+        # The config keeps an unsmeared disk inside the frame; a smeared one may leave it: draw again.
+        if sm == 0.0 or (1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2):
+            return y, x
+
+
+@nb.njit(cache=True)
+def _draw_xrays(st, x_cdf, xray_adu, xray_2x2, x_pix, x_val):
+    """Poisson x-ray hits of 1 or 2x2 pixels into (x_pix, x_val); returns the pixels drawn."""
+    nxh = _draw_count(x_cdf, _uniform(st))
+    m = 0
+    for _ in range(nxh):
+        row = min(int(_uniform(st) * FRAME_ROWS), FRAME_ROWS - 1)
+        col = min(int(_uniform(st) * FRAME_COLS), FRAME_COLS - 1)
+        big = _uniform(st) < xray_2x2 and row < FRAME_ROWS - 1 and col < FRAME_COLS - 1
+        for dr in range(2 if big else 1):
+            for dc in range(2 if big else 1):
+                x_pix[m] = (row + dr) * FRAME_COLS + col + dc
+                x_val[m] = xray_adu * (0.5 + _uniform(st))
+                m += 1
+    return m
+
+
+@nb.njit(cache=True)
 def _gen_events(i, model, scratch):
     """Draw frame i's electrons and x-ray pixels into the scratch arrays; returns (electrons, x-ray pixels)."""
     (
@@ -176,57 +220,17 @@ def _gen_events(i, model, scratch):
             y, x = _parallax_point(
                 st, p, cy, centers[p, 1], radius, halo, halo_tab, par_m, par_obj, scan_w, par_pad
             )
-            row = int(math.floor(y + 0.5))
-            col = int(math.floor(x + 0.5))
-        while not parallax:  # the drawing of every frame without parallax (as before it existed)
-            # A smeared (flyback) disk: each electron's disk centre lies somewhere along the smear. Only
-            # smeared frames draw this number, so the other frames' random streams are unchanged.
-            cx = centers[p, 1] + (sm * (_uniform(st) - 0.5) if sm > 0.0 else 0.0)
-            if _uniform(st) < sc:
-                while True:
-                    while True:
-                        a = 2.0 * _uniform(st) - 1.0
-                        b = 2.0 * _uniform(st) - 1.0
-                        q = a * a + b * b
-                        if 0.0 < q <= 1.0:
-                            break
-                    rr = (radius + halo * _quantile(halo_tab, _uniform(st))) / math.sqrt(q)
-                    y = cy + rr * a
-                    x = cx + rr * b
-                    row = int(math.floor(y + 0.5))
-                    col = int(math.floor(x + 0.5))
-                    if 1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2:
-                        break
-            else:
-                while True:
-                    a = 2.0 * _uniform(st) - 1.0
-                    b = 2.0 * _uniform(st) - 1.0
-                    if a * a + b * b < 1.0:
-                        break
-                y = cy + radius * a
-                x = cx + radius * b
-                row = int(math.floor(y + 0.5))
-                col = int(math.floor(x + 0.5))
-            # The config keeps an unsmeared disk inside the frame; a smeared one may leave it: draw again.
-            if sm == 0.0 or (1 <= row <= FRAME_ROWS - 2 and 1 <= col <= FRAME_COLS - 2):
-                break
+        else:
+            y, x = _focus_point(st, cy, centers[p, 1], sm, sc, radius, halo, halo_tab)
+        row = int(math.floor(y + 0.5))
+        col = int(math.floor(x + 0.5))
         qy = int((y - row + 0.5) * nq)
         qx = int((x - col + 0.5) * nq)
         e_qy[k] = min(max(qy, 0), nq - 1)
         e_qx[k] = min(max(qx, 0), nq - 1)
         e_pix[k] = row * FRAME_COLS + col
         e_charge[k] = _quantile(charge_tab, _uniform(st))
-    nxh = _draw_count(x_cdf, _uniform(st))
-    m = 0
-    for _ in range(nxh):
-        row = min(int(_uniform(st) * FRAME_ROWS), FRAME_ROWS - 1)
-        col = min(int(_uniform(st) * FRAME_COLS), FRAME_COLS - 1)
-        big = _uniform(st) < xray_2x2 and row < FRAME_ROWS - 1 and col < FRAME_COLS - 1
-        for dr in range(2 if big else 1):
-            for dc in range(2 if big else 1):
-                x_pix[m] = (row + dr) * FRAME_COLS + col + dc
-                x_val[m] = xray_adu * (0.5 + _uniform(st))
-                m += 1
+    m = _draw_xrays(st, x_cdf, xray_adu, xray_2x2, x_pix, x_val)
     return ne, m
 
 
