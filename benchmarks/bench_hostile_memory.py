@@ -233,7 +233,8 @@ def real_scan(pipe: ProcessPipeline, side: int, number: int) -> dict:
     return {"scan": f"{side}x{side}", "status": str(getattr(record.status, "value", record.status)), "completeness": got.completeness,
             "identical_to_offline": bool(same), "seconds": round(time.monotonic() - t0, 2),
             "sectors_sent": sent.sent, "aggregator_during_scan": counters, "reasons": record.reasons,
-            "lost_in_transit": record.sectors_lost_in_transit}  # fmt: skip
+            "lost_in_transit": record.sectors_lost_in_transit,
+            "per_path_after": {str(k): v for k, v in after.per_path.items()}}  # fmt: skip
 
 
 def view_state(port: int) -> dict:
@@ -387,6 +388,11 @@ def main() -> None:
     t0 = time.monotonic()
     if args.keep is not None:  # the processes' logs and files stay there
         result = run(args, args.keep)
+        result["node_counters_at_exit"] = {  # written by each node as it stops
+            log.stem: [line.split("node finished: ", 1)[1] for line in log.read_text().splitlines()
+                       if "node finished: " in line]
+            for log in sorted(args.keep.glob("n*.log"))
+        }  # fmt: skip
     else:
         with tempfile.TemporaryDirectory(prefix="stemstream-hostile-") as tmp:
             result = run(args, Path(tmp))
