@@ -254,7 +254,27 @@ def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_
         "view.log",  # the live page (stemstream view)
     }
     assert "live: http://127.0.0.1:" in (session_dir / "logs" / "view.log").read_text()
+    assert_timeline(session_dir, n_scans=2, nodes=2)
     assert_nothing_left(session_dir)
+
+
+def assert_timeline(session_dir: Path, n_scans: int, nodes: int) -> None:
+    """The session's logs/timeline.json: its steps in order, each child's start-up marks in order."""
+    marks = json.loads((session_dir / "logs" / "timeline.json").read_text())["marks"]
+    own = [m["name"] for m in marks if m["process"] == "session"]
+    steps = ["flow run begins", "allocate nodes start", "arm aggregator end", "wait nodes ready end", "ready"]
+    steps += [f"scan {k} {what}" for k in range(1, n_scans + 1) for what in ("written", "verified")]
+    steps += ["analyses done", "release start", "release end", "summary", "flow run ends"]
+    assert [name for name in own if name in steps] == steps
+    for node in [f"node{i}" for i in range(nodes)]:
+        names = [m["name"] for m in marks if m["process"] == node]
+        assert names[:2] == ["process start", "imports"] and names[-1] == "stopped", names
+        assert names.index("kernels warmed") < names.index("joined"), names
+    assert [m["name"] for m in marks if m["process"] == "aggregator"][:3] == [
+        "process start",
+        "imports",
+        "bound",
+    ]
 
 
 @pytest.mark.timeout(120)
