@@ -72,16 +72,17 @@ def _py4dstem(scan: CountedScan) -> tuple[dict, float]:
     return out, time.perf_counter() - t0
 
 
-def compare() -> dict:
-    """Both fits of one simulated 64x64 scan at 200 e/frame (bench_phase's parallax), from its file."""
+def compare(side: int = 64) -> dict:
+    """Both fits of one simulated side x side scan at 200 e/frame (bench_phase's parallax), from its file."""
     from benchmarks.bench_phase import GEOMETRY, TRUTH, camera  # noqa: PLC0415
 
     factor = STEP_NM * 1000 / MRAD_PER_PX
     with tempfile.TemporaryDirectory() as tmp:
-        scan = read_counted_scan(_written_scan(camera(64), Path(tmp)))
+        scan = read_counted_scan(_written_scan(camera(side), Path(tmp)))
         ours, ours_s = _ours(scan, GEOMETRY)
         theirs, theirs_s = _py4dstem(scan)
     out = {
+        "side": side,
         "truth": {"C1_nm": TRUTH["defocus"] * factor, "A1_nm": TRUTH["astigmatism"] * factor},
         "ours": {**ours, "seconds": ours_s},
         "py4dstem": {**theirs, "seconds": theirs_s},
