@@ -128,14 +128,17 @@ def record(
     last: dict,
 ) -> dict:
     """A scan's phase record for /api/state: the newest fit's numbers (a failed fit keeps the previous
-    numbers, with its error), units ("uncalibrated" unless the microscope's scale is known)."""
-    out = {k: last.get(k) for k in (*FIT_FIELDS, "residual_px", "units", "calibrated", "positions")}
+    numbers, with its error), units: nm when the microscope's scale is known, else scan px per detector px
+    and uncalibrated."""
+    out = {k: last.get(k) for k in (*FIT_FIELDS, "residual_px", "units", "calibrated", "uncalibrated")}
+    out["positions"] = last.get("positions")
     if fit is not None:
         out.update({k: _finite(getattr(fit, k)) for k in FIT_FIELDS})
         out.update(
             residual_px=_finite(fit.residual_rms()),
-            units=fit.units if fit.calibrated else "uncalibrated",
+            units=fit.units,  # nm, or counting.phase.fit.PX_UNITS
             calibrated=fit.calibrated,
+            uncalibrated=not fit.calibrated,
             positions=fit.positions,
         )
     out.update(

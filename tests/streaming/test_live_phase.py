@@ -28,8 +28,10 @@ from streaming.live.publisher import LivePublisher, _Scan
 from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
-from streaming.view.phase import Calibration, collect, compute
+from streaming.view.app import _state
+from streaming.view.phase import Calibration, PhaseWorker, collect, compute
 from streaming.view.server import LiveServer
+from streaming.view.state import ViewState
 
 pytestmark = pytest.mark.timeout(120)
 SIDE = 64
@@ -98,7 +100,7 @@ def test_final_defocus_within_5_percent_and_images_served(live_scan):
     assert abs(phase["astigmatism"] / TRUTH["astigmatism"] - 1) < 0.10, phase
     assert abs(phase["rotation"] - TRUTH["rotation"]) < 3.0, phase
     assert 0 < phase["defocus_err"] < 0.05 * TRUTH["defocus"]
-    assert phase["units"] == "uncalibrated" and not phase["calibrated"]
+    assert phase["units"] == PX_UNITS and phase["uncalibrated"] and not phase["calibrated"]
     assert phase["nodes"] == 2 and phase["bins"] == 60 and phase["positions"] == SIDE * (SIDE - 1)
     assert phase["images"] == ["idpc", "tcbf"] and phase["residual_px"] >= 0
     for name in ("tcbf", "idpc"):
@@ -202,3 +204,30 @@ def test_node_parallax_memory_at_512x512():
     assert scan.parallax.nbytes == 512 * 512 * (60 * 2 + 4)  # 30 MiB of uint16 counts + int32 frames
     over = _Scan(p.ScanBegin(1, 513, 512, 0, 0, 1, scan_key="over"), LiveSettings(**LIVE))
     assert over.parallax is None  # beyond live.parallax_max_positions: no live phase for it
+
+
+def test_a_failed_fit_is_reported_in_the_state():
+    """Too few positions for a fit: the record says so (status failed, its reason), the iDPC is still made,
+    and the state stays JSON (no NaN); nothing raises."""
+    geometry = {"cx": 288.0, "cy": 288.0, "bf_radius": 100.0, "adf_inner": 120.0, "adf_outer": 250.0}
+    header = {
+        "node": "a", "node_index": 0, "n_nodes": 1, "scan_number": 3, "scan_key": "small", "width": 4,
+        "height": 3, "expected_frames": 12, "seq": 0, "final": True, "frames": 12, "sectors": 48,
+        "events": 24, "geometry": geometry, "dropped_batches": 0, "dropped_snapshots": 0, "lo": 0, "hi": 12,
+        "parallax": {"n": 2, "inner": 0.85, "bins": 4, "lo": 0, "hi": 12},
+    }  # fmt: skip
+    arrays = {k: np.full(12, 2, np.int64) for k in ("counts", "bf", "adf", "sum_col", "sum_row")}
+    arrays.update(frames=np.ones(12, np.int32), pattern=np.zeros(576 * 576, np.uint32))
+    arrays["parallax"] = np.ones(48, np.uint16)
+    state = ViewState()
+    state.apply(header, arrays)
+    assert state.phase_due(1.0) == [("small", True)]
+    PhaseWorker(state, 1.0).run_once("small", True)
+    phase = state.scan("small").phase
+    assert phase["status"] == "failed" and "ParallaxFitError" in phase["error"] and phase["final"]
+    assert phase["defocus"] is None and phase["images"] == ["idpc"] and phase["fits"] == 1
+    json.dumps(_state(state), allow_nan=False)
+    assert state.image("small", "idpc")[1].shape == (3, 4)
+    with pytest.raises(KeyError):
+        state.image("small", "tcbf")
+    assert state.phase_due(1.0) == []  # the final is done once
