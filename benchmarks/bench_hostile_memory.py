@@ -169,7 +169,7 @@ def start(work: Path) -> tuple[ProcessPipeline, dict]:
 
 # ----------------------------------------------------------------------------------------- attacking
 def attacks(
-    pipe: ProcessPipeline, ports: dict, hub: str, writer_node: str, strays: int
+    pipe: ProcessPipeline, ports: dict, hub: str, writer_node: str, strays: int, without: tuple[str, ...] = ()
 ) -> list[tuple[h.Attack, Callable]]:
     """Every port with its attacker (a callable taking stop, rate)."""
     stride = 100  # streaming.aggregator_port_stride: forwarder 1 binds every port + 100
@@ -194,6 +194,7 @@ def attacks(
          h.snapshot_kinds(), (0.2, big_view)),
     ]  # fmt: skip
     limits = {"stray_sector_other_scan": strays}  # each stray scan number opens a scan (2 s): a few
+    limits |= dict.fromkeys(without, 0)  # kinds left out (--without)
     out = [(a, _zmq_runner(a, kind, kinds, big, limits)) for a, kind, kinds, big in plan]
     for name, address in (("monitor_bind", pipe.monitor),) + tuple(
         (f"tap node {i}", f"tcp://127.0.0.1:{ports['tap'] + i}") for i in range(2)
@@ -264,7 +265,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         found = listening(sampler.processes())
         known = {port_of(pipe.receiver), port_of(pipe.nodes_address), port_of(pipe.monitor)}
         hub_port = next(p for p, who in found.items() if who == "aggregator" and p not in known)
-        plan = attacks(pipe, ports, f"tcp://127.0.0.1:{hub_port}", writer, args.strays)
+        plan = attacks(
+            pipe,
+            ports,
+            f"tcp://127.0.0.1:{hub_port}",
+            writer,
+            args.strays,
+            tuple(args.without.split(",")) if args.without else (),
+        )
         time.sleep(args.baseline)
         before = pipe.state
         logs_before = {n: (work / f"{n}.log").stat().st_size for n in pipe.procs}
@@ -383,6 +391,7 @@ def main() -> None:
     ap.add_argument(
         "--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)"
     )
+    ap.add_argument("--without", default="", help="message kinds to leave out, comma-separated")
     ap.add_argument("--json", type=Path, default=RESULTS / "hostile_memory.json")
     args = ap.parse_args()
     t0 = time.monotonic()
