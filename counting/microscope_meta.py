@@ -14,13 +14,12 @@ writing. A copy of it (checked against the checksum the writer recorded, so a fi
 never touched) gets the new groups, is fsynced and then takes the file's name in one atomic rename; a
 crash leaves either the file as the writer wrote it or the complete new one, never half of either, and a
 file that already has microscope metadata is refused (nothing is replaced). The copy costs one read and
-one write of the file, in 1 MiB chunks (flat memory), once per scan, off the data path.
+one write of the file, in 1 MiB chunks (flat memory), once per scan, off the data path (counting.h5_amend,
+shared with the stream's phase fit).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -30,14 +29,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from counting.durable import file_sha256, fsync_directory
+from counting.durable import file_sha256
 from counting.errors import PermanentError
+from counting.h5_amend import amend_scan_file
 from counting.h5_attrs import load_tree, plain, save_tree
-from counting.h5_storage import create_temporary
 
 MICROSCOPE_GROUP = "metadata/microscope"
 STEM_IMAGES = "stem/images"
-_CHUNK = 1 << 20
 
 
 class MicroscopeMetadataError(PermanentError, ValueError):
@@ -97,47 +95,20 @@ def attach_microscope(
     before_replace: Callable[[str], None] | None = None,
 ) -> str:
     """Add ``meta`` to the finished scan file at ``path`` (see the module docstring: a checked copy renamed
-    over it); returns the new file's sha256. MicroscopeMetadataError if the file changed since the writer
-    recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError for storage.
-    ``before_replace(new_sha256)`` runs once the copy is complete and fsynced, just before it takes the
-    file's name (the caller stages the new stop record there); if it raises, the file is left untouched."""
-    path = Path(path)
-    before = path.stat()
-    try:
-        with h5py.File(path, "r") as f:  # refuse before copying anything
-            taken = [name for name in (MICROSCOPE_GROUP, STEM_IMAGES) if name in f]
-    except OSError as exc:
-        raise MicroscopeMetadataError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    if taken:
-        raise MicroscopeMetadataError(f"{path.name} already has /{taken[0]}: nothing is replaced")
-    fd, tmp = create_temporary(path.parent, path.name, "microscope")
-    try:
-        digest = _copy(path, fd)
-        if expected_sha256 and digest != expected_sha256:
-            raise MicroscopeMetadataError(
-                f"{path.name} changed since it was written (sha256 {digest[:12]} is not the recorded "
-                f"{expected_sha256[:12]}): microscope metadata not added"
-            )
-        os.close(fd)
-        fd = -1
-        with h5py.File(tmp, "a") as f:
-            _write(f, meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        new_digest = file_digest(tmp)
-        now = path.stat()
-        if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
-            raise MicroscopeMetadataError(f"{path.name} changed while its microscope metadata was added")
-        if before_replace is not None:
-            before_replace(new_digest)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-        return new_digest
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    over it, counting.h5_amend); returns the new file's sha256. MicroscopeMetadataError if the file changed
+    since the writer recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError
+    for storage. ``before_replace(new_sha256)`` runs once the copy is complete and fsynced, just before it
+    takes the file's name (the caller stages the new stop record there); if it raises, the file is left
+    untouched."""
+    return amend_scan_file(
+        path,
+        lambda f: _write(f, meta),
+        expected_sha256,
+        refuse=(MICROSCOPE_GROUP, STEM_IMAGES),
+        what="microscope metadata",
+        before_replace=before_replace,
+        error=MicroscopeMetadataError,
+    )
 
 
 def read_microscope(path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
@@ -159,18 +130,6 @@ def read_microscope(path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
 
 
 # ------------------------------------------------------------------------------------------- internal
-def _copy(source: Path, fd: int) -> str:
-    h = hashlib.sha256()
-    with open(source, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-    os.fsync(fd)
-    return h.hexdigest()
-
-
 def _write(f: h5py.File, meta: MicroscopeMetadata) -> None:
     group = f.require_group("metadata").create_group("microscope")
     for key, value in meta.attrs().items():
