@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ import typer
 
 from flows.cli_common import check_threshold_pair, command_settings, console, parse_scan, user_errors
 from flows.settings import Settings, given
-from flows.timeline import child_started
+from flows.timeline import CONFIGURED, child_started
 from flows.timeline import emit as timing
 
 
@@ -167,11 +168,12 @@ def aggregator(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
+    began = time.time()
     from streaming.aggregator.aggregator import run_aggregator
     from streaming.components import aggregator_config, server_curve
 
     _configure_logging(verbose)
-    child_started()  # timing: lines in its log (flows/timeline.py), for the session's timeline
+    child_started(began)  # timing: lines in its log (flows/timeline.py), for the session's timeline
     settings = _streaming_settings(
         ctx,
         receivers=receivers,
@@ -184,6 +186,7 @@ def aggregator(
         aggregator_processes=processes,
     )
     config = aggregator_config(settings.streaming)
+    timing(CONFIGURED)
     stats = run_aggregator(config, server_curve(settings.streaming.curve), timeout=timeout)
     timing("stopped")
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
@@ -215,12 +218,13 @@ def node(
 ) -> None:
     """Run a node streamer: the same command on every node; the aggregator says which one hosts the scan
     writer. Reassembles frames, counts them in worker processes, sends the events to the writer."""
+    began = time.time()
     from counting.dark import load_dark, load_frame_array
     from streaming.components import node_config
     from streaming.node.streamer import run_node
 
     _configure_logging(verbose)
-    child_started()  # timing: lines in its log (flows/timeline.py), for the session's timeline
+    child_started(began)  # timing: lines in its log (flows/timeline.py), for the session's timeline
     check_threshold_pair(background_threshold, xray_threshold)
     settings = command_settings(
         ctx,
@@ -242,6 +246,7 @@ def node(
         )
     dark_arr = load_dark(str(dark_path)) if dark_path is not None else None
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
+    timing(CONFIGURED)
     counters = run_node(config, dark_arr, gain_arr)
     timing("stopped")
     logging.getLogger("stemstream").info("node finished: %s", counters)

@@ -39,6 +39,7 @@ PREFECT_UP = "prefect server up"
 FLOW_BEGINS = "flow run begins"
 FLOW_ENDS = "flow run ends"
 EXIT = "exit"
+CONFIGURED = "configured"  # a child: its settings, configuration and calibration loaded
 
 
 @dataclass(frozen=True)
@@ -186,11 +187,14 @@ class TimingTap(logging.Handler):
                 emit(name, record.created)
 
 
-def child_started(imports_done: bool = True) -> None:
-    """A child's first marks (its process start, its imports done) and the tap for the later ones."""
+def child_started(command: float | None = None, imports_done: bool = True) -> None:
+    """A child's first marks (its process start, its command's start at wall time ``command``, its imports
+    done) and the tap for the later ones."""
     start = process_start_wall()
     if start is not None:
         emit(PROCESS_START, start)
+    if command is not None:
+        emit(COMMAND, command)
     if imports_done:
         emit(IMPORTS)
     root = logging.getLogger()

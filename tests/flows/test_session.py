@@ -268,13 +268,10 @@ def assert_timeline(session_dir: Path, n_scans: int, nodes: int) -> None:
     assert [name for name in own if name in steps] == steps
     for node in [f"node{i}" for i in range(nodes)]:
         names = [m["name"] for m in marks if m["process"] == node]
-        assert names[:2] == ["process start", "imports"] and names[-1] == "stopped", names
-        assert names.index("kernels warmed") < names.index("joined"), names
-    assert [m["name"] for m in marks if m["process"] == "aggregator"][:3] == [
-        "process start",
-        "imports",
-        "bound",
-    ]
+        assert names[:4] == ["process start", "command", "imports", "configured"], names
+        assert names.index("kernels warmed") < names.index("joined") and names[-1] == "stopped", names
+    aggregator = [m["name"] for m in marks if m["process"] == "aggregator"]
+    assert aggregator[:5] == ["process start", "command", "imports", "configured", "bound"], aggregator
 
 
 @pytest.mark.timeout(120)

@@ -15,6 +15,7 @@ import pytest
 
 from flows.timeline import (
     COMMAND,
+    CONFIGURED,
     EXIT,
     FLOW_BEGINS,
     FLOW_ENDS,
@@ -91,7 +92,8 @@ def _session_timeline(logs: Path) -> Timeline:
         ]
     ):  # fmt: skip
         t.mark(name, wall=now + i, process=process)
-    lines = [(PROCESS_START, 6.1), (IMPORTS, 7.5), ("kernels warmed", 9.0), ("joined", 10.5)]
+    lines = [(PROCESS_START, 6.1), (COMMAND, 6.3), (IMPORTS, 7.5), (CONFIGURED, 8.0), ("kernels warmed", 9.0)]
+    lines += [("joined", 10.5)]
     (logs / "node0.log").write_text(
         "".join(f'INFO stemstream.timing: timing: {{"mark": "{n}", "wall": {now + s}}}\n' for n, s in lines)
     )
@@ -116,7 +118,8 @@ def test_phases_in_session_order_and_the_file_is_written_never_over_another(tmp_
     assert got["total"] == pytest.approx(23.0)
     assert got["start -> ready:"] == pytest.approx(12.0)
     assert got["node: start -> joined"] == pytest.approx(4.4)
-    assert got["node: counting workers + warm-up"] == pytest.approx(1.5)
+    assert got["node: the node's imports"] == pytest.approx(1.2)
+    assert got["node: counting workers + warm-up"] == pytest.approx(1.0)
 
     again = t.write(logs)  # a second write never replaces the first, nor doubles the children's marks
     assert again == logs / "timeline-1.json" and path.read_text() == json.dumps(data, indent=1) + "\n"

@@ -1,0 +1,100 @@
+"""Where a session's start-up goes: `stemstream demo --timings` run N times, each in a fresh process with a
+fresh output directory (a fresh embedded Prefect database, as a new user's first session has), and the
+median of each phase of its timeline (flows/timeline_phases.py, from the session's logs/timeline.json).
+
+Also measured from outside: the command's wall time (its exit included; "after the exit mark" is what
+follows the timeline's last mark: interpreter shutdown and the exit hooks that run after it).
+
+Usage: python benchmarks/bench_startup.py [--runs 2] [--scans 3] [--scan 64x64] [--no-postprocess]
+       [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows.timeline import load_timeline  # noqa: E402
+from flows.timeline_phases import phases  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CLI = [sys.executable, "-m", "flows.cli"]
+# Targets of issue 22, shown beside the figures they bound.
+TARGETS = {
+    "total": "demo <= 30 s",
+    "start -> ready:": "<= 5 s",
+    "node: start -> joined": "<= 2 s",
+}
+
+
+def one_run(work: Path, args: argparse.Namespace) -> dict:
+    """One `stemstream demo --timings` in its own process and directory: its phases and wall time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMSTREAM_", "PREFECT_"))}
+    env |= {"STEMSTREAM_OUTPUT_DIR": str(work / "out"), "STEMSTREAM_CONFIG": str(work / "none.toml")}
+    (work / "none.toml").write_text("")
+    argv = [*CLI, "demo", "--timings", "--scans", str(args.scans), "--scan", args.scan]
+    argv += [] if args.postprocess else ["--no-postprocess"]
+    t0 = time.time()
+    done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.time() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"demo exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+    files = sorted((work / "out" / "sessions").glob("*/logs/timeline.json"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one timeline.json, found {files}")
+    timeline = load_timeline(files[0])
+    got = dict(phases(timeline))
+    got["after the exit mark"] = t0 + wall - max(m.wall for m in timeline.marks)
+    got["wall (outside)"] = wall
+    return got
+
+
+def main() -> None:
+    """Run, take medians, print them next to the targets, write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--scans", type=int, default=3)
+    ap.add_argument("--scan", default="64x64")
+    ap.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--json", type=Path, default=RESULTS / "startup.json")
+    args = ap.parse_args()
+    runs = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+            runs.append(one_run(Path(tmp), args))
+        print(f"run {i + 1}/{args.runs}: {runs[-1]['wall (outside)']:.1f} s", flush=True)
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    medians = {n: statistics.median(r[n] for r in runs if n in r) for n in names}
+    load = os.getloadavg()
+    print(f"\nstemstream demo --scans {args.scans} --scan {args.scan}; median of {args.runs} run(s); "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPU(s)")  # fmt: skip
+    print(f"{'phase':44} {'median s':>9} {'runs':>20}  target")
+    for n in names:
+        each = " ".join(f"{r[n]:.2f}" for r in runs if n in r)
+        print(f"{n:44} {medians[n]:9.2f} {each:>20}  {TARGETS.get(n, '')}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": f"stemstream demo --timings --scans {args.scans} --scan {args.scan}"
+        + ("" if args.postprocess else " --no-postprocess"),
+        "runs": runs,
+        "median": medians,
+        "loadavg": load,
+        "cpus": os.cpu_count(),
+        "targets": TARGETS,
+    }
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
