@@ -18,6 +18,7 @@ from rich import box
 from rich.table import Table
 
 from catalogue import open_catalogue
+from counting.phase.summary import summary_lines
 from flows.cli_common import command_settings, console, err_console, user_errors
 from flows.cli_text import plain
 from flows.settings import Settings
@@ -252,9 +253,7 @@ def show(
 
 
 def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
 
 
 _RESULT_KEYS = ("probe_radius_px", "q_pixel_mrad", "r_pixel_angstrom", "positions_filled")
@@ -277,6 +276,7 @@ def _analysis_lines(
     for key in _RESULT_KEYS:
         if results.get(key) is not None:
             lines.append((key, _num(results[key])))
+    lines += summary_lines(results.get("phase"))  # the stream's phase fit (analysis kind stream-phase)
     fitted = results.get("fitted")
     if isinstance(fitted, dict) and fitted:
         lines.append(("fitted", ", ".join(f"{k} {_num(v)}" for k, v in fitted.items() if v is not None)))

@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect.states import Cancelled, Completed, Failed, State
 
 from catalogue.recorder import Recorder
+from counting.phase.bins import DEFAULT_BINS
 from flows.session_setup import (
     SessionRequest,
     choose_dark,
@@ -39,6 +40,7 @@ from tasks.acquisition.result import ScanResult
 from tasks.launch.state import SessionState
 from tasks.nersc.sfapi import AllocationCancelled
 from tasks.steps.metadata import attach_microscope_metadata
+from tasks.steps.phase import fit_stream_phase
 from tasks.steps.session import (
     acquire_scan,
     allocate_nodes,
@@ -51,6 +53,7 @@ from tasks.steps.session import (
     verify_scan_file,
     wait_nodes_ready,
 )
+from tasks.stream_phase import PhaseOutcome, record_stream_phase
 from tasks.verify import VerifyResult
 
 
@@ -201,8 +204,10 @@ class SessionRun:
         result.verified = verified.is_completed()
         mark_scan(self.timeline, len(self.results) + 1, r)
         result.verify_sha256 = report.sha256 if isinstance(report, VerifyResult) else None
+        phase = self.stream_phase(path, result) if verified.is_completed() else None
         self.results.append(result)
         record_scan(self.recorder, result, self.run_id, self.dark)  # never waits on the database
+        record_stream_phase(self.recorder, phase)
         if st.session.postprocess and verified.is_completed():
             out = str(self.session_dir / "analysis")
             self.analyses.append(postprocess_scan.submit(path, out, st.analysis))
@@ -210,6 +215,18 @@ class SessionRun:
             message = node_lost_message(result, st.session.nodes - len(self.lost_nodes))
             self.log.error(message)
             node_lost_event(r.scan_number, sorted(self.lost_nodes))
+
+    def stream_phase(self, path: str, result: ScanResult) -> PhaseOutcome | None:
+        """The verified scan's phase fit into its file and stop record (session.stream_phase); the file's
+        new checksum becomes the result's (the verified content plus /phase, checked as it was copied)."""
+        st = self.settings
+        if not st.session.stream_phase:
+            return None
+        phase = fit_stream_phase(
+            path, st.streaming.live.parallax_bins or DEFAULT_BINS, st.analysis.keep_flyback
+        )
+        result.verify_sha256 = phase.sha256 or result.verify_sha256
+        return phase
 
     def _warn_incomplete(self, r: ScanRecord) -> None:
         """A scan kept although incomplete (above min_completeness): say what is marked where."""

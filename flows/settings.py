@@ -50,6 +50,11 @@ class SessionSettings(BaseModel):
         "with the nersc backend a directory the nodes can write and this machine can read, e.g. on CFS",
     )
     postprocess: bool = True
+    stream_phase: bool = Field(
+        True,
+        description="after verification, fit each scan's parallax (defocus, astigmatism, rotation: the live "
+        "view's code, over the whole scan) into its HDF5 (/phase) and the catalogue (analysis stream-phase)",
+    )
     alert_webhook: SecretStr | None = Field(
         None, description="URL called when a session fails or crashes (a secret: never in settings files)"
     )

@@ -14,6 +14,7 @@ import pytest
 
 from counting.dark_stats import dark_from_sums, sums_of
 from counting.dark_store import save_dark
+from counting.durable import file_sha256
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.dm4 import write_dm4
@@ -75,9 +76,22 @@ def test_session_adds_microscope_metadata_analyses_calibrated_and_uses_the_newes
         assert one.microscope_metadata["step_x_angstrom"] == pytest.approx(0.4)
         assert two.microscope_file is None and "no microscope file scan2.dm4" in two.microscope_reason
         assert one.dark == stored.path
-        assert [a.calibrated for a in one.analyses] == [True] and [a.calibrated for a in two.analyses] == [
-            False
-        ]
-        fitted = one.analyses[0].results["fitted"]
+        by_kind = [{a.kind: a for a in scan.analyses} for scan in (one, two)]
+        assert [sorted(k) for k in by_kind] == [["session", "stream-phase"]] * 2
+        assert [k["session"].calibrated for k in by_kind] == [True, False]
+        fitted = by_kind[0]["session"].results["fitted"]
         assert fitted["calibrated"] is True and "defocus_angstrom" in fitted
-        assert one.analyses[0].results["calibration"]["convergence_semiangle_mrad"] == 22.0
+        assert by_kind[0]["session"].results["calibration"]["convergence_semiangle_mrad"] == 22.0
+        # The stream's phase fit after verification: in each file (/phase), its stop record and the catalogue,
+        # in nm where the microscope's metadata is, else uncalibrated.
+        phases = [k["stream-phase"] for k in by_kind]
+        assert [a.calibrated for a in phases] == [True, False] and [a.error for a in phases] == [None, None]
+        assert [a.results["phase"]["units"] for a in phases] == ["nm", "scan px per detector px"]
+    for number, analysis in zip((1, 2), phases, strict=True):
+        assert analysis.results["phase"] == records[number].extra["phase"]
+        assert analysis.results["in_file"] is True and records[number].sha256 == file_sha256(
+            records[number].path
+        )
+        with h5py.File(records[number].path) as f:
+            assert f["phase"].attrs["status"] == "ok" and f["phase/idpc"].shape == (16, 16)
+            assert f["phase"].attrs["defocus"] == analysis.results["phase"]["defocus"]
