@@ -169,7 +169,13 @@ def start(work: Path) -> tuple[ProcessPipeline, dict]:
 
 # ----------------------------------------------------------------------------------------- attacking
 def attacks(
-    pipe: ProcessPipeline, ports: dict, hub: str, writer_node: str, strays: int, without: tuple[str, ...] = ()
+    pipe: ProcessPipeline,
+    ports: dict,
+    hub: str,
+    writer_node: str,
+    strays: int,
+    without: tuple[str, ...] = (),
+    tap_flood: bool = True,
 ) -> list[tuple[h.Attack, Callable]]:
     """Every port with its attacker (a callable taking stop, rate)."""
     stride = 100  # streaming.aggregator_port_stride: forwarder 1 binds every port + 100
@@ -196,9 +202,8 @@ def attacks(
     limits = {"stray_sector_other_scan": strays}  # each stray scan number opens a scan (2 s): a few
     limits |= dict.fromkeys(without, 0)  # kinds left out (--without)
     out = [(a, _zmq_runner(a, kind, kinds, big, limits)) for a, kind, kinds, big in plan]
-    for name, address in (("monitor_bind", pipe.monitor),) + tuple(
-        (f"tap node {i}", f"tcp://127.0.0.1:{ports['tap'] + i}") for i in range(2)
-    ):
+    taps = tuple((f"tap node {i}", f"tcp://127.0.0.1:{ports['tap'] + i}") for i in range(2))
+    for name, address in (("monitor_bind", pipe.monitor),) + (taps if tap_flood else ()):
         small = h.Attack(name, address)
         out.append((small, lambda stop, rate, a=small: h.subscription_attack(a, stop, rate, 64)))
         large = h.Attack(f"{name} (subscriptions of 2 kB)", address)
@@ -272,6 +277,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             writer,
             args.strays,
             tuple(args.without.split(",")) if args.without else (),
+            args.tap_flood,
         )
         time.sleep(args.baseline)
         before = pipe.state
@@ -390,6 +396,12 @@ def main() -> None:
     ap.add_argument("--baseline", type=float, default=3.0, help="seconds sampled before and after")
     ap.add_argument(
         "--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)"
+    )
+    ap.add_argument(
+        "--tap-flood",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subscription floods on the taps (--no-tap-flood: only the slow subscribers)",
     )
     ap.add_argument("--without", default="", help="message kinds to leave out, comma-separated")
     ap.add_argument("--json", type=Path, default=RESULTS / "hostile_memory.json")
