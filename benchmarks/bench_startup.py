@@ -5,8 +5,11 @@ median of each phase of its timeline (flows/timeline_phases.py, from the session
 Also measured from outside: the command's wall time (its exit included; "after the exit mark" is what
 follows the timeline's last mark: interpreter shutdown and the exit hooks that run after it).
 
+With --reuse every run shares one output directory: the first run creates the embedded Prefect server's
+database, the later ones find it (a user's second session); the median is then of runs 2..N.
+
 Usage: python benchmarks/bench_startup.py [--runs 2] [--scans 3] [--scan 64x64] [--no-postprocess]
-       [--json PATH]
+       [--reuse] [--json PATH]
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ def one_run(work: Path, args: argparse.Namespace) -> dict:
     wall = time.time() - t0
     if done.returncode != 0:
         raise RuntimeError(f"demo exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
-    files = sorted((work / "out" / "sessions").glob("*/logs/timeline.json"))
+    files = [f for f in (work / "out" / "sessions").glob("*/logs/timeline.json") if f.stat().st_mtime >= t0]
     if len(files) != 1:
-        raise RuntimeError(f"expected one timeline.json, found {files}")
+        raise RuntimeError(f"expected one new timeline.json, found {files}")
     timeline = load_timeline(files[0])
     got = dict(phases(timeline))
     got["after the exit mark"] = t0 + wall - max(m.wall for m in timeline.marks)
@@ -66,17 +69,22 @@ def main() -> None:
     ap.add_argument("--scan", default="64x64")
     ap.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--reuse", action="store_true", help="one output directory for all runs (see above)")
     ap.add_argument("--json", type=Path, default=RESULTS / "startup.json")
     args = ap.parse_args()
     runs = []
-    for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-            runs.append(one_run(Path(tmp), args))
-        print(f"run {i + 1}/{args.runs}: {runs[-1]['wall (outside)']:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as shared:
+        for i in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+                runs.append(one_run(Path(shared if args.reuse else tmp), args))
+            print(f"run {i + 1}/{args.runs}: {runs[-1]['wall (outside)']:.1f} s", flush=True)
+    if args.reuse and len(runs) > 1:
+        runs = runs[1:]  # the first created the database
     names = list(dict.fromkeys(name for run in runs for name in run))
     medians = {n: statistics.median(r[n] for r in runs if n in r) for n in names}
     load = os.getloadavg()
-    print(f"\nstemstream demo --scans {args.scans} --scan {args.scan}; median of {args.runs} run(s); "
+    print(f"\nstemstream demo --scans {args.scans} --scan {args.scan}; median of {len(runs)} run(s)"
+          f"{' (reused output directory)' if args.reuse else ''}; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPU(s)")  # fmt: skip
     print(f"{'phase':44} {'median s':>9} {'runs':>20}  target")
     for n in names:
@@ -86,6 +94,7 @@ def main() -> None:
     result = {
         "command": f"stemstream demo --timings --scans {args.scans} --scan {args.scan}"
         + ("" if args.postprocess else " --no-postprocess"),
+        "reuse": args.reuse,
         "runs": runs,
         "median": medians,
         "loadavg": load,
