@@ -11,12 +11,22 @@ data path. On loopback it is plain, as ever. On any other address it is a CURVE 
 pair (the session's nodes share one, ``streaming.curve.client_secret_file``) accepting those nodes' key and
 ``live.tap_clients``; without keys it refuses to start (one error line, ``refused`` says why) and the
 node counts on without it.
+
+Nothing a subscriber does reaches the node's counting: the node's calls only queue a copy of each message
+(``tap_hwm`` of them; more are dropped and counted in ``failed``), and the tap's own thread sends them. The
+socket is an XPUB in manual mode, so that thread sees every subscription and installs only those that can
+match a tap message (``tap.begin``, ``tap.events``, ``tap.end`` or a prefix of one, ``""`` included): a
+flood of distinct subscriptions from a local process (which stalled a plain PUB's sender for seconds in
+benchmarks/bench_hostile_memory.py) is counted in ``refused_subscriptions`` and never grows the socket's
+subscription table.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
+import threading
 
 import numpy as np
 import zmq
@@ -33,6 +43,13 @@ from streaming.transport.security import (
 )
 
 log = logging.getLogger(__name__)
+TOPICS = (live_wire.TAP_BEGIN, live_wire.TAP_EVENTS, live_wire.TAP_END)
+SUBSCRIPTIONS_PER_TURN = 256  # subscription messages the tap thread handles between two sends
+
+
+def allowed_topic(topic: bytes) -> bool:
+    """True for a subscription that can match a tap message: "" or a prefix of one of TOPICS."""
+    return any(kind.startswith(topic) for kind in TOPICS)
 
 
 def is_loopback(host: str) -> bool:
@@ -94,7 +111,11 @@ class LiveTap:
         self.socket: zmq.Socket | None = None
         self.address = ""
         self.seq = 0
-        self.failed = 0  # batches zmq refused at once (it does not say which subscriber)
+        self.failed = 0  # messages not published: the tap's queue was full, or zmq refused them
+        self.refused_subscriptions = 0  # subscriptions to topics no tap message has (never installed)
+        self._queue: queue.Queue[list] = queue.Queue(maxsize=live.tap_hwm)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._scan: dict = {}
         self._batches = self._frames = 0
 
@@ -103,9 +124,9 @@ class LiveTap:
         address = f"tcp://{self.settings.tap_host}:{self.settings.tap_port + node_index}"
         if address == self.address or self.refused is not None:
             return
-        if self.socket is not None:
-            self.socket.close(linger=0)
-        sock = self._ctx.socket(zmq.PUB)
+        self._stop_thread()
+        sock = self._ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions are the tap thread's to install, or not
         sock.setsockopt(zmq.SNDHWM, self.settings.tap_hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # it takes only subscriptions (a few bytes) in
         sock.setsockopt(zmq.LINGER, 0)
@@ -119,6 +140,9 @@ class LiveTap:
             self.socket, self.address = None, address
             return
         self.socket, self.address = sock, address
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(sock,), name=f"{self.name}-tap", daemon=True)
+        self._thread.start()
         log.info("%s: counted-data tap on %s%s", self.name, address, " (CURVE)" if self._curve else "")
 
     def begin(self, begin: p.ScanBegin) -> None:
@@ -161,19 +185,57 @@ class LiveTap:
         )
 
     def close(self) -> None:
-        """Close the socket and the tap's context (nothing waits for subscribers)."""
-        if self.socket is not None:
-            self.socket.close(linger=0)
-            self.socket = None
+        """Stop the tap's thread, close the socket and the tap's context (nothing waits for subscribers)."""
+        self._stop_thread()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
         self._ctx.term()
 
     def _send(self, parts: list) -> None:
+        """Queue a copy of the message for the tap's thread (the node's slot memory is reused at once)."""
         if self.socket is None:
             return
         try:
-            self.socket.send_multipart(parts, flags=zmq.NOBLOCK)  # copies: slot views are reused at once
-        except zmq.ZMQError:
+            self._queue.put_nowait([bytes(part) for part in parts])
+        except queue.Full:
             self.failed += 1
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self._thread = None
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+    def _run(self, sock: zmq.Socket) -> None:
+        """The tap's thread: install the subscriptions that can match, send what the node queued."""
+        while not self._stop.is_set():
+            try:
+                self._subscriptions(sock)
+                try:
+                    parts = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                self.failed += 1
+            except Exception:  # noqa: BLE001 (a tap never ends the node; it says why and goes on)
+                log.exception("%s: tap error", self.name)
+
+    def _subscriptions(self, sock: zmq.Socket) -> None:
+        for _ in range(SUBSCRIPTIONS_PER_TURN):
+            try:
+                message = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not message or message[0] not in (0, 1):
+                continue  # not a subscription message
+            topic = message[1:]
+            if not allowed_topic(topic):
+                self.refused_subscriptions += 1
+                continue
+            # manual mode: applies to the subscriber whose message was received last
+            sock.setsockopt(zmq.SUBSCRIBE if message[0] == 1 else zmq.UNSUBSCRIBE, topic)

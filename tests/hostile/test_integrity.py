@@ -276,6 +276,53 @@ def test_a_curve_tap_reaches_listed_subscribers_only(keys: dict[str, Path]) -> N
         tap.close()
 
 
+def test_a_subscription_flood_never_reaches_the_node_and_is_never_installed() -> None:
+    """bench_hostile_memory's finding: thousands of distinct subscriptions (and an oversize one) from local
+    processes stalled a plain PUB's sender, the node's counting thread, for seconds. The node only queues;
+    the tap's thread installs only subscriptions a tap message can match and counts the rest; a real
+    subscriber gets every batch."""
+    port = free_port()
+    tap = LiveTap("node-f", LiveSettings(tap=True, tap_port=port))
+    ctx = zmq.Context()
+    flooders, floods = [], 1000  # a SUB queues at most SNDHWM (1000) subscriptions for a new peer
+    try:
+        tap.welcome(0)
+        good = ctx.socket(zmq.SUB)
+        good.setsockopt(zmq.SUBSCRIBE, b"tap.")
+        good.connect(f"tcp://127.0.0.1:{port}")
+        for k in range(3):
+            sock = ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            for n in range(floods):
+                sock.setsockopt(zmq.SUBSCRIBE, f"flood-{k}-{n}".encode())
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            flooders.append(sock)
+        big = ctx.socket(zmq.SUB)  # beyond the tap's 1 kB message limit: disconnected by ZeroMQ
+        big.setsockopt(zmq.SUBSCRIBE, b"t" * 2048)
+        big.connect(f"tcp://127.0.0.1:{port}")
+        flooders.append(big)
+        events = SimpleNamespace(offsets=np.array([0, 1], np.int64), indices=np.array([3], np.uint32))
+        got, calls, deadline = [], 0, time.monotonic() + 30
+        while (len(got) < 50 or tap.refused_subscriptions < 3 * floods) and time.monotonic() < deadline:
+            tap.batch(
+                np.array([calls], np.int64), np.array([calls], np.int64), np.array([15], np.uint8), events
+            )
+            calls += 1
+            while good.poll(0):
+                got.append(live_wire.decode(good.recv_multipart()))
+            time.sleep(0.005)
+        assert tap.refused_subscriptions >= 3 * floods, tap.refused_subscriptions
+        assert len(got) >= 50 and all(kind == live_wire.TAP_EVENTS for kind, _, _ in got)
+        seqs = [header["seq"] for _, header, _ in got]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert tap._thread is not None and tap._thread.is_alive()
+    finally:
+        for sock in (*flooders, *([good] if "good" in locals() else [])):
+            sock.close(linger=0)
+        ctx.term()
+        tap.close()
+
+
 # ------------------------------------------------------------------------------- L9 the sidecar's image
 @pytest.mark.parametrize(
     "name", ["haadf.npy", "../outside.npy", "/abs/haadf.npy", "sub/haadf.npy", "link.npy"]
