@@ -24,6 +24,11 @@ PATTERN_BYTES = 4 * FRAME_ROWS * FRAME_COLS  # a snapshot's summed pattern, uint
 FOREIGN_FILES = 4096  # files known not to be this view's scans (by path and mtime), never re-opened
 
 
+# Snapshots queued per node connection: each supersedes the last, so a few suffice, and the bound on what one
+# connection can make the view hold is INTAKE_HWM x max_part_bytes (8 x 128 MiB at the 4096^2 cap).
+INTAKE_HWM = 8
+
+
 def max_part_bytes(max_positions: int) -> int:
     """The intake socket's MAXMSGSIZE: the largest part of a snapshot, one int64 position array of a whole
     scan (a final snapshot) or the pattern, with headroom."""
@@ -44,7 +49,7 @@ class LiveIngest:
         self._ctx = zmq.Context()
         self._auth = None
         self.socket = self._ctx.socket(zmq.ROUTER)  # nodes' snapshots in, the agreed geometry back
-        self.socket.setsockopt(zmq.RCVHWM, 64)
+        self.socket.setsockopt(zmq.RCVHWM, INTAKE_HWM)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(state.max_positions))

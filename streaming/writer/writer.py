@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ScanWriter", "ScanWriterError", "WriterConfig"]
 
 RCVHWM = 1000  # messages queued per node connection; beyond it ZeroMQ stops reading (TCP back-pressure)
+MAX_OPEN_SCANS = 64  # a session has one or two open at a time; forged begins must not take ids and files
 
 
 @dataclass(frozen=True)
@@ -205,10 +206,23 @@ class ScanWriter:
     def _on_begin(self, identity: bytes, begin: p.NodeScanBegin) -> None:
         scan = self._scans.get(scan_key(begin))
         if scan is None:
+            self._admit(begin)
             scan = self._scans[scan_key(begin)] = self._open(begin)
         scan.nodes[identity] = begin.name
         if scan.thresholds is not None:
             self._send_thresholds(identity, scan.thresholds)
+
+    def _admit(self, begin: p.NodeScanBegin) -> None:
+        """Refuse, before a scan id or a file is taken, a begin no node would send: a scan above the size
+        limit (nodes refuse those themselves), or one more open scan than MAX_OPEN_SCANS."""
+        positions = begin.scan_width * begin.scan_height
+        if positions > self._max_positions:
+            raise p.ProtocolError(
+                f"scan {begin.scan_number}: {begin.scan_width}x{begin.scan_height} is above "
+                f"streaming.max_scan_positions ({self._max_positions})"
+            )
+        if len(self._scans) >= MAX_OPEN_SCANS:
+            raise p.ProtocolError(f"scan {begin.scan_number}: {MAX_OPEN_SCANS} scans are open already")
 
     def _open(self, begin: p.NodeScanBegin) -> OpenScan:
         """A scan's first begin: its id, its final name and its file (written as counted frames arrive)."""

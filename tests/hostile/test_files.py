@@ -254,7 +254,8 @@ def test_a_scan_shape_above_the_limit_is_refused_before_anything_is_allocated(tm
 
 
 def test_a_huge_announced_scan_does_not_stop_the_writer(tmp_path: Path):
-    """A 65535x65535 begin (4.3e9 positions) is refused as malformed; the writer serves the next scan."""
+    """A 65535x65535 begin (4.3e9 positions) is refused as malformed before it takes a scan id or a file;
+    the writer serves the next scan, which gets the first id."""
     writer = writer_for(tmp_path, max_positions=64)
     try:
         send_scan(writer, [], done=False, shape=(65535, 65535), wait=False)
@@ -266,6 +267,7 @@ def test_a_huge_announced_scan_does_not_stop_the_writer(tmp_path: Path):
     finally:
         writer.stop(timeout=20)
     assert writer.error is None and [r.status for r in writer.records] == [ScanStatus.COMPLETE]
+    assert [r.scan_id for r in writer.records] == [1] and not list(tmp_path.rglob("*.partial"))
 
 
 def test_nothing_in_proportion_to_the_scan_is_written_at_its_begin(tmp_path: Path):
