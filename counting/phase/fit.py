@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from counting.errors import PermanentError
 from counting.phase.accumulate import ParallaxSnapshot
 from counting.phase.correlate import measure_shifts
 from counting.phase.model import decompose
@@ -30,7 +31,7 @@ MAX_SIDE = 128  # binned positions across the used region the correlation runs o
 MIN_SIDE = 8  # positions per side of the used region a fit needs
 
 
-class ParallaxFitError(ValueError):
+class ParallaxFitError(PermanentError, ValueError):
     """Not enough counted data (positions, bins or electrons) for a fit."""
 
 
