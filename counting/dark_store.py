@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from counting.dark_stats import DarkReference
+from counting.durable import FinalName
 from counting.microscope_meta import file_digest
 
 _NAME = re.compile(r"^dark_(\d{8}T\d{6}Z)(?:-(\d+))?\.npy$")
@@ -70,8 +71,9 @@ def save_dark(
         file_digest(tmp), s,
     )  # fmt: skip
     path.with_suffix(".json").write_text(json.dumps(info.to_json(), indent=2))
-    os.link(tmp, path)  # never replaces: FileExistsError if the name was taken meanwhile
-    os.unlink(tmp)
+    # never replaces (FileExistsError if the name was taken meanwhile); without hard links, a no-replace rename
+    if not FinalName().publish(tmp, path):
+        os.unlink(tmp)  # the complete dark is named: the temporary second name goes
     return info
 
 

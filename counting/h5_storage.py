@@ -23,7 +23,6 @@ with the scan. Here HDF5 writes to disk as it goes, but never sees a storage err
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import h5py
 
-from counting.durable import fsync_directory
+from counting.durable import FinalName, fsync_directory
 from counting.errors import PermanentError
 
 METADATA_CACHE = 2 << 20  # HDF5's metadata cache (it holds the event heaps being filled): fixed, not adaptive
@@ -171,10 +170,6 @@ class StorageFile:
             return
 
 
-_RENAME_NOREPLACE = 1  # linux/fs.h
-_AT_FDCWD = -100
-
-
 class UnnamedFileError(PermanentError, OSError):
     """A complete file could not take its final name (neither a hard link nor a no-replace rename works
     there); it is kept, complete and fsynced, at ``kept``."""
@@ -182,42 +177,6 @@ class UnnamedFileError(PermanentError, OSError):
     def __init__(self, cause: OSError, final: Path, kept: Path) -> None:
         super().__init__(cause.errno, f"{cause.strerror or cause}; the complete file is kept as {kept}")
         self.final, self.kept = final, kept
-
-
-class FinalName:
-    """How a complete temporary file takes its final name without ever replacing an existing file: a hard
-    link, or where the file system has none, Linux's renameat2(RENAME_NOREPLACE). Subclass it to stand in
-    for a file system that lacks either (tests)."""
-
-    def link(self, src: Path, dst: Path) -> None:
-        """os.link: FileExistsError if dst is taken."""
-        os.link(src, dst)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        """An atomic rename that fails with FileExistsError rather than replace dst; OSError (ENOSYS,
-        EINVAL...) where the kernel or file system cannot do it."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = getattr(libc, "renameat2", None)
-        if call is None:
-            raise OSError(errno.ENOSYS, "renameat2 is not available", str(dst))
-        if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
-            err = ctypes.get_errno()
-            raise (FileExistsError if err == errno.EEXIST else OSError)(err, os.strerror(err), str(dst))
-
-    def publish(self, src: Path, dst: Path) -> bool:
-        """Give src the name dst (link, else no-replace rename), the directory entry fsynced; True when src
-        is gone (renamed), False when it is still a second name of the file (linked). FileExistsError if dst
-        is taken; the rename's OSError if neither works (src is then untouched)."""
-        try:
-            self.link(src, dst)
-            renamed = False
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links here (EPERM, ENOTSUP), EMLINK, ENOSPC for the entry...
-            self.rename(src, dst)
-            renamed = True
-        fsync_directory(dst.parent)
-        return renamed
 
 
 class TempHDF5:

@@ -5,6 +5,7 @@ with a timestamp, never overwritten, chosen newest-first by sessions, and bad in
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -127,6 +128,25 @@ def test_darks_are_timestamped_never_overwritten_and_sessions_take_the_newest(tm
         None,
     )
     assert session_dark(None, settings, tmp_path, "simulated:7") == (None, None)  # another detector's darks
+
+
+def test_a_dark_is_stored_where_the_file_system_has_no_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """H3 for darks: without hard links the complete dark takes its name by a no-replace rename; nothing is
+    left under a temporary name, and a second dark in the same second is a numbered variant."""
+
+    def no_links(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(dst))
+
+    monkeypatch.setattr(os, "link", no_links)
+    ref = dark_from_sums(DarkSums(np.full(FRAME_SHAPE, 20.0), np.full(FRAME_SHAPE, 404.0), 1))
+    now = time.time()
+    first, second = (save_dark(tmp_path, ref, "instrument", "test", created=now) for _ in range(2))
+    assert first.path != second.path
+    assert [d.path for d in list_darks(tmp_path)] == [first.path, second.path]
+    assert np.array_equal(load_dark(second.path), ref.mean)
+    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_dark_command_bad_input_is_one_error_line(tmp_path: Path) -> None:
