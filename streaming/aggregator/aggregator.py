@@ -366,7 +366,8 @@ class Aggregator:
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:
         """A snapshot for monitors; safe to call from another thread (tests, an embedding process)."""
-        return monitor_state(self.nodes, self.stats, self._scan, self._stopping)
+        lost = self.hub.lost if self.hub is not None else None
+        return monitor_state(self.nodes, self.stats, self._scan, self._stopping, lost)
 
     def _publish_state(self) -> None:
         self._next_state = time.monotonic() + self.heartbeat

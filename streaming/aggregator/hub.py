@@ -88,6 +88,7 @@ class ForwarderHub:
         self.forwarders: dict[int, ForwarderInfo] = {}
         self._by_identity: dict[bytes, int] = {}  # each forwarder's connection -> its index
         self.refused = 0  # messages from a connection that is not one of ours, or under another's index
+        self.lost: dict[int, str] = {}  # forwarding processes that exited: index -> why (for monitors)
         self.malformed = 0
         self._log = RateLimitedLog(log)
         spawn = multiprocessing.get_context("spawn")
@@ -155,6 +156,9 @@ class ForwarderHub:
         for x in self.forwarders.values():
             if x.alive and not x.process.is_alive():
                 x.alive = False
+                self.lost[x.index] = (
+                    f"forwarding process {x.index} (pid {x.process.pid}) exited with {x.process.exitcode}"
+                )
                 log.error(
                     "forwarding process %d (pid %s) exited with %s: its queued sectors are lost; the others "
                     "carry on",

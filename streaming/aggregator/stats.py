@@ -47,7 +47,11 @@ class AggregatorStats:
 
 
 def monitor_state(
-    nodes: NodeRegistry, stats: AggregatorStats, scan: OpenScan | None, stopping: bool
+    nodes: NodeRegistry,
+    stats: AggregatorStats,
+    scan: OpenScan | None,
+    stopping: bool,
+    paths_lost: dict[int, str] | None = None,
 ) -> p.AggregatorState:
     """A snapshot for monitors; safe from another thread."""
     # Copies first: list() and dict() of builtins run without releasing the GIL, so another thread never
@@ -81,6 +85,7 @@ def monitor_state(
         scan_received=scan.received if scan is not None else 0,
         refused_scans=dict(stats.refused_scans),
         per_path=path_counts(stats),
+        paths_lost=dict(paths_lost or {}),
     )
 
 

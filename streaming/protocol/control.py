@@ -214,6 +214,7 @@ class AggregatorState:
     scan_received: Count = 0  # ...and received so far
     refused_scans: dict[int, int] = field(default_factory=dict)  # those scans: number -> sectors
     per_path: dict[int, dict[str, int]] = field(default_factory=dict)  # 0: aggregator, i: forwarder i
+    paths_lost: dict[int, Text] = field(default_factory=dict)  # forwarding processes that exited: i -> why
 
 
 # Node streamers -> the scan writer (one per session), over DEALER -> ROUTER:

@@ -211,10 +211,14 @@ class _NodeWatch:
         self.monitor = monitor
         self.failure: NodeFailure | None = None
         self.known_lost: set[str] = set()  # nodes lost in earlier scans: the session goes on without them
+        # the aggregator's forwarding processes reported lost: those gone before this scan are not news
+        state = monitor.latest()
+        self.paths_told: set[int] = set(state.paths_lost) if state is not None else set()
         self._give_up = float("inf")
 
     def check(self) -> None:
         """Raise NodeFailure when a node is lost with the writer, or the wait for the file has run out."""
+        self._tell_lost_paths()
         if self.failure is None:
             try:
                 self.nodes.check()
@@ -241,6 +245,20 @@ class _NodeWatch:
                 f"{self.failure}\nscan {self.scan_number}: no counted file within {self.wait:g} s of losing "
                 "the node"
             )
+
+    def _tell_lost_paths(self) -> None:
+        """Name a forwarding process of the aggregator that exited (within a monitor heartbeat): what it
+        held is lost and marked, the other paths carry the scan on."""
+        state = self.monitor.latest()
+        for index, why in sorted((state.paths_lost if state is not None else {}).items()):
+            if index not in self.paths_told:
+                self.paths_told.add(index)
+                self.logger.error(
+                    "scan %d: the aggregator's %s: the sectors it held are lost and marked; the other paths "
+                    "carry on",
+                    self.scan_number,
+                    why,
+                )
 
 
 def _log_scan(logger, result: ScanResult) -> None:

@@ -20,6 +20,7 @@ from counting.pipeline import CountingOptions, count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from stemstream_testing.options import options
 from stemstream_testing.pipeline import ProcessPipeline
+from stemstream_testing.support import wait_until
 from streaming.protocol import control as p
 from streaming.settings import CurveSettings, StreamingSettings
 from streaming.transport.security import CurveClientConfig, apply_client, write_keypair
@@ -86,6 +87,9 @@ def test_a_forwarding_process_killed_mid_scan_costs_only_its_sectors(tmp_path):
         session.send(config, scan_number=2, rate=600)
         killer.join(30)
         got = session.counted(2, timeout=60)
+        # monitors are told which part failed (the session names it from this)
+        assert wait_until(lambda: 1 in agg.state().paths_lost, timeout=10), agg.state().paths_lost
+        assert f"pid {victim.pid}) exited with -9" in agg.state().paths_lost[1]
         # the next scan goes through the survivor alone, complete
         session.send(SimulatorConfig(ScanShape(8, 8), dose=50.0, seed=4), scan_number=3)
         nxt = session.counted(3, timeout=60)
