@@ -21,6 +21,8 @@ NEEDED=(
   "/usr/sbin/munged munge"
   # The catalogue tests run a real PostgreSQL server on loopback (stemstream_testing/postgres.py).
   "/usr/bin/pg_ctlcluster postgresql" # postgresql-common; the server binaries are under /usr/lib/postgresql/*/bin
+  # The metrics test scrapes a running session with a real Prometheus server on loopback.
+  "/usr/bin/prometheus prometheus"
 )
 
 have() {
