@@ -13,6 +13,7 @@ LIVE_PORT = (
 )
 PAGE_PORT = 17080  # the view's web page
 TAP_PORT = 17110  # node i's tap publishes on TAP_PORT + i
+ABERRATION_PORT = 17090  # the view's aberration messages (tap.aberration)
 
 
 class LiveSettings(BaseModel):
@@ -89,6 +90,15 @@ class LiveSettings(BaseModel):
     )
     phase_mrad_per_px: float | None = Field(
         None, gt=0, description="detector mrad per pixel: with phase_scan_step_nm the defocus is in nm"
+    )
+    aberration: bool = Field(
+        False, description="the view publishes each phase fit as a tap.aberration message (a PUB socket)"
+    )
+    aberration_host: str = Field(
+        "127.0.0.1", description="the aberration socket's address (off loopback: CURVE, as the tap)"
+    )
+    aberration_port: int = Field(
+        ABERRATION_PORT, ge=1, le=65535, description="the aberration socket's port on the view's host"
     )
 
     @model_validator(mode="after")

@@ -23,7 +23,6 @@ subscription table.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
 import threading
@@ -41,6 +40,7 @@ from streaming.transport.security import (
     load_public_keys,
     peer_curve,
 )
+from streaming.transport.topic_pub import is_loopback
 
 log = logging.getLogger(__name__)
 TOPICS = (live_wire.TAP_BEGIN, live_wire.TAP_EVENTS, live_wire.TAP_END)
@@ -50,17 +50,6 @@ SUBSCRIPTIONS_PER_TURN = 256  # subscription messages the tap thread handles bet
 def allowed_topic(topic: bytes) -> bool:
     """True for a subscription that can match a tap message: "" or a prefix of one of TOPICS."""
     return any(kind.startswith(topic) for kind in TOPICS)
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback address (127.0.0.0/8, ::1, localhost); anything else may be reached by others."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name or an interface name: assume reachable
-        return False
 
 
 def tap_curve(live: LiveSettings, node: CurveClientConfig | None) -> CurveServerConfig | None:

@@ -26,6 +26,10 @@ names, dtypes and lengths the header's ``arrays`` lists in order.
                                 header scan_number, scan_key, node, seq (per node, from 0), frames
                             [b"tap.end", header]    the node counted everything of the scan: scan_number,
                                                     scan_key, node, batches, frames (published in all)
+    aberrations (PUB on the view, live.aberration_port)   [b"tap.aberration", header]  a phase fit of a scan
+        (streaming.view.aberration): scan_number, scan_key, final, status, fits, positions, defocus and
+        defocus_err, astigmatism, astigmatism_err, astigmatism_angle, rotation (degrees), units, calibrated,
+        residual_px, ...; values nil when the fit failed (error says why)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ GEOMETRY = b"live.geometry"
 TAP_BEGIN = b"tap.begin"
 TAP_EVENTS = b"tap.events"
 TAP_END = b"tap.end"
+TAP_ABERRATION = b"tap.aberration"
 TAP_ARRAYS = (
     ("positions", "<i8"),
     ("frame_numbers", "<i8"),

@@ -13,6 +13,8 @@ import h5py
 import zmq
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS
+from counting.h5_attrs import plain
+from counting.microscope_meta import MICROSCOPE_GROUP
 from streaming.protocol import live as live_wire
 from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig
@@ -33,6 +35,14 @@ def max_part_bytes(max_positions: int) -> int:
     """The intake socket's MAXMSGSIZE: the largest part of a snapshot, one int64 position array of a whole
     scan (a final snapshot) or the pattern, with headroom."""
     return max(8 * max_positions, PATTERN_BYTES) + 64 * 1024
+
+
+def _microscope_attrs(f: h5py.File) -> dict | None:
+    """The file's /metadata/microscope attributes (counting.microscope_meta) as plain values, or None."""
+    group = f.get(MICROSCOPE_GROUP)
+    if not isinstance(group, h5py.Group):
+        return None
+    return {k: plain(v, lists=True) for k, v in group.attrs.items()}
 
 
 class LiveIngest:
@@ -142,11 +152,14 @@ class LiveIngest:
                 self._seen[path] = mtime
                 with h5py.File(path, "r") as f:
                     key = f["metadata/stemstream"].attrs.get("scan_key", "")
+                    microscope = _microscope_attrs(f)
                 key = key.decode() if isinstance(key, bytes) else str(key)
             except (OSError, KeyError):
                 continue
             if key and self.state.scan(key) is not None:
                 self.state.set_file(key, str(path))
+                if microscope:  # added by the session after the file was written: its phase in nm
+                    self.state.set_microscope(key, microscope)
             else:  # not (yet) a scan of this view: look again only when it changes, or the scan appears
                 self._seen.pop(path, None)
                 if len(self._foreign) < FOREIGN_FILES:

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from counting.live_images import LiveGeometry
 from counting.phase.accumulate import ParallaxSnapshot
 from counting.phase.fit import MAX_SIDE, AberrationFit, ParallaxFitError, fit_aberrations
 from counting.phase.idpc import idpc_from_sums
+from counting.phase.scale import microscope_scale
 from counting.phase.shift_sum import tilt_corrected_bf
 from streaming.view.parallax import same_bins, summed
 from streaming.view.state import ScanView, ViewState
@@ -53,6 +55,8 @@ class PhaseInputs:
     sum_row: np.ndarray
     geometry: LiveGeometry
     nodes: int  # nodes whose parallax sums are in it
+    number: int = 0  # the scan's number
+    microscope: dict | None = None  # its file's /metadata/microscope attributes, once there
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ class Calibration:
 
     scan_step_nm: float
     mrad_per_px: float
+
+
+def scale_of(inputs: PhaseInputs, default: Calibration | None) -> Calibration | None:
+    """A scan's scale: its file's microscope metadata (step, convergence angle over the BF radius) when
+    the session added them, else the configured one (live.phase_scan_step_nm, phase_mrad_per_px)."""
+    scale = microscope_scale(inputs.microscope, inputs.parallax.width, inputs.geometry.bf_radius)
+    return Calibration(*scale) if scale is not None else default
 
 
 def collect(scan: ScanView, final: bool) -> PhaseInputs | None:
@@ -77,8 +88,9 @@ def collect(scan: ScanView, final: bool) -> PhaseInputs | None:
     snapshot = ParallaxSnapshot(scan.height, scan.width, bins, summed([n.parallax for n in used]), frames)
     a = scan.merged()
     return PhaseInputs(
-        scan.key, final, snapshot, a.counts.copy(), a.sum_col.copy(), a.sum_row.copy(), geometry, len(used)
-    )
+        scan.key, final, snapshot, a.counts.copy(), a.sum_col.copy(), a.sum_row.copy(), geometry, len(used),
+        scan.number, scan.microscope,
+    )  # fmt: skip
 
 
 def sample_mask(height: int, width: int) -> np.ndarray:
@@ -130,7 +142,8 @@ def record(
     """A scan's phase record for /api/state: the newest fit's numbers (a failed fit keeps the previous
     numbers, with its error), units: nm when the microscope's scale is known, else scan px per detector px
     and uncalibrated."""
-    out = {k: last.get(k) for k in (*FIT_FIELDS, "residual_px", "units", "calibrated", "uncalibrated")}
+    kept = (*FIT_FIELDS, "residual_px", "units", "calibrated", "uncalibrated", "scan_step_nm", "mrad_per_px")
+    out = {k: last.get(k) for k in kept}
     out["positions"] = last.get("positions")
     if fit is not None:
         out.update({k: _finite(getattr(fit, k)) for k in FIT_FIELDS})
@@ -140,6 +153,8 @@ def record(
             calibrated=fit.calibrated,
             uncalibrated=not fit.calibrated,
             positions=fit.positions,
+            scan_step_nm=fit.scan_step_nm,
+            mrad_per_px=fit.mrad_per_px,
         )
     out.update(
         status="failed" if error else "ok",
@@ -157,8 +172,15 @@ def record(
 class PhaseWorker:
     """Runs the phase work of the view's scans when due (ViewState.phase_due), in its own thread."""
 
-    def __init__(self, state: ViewState, interval: float, calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        state: ViewState,
+        interval: float,
+        calibration: Calibration | None = None,
+        on_fit: Callable[[int, str, dict], None] | None = None,
+    ) -> None:
         self.state, self.interval, self.calibration = state, interval, calibration
+        self.on_fit = on_fit  # (scan number, key, record) after each fit: the aberration message
         self.failures = 0  # exceptions beyond a fit's own (a bug): reported in the scan's record
         self._done: dict[str, tuple[int, float | None]] = {}  # per scan: phase works, last fit's rotation
         self._stop = threading.Event()
@@ -194,7 +216,7 @@ class PhaseWorker:
         last = (scan.phase if scan is not None else None) or {}
         fits, hint = self._done.get(key, (0, None))
         try:
-            fit, error, images = compute(inputs, hint, self.calibration)
+            fit, error, images = compute(inputs, hint, scale_of(inputs, self.calibration))
         except Exception as exc:  # a bug, not bad data: reported, the worker goes on
             self.failures += 1
             log.exception("live phase of scan %s failed", key[:40])
@@ -204,4 +226,10 @@ class PhaseWorker:
             self._done.pop(next(iter(self._done)))
         self._done[key] = (fits + 1, fit.rotation if fit is not None else hint)
         seconds = time.perf_counter() - t0
-        self.state.set_phase(key, record(fit, error, inputs, images, fits + 1, seconds, last), images)
+        rec = record(fit, error, inputs, images, fits + 1, seconds, last)
+        self.state.set_phase(key, rec, images)
+        if self.on_fit is not None:
+            try:
+                self.on_fit(inputs.number, key, rec)
+            except Exception:  # noqa: BLE001 (publishing a fit never ends the worker)
+                log.exception("publishing the phase fit of scan %s failed", key[:40])

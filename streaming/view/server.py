@@ -15,6 +15,7 @@ import uvicorn
 from counting.errors import PermanentError
 from streaming.settings import LiveSettings
 from streaming.transport.security import CurveServerConfig
+from streaming.view.aberration import AberrationOut
 from streaming.view.app import Clients, live_app
 from streaming.view.guard import page_hosts
 from streaming.view.ingest import LiveIngest
@@ -58,7 +59,9 @@ class LiveServer:
         scale = None
         if live.phase_scan_step_nm is not None and live.phase_mrad_per_px is not None:
             scale = Calibration(live.phase_scan_step_nm, live.phase_mrad_per_px)
-        self.phase = PhaseWorker(self.state, live.phase_interval, scale)  # fits off the intake's thread
+        self.aberration = AberrationOut(live, curve) if live.aberration else None  # tap.aberration
+        on_fit = self.aberration.publish if self.aberration is not None else None
+        self.phase = PhaseWorker(self.state, live.phase_interval, scale, on_fit)  # off the intake's thread
         self.clients = Clients(live.max_clients)
         config = uvicorn.Config(
             live_app(
@@ -123,3 +126,5 @@ class LiveServer:
         self._sock.close()
         self.ingest.close()
         self.phase.close()
+        if self.aberration is not None:
+            self.aberration.close()

@@ -60,6 +60,8 @@ class ScanView:
     phase_images: dict = field(default_factory=dict)  # tcbf, idpc: float64 (height, width)
     phase_seen: int = -1  # the scan's version the latest phase work started from
     phase_at: float = 0.0  # monotonic time that work started
+    microscope: dict | None = None  # its file's /metadata/microscope attributes, once the session added them
+    recalibrate: bool = False  # the microscope's metadata came: the final phase work once more, scaled
 
     def total(self, name: str) -> int:
         """A header counter added over the nodes."""
@@ -264,7 +266,8 @@ class ViewState:
             for scan in self._scans.values():
                 if not scan.images_kept or not any(n.parallax for n in scan.nodes.values()):
                     continue
-                if scan.done and not (scan.phase or {}).get("final") and scan.phase_seen != scan.version:
+                final_due = not (scan.phase or {}).get("final") or scan.recalibrate
+                if scan.done and final_due and scan.phase_seen != scan.version:
                     due.insert(0, (scan.key, True))
                 elif (
                     not scan.done
@@ -283,7 +286,19 @@ class ViewState:
             if scan is None or not scan.images_kept:
                 return None
             scan.phase_seen, scan.phase_at = scan.version, time.monotonic()
+            scan.recalibrate = scan.recalibrate and not scan.done  # a done scan's is taken now
             return take(scan)
+
+    def set_microscope(self, key: str, attrs: dict) -> bool:
+        """A scan's /metadata/microscope attributes from its file (True when that is news): its phase is
+        then fitted in nm (streaming.view.phase), a final one again."""
+        with self._lock:
+            scan = self._scans.get(key)
+            if scan is None or scan.microscope == attrs:
+                return False
+            scan.microscope, scan.recalibrate = attrs, True
+            self._bump(scan)
+            return True
 
     def set_phase(self, key: str, record: dict, images: dict[str, np.ndarray]) -> None:
         """A scan's new phase record and images (images not in it stay as they were)."""
