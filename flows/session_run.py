@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prefect.artifacts import create_markdown_artifact
 from prefect.states import Cancelled, Completed, Failed, State
 
 from catalogue.recorder import Recorder
@@ -28,7 +29,7 @@ from flows.session_setup import (
     session_settings,
 )
 from flows.settings import Settings
-from flows.summary import summary_row
+from flows.summary import live_markdown, summary_row
 from flows.timeline import FLOW_BEGINS, FLOW_ENDS, Timeline, session_timeline
 from flows.timeline_phases import ALLOCATE, ANALYSES_DONE, ARM, READY, RELEASE, SUMMARY, WAIT_READY
 from streaming.protocol.record import ScanRecord
@@ -151,6 +152,8 @@ class SessionRun:
         self.state.save()
         mark(READY, " ".join(plan.receivers))
         self.log.info("session ready: receivers %s", " ".join(plan.receivers))
+        if live := live_url(self.session_dir):  # on the aggregator's host, whichever backend
+            self.log.info("live: %s", live)
         if self.request.simulated:
             rate = self.request.frame_rate or None
             self.player = CameraRun(self.scans, plan.receivers, rate, st.session.scan_timeout).start()
@@ -279,6 +282,8 @@ class SessionRun:
         analysis failed, Cancelled when cancelled, else Completed; each carries the scan results."""
         live = live_url(self.session_dir)
         summarise([summary_row(r) | live_link(live, r.record.path or "") for r in self.results])
+        if page := live_markdown(live, self.results):  # a clickable link in the UI (table cells are not)
+            create_markdown_artifact(key="session-live-view", markdown=page, description="the live page")
         self.timeline.mark(SUMMARY)
         if self.refused:
             self.log.warning(self.refused)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.acquisition.live import live_link, without_token
 from tasks.acquisition.result import ScanResult
 
 # label -> how it is computed from a ScanResult
@@ -41,3 +42,17 @@ def terminal_columns(results: list[ScanResult]) -> list[str]:
     lossy = any(r.record.frames_incomplete or r.sectors_overflowed for r in results)
     shown = TERMINAL[:4] + LOSSES + TERMINAL[4:] if lossy else list(TERMINAL)
     return shown + ["end reason"] if any(r.verified is None for r in results) else shown
+
+
+def live_markdown(url: str | None, results: list[ScanResult]) -> str | None:
+    """The summary's markdown: a link to the session's live page (without its token) and to each scan on
+    it; None without a page."""
+    if not url:
+        return None
+    page = without_token(url.split("#")[0])
+    lines = ["## Live view", "", f"The session's live page: [{page}]({page})", ""]
+    for r in results:
+        if r.record.path:
+            link = live_link(page, r.record.path)["live view"]
+            lines.append(f"- scan {r.scan_number}: [{Path(r.record.path).name}]({link})")
+    return "\n".join(lines) + "\n"

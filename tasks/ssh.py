@@ -93,13 +93,19 @@ class _PinnedHostKeys(paramiko.RejectPolicy):
 
 
 def run_remote(
-    settings: SshSettings, command: list[str] | str, timeout: float | None = None, *, check: bool = True
+    settings: SshSettings,
+    command: list[str] | str,
+    timeout: float | None = None,
+    *,
+    check: bool = True,
+    stdin: str | None = None,
 ) -> RemoteResult:
-    """Run a command on the host and return its exit status and output; RemoteCommandFailed if non-zero."""
+    """Run a command on the host and return its exit status and output; RemoteCommandFailed if non-zero.
+    stdin: sent to the command, then EOF (how a secret travels: never in a command line or a log)."""
     text = command if isinstance(command, str) else shlex.join(command)
     timeout = settings.command_timeout if timeout is None else timeout
     with _connect(settings) as client:
-        result = _exec(client, settings, text, timeout)
+        result = _exec(client, settings, text, timeout, stdin)
     log.debug("ssh %s: %s -> exit %d", settings.host, _short(text), result.exit_status)
     if check and result.exit_status != 0:
         raise RemoteCommandFailed(text, result.exit_status, result.stderr[-_STDERR_TAIL:])
@@ -114,6 +120,7 @@ def start_remote_process(
     settle: float = 0.2,
     files: dict[str, str] | None = None,
     token: str | None = None,
+    secret_file: tuple[str, str] | None = None,
 ) -> int:
     """Start a detached process on the host (output appended to log_path) and return its PID.
 
@@ -121,7 +128,9 @@ def start_remote_process(
     travel inside the same command, base64-encoded, so no second channel or file transfer is needed.
     The process gets its own session, so ``stop_remote_process`` can end it with all its children. If it
     is gone after ``settle`` seconds, RemoteCommandFailed carries the end of its log. token: put in its
-    environment, for ``stop_remote_process`` to check that the PID is still this process.
+    environment, for ``stop_remote_process`` to check that the PID is still this process. secret_file:
+    (remote path, text) written mode 0600 from the command's stdin, so the text is in no command line
+    (which other users of the host can read) and no log.
     """
     text = command if isinstance(command, str) else shlex.join(command)
     if token is not None:
@@ -135,6 +144,10 @@ def start_remote_process(
             f"mkdir -p {shlex.quote(posixpath.dirname(path) or '.')} || exit {_START_FAILED}",
             f"echo {encoded} | base64 -d > {q} || exit {_START_FAILED}",
         ]
+    if secret_file is not None:
+        q = shlex.quote(secret_file[0])
+        d = shlex.quote(posixpath.dirname(secret_file[0]) or ".")
+        writes.append(f"(umask 077; mkdir -p {d} && rm -f {q} && cat > {q}) || exit {_START_FAILED}")
     # The inner subshell exits at once, so the process is re-parented and the SSH channel is not held open.
     script = [
         _ALIVE,
@@ -146,7 +159,8 @@ def start_remote_process(
         f"tail -c {_STDERR_TAIL} {log_q} >&2",
         f"exit {_START_FAILED}",
     ]
-    result = run_remote(settings, _sh(script), check=False)
+    secret = secret_file[1] if secret_file is not None else None
+    result = run_remote(settings, _sh(script), check=False, stdin=secret)
     if result.exit_status != 0:
         raise RemoteCommandFailed(text, result.exit_status, result.stderr[-_STDERR_TAIL:])
     pid = int(result.stdout.split()[-1])
@@ -192,6 +206,32 @@ def stop_remote_process(
         raise RemoteCommandFailed(f"stop PID {pid}", result.exit_status, result.stderr or result.stdout)
     log.info("PID %d on %s: %s", pid, settings.host, outcome)
     return outcome  # type: ignore[return-value]
+
+
+def wait_remote_line(
+    settings: SshSettings, pid: int, log_path: str, prefix: str, timeout: float, *, then_read: str = ""
+) -> tuple[str, str]:
+    """Wait until the log of a process started by start_remote_process has a line starting with prefix;
+    return that line's rest and the first line of the file then_read ("" when there is none). The second
+    comes back on stdout only (never in a log or an error: it may be a secret). RemoteCommandFailed with
+    the log's end if the process exits first or timeout passes."""
+    log_q, steps = shlex.quote(log_path), max(1, int(timeout / 0.1))
+    grep = f"grep -m1 -e {shlex.quote('^' + prefix)} {log_q} 2>/dev/null"
+    script = [
+        _ALIVE,
+        f"i=0; while ! {grep} >/dev/null; do "
+        f'alive {pid} || {{ echo "PID {pid} exited" >&2; tail -c {_STDERR_TAIL} {log_q} >&2; exit 3; }}; '
+        f'[ "$i" -ge {steps} ] && {{ echo "no {prefix.strip()} line after {timeout:g} s" >&2; '
+        f"tail -c {_STDERR_TAIL} {log_q} >&2; exit 4; }}; sleep 0.1; i=$((i+1)); done",
+        grep,
+        *([f"head -n1 {shlex.quote(then_read)} 2>/dev/null"] if then_read else []),
+        "exit 0",
+    ]
+    result = run_remote(settings, _sh(script), timeout=timeout + settings.connect_timeout, check=False)
+    if result.exit_status != 0:
+        raise RemoteCommandFailed(f"wait for {prefix!r} in {log_path}", result.exit_status, result.stderr)
+    lines = result.stdout.splitlines()
+    return lines[0].removeprefix(prefix).strip(), (lines[1].strip() if len(lines) > 1 else "")
 
 
 # A zombie still answers kill -0, so look at its state too (where there is a /proc).
@@ -283,8 +323,10 @@ def _connect(settings: SshSettings) -> paramiko.SSHClient:
     return client
 
 
-def _exec(client: paramiko.SSHClient, settings: SshSettings, command: str, timeout: float) -> RemoteResult:
-    """Run one command on an open client, draining both streams until EOF, within timeout."""
+def _exec(
+    client: paramiko.SSHClient, settings: SshSettings, command: str, timeout: float, stdin: str | None = None
+) -> RemoteResult:
+    """Run one command on an open client (stdin sent, then EOF), draining both streams until EOF."""
     transport = client.get_transport()
     if transport is None:
         raise RemoteUnreachable(f"SSH session to {settings.host} closed before the command")
@@ -292,7 +334,9 @@ def _exec(client: paramiko.SSHClient, settings: SshSettings, command: str, timeo
         chan = transport.open_session(timeout=settings.connect_timeout)
         chan.settimeout(timeout)
         chan.exec_command(command)
-        chan.shutdown_write()  # no stdin: a command that reads it sees EOF instead of hanging
+        if stdin:
+            chan.sendall(stdin.encode())
+        chan.shutdown_write()  # then EOF: a command that reads stdin never hangs on it
     except (paramiko.SSHException, OSError) as exc:
         raise RemoteUnreachable(f"cannot run a command over SSH on {settings.host}: {exc}") from None
     with chan:

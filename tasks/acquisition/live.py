@@ -1,6 +1,7 @@
-"""The live page of a local session: its address, as the view process printed it (logs/view.log), and
-links to a scan on it. Neither carries the page's token (links go into Prefect artifacts); only the user's
-own terminal is given it, from the session's 0600 token file."""
+"""The live page of a session: its address, as a local view process printed it (logs/view.log) or as the
+session's state records a remote one (the NERSC backend's, on the aggregator host), and links to a scan on
+it. Neither carries the page's token (links go into Prefect artifacts); only the user's own terminal is
+given it, from the session's 0600 token file."""
 
 from __future__ import annotations
 
@@ -8,21 +9,39 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from streaming.view.token import TOKEN_FILE
+from tasks.launch.state import SessionState
 
 
 def live_url(session_dir: Path, with_token: bool = False) -> str | None:
-    """The page's URL once `stemstream view` printed ``live: <URL>`` in the session's logs, else None;
-    without a token, unless ``with_token`` (for the user's terminal) and the session has its token file."""
+    """The page's URL once `stemstream view` printed ``live: <URL>`` (in the session's logs, or on the
+    aggregator host: the state records it), else None; without a token, unless ``with_token`` (for the
+    user's terminal) and the session has its token file."""
+    url = _logged_url(Path(session_dir)) or _recorded_url(Path(session_dir))
+    if url is None:
+        return None
+    url = without_token(url)
+    token = _token(Path(session_dir) / TOKEN_FILE) if with_token else ""
+    return f"{url}?token={quote(token)}" if token else url
+
+
+def _logged_url(session_dir: Path) -> str | None:
+    """A local page's address, from its ``live:`` line in logs/view.log."""
     try:
-        text = (Path(session_dir) / "logs" / "view.log").read_text(errors="replace")
+        text = (session_dir / "logs" / "view.log").read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
         if line.startswith("live: "):
-            url = without_token(line.removeprefix("live: ").strip())
-            token = _token(Path(session_dir) / TOKEN_FILE) if with_token else ""
-            return f"{url}?token={quote(token)}" if token else url
+            return line.removeprefix("live: ").strip()
     return None
+
+
+def _recorded_url(session_dir: Path) -> str | None:
+    """A remote page's address (NERSC backend: on the aggregator host), as the session's state records it."""
+    try:
+        return SessionState.load(session_dir).live_url
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def live_link(url: str | None, path: str) -> dict:

@@ -3,7 +3,7 @@
 * ``local`` (the embedded default): the node command runs as N local processes with the environment srun
   would give them, and the aggregator as a local process.
 * ``nersc``: the node command runs under srun in a realtime Slurm job submitted through SFAPI, and the
-  aggregator is started over SSH on the aggregator host (pinned host key).
+  aggregator and its live page are started over SSH on the aggregator host (pinned host key).
 
 Both sides have the same contract (start, check, stop), and both are strict: a node that dies is an error.
 Each also records what it started in the session's state (``record``) and can release that from the state
@@ -26,6 +26,7 @@ from streaming.view.token import TOKEN_FILE, write_token
 from tasks.launch.errors import AggregatorExited, NodeFailure
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.launch.processes import ProcessGroup, kill_carrying
+from tasks.launch.remote_view import RemotePage, start_remote_view
 from tasks.launch.state import SessionState
 from tasks.nersc.batch import render_batch_script
 from tasks.nersc.sfapi import JobStatus, SfapiAllocator
@@ -276,15 +277,22 @@ class LocalAggregator:
 
 @dataclass
 class SshAggregator:
-    """The aggregator on the aggregator host, started and stopped over SSH."""
+    """The aggregator on the aggregator host, started and stopped over SSH; the live page beside it (when
+    live.enabled), started and stopped with it (tasks.launch.remote_view)."""
 
     ssh: SshSettings
     remote_command: list[str] | None = None  # how to run stemstream there (default: the local CLI path)
     pid: int | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # in its environment: stop checks it
+    page: RemotePage | None = None  # the live page, once it answers
+    _attempts: int = 0
 
     def start(self, plan: SessionPlan) -> None:
-        """Start the aggregator for this session on the remote host; reads back its PID."""
+        """Start the aggregator for this session on the remote host, then its live page; reads back their
+        PIDs (and the page's address). A retry first stops what the previous attempt started."""
+        if self.pid is not None or self.page is not None:
+            self.stop()
+        self._attempts += 1
         logs = plan.session_dir / "logs"
         remote_settings = str(logs / "aggregator-settings.json")  # written there over the same SSH session
         argv = aggregator_command(plan, remote_settings)
@@ -297,26 +305,42 @@ class SshAggregator:
             files={remote_settings: plan.settings_file.read_text()},
             token=self.token,
         )
+        if plan.streaming.live.enabled:  # the page's end never ends the session (as a local one's)
+            self.page = start_remote_view(
+                self.ssh, plan, remote_settings, self.remote_command, self.token, self._attempts
+            )
 
     def check(self) -> None:
         """Nothing cheap to check remotely; the monitor heartbeat shows it is alive."""
 
     def stop(self) -> None:
-        """Stop the remote aggregator (its whole process group)."""
-        if self.pid is not None:
-            stop_remote_process(self.ssh, self.pid, token=self.token)
-            self.pid = None
+        """Stop the live page and the remote aggregator (each its whole process group); both are tried."""
+        try:
+            if self.page is not None:
+                stop_remote_process(self.ssh, self.page.pid, token=self.token)
+                self.page = None
+        finally:
+            if self.pid is not None:
+                stop_remote_process(self.ssh, self.pid, token=self.token)
+                self.pid = None
 
     def record(self, state: SessionState) -> None:
-        """Its kind, the PID of its process group on the aggregator host and the token it carries."""
+        """Its kind, the PIDs of its and its page's process groups on the aggregator host, the token they
+        carry, and the page's address (without its token)."""
         state.aggregator, state.aggregator_pid = type(self).__name__, self.pid
         state.aggregator_token = self.token
+        state.view_pid = self.page.pid if self.page is not None else None
+        state.live_url = self.page.url if self.page is not None else None
 
     def release_recorded(self, state: SessionState) -> None:
-        """Stop the recorded remote process group over SSH (refused if that PID no longer carries the
-        recorded token: ForeignProcess)."""
-        if state.aggregator_pid:
-            stop_remote_process(self.ssh, int(state.aggregator_pid), token=state.aggregator_token)
+        """Stop the recorded page and remote process group over SSH (refused if a PID no longer carries
+        the recorded token: ForeignProcess); both are tried."""
+        try:
+            if state.view_pid:
+                stop_remote_process(self.ssh, int(state.view_pid), token=state.aggregator_token)
+        finally:
+            if state.aggregator_pid:
+                stop_remote_process(self.ssh, int(state.aggregator_pid), token=state.aggregator_token)
 
 
 def node_name(pid: int) -> str:

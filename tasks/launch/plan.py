@@ -128,13 +128,16 @@ def aggregator_command(plan: SessionPlan, settings_file: str | Path | None = Non
     return [*CLI, *settings_options(plan, settings_file), "aggregator"]
 
 
-def view_command(plan: SessionPlan) -> list[str]:
+def view_command(
+    plan: SessionPlan, settings_file: str | Path | None = None, token_file: str | Path | None = None
+) -> list[str]:
     """The live page's command line (streaming.view.server): scan file names from the session's scan dir;
-    its token in the session's 0600 token file (live.token written there first, else a random one), never here."""
-    token_file = str(plan.session_dir / TOKEN_FILE)
+    its token in a 0600 token file (the session's own by default; live.token written there first, else a
+    random one), never here. settings_file, token_file: where they are on the aggregator host."""
+    token_file = str(token_file or plan.session_dir / TOKEN_FILE)
     return [
         *CLI,
-        *settings_options(plan),
+        *settings_options(plan, settings_file),
         "view",
         "--scan-dir",
         str(plan.output_dir),

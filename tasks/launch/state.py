@@ -31,6 +31,8 @@ class SessionState:
     aggregator: str | None = None  # the aggregator backend's class name, once armed
     aggregator_pid: int | None = None
     aggregator_token: str | None = None  # in the remote aggregator's environment: stop checks it is ours
+    view_pid: int | None = None  # the live page beside a remote aggregator (same token)
+    live_url: str | None = None  # that page's address, without its token
     local_pids: list[int] = field(default_factory=list)  # local node streamer processes
     process_tokens: list[str] = field(default_factory=list)  # in every local process's environment
     ready: bool = False  # every node streamer reported ready: scans may start

@@ -20,6 +20,8 @@ import re
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +44,7 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogWorker
 from prefect.states import State
 
+from flows.cli_terminal import SessionWatcher
 from flows.session import session
 from flows.settings import load_settings
 from stemstream_testing.fake_sfapi import FakeJob
@@ -171,6 +174,14 @@ def summary_rows(flow_run_id: uuid.UUID) -> list[dict[str, Any]]:
     """The session-summary table artifact's rows."""
     summary = artifacts_of(flow_run_id)["session-summary"]
     return json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+
+
+def run_log_messages(flow_run_id: uuid.UUID) -> list[str]:
+    """The flow run's log messages (its tasks' included), read back from the Prefect API."""
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
 
 
 def task_runs_of(flow_run_id: uuid.UUID) -> dict[str, list[Any]]:
@@ -372,9 +383,39 @@ def test_local_camera_faster_than_the_pipeline_loses_data_loudly(
 
 
 # ---- nersc backend: sfapi_client -> fake SFAPI, aggregator over SSH -----------------------------------
+def page_during_the_session(sessions: Path, seen: dict[str, Any]) -> Callable[[], None]:
+    """A watcher: once the running session records its live page, what the user's terminal prints
+    (flows.cli_terminal), and what GET /api/state answers with and without the page's token."""
+
+    def look() -> None:
+        lines: list[str] = []
+        watcher = SessionWatcher(sessions, time.time() - 60, lines.append)
+        if not wait_until(lambda: watcher.poll() or any(x.startswith("live: ") for x in lines), 60):
+            return
+        url = next(x for x in lines if x.startswith("live: ")).removeprefix("live: ")
+        seen["printed"] = url
+        seen["state"] = read_state_file(watcher.session_dir)
+        page, _, query = url.partition("?")
+        for key, address in (("with token", f"{page}api/state?{query}"), ("without", f"{page}api/state")):
+            try:
+                with urllib.request.urlopen(address, timeout=10) as answer:
+                    seen[key] = (answer.status, json.loads(answer.read()))
+            except urllib.error.HTTPError as exc:
+                seen[key] = (exc.code, None)
+
+    return look
+
+
 @pytest.mark.timeout(120)
-def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
+def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session whose aggregator and live page run on the aggregator host (over SSH): the page answers
+    during the session, the user's terminal gets ``live: <URL>`` with its token, the summary links to
+    it, and both remote processes are gone after."""
+    set_env(monkeypatch, "streaming__live", enabled=True, token_required=True)
+    seen: dict[str, Any] = {}
+    observer = in_background(page_during_the_session(nersc.output_dir / "sessions", seen))
     state, session_dir = run_session(nersc.output_dir, n_scans=1, scan_width=8, scan_height=8)
+    observer.join(30)
     assert state.is_completed(), message(state)
     assert_scans(session_dir, 1, 8, 8)
 
@@ -412,9 +453,30 @@ def test_nersc_session_through_sfapi_and_ssh(nersc: NerscSetup) -> None:
     remote_log = (session_dir / "logs" / "aggregator-remote.log").read_text()
     assert "scan 1 ends (complete)" in remote_log  # the aggregator really ran, started over SSH
 
+    assert_live_page_on_the_aggregator_host(state, session_dir, seen)
     assert_job_released(nersc, job)
     assert not alive(info["aggregator_pid"])
-    assert_nothing_left(session_dir, groups=job.pids)
+    assert not alive(info["view_pid"])  # the page went with the aggregator
+    assert_nothing_left(session_dir, groups=[*job.pids, info["view_pid"]])
+
+
+def assert_live_page_on_the_aggregator_host(state: State, session_dir: Path, seen: dict[str, Any]) -> None:
+    """The remote page printed its address, answered during the session (401 without its token), the
+    terminal line carried the token, the flow run's log and summary the address without it."""
+    info = read_state_file(session_dir)
+    url, token = info["live_url"], (session_dir / "live-token").read_text().strip()
+    assert url.startswith("http://127.0.0.1:") and "token" not in url and token
+    assert seen.get("printed") == f"{url}?token={token}", seen
+    assert seen["with token"][0] == 200 and seen["without"][0] == 401, seen
+    assert isinstance(seen["with token"][1], dict)
+    assert seen["state"]["view_pid"] == info["view_pid"]  # it answered: it ran, between arm and release
+    remote_log = (session_dir / "logs" / "view-remote.log").read_text()
+    assert f"live: {url}" in remote_log and token not in remote_log
+    flow_run = state.state_details.flow_run_id
+    assert f"live: {url}" in run_log_messages(flow_run)
+    page = artifacts_of(flow_run)["session-live-view"]
+    assert page.type == "markdown" and f"[{url}]({url})" in str(page.data) and token not in str(page.data)
+    assert all(row["live view"].startswith(f"{url}#file=") for row in summary_rows(flow_run))
 
 
 @pytest.mark.timeout(120)
