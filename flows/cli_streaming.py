@@ -169,8 +169,8 @@ def aggregator(
 ) -> None:
     """Run the aggregator: receivers in, whole frames out to the armed nodes, state on the monitor."""
     began = time.time()
-    from streaming.aggregator.aggregator import run_aggregator
     from streaming.components import aggregator_config, server_curve
+    from streaming.metrics.aggregator import run_aggregator_exported
 
     _configure_logging(verbose)
     child_started(began)  # timing: lines in its log (flows/timeline.py), for the session's timeline
@@ -187,7 +187,8 @@ def aggregator(
     )
     config = aggregator_config(settings.streaming)
     timing(CONFIGURED)
-    stats = run_aggregator(config, server_curve(settings.streaming.curve), timeout=timeout)
+    curve = server_curve(settings.streaming.curve)
+    stats = run_aggregator_exported(config, curve, settings.streaming.metrics, _print_metrics, timeout)
     timing("stopped")
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
 
@@ -221,7 +222,7 @@ def node(
     began = time.time()
     from counting.dark import load_dark, load_frame_array
     from streaming.components import node_config
-    from streaming.node.streamer import run_node
+    from streaming.metrics.node import run_node_exported
 
     _configure_logging(verbose)
     child_started(began)  # timing: lines in its log (flows/timeline.py), for the session's timeline
@@ -247,9 +248,14 @@ def node(
     dark_arr = load_dark(str(dark_path)) if dark_path is not None else None
     gain_arr = load_frame_array(str(gain), "gain") if gain is not None else None
     timing(CONFIGURED)
-    counters = run_node(config, dark_arr, gain_arr)
+    counters = run_node_exported(config, dark_arr, gain_arr, _print_metrics)
     timing("stopped")
     logging.getLogger("stemstream").info("node finished: %s", counters)
+
+
+def _print_metrics(url: str) -> None:
+    """The ``metrics:`` line: where Prometheus scrapes this process (streaming.metrics)."""
+    print(f"metrics: {url}", flush=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -55,6 +55,7 @@ def view(
     """Serve the live page: each scan's images building up as the nodes count it, and the session's scans.
     Nodes connect out to it (CURVE with the aggregator's keys when streaming.curve has them)."""
     from streaming.components import server_curve
+    from streaming.metrics.view import view_exported
     from streaming.signals import stop_on_signals
     from streaming.view.server import LiveServer
 
@@ -70,7 +71,10 @@ def view(
             print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
             print(f"snapshots: {server.ingest.address}", flush=True)
             timing("page up")
-            server.run_until(done, timeout)  # a part that stops ends the process non-zero
+            with view_exported(
+                server, settings.streaming.metrics, lambda url: print(f"metrics: {url}", flush=True)
+            ):
+                server.run_until(done, timeout)  # a part that stops ends the process non-zero
         finally:
             server.stop()
 

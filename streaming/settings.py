@@ -152,6 +152,25 @@ class CurveSettings(BaseModel):
         return any([self.server_secret_file, self.server_public_file, self.client_secret_file])
 
 
+METRICS_PORT = 17300  # Prometheus exporters: aggregator +0, view +1, nodes from +10 (streaming.metrics)
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics: each process serves GET /metrics on its own HTTP port (streaming.metrics)."""
+
+    enabled: bool = Field(True, description="the aggregator, each node and the view serve Prometheus metrics")
+    host: str = Field(
+        "127.0.0.1", description="the exporters' address (loopback; 0.0.0.0 for a Prometheus on another host)"
+    )
+    port: int = Field(
+        METRICS_PORT,
+        ge=0,
+        le=65000,
+        description="base port: the aggregator port + 0, the view + 1, nodes the first free of + 10 .. + 73 "
+        "(taken: any free port, logged); 0: any free port for every process",
+    )
+
+
 class StreamingSettings(BaseModel):
     """Aggregator and node streamer parameters."""
 
@@ -255,3 +274,4 @@ class StreamingSettings(BaseModel):
     )
     curve: CurveSettings = CurveSettings()
     live: LiveSettings = LiveSettings()
+    metrics: MetricsSettings = MetricsSettings()

@@ -34,6 +34,11 @@ class HostedWriter:
         self.local_address = ""  # as this node reaches it
 
     @property
+    def scan_writer(self) -> ScanWriter | None:
+        """The writer this node hosts, or None (for its metrics: streaming.metrics.node)."""
+        return self._writer
+
+    @property
     def error(self) -> str | None:
         """Why the writer failed or its thread died (then this node must stop), or None."""
         if self._writer is None:
