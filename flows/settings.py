@@ -49,7 +49,7 @@ class SessionSettings(BaseModel):
         description="where the scan writer puts the HDF5 files (default <output_dir>/sessions/<run>/scans); "
         "with the nersc backend a directory the nodes can write and this machine can read, e.g. on CFS",
     )
-    postprocess: bool = True
+    postprocess: bool = Field(True, description="analyse each verified scan with py4DSTEM (images, CoM, DPC)")
     stream_phase: bool = Field(
         True,
         description="after verification, fit each scan's parallax (defocus, astigmatism, rotation: the live "
@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         nested_model_default_partial_update=True,
     )
 
-    output_dir: Path = Path("stemstream-output")
+    output_dir: Path = Field(
+        Path("stemstream-output"), description="sessions, darks, re-analyses and the SQLite catalogue go here"
+    )
     counting: CountingSettings = CountingSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     streaming: StreamingSettings = StreamingSettings()

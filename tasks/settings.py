@@ -50,15 +50,15 @@ UNSAFE_PATH = re.compile(r"[\s'\"$`\\~#;&|<>*?]")
 class SfapiSettings(BaseModel):
     """How to reach SFAPI and how long to wait for it; the key is a secret or a 0600 key file."""
 
-    api_base_url: str = "https://api.nersc.gov/api/v1.2"
-    token_url: str = "https://oidc.nersc.gov/c2id/token"
+    api_base_url: str = Field("https://api.nersc.gov/api/v1.2", description="the Superfacility API")
+    token_url: str = Field("https://oidc.nersc.gov/c2id/token", description="where SFAPI tokens come from")
     client_id: str = Field("", description="SFAPI client id; may come from the key file instead")
     key_path: Path | None = Field(
         None,
         description="0600 file: a PEM, a JWK JSON, sfapi's 'client_id line + PEM' or {client_id, secret} JSON",
     )
     secret: SecretStr | None = Field(None, description="the private key itself: a PEM or a JWK as JSON")
-    machine: str = "perlmutter"
+    machine: str = Field("perlmutter", description="the SFAPI compute machine the nodes run on")
     poll_interval: float = Field(5.0, gt=0, description="seconds between job-state queries")
     submit_timeout: float = Field(
         120.0, gt=0, description="seconds for sbatch (the SFAPI task) to return a job id"
@@ -94,12 +94,12 @@ class SlurmSettings(BaseModel):
     """What the node-streamer allocation asks Slurm for (Perlmutter realtime QOS by default)."""
 
     account: str = Field("", description="NERSC project that holds the realtime grant, e.g. m1234")
-    qos: str = "realtime"
+    qos: str = Field("realtime", description="Slurm QOS (sbatch -q); realtime needs a grant")
     constraint: str = Field("cpu", description="Perlmutter node type: cpu or gpu")
     nodes: int = Field(4, ge=1, le=4096, description="nodes to allocate; one node streamer per node")
     walltime: str = Field("00:30:00", description="[D-]HH:MM:SS")
-    job_name: str = "stemstream-nodes"
-    reservation: str | None = None
+    job_name: str = Field("stemstream-nodes", description="Slurm job name (sbatch -J)")
+    reservation: str | None = Field(None, description="Slurm reservation (sbatch --reservation), if any")
     log_dir: str = Field(
         ".",
         description="directory on Perlmutter for the job's output (%x_%j.out); must exist, no $VARS or ~",
@@ -198,20 +198,20 @@ def _check_option(option: str, field: str) -> None:
 class SshSettings(BaseModel):
     """How to reach one host by SSH (the aggregator host); its host key is pinned in known_hosts."""
 
-    host: str = "localhost"
-    port: int = Field(22, ge=1, le=65535)
+    host: str = Field("localhost", description="the host to log in to")
+    port: int = Field(22, ge=1, le=65535, description="its SSH port")
     user: str = Field("", description="login name; empty means the local user")
     key_path: Path = Field(
         Path("~/.ssh/id_ed25519"), validate_default=True, description="private key for the login"
     )
-    key_passphrase: SecretStr | None = None
+    key_passphrase: SecretStr | None = Field(None, description="passphrase of an encrypted private key")
     known_hosts: Path = Field(
         Path("~/.ssh/known_hosts"),
         validate_default=True,
         description="pinned host keys; unknown hosts are refused",
     )
-    connect_timeout: float = Field(10.0, gt=0)
-    command_timeout: float = Field(60.0, gt=0)
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect and log in")
+    command_timeout: float = Field(60.0, gt=0, description="seconds one remote command may take")
 
     @field_validator("key_path", "known_hosts")
     @classmethod
