@@ -96,3 +96,33 @@ def test_the_message_reference_lists_every_control_message(site):
     text = _text(site, "reference/messages")
     for cls, kind in control._KIND.items():
         assert f"{kind.decode()}: {cls.__name__}" in re.sub(r"</?code>", "", text), kind
+
+
+def _hook():
+    """docs/hooks/reference.py as MkDocs loads it (its directory on sys.path while it is imported)."""
+    import importlib.util
+
+    folder = ROOT / "docs" / "hooks"
+    spec = importlib.util.spec_from_file_location("docs_reference_hook", folder / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_the_facility_guide_lists_the_pages_that_exist_in_reading_order(tmp_path):
+    hook = _hook()
+    nav = [{"Home": "index.md"}, {"Facility guide": []}, {"Reference": ["reference/cli.md"]}]
+    assert hook.on_config({"docs_dir": str(tmp_path), "nav": [dict(e) for e in nav]})["nav"] == [
+        nav[0],
+        nav[2],
+    ]  # no page yet: no empty section
+    (tmp_path / "facility").mkdir()
+    for name in ["upgrading", "zz-notes", "keys", "metrics", "aggregator-host"]:
+        (tmp_path / "facility" / f"{name}.md").write_text(f"# {name}\n")
+    got = hook.on_config({"docs_dir": str(tmp_path), "nav": [dict(e) for e in nav]})["nav"]
+    order = ["aggregator-host", "keys", "metrics", "upgrading", "zz-notes"]
+    assert got[1] == {"Facility guide": [f"facility/{n}.md" for n in order]}

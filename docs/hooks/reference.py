@@ -7,6 +7,7 @@ facility guide lists the pages that exist under docs/facility/ (other pages may 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import docgen_cli
@@ -15,6 +16,7 @@ import docgen_settings
 from mkdocs.structure.files import File
 
 log = logging.getLogger("mkdocs.hooks.reference")
+_CODE_SPAN = re.compile(r"`[^`]*`")
 
 GENERATED = {
     "reference/cli.md": docgen_cli.render,
@@ -51,3 +53,13 @@ def on_files(files, config, **kwargs):
     for uri, render in GENERATED.items():
         files.append(File.generated(config, uri, content=render()))
     return files
+
+
+def on_page_markdown(markdown, page, config, files, **kwargs):
+    """Pipes in code spans of table rows: GitHub needs them escaped (``\\|``), Python-Markdown does not (it
+    would show the backslash), so the pages keep GitHub's spelling and the site gets plain pipes."""
+    lines = markdown.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("|") and "\\|" in line:
+            lines[i] = _CODE_SPAN.sub(lambda m: m.group(0).replace("\\|", "|"), line)
+    return "\n".join(lines)
