@@ -183,14 +183,22 @@ class StreamingSettings(BaseModel):
             raise ValueError(f"unknown time zone {v!r} (an IANA name such as America/Los_Angeles)") from None
         return v
 
-    receivers: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:6001"])
-    nodes_bind: str = "tcp://127.0.0.1:17000"
-    monitor_bind: str | None = "tcp://127.0.0.1:17001"
+    receivers: list[str] = Field(
+        default_factory=lambda: ["tcp://127.0.0.1:6001"],
+        description="the aggregator's PULL addresses for the receivers (one per receiver, or a shared one)",
+    )
+    nodes_bind: str = Field(
+        "tcp://127.0.0.1:17000", description="the aggregator's ROUTER address for the nodes"
+    )
+    monitor_bind: str | None = Field(
+        "tcp://127.0.0.1:17001",
+        description="the aggregator's PUB address for state and counters (None: none)",
+    )
     nodes_connect: str | None = Field(
         None, description="the aggregator's node address as nodes reach it (when it binds tcp://*:PORT)"
     )
     monitor_connect: str | None = Field(None, description="the monitor address as the session reaches it")
-    n_nodes: int = Field(1, ge=1)
+    n_nodes: int = Field(1, ge=1, description="node streamers the aggregator waits for before the first scan")
     scan_deadline: float = Field(
         2.0, gt=0, description="aggregator: seconds without a sector before a scan ends"
     )
@@ -202,12 +210,12 @@ class StreamingSettings(BaseModel):
         1.0, gt=0, description="node: seconds the oldest frame may wait for sectors when no slot is free"
     )
     writer_deadline: float = Field(30.0, gt=0, description="writer: seconds a scan may be silent")
-    heartbeat: float = Field(1.0, gt=0)
+    heartbeat: float = Field(1.0, gt=0, description="seconds between heartbeats (nodes) and monitor states")
     node_timeout: float = Field(
         10.0, gt=0, description="aggregator: seconds without a message from a node before it counts as lost"
     )
     node_workers: int = Field(1, ge=0, description="counting processes per node (0: in the node process)")
-    node_batch: int = Field(32, ge=1)
+    node_batch: int = Field(32, ge=1, description="frames a node counts per batch (one shared-memory slot)")
     node_slots: int = Field(16, ge=2, description="batches in flight per node (memory bound)")
     node_hold_limit: int = Field(
         1024, ge=0, description="sectors a node holds while no slot is free (memory bound: x 166 kB)"
@@ -222,7 +230,9 @@ class StreamingSettings(BaseModel):
         description="the host name other nodes reach node 0 by, when writer_bind is a wildcard "
         "(default: node 0's host name)",
     )
-    session_id: int = Field(0, ge=0, le=99999)
+    session_id: int = Field(
+        0, ge=0, le=99999, description="the session's number, in stop records and {session}"
+    )
     name_template: str = Field(
         "FOURD_{date}_{id:05d}_{scan:05d}.h5",
         description="scan file names: {date} yymmdd_HHMM in the facility's time zone, {id} the scan's unique "
