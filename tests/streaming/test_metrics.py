@@ -4,11 +4,13 @@ server answers GET /metrics only and at most MAX_REQUESTS at once, and a taken p
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -257,3 +259,20 @@ def test_no_bad_host() -> None:
 def test_settings_section() -> None:
     m = StreamingSettings().metrics
     assert (m.enabled, m.host, m.port) == (True, "127.0.0.1", 17300)
+
+
+def test_the_metrics_page_lists_every_metric_served() -> None:
+    state = p.AggregatorState(
+        state="armed", scan_number=-1, nodes_connected=1, nodes_ready=1, n_nodes=1, received=0,
+        forwarded=0, malformed=0, unroutable=0, per_path={0: {}},
+    )  # fmt: skip
+    families = [
+        *aggregator_families(state, 0, nodes_seen([NodeEntry("a", 0, b"a")], {"a": 0}, {}, 0.0)),
+        *node_families(NodeCounters(), NodeGauges(0, 0, 0, 0, 0, 0, 0)),
+        *writer_families([record(1, ScanStatus.COMPLETE, 1, 1, 1.0)], 0),
+        *view_families(ViewSeen(0, 0, 0, 0, 0, 0, True)),
+    ]
+    served = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    page = (Path(__file__).parents[2] / "docs" / "facility" / "metrics.md").read_text()
+    listed = set(re.findall(r"^\| `(stemstream_[a-z0-9_]+)` \|", page, re.M))
+    assert served == listed, (served - listed, listed - served)
