@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from typing import Any
 
@@ -19,12 +20,12 @@ _BOUNDS = (
     ("min_length", "len ≥"),
     ("max_length", "len ≤"),
 )
-_COMMENT = re.compile(r"^\s+(\w+)\s*:.*#\s*(.+)$")
+_COMMENT = re.compile(r"^\s+(\w+)\s*[:=].*#\s*(.+)$")
 
 
 def render() -> str:
     """The message reference as Markdown."""
-    from streaming.protocol import control, live, paths, sector
+    from streaming.protocol import control, live, paths, record, sector
 
     lines = [
         "# Message reference",
@@ -51,6 +52,7 @@ def render() -> str:
         "Over the aggregator's internal loopback hub; `[kind, msgpack map]`.",
     )
     lines += _live(live)
+    lines += _record(record)
     return "\n".join(lines)
 
 
@@ -111,8 +113,12 @@ def _type(hint: Any) -> str:
                     bounds.append(f"{sign} {value}")
         return f"{_type(base)} ({', '.join(bounds)})" if bounds else _type(base)
     args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(_type(a) for a in args)
+    if hint is type(None):
+        return "None"
     if args:
-        origin = typing.get_origin(hint)
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join(_type(a) for a in args)}]"
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
@@ -138,6 +144,24 @@ def _live(module: Any) -> list[str]:
         f"{module.PARALLAX_MAX_SIDE} bins per side, {module.PARALLAX_MAX_CELLS:,} positions × bins per node.",
         "",
     ]
+    return lines
+
+
+def _record(module: Any) -> list[str]:
+    """The stop record, ``<scan file>.json`` beside each streamed scan."""
+    lines = [
+        "## The stop record (`<scan file>.json`)",
+        "",
+        "```text",
+        inspect.getdoc(module) or "",
+        "```",
+        "",
+    ]
+    lines += [cell(inspect.getdoc(module.ScanRecord) or ""), ""]
+    lines += table(["field", "type", "default", "note"], _fields(module.ScanRecord))
+    comments = _comments(module.ScanStatus)
+    rows = [[code(s.value), cell(comments.get(s.name, ""))] for s in module.ScanStatus]
+    lines += ["`status` is one of:", ""] + table(["status", "meaning"], rows)
     return lines
 
 
