@@ -310,10 +310,12 @@ def test_cancelled_from_the_prefect_ui_while_the_job_waits_on_a_drained_node(
 
 @pytest.mark.timeout(120)
 def test_cancelled_from_the_prefect_ui_while_running_cancels_the_slurm_job(
-    nersc_slurm: NerscSlurmSetup,
+    nersc_slurm: NerscSlurmSetup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An instrument session waits for scans; Cancel from the UI ends it Cancelled and cancels the job."""
+    """An instrument session waits for scans; Cancel from the UI ends it Cancelled, cancels the job and
+    stops the live page on the aggregator host with the aggregator."""
     nersc = nersc_slurm
+    set_env(monkeypatch, "streaming__live", enabled=True)
 
     def cancel_when_ready() -> None:
         info = the_session(nersc, "ready")
@@ -324,8 +326,10 @@ def test_cancelled_from_the_prefect_ui_while_running_cancels_the_slurm_job(
     state, session_dir = run_session(nersc.output_dir, camera="instrument", n_scans=0)
     canceller.join(10)
     assert state.is_cancelled(), message(state)
-    job_id = read_state_file(session_dir)["job_id"]
-    assert_released(nersc, job_id, session_dir, "CANCELLED")
+    info = read_state_file(session_dir)
+    assert info["live_url"] and info["view_pid"]  # the page ran on the aggregator host
+    assert_released(nersc, info["job_id"], session_dir, "CANCELLED")
+    assert wait_until(lambda: not alive(info["view_pid"]), timeout=10)
 
 
 # ---- the walltime -------------------------------------------------------------------------------------

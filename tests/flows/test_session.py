@@ -568,9 +568,14 @@ def test_nersc_wrong_ssh_host_key_fails_the_session_and_cancels_the_job(
 
 
 # ---- secrets -------------------------------------------------------------------------------------------
+# Where the live page's token is meant to be: the session's own and the aggregator host's files, mode 0600.
+TOKEN_FILES = ("live-token", "live-token-remote")
+
+
 def everything_recorded(flow_run_id: uuid.UUID, *dirs: Path) -> str:
     """All an operator or an attacker with the Prefect database and the session's files could read: the
-    run's logs, artifacts, parameters and state messages (its task runs' too), and every file in dirs."""
+    run's logs, artifacts, parameters and state messages (its task runs' too), and every file in dirs but
+    the live page's token files (which must be the user's alone: mode 0600)."""
     APILogWorker.drain_all(timeout=10)  # logs reach the API in batches: send what is still queued
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
@@ -581,7 +586,9 @@ def everything_recorded(flow_run_id: uuid.UUID, *dirs: Path) -> str:
     parts += [str(t.state.message if t.state else "") for t in tasks]
     parts += [f"{a.description} {a.data}" for a in artifacts_of(flow_run_id).values()]
     for d in dirs:
-        parts += [f.read_text(errors="replace") for f in d.rglob("*") if f.is_file() and f.suffix != ".h5"]
+        files = [f for f in d.rglob("*") if f.is_file() and f.suffix != ".h5"]
+        assert all(f.stat().st_mode & 0o077 == 0 for f in files if f.name in TOKEN_FILES)
+        parts += [f.read_text(errors="replace") for f in files if f.name not in TOKEN_FILES]
     assert len(logs) > 5 and any(str(d) in "".join(parts) for d in dirs)  # really read back
     return "\n".join(parts)
 
@@ -595,7 +602,7 @@ def test_secrets_never_reach_logs_artifacts_or_messages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A NERSC session with every secret in play (SFAPI key, an SSH key behind a passphrase, CURVE keys on
-    the aggregator, the nodes and the flow's monitor), then one failing on a wrong passphrase: none of the
+    the aggregator, the nodes and the flow's monitor, the live page's token), then one failing on a wrong passphrase: none of the
     secrets appears in anything recorded."""
     caplog.set_level(logging.DEBUG)
     passphrase = "violet-kettle-47-orbit"
@@ -617,7 +624,9 @@ def test_secrets_never_reach_logs_artifacts_or_messages(
         server_secret_file=server_secret,
         allowed_clients=[str(client_public)],
     )
-    secrets = [passphrase]
+    page_token = "amber-quay-" + uuid.uuid4().hex  # the live page's, on the aggregator host
+    set_env(monkeypatch, "streaming__live", enabled=True, token=page_token, token_required=True)
+    secrets = [passphrase, page_token]
     secrets += [line for line in sfapi_pem.splitlines() if "-----" not in line]
     secrets += [line for line in locked.read_text().splitlines() if "-----" not in line]
     secrets += [load_keypair(f)[1].get_secret_value() for f in (server_secret, client_secret)]
@@ -627,6 +636,8 @@ def test_secrets_never_reach_logs_artifacts_or_messages(
         assert_scans(session_dir, 1, 8, 8)
         remote_log = (session_dir / "logs" / "aggregator-remote.log").read_text()
         assert "node and monitor sockets CURVE, 1 allowed client key(s)" in remote_log, remote_log
+        assert read_state_file(session_dir)["live_url"]  # the page ran, with its configured token
+        assert (session_dir / "live-token").read_text().strip() == page_token
         text = everything_recorded(state.state_details.flow_run_id, session_dir, nersc.fake.root)
 
         set_env(monkeypatch, "ssh", key_passphrase="not-" + passphrase)
