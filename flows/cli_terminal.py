@@ -35,6 +35,7 @@ class SessionWatcher(threading.Thread):
         self.session_dir: Path | None = None
         self._ready = False
         self._live = False
+        self._metrics_looks = 300  # the logs are read for ``metrics:`` lines at most this often (30 s)
         self._printed: set[str] = set()
 
     def run(self) -> None:
@@ -62,12 +63,32 @@ class SessionWatcher(threading.Thread):
         if state.ready and not self._ready:
             self._ready = True
             self.echo(f"ready: receivers {' '.join(state.receivers)}")
+        if self._ready and self._metrics_looks > 0:
+            self._metrics_looks -= 1
+            if urls := metrics_urls(self.session_dir / "logs"):
+                self._metrics_looks = 0
+                self.echo(f"metrics: {' '.join(urls)}")
         scans = Path(state.scans_dir or self.session_dir / "scans")
         for path in sorted(scans.glob("*.json")) if self._ready else []:
             if path.name in self._printed or path.stat().st_mtime < self.since:
                 continue
             self._printed.add(path.name)
             self.echo(scan_line(path))
+
+
+def metrics_urls(logs: Path) -> list[str]:
+    """Where Prometheus scrapes the session's processes, from their ``metrics:`` lines (streaming.metrics);
+    empty while the live view shows its page but not yet its metrics (it prints them just after)."""
+    urls, view_waits = [], False
+    for log in sorted(logs.glob("*.log")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        found = [line.removeprefix("metrics: ").strip() for line in lines if line.startswith("metrics: ")]
+        urls += found
+        view_waits = view_waits or (not found and any(line.startswith("live: ") for line in lines))
+    return [] if view_waits else urls
 
 
 def scan_line(record_file: Path) -> str:
