@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -269,6 +270,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         sampler = Sampler(roots).start()
         found = listening(sampler.processes())
         known = {port_of(pipe.receiver), port_of(pipe.nodes_address), port_of(pipe.monitor)}
+        metrics = r"^metrics: http://\S+:(\d+)/metrics$"  # HTTP exporters (streaming.metrics), not the hub
+        known |= {int(m) for n in pipe.procs for m in re.findall(metrics, pipe.log(n), re.M)}
         hub_port = next(p for p, who in found.items() if who == "aggregator" and p not in known)
         plan = attacks(
             pipe,
