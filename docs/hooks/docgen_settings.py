@@ -78,11 +78,10 @@ def _section(path: list[str], model: type[BaseModel], prefix: str, delimiter: st
             continue
         dotted = ".".join([*path, name])
         env = prefix + delimiter.join([*path, name]).upper()
-        rows.append(
-            [code(dotted), cell(_type(field)), _default(field), code(env), cell(field.description or "")]
-        )
+        names = f"{code(dotted)}<br>{code(env)}"
+        rows.append([names, cell(_type(field)), _default(field), cell(field.description or "")])
     if rows:
-        lines += table(["setting", "type", "default", "environment variable", "description"], rows)
+        lines += table(["setting, environment variable", "type", "default", "description"], rows)
     return lines
 
 
