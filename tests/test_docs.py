@@ -126,3 +126,20 @@ def test_the_facility_guide_lists_the_pages_that_exist_in_reading_order(tmp_path
     got = hook.on_config({"docs_dir": str(tmp_path), "nav": [dict(e) for e in nav]})["nav"]
     order = ["aggregator-host", "keys", "metrics", "upgrading", "zz-notes"]
     assert got[1] == {"Facility guide": [f"facility/{n}.md" for n in order]}
+
+
+CODE_PATH = re.compile(
+    r"`((?:counting|streaming|catalogue|tasks|flows|tests|benchmarks|scripts|stemstream_testing|deploy|docs)"
+    r"/[\w./-]+\.(?:py|json|yaml|toml|tmpl|sh|html|service|md))(?:::[^`]*)?`"
+)
+
+
+def test_every_file_the_pages_name_exists():
+    # The pages name code, tests and benchmarks by path: a renamed or removed file must be renamed there too.
+    named = {}
+    for page in (ROOT / "docs").rglob("*.md"):
+        for path in CODE_PATH.findall(page.read_text()):
+            named.setdefault(path, page.relative_to(ROOT))
+    assert len(named) > 30
+    missing = {path: str(page) for path, page in named.items() if not (ROOT / path).exists()}
+    assert not missing, missing
