@@ -14,8 +14,6 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from counting.phase.shift_sum import ramps
-
 
 def taper(used: np.ndarray, width: float = 6.0) -> np.ndarray:
     """float32 (h, w) window: 1 deep inside the used positions, falling as a cosine to 0 over width px
@@ -43,35 +41,45 @@ def measure_shifts(
     margin = int(np.ceil(np.abs(guess).max(initial=0.0)))
     inner = ndimage.binary_erosion(used, np.ones((2 * margin + 1,) * 2, bool)) if margin else used
     window = taper(inner)
-    moved = np.empty_like(spec)
-    for b in range(len(spec)):
-        ey, ex = ramps(shape, guess[b])
-        moved[b] = spec[b] * ey * ex
-    aligned = sfft.irfft2(moved, s=shape, axes=(-2, -1)) * window
+    ey, ex = all_ramps(shape, guess)
+    aligned = sfft.irfft2(spec * ey * ex, s=shape, axes=(-2, -1)) * window
     own = sfft.rfft2(aligned, axes=(-2, -1))
     prod = np.conj(own) * (own.sum(axis=0) - own)
     h, w = shape
     q2 = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2
     prod *= np.exp(-2.0 * np.pi**2 * smooth**2 * q2).astype(np.float32)
     corr = sfft.irfft2(prod, s=shape, axes=(-2, -1))
-    return guess + np.array([_peak(c, reach) for c in corr])
+    return guess + _peaks(corr, reach)
 
 
-def _peak(corr: np.ndarray, reach: float) -> tuple[float, float]:
-    """(x, y) of the correlation's largest value within reach of lag 0, refined by a parabola per axis."""
-    h, w = corr.shape
-    lag_y = np.fft.fftfreq(h, 1.0 / h)[:, None]
-    lag_x = np.fft.fftfreq(w, 1.0 / w)[None, :]
-    near = np.where(lag_y**2 + lag_x**2 <= reach**2, corr, -np.inf)
-    iy, ix = np.unravel_index(int(np.argmax(near)), corr.shape)
-    dy = _parabola(corr[(iy - 1) % h, ix], corr[iy, ix], corr[(iy + 1) % h, ix])
-    dx = _parabola(corr[iy, (ix - 1) % w], corr[iy, ix], corr[iy, (ix + 1) % w])
-    return float(lag_x[0, ix] + dx), float(lag_y[iy, 0] + dy)
+def all_ramps(shape: tuple[int, int], shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shift_sum.ramps for every shift (n, 2) at once: (rows factors (n, h, 1), columns (n, 1, w//2+1))."""
+    h, w = shape
+    sx, sy = shifts[:, 0, None], shifts[:, 1, None]
+    ey = np.exp(-2j * np.pi * np.fft.fftfreq(h)[None, :] * sy).astype(np.complex64)
+    ex = np.exp(-2j * np.pi * np.fft.rfftfreq(w)[None, :] * sx).astype(np.complex64)
+    return ey[:, :, None], ex[:, None, :]
 
 
-def _parabola(left: float, mid: float, right: float) -> float:
-    """Vertex offset of the parabola through three equally spaced values (0 when flat), within +-0.5."""
+def _peaks(corr: np.ndarray, reach: float) -> np.ndarray:
+    """float64 (n, 2): (x, y) of each correlation's (n, h, w) largest value within reach of lag 0, refined
+    by a parabola per axis."""
+    n, h, w = corr.shape
+    lag_y = np.fft.fftfreq(h, 1.0 / h)
+    lag_x = np.fft.fftfreq(w, 1.0 / w)
+    near = lag_y[:, None] ** 2 + lag_x[None, :] ** 2 <= reach**2
+    flat = np.where(near, corr, -np.inf).reshape(n, -1).argmax(axis=1)
+    iy, ix, b = flat // w, flat % w, np.arange(n)
+    mid = corr[b, iy, ix]
+    dy = _parabola(corr[b, (iy - 1) % h, ix], mid, corr[b, (iy + 1) % h, ix])
+    dx = _parabola(corr[b, iy, (ix - 1) % w], mid, corr[b, iy, (ix + 1) % w])
+    return np.stack([lag_x[ix] + dx, lag_y[iy] + dy], axis=1)
+
+
+def _parabola(left: np.ndarray, mid: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Vertex offsets of the parabolas through three equally spaced values (0 where flat), within +-0.5."""
+    left, mid, right = (np.asarray(v, np.float64) for v in (left, mid, right))
     curve = left - 2.0 * mid + right
-    if curve >= 0.0:
-        return 0.0
-    return float(np.clip(0.5 * (left - right) / curve, -0.5, 0.5))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        offset = np.clip(0.5 * (left - right) / curve, -0.5, 0.5)
+    return np.where(curve < 0.0, offset, 0.0)
