@@ -26,12 +26,12 @@ from streaming.view.token import TOKEN_FILE, write_token
 from tasks.launch.errors import AggregatorExited, NodeFailure
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.launch.processes import ProcessGroup, kill_carrying
-from tasks.launch.remote_view import RemotePage, start_remote_view
+from tasks.launch.remote_view import RemotePage, start_remote_view, stop_remote_groups
 from tasks.launch.state import SessionState
 from tasks.nersc.batch import render_batch_script
 from tasks.nersc.sfapi import JobStatus, SfapiAllocator
 from tasks.settings import SfapiSettings, SlurmSettings, SshSettings
-from tasks.ssh import RemoteError, start_remote_process, stop_remote_process
+from tasks.ssh import RemoteError, start_remote_process
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +314,10 @@ class SshAggregator:
         """Nothing cheap to check remotely; the monitor heartbeat shows it is alive."""
 
     def stop(self) -> None:
-        """Stop the live page and the remote aggregator (each its whole process group); both are tried."""
-        try:
-            if self.page is not None:
-                stop_remote_process(self.ssh, self.page.pid, token=self.token)
-                self.page = None
-        finally:
-            if self.pid is not None:
-                stop_remote_process(self.ssh, self.pid, token=self.token)
-                self.pid = None
+        """Stop the live page and the remote aggregator (each its whole process group), both at once."""
+        page = [self.page.pid] if self.page is not None else []
+        stop_remote_groups(self.ssh, [*page, *([self.pid] if self.pid is not None else [])], self.token)
+        self.page = self.pid = None
 
     def record(self, state: SessionState) -> None:
         """Its kind, the PIDs of its and its page's process groups on the aggregator host, the token they
@@ -333,14 +328,10 @@ class SshAggregator:
         state.live_url = self.page.url if self.page is not None else None
 
     def release_recorded(self, state: SessionState) -> None:
-        """Stop the recorded page and remote process group over SSH (refused if a PID no longer carries
-        the recorded token: ForeignProcess); both are tried."""
-        try:
-            if state.view_pid:
-                stop_remote_process(self.ssh, int(state.view_pid), token=state.aggregator_token)
-        finally:
-            if state.aggregator_pid:
-                stop_remote_process(self.ssh, int(state.aggregator_pid), token=state.aggregator_token)
+        """Stop the recorded page and remote process group over SSH, both at once (refused if a PID no
+        longer carries the recorded token: ForeignProcess)."""
+        pids = [int(p) for p in (state.view_pid, state.aggregator_pid) if p]
+        stop_remote_groups(self.ssh, pids, state.aggregator_token)
 
 
 def node_name(pid: int) -> str:

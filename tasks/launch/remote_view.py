@@ -10,6 +10,7 @@ token file, for the user's terminal (tasks.acquisition.live).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streaming.view.token import TOKEN_FILE, write_token
@@ -80,3 +81,15 @@ def stop_view(ssh: SshSettings, pid: int, process_token: str | None) -> None:
         stop_remote_process(ssh, pid, token=process_token)
     except RemoteError as exc:
         log.warning("could not stop the live page (PID %d on %s): %s", pid, ssh.host, exc)
+
+
+def stop_remote_groups(ssh: SshSettings, pids: list[int], process_token: str | None) -> None:
+    """Stop these process groups on the host at once (an SSH session each: the page's shutdown and the
+    aggregator's overlap); every one is tried, then the first failure is raised."""
+    if not pids:
+        return
+    with ThreadPoolExecutor(len(pids), thread_name_prefix="ssh-stop") as pool:
+        futures = [pool.submit(stop_remote_process, ssh, pid, token=process_token) for pid in pids]
+    errors = [exc for exc in (f.exception() for f in futures) if exc is not None]
+    if errors:
+        raise errors[0]

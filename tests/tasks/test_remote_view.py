@@ -20,7 +20,13 @@ from tasks.launch.plan import SessionPlan
 from tasks.launch.remote_view import REMOTE_TOKEN_FILE, RemotePage, start_remote_view
 from tasks.launch.state import SessionState
 from tasks.settings import SshSettings
-from tasks.ssh import RemoteCommandFailed, start_remote_process, wait_remote_line
+from tasks.ssh import (
+    ForeignProcess,
+    RemoteCommandFailed,
+    start_remote_process,
+    stop_remote_process,
+    wait_remote_line,
+)
 
 from .helpers import alive, wait_until
 
@@ -154,3 +160,18 @@ def test_the_cleanup_hook_stops_the_page_from_the_state_file_alone(sshd: SshSett
     state.save()
     SshAggregator(sshd).release_recorded(SessionState.load(tmp_path / "s2"))
     assert wait_until(lambda: not alive(aggregator_pid) and not alive(view_pid), timeout=5)
+
+
+def test_a_page_pid_that_is_not_ours_is_refused_and_the_aggregator_still_stopped(
+    sshd: SshSettings, tmp_path: Path
+) -> None:
+    token = uuid.uuid4().hex
+    aggregator = start_remote_process(sshd, "sleep 60", str(tmp_path / "aggregator.log"), token=token)
+    other = start_remote_process(sshd, "sleep 60", str(tmp_path / "other.log"))  # as a reused PID
+    try:
+        backend = SshAggregator(sshd, token=token, pid=aggregator, page=RemotePage(other, "http://x/"))
+        with pytest.raises(ForeignProcess):
+            backend.stop()
+        assert not alive(aggregator) and alive(other)  # both tried; the stranger left alone
+    finally:
+        stop_remote_process(sshd, other, grace=0.5)
