@@ -49,6 +49,7 @@ from flows.session import session
 from flows.settings import load_settings
 from stemstream_testing.fake_sfapi import FakeJob
 from streaming.transport.security import load_keypair, write_keypair
+from tasks.acquisition.live import live_url
 from tasks.verify import verify_scan
 from tests.flows.conftest import NerscSetup, set_env
 from tests.tasks.helpers import alive, keygen, wait_until
@@ -265,6 +266,8 @@ def test_local_session_counts_verifies_analyses_and_stops_everything(stemstream_
         "view.log",  # the live page (stemstream view)
     }
     assert "live: http://127.0.0.1:" in (session_dir / "logs" / "view.log").read_text()
+    page = live_url(session_dir)  # the summary links to the page on the local backend too
+    assert page and f"[{page}]({page})" in str(artifacts["session-live-view"].data)
     assert_timeline(session_dir, n_scans=2, nodes=2)
     assert_nothing_left(session_dir)
 
