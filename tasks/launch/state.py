@@ -2,9 +2,9 @@
 
 Three readers rely on its JSON keys: the session's cleanup hook after a crash or a cancellation (job id,
 aggregator and page PIDs, process tokens), the terminal's watcher (``ready``, ``receivers``, ``scans_dir``,
-``live_url``) and a catalogue rebuild (``flow_run``, ``backend``, ``settings_file``, ``scans_dir``). A field that is not known
-yet (None) is left out of the file, as it was before it was typed: ``"aggregator_pid" not in`` the file
-means the aggregator was never armed.
+``live_url``) and a catalogue rebuild (``flow_run``, ``backend``, ``settings_file``, ``scans_dir``). A
+field that is not known yet (None) is left out of the file, as it was before it was typed:
+``"aggregator_pid" not in`` the file means the aggregator was never armed.
 """
 
 from __future__ import annotations
