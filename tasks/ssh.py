@@ -5,8 +5,10 @@
   check the fingerprint by hand.
 * ``run_remote`` drains stdout and stderr together until the channel's EOF, so a chatty command can't
   block on a full window and no tail of either stream is lost (the exit status can arrive before it).
-* ``start_remote_process`` starts a long-lived process (the aggregator) detached in its own session
-  (``nohup setsid``) and returns its PID; ``stop_remote_process`` ends its whole process group.
+* ``start_remote_process`` starts a long-lived process (the aggregator, its live page) detached in its own
+  session (``nohup setsid``) and returns its PID; ``stop_remote_process`` ends its whole process group;
+  ``wait_remote_line`` waits for a line in its log (the page's ``live:``). A secret it needs (a file)
+  travels on the command's stdin, never in a command line, which other users of the host can read.
 * Errors are typed (``RemoteError`` subclasses) and never contain the key or its passphrase. Socket and
   paramiko errors never escape raw: a broken connection is ``RemoteUnreachable`` and a slow command
   ``RemoteTimeout`` (both transient, so retried), a key problem or a failed command is permanent.
