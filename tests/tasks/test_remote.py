@@ -36,6 +36,11 @@ def test_list_command_is_quoted(sshd: SshSettings, tmp_path: Path) -> None:
     assert result.stdout == "a b|$HOME|it's|"
 
 
+def test_stdin_reaches_the_command_then_eof(sshd: SshSettings) -> None:
+    assert run_remote(sshd, "cat; echo end", stdin="a secret\n").stdout == "a secret\nend\n"
+    assert run_remote(sshd, "cat; echo end").stdout == "end\n"  # no stdin: EOF at once, no hang
+
+
 def test_megabytes_on_both_streams_do_not_deadlock(sshd: SshSettings) -> None:
     # Both streams at once: a reader that drained only stdout would leave the remote side blocked on stderr.
     result = run_remote(
