@@ -108,14 +108,17 @@ def writer_families(records: list[ScanRecord] | None, malformed: int) -> list[Me
 
 
 class NodeCollector(Collector):
-    """Reads a running NodeStreamer at each scrape (from the exporter's thread)."""
+    """Reads a running NodeStreamer at each scrape (from the exporter's thread); nothing until ``node`` is
+    set (the exporter starts first: a bad metrics address fails before the node allocates anything)."""
 
-    def __init__(self, node: NodeStreamer) -> None:
-        self._node = node
+    def __init__(self, node: NodeStreamer | None = None) -> None:
+        self.node = node
 
     def collect(self) -> Iterator[Metric]:
         """The node's families and its hosted writer's."""
-        node = self._node
+        node = self.node
+        if node is None:
+            return
         pool = node.pool
         gauges = NodeGauges(
             index=node.link.node_index,
@@ -150,9 +153,8 @@ def run_node_exported(
     config: NodeConfig, dark: np.ndarray | None, gain: np.ndarray | None, announce: Announce
 ) -> NodeCounters:
     """run_node with its metrics served (and node 0's scan writer's): until SIGTERM/SIGINT or max_scans."""
-    node = NodeStreamer(config, dark, gain)
-    with (
-        stop_on_signals(node.stop),
-        exported(config.streaming.metrics, "node", [NodeCollector(node)], announce),
-    ):
-        return node.run()
+    collector = NodeCollector()
+    with exported(config.streaming.metrics, "node", [collector], announce):
+        node = collector.node = NodeStreamer(config, dark, gain)
+        with stop_on_signals(node.stop):
+            return node.run()

@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from counting.geometry import SECTOR_BYTES
-from stemstream_testing.support import wait_until
+from stemstream_testing.support import CLI, wait_until
 from streaming.aggregator.aggregator import Aggregator
 from streaming.aggregator.registry import NodeEntry
 from streaming.metrics.aggregator import AggregatorCollector, aggregator_families, nodes_seen
 from streaming.metrics.exporter import MAX_REQUESTS, MetricsExporter, exported, role_ports
-from streaming.metrics.node import NodeGauges, node_families, process_running, writer_families
+from streaming.metrics.node import NodeCollector, NodeGauges, node_families, process_running, writer_families
 from streaming.metrics.view import ViewSeen, view_families
 from streaming.node.config import NodeCounters
 from streaming.protocol import control as p
@@ -276,3 +276,23 @@ def test_the_metrics_page_lists_every_metric_served() -> None:
     page = (Path(__file__).parents[2] / "docs" / "facility" / "metrics.md").read_text()
     listed = set(re.findall(r"^\| `(stemstream_[a-z0-9_]+)` \|", page, re.M))
     assert served == listed, (served - listed, listed - served)
+
+
+def test_a_node_whose_metrics_cannot_be_served_stops_before_it_starts(tmp_path) -> None:
+    """A bad metrics address is one error line and exit 1, before the node allocates anything (its exporter
+    starts first and collects nothing until the node exists)."""
+    assert list(NodeCollector().collect()) == []
+    env = {**os.environ, "STEMSTREAM_STREAMING__METRICS__HOST": "203.0.113.1"}  # not this host's
+    args = [
+        "node",
+        "--aggregator",
+        "tcp://127.0.0.1:9",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+    ]
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error: metrics: cannot serve on 203.0.113.1:17310" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
