@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from counting.durable import file_sha256
-from flows import cli_catalogue, cli_dark, cli_microscope, cli_session, cli_streaming, cli_view
+from flows import cli_catalogue, cli_dark, cli_keys, cli_microscope, cli_session, cli_streaming, cli_view
 from flows.cli_common import (
     check_threshold_pair,
     command_settings,
@@ -335,7 +335,7 @@ def alerts(
     console.print(f"  of flows {', '.join(FLOW_NAMES)}")
 
 
-for _commands in (cli_streaming, cli_session, cli_catalogue, cli_view, cli_dark, cli_microscope):
+for _commands in (cli_streaming, cli_session, cli_catalogue, cli_view, cli_dark, cli_microscope, cli_keys):
     _commands.register(app)
 
 
