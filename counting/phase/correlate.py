@@ -15,6 +15,10 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 
+class NoOverlapError(ValueError):
+    """The guesses move the bins so far that no used position is covered by all of them."""
+
+
 def taper(used: np.ndarray, width: float = 6.0) -> np.ndarray:
     """float32 (h, w) window: 1 deep inside the used positions, falling as a cosine to 0 over width px
     towards their edge and the image's edge (the image border counts as an edge)."""
@@ -40,6 +44,8 @@ def measure_shifts(
     # edge (which moves with its guess, not with the sample) is inside the window.
     margin = int(np.ceil(np.abs(guess).max(initial=0.0)))
     inner = ndimage.binary_erosion(used, np.ones((2 * margin + 1,) * 2, bool)) if margin else used
+    if not inner.any():  # no correlation to measure: every peak would sit at the guess, a perfect "fit"
+        raise NoOverlapError(f"shifts of up to {margin} px leave no position that every moved bin covers")
     window = taper(inner)
     ey, ex = all_ramps(shape, guess)
     aligned = sfft.irfft2(spec * ey * ex, s=shape, axes=(-2, -1)) * window

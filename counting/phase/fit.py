@@ -21,7 +21,7 @@ import numpy as np
 
 from counting.errors import PermanentError
 from counting.phase.accumulate import ParallaxSnapshot
-from counting.phase.correlate import measure_shifts
+from counting.phase.correlate import NoOverlapError, measure_shifts
 from counting.phase.model import decompose
 from counting.phase.shift_sum import spectra
 
@@ -164,7 +164,10 @@ def _fit(
     for it in range(max(int(iterations), 1)):
         guess = k @ m.T
         near = reach if it == 0 and start is None else min(reach, REFINE_REACH)
-        measured = f * measure_shifts(spec, inside, guess / f, near)
+        try:
+            measured = f * measure_shifts(spec, inside, guess / f, near)
+        except NoOverlapError as exc:  # a thin region (the first rows of a scan) and a large defocus
+            raise ParallaxFitError(f"too few rows for these shifts: {exc}") from None
         m, offset, cov = _weighted_fit(k, measured, weights)
         if np.abs(k @ m.T - guess).max() < tolerance:  # the model's shifts moved less than this: settled
             break

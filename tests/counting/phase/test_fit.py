@@ -51,6 +51,24 @@ def test_fit_of_a_partly_filled_scan_uses_only_the_positions_seen():
     assert abs(fit.defocus / 0.05 - 1) < 0.10 and abs(fit.rotation - 20.0) < 5.0
 
 
+def test_the_first_rows_of_a_scan_give_a_clear_error_never_a_perfect_fit(astigmatic):
+    """A few rows and a defocus whose shifts exceed them: no position every moved bin covers. Each bin's
+    peak would then sit at its guess and the fit reproduce it with zero residual and zero uncertainty; it
+    is refused instead (the live fits of a scan's first rows fail with that reason)."""
+    refused = 0
+    for rows in (9, 10, 12, 16, 24):
+        mask = np.zeros((64, 64), bool)
+        mask[:rows, :-1] = True
+        try:
+            fit = fit_aberrations(astigmatic.snapshot, mask)
+        except ParallaxFitError as exc:
+            assert "too few rows for these shifts" in str(exc)
+            refused += 1
+            continue
+        assert fit.residual_rms() > 1e-6 and fit.defocus_err > 1e-6, rows
+    assert refused > 0
+
+
 def test_too_little_data_is_a_clear_error(astigmatic):
     mask = np.zeros((64, 64), bool)
     mask[:5, :5] = True
