@@ -11,6 +11,8 @@ between them, so Markdown keeps the fence a fence):
   parses with the real command-line parser (options known, values of the right type).
 * ``<!-- guide: settings -->`` on a ``toml`` block: every key is a setting and every value valid
   (the real Settings model).
+* ``<!-- guide: output -->`` on a ``text`` block: a sample of what the run block before it printed; each of
+  its lines must be a line of that block's output (keys, which differ on every run, masked: ``masked``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-MARK = re.compile(r"<!--\s*guide:\s*(run|parse|settings)\b(.*?)-->", re.S)
+MARK = re.compile(r"<!--\s*guide:\s*(run|parse|settings|output)\b(.*?)-->", re.S)
 EXPECT = re.compile(r'expect="([^"]*)"')
 FENCE = re.compile(r"^```(\w*)\s*$")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
@@ -169,3 +171,11 @@ def unknown_settings(data: dict, model: type, prefix: str = "") -> list[str]:
         if isinstance(value, dict) and isinstance(inner, type) and issubclass(inner, BaseModel):
             unknown += unknown_settings(value, inner, f"{prefix}{key}.")
     return unknown
+
+
+Z85_KEY = re.compile(r"(?<=public )\S{40}")
+
+
+def masked(text: str) -> list[str]:
+    """Lines of a command's output with the z85 keys (different on every run) replaced, stripped."""
+    return [Z85_KEY.sub("KEY", line).rstrip() for line in text.splitlines() if line.strip()]

@@ -19,6 +19,7 @@ from stemstream_testing.guide import (
     Block,
     blocks,
     commands,
+    masked,
     parse_prefect,
     parse_stemstream,
     unknown_settings,
@@ -69,6 +70,14 @@ def test_every_shell_block_is_marked_and_every_page_says_what_is_checked():
 RUN_PAGES = sorted({b.page for b in _blocks("run")})
 
 
+def test_output_samples_follow_a_run_block():
+    for page in PAGES:
+        found = blocks(FACILITY / page)
+        for i, block in enumerate(found):
+            if block.kind == "output":
+                assert any(b.kind == "run" for b in found[:i]), block.where
+
+
 @pytest.mark.parametrize("page", RUN_PAGES)
 def test_run_blocks_run_in_a_sandbox(page, tmp_path):
     """A page's run blocks, in order, in one sandbox directory: exit 0, every expected text printed."""
@@ -86,7 +95,14 @@ def test_run_blocks_run_in_a_sandbox(page, tmp_path):
         "DO_NOT_TRACK": "1",
         "P": str(_free_base()),
     }
-    for block in [b for b in blocks(FACILITY / page) if b.kind == "run"]:
+    printed = ""
+    for block in blocks(FACILITY / page):
+        if block.kind == "output":  # a sample of what the run block before it printed: still true
+            stale = [line for line in masked(block.text) if line not in masked(printed)]
+            assert not stale, f"{block.where}: the sample shows lines the command no longer prints: {stale}"
+            continue
+        if block.kind != "run":
+            continue
         r = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block.text],
             cwd=work,
