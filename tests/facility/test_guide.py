@@ -204,3 +204,14 @@ def test_the_unit_checks_would_catch_a_broken_unit(tmp_path):
     )
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(broken)], capture_output=True, text=True)
     assert "sometimes" in r.stderr and "NoNewPrivz" in r.stderr
+
+
+def test_the_settings_check_refuses_a_misspelt_key_and_a_bad_value():
+    from pydantic import ValidationError
+
+    from flows.settings import Settings
+
+    data = tomllib.loads('[streaming.curve]\nserver_secret_fle = "x"\n[sesion]\nnodes = 1\n')
+    assert unknown_settings(data, Settings) == ["streaming.curve.server_secret_fle", "sesion"]
+    with pytest.raises(ValidationError):
+        Settings.model_validate(tomllib.loads('[slurm]\nqos = "real time"\n'))
