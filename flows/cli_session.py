@@ -6,6 +6,7 @@ session's logs at exit and, with --timings, print it."""
 from __future__ import annotations
 
 import atexit
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,18 @@ import typer
 
 from flows.cli_common import command_settings, console, parse_scan, user_errors
 from flows.cli_terminal import embedded_prefect, run_in_terminal
+from flows.session_prefect import EmbeddedServer, adopt, early_server
 from flows.settings import Settings, SimulatorSettings
-from flows.timeline import COMMAND, EXIT, PREFECT_IMPORTED, PREFECT_UP, SETTINGS, Timeline, cli_timeline
+from flows.timeline import (
+    COMMAND,
+    EXIT,
+    PREFECT_IMPORTED,
+    PREFECT_STARTED,
+    PREFECT_UP,
+    SETTINGS,
+    Timeline,
+    cli_timeline,
+)
 from flows.timeline_phases import CLI_DONE, marks_table, phases, phases_table
 
 Timings = Annotated[
@@ -149,11 +160,17 @@ def demo(
 
 
 def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool) -> int:
-    """run_in_terminal, its Prefect server started first (a mark of its own); the timeline is finished at
-    this process's exit, after Prefect's server has stopped (an exit hook registered before the server's)."""
+    """run_in_terminal, its Prefect server started first (before Prefect is imported, where Prefect would
+    start its own: flows/session_prefect.py); the timeline is finished at this process's exit, after
+    Prefect's server has stopped (an exit hook registered before the server's)."""
     atexit.register(_finish_timeline, timeline, show)
+    chose_home = "PREFECT_HOME" not in os.environ
     embedded_prefect(settings.output_dir)
-    if _prefect_up(timeline):
+    server = early_server(chose_home)
+    if server is not None:
+        atexit.register(server.stop)  # runs before _finish_timeline (exit hooks run last-registered first)
+        timeline.mark(PREFECT_STARTED, process="cli")
+    if _prefect_up(timeline, server):
         timeline.mark(PREFECT_UP, process="cli")
     try:
         return run_in_terminal(settings, params, params["postprocess"])
@@ -161,13 +178,19 @@ def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool)
         timeline.mark(CLI_DONE, process="cli")
 
 
-def _prefect_up(timeline: Timeline) -> bool:
-    """Start the embedded Prefect server now, as the flow's first call would (nothing when a server is
-    configured but to ask it); False if it did not answer (the flow then says why)."""
+def _prefect_up(timeline: Timeline, server: EmbeddedServer | None) -> bool:
+    """The embedded Prefect server up: the CLI's own (the flow imported while it starts), else started
+    now as the flow's first call would (nothing when a server is configured but to ask it); False if it
+    did not answer (the flow then says why)."""
     try:
         from prefect.client.orchestration import get_client
 
         timeline.mark(PREFECT_IMPORTED, process="cli")
+        if server is not None:
+            import flows.session  # noqa: F401  the flow's imports, while the server starts
+
+            if adopt(server):
+                return True
         with get_client(sync_client=True) as client:
             return client.api_healthcheck() is None
     except Exception:  # a measurement must not fail the session: the flow meets the same error and says it

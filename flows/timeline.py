@@ -34,6 +34,7 @@ PROCESS_START = "process start"
 IMPORTS = "imports"
 COMMAND = "command"
 SETTINGS = "settings loaded"
+PREFECT_STARTED = "prefect server process started"  # the CLI started it before importing Prefect
 PREFECT_IMPORTED = "prefect imported"
 PREFECT_UP = "prefect server up"
 FLOW_BEGINS = "flow run begins"
