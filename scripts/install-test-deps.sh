@@ -23,6 +23,8 @@ NEEDED=(
   "/usr/bin/pg_ctlcluster postgresql" # postgresql-common; the server binaries are under /usr/lib/postgresql/*/bin
   # The metrics test scrapes a running session with a real Prometheus server on loopback.
   "/usr/bin/prometheus prometheus"
+  # The facility guide's systemd units are checked with systemd-analyze verify (tests/facility/test_guide.py).
+  "/usr/bin/systemd-analyze systemd"
 )
 
 have() {
