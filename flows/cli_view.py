@@ -70,6 +70,8 @@ def view(
             server.start()
             print(f"live: {_page_line(server, sys.stdout.isatty())}", flush=True)
             print(f"snapshots: {server.ingest.address}", flush=True)
+            if server.aberration is not None and server.aberration.address:  # live.aberration
+                print(f"aberration: {server.aberration.address}", flush=True)
             timing("page up")
             with view_exported(
                 server, settings.streaming.metrics, lambda url: print(f"metrics: {url}", flush=True)
