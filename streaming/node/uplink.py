@@ -98,5 +98,6 @@ class AggregatorLink:
             self.hello(writer_address)
 
     def close(self) -> None:
-        """Close the socket (bounded linger)."""
-        self.socket.close(linger=2000)
+        """Close the socket: a bounded linger while the aggregator is there to take what is queued; none
+        once it went away (what is queued then is hellos and heartbeats for nobody: not worth a wait)."""
+        self.socket.close(linger=2000 if self.welcomed else 0)
