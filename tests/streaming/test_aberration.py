@@ -3,8 +3,8 @@ through a node's LivePublisher to a real view with live.aberration on; the examp
 (examples/aberration_client.py, its own decode) receives the fits during the scan and the final one, within
 5 % of the simulated defocus; once the scan's file has the microscope's metadata the view fits it again in
 nm and publishes a second, calibrated final message. Also: off loopback without keys no socket, the view
-goes on; a subscription flood is refused, never installed; the scale from the microscope's attributes
-equals the session analysis' calibration."""
+goes on; over CURVE only listed subscribers get messages; a subscription flood is refused, never
+installed; the scale from the microscope's attributes equals the session analysis' calibration."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from stemstream_testing.support import free_port
 from streaming.live.publisher import LivePublisher
 from streaming.protocol import control as p
 from streaming.settings import LiveSettings
+from streaming.transport.security import CurveServerConfig, write_keypair
 from streaming.view.aberration import HEADER_FIELDS, AberrationOut
 from streaming.view.server import LiveServer
 from tasks.analysis.calibration import calibration_from_metadata
@@ -154,6 +155,42 @@ def test_a_subscription_flood_is_refused_and_a_subscriber_still_gets_messages():
     finally:
         flood.close(linger=0)
         good.close(linger=0)
+        ctx.term()
+        out.close()
+
+
+def test_over_curve_only_listed_subscribers_get_messages(tmp_path):
+    """With live.tap_curve (always off loopback) the socket is a CURVE server with the view's keys: the
+    example client with a key in live.tap_clients receives; a stranger's key or plaintext gets nothing."""
+    keys = {name: write_keypair(tmp_path, name) for name in ("server", "node", "lens", "stranger")}
+    view_curve = CurveServerConfig.from_files(keys["server"][1], [keys["node"][0]])
+    port = free_port()
+    live = LiveSettings(aberration=True, aberration_port=port, tap_curve=True, tap_clients=[keys["lens"][0]])
+    out = AberrationOut(live, view_curve)
+    ctx = zmq.Context()
+    address = f"tcp://127.0.0.1:{port}"
+    subs = {
+        "lens": client.subscribe(ctx, address, str(keys["server"][0]), str(keys["lens"][1])),
+        "stranger": client.subscribe(ctx, address, str(keys["server"][0]), str(keys["stranger"][1])),
+        "plain": client.subscribe(ctx, address),
+    }
+    try:
+        assert out.refused is None and out.publisher is not None
+        got = {who: [] for who in subs}
+        deadline, settle = time.monotonic() + 20, None
+        while time.monotonic() < (settle or deadline):
+            out.publish(5, "k", {"status": "ok", "final": True, "defocus": 2.0})
+            for who, sock in subs.items():
+                while sock.poll(0):
+                    got[who].append(client.decode(sock.recv_multipart()))
+            if settle is None and got["lens"]:
+                settle = time.monotonic() + 1.0  # a while longer for the others
+            time.sleep(0.02)
+        assert got["lens"] and got["lens"][0]["defocus"] == 2.0
+        assert got["stranger"] == [] and got["plain"] == []
+    finally:
+        for sock in subs.values():
+            sock.close(linger=0)
         ctx.term()
         out.close()
 
