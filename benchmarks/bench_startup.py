@@ -1,15 +1,20 @@
 """Where a session's start-up goes: `stemstream demo --timings` run N times, each in a fresh process with a
-fresh output directory (a fresh embedded Prefect database, as a new user's first session has), and the
+fresh output directory (its embedded Prefect database new, seeded as below), and the
 median of each phase of its timeline (flows/timeline_phases.py, from the session's logs/timeline.json).
 
 Also measured from outside: the command's wall time (its exit included; "after the exit mark" is what
 follows the timeline's last mark: interpreter shutdown and the exit hooks that run after it).
 
+A new output directory's Prefect database is copied from a template migrated once per user and Prefect
+version (flows/session_prefect.py, in $XDG_CACHE_HOME or ~/.cache): by default the runs use this user's, so
+only a machine's very first session migrates; --fresh-cache gives every run an empty cache of its own (a new
+user's first session: the migrations run, and the run keeps the template).
+
 With --reuse every run shares one output directory: the first run creates the embedded Prefect server's
 database, the later ones find it (a user's second session); the median is then of runs 2..N.
 
 Usage: python benchmarks/bench_startup.py [--runs 2] [--scans 3] [--scan 64x64] [--no-postprocess]
-       [--reuse] [--json PATH]
+       [--reuse] [--fresh-cache] [--json PATH]
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def one_run(work: Path, args: argparse.Namespace) -> dict:
     """One `stemstream demo --timings` in its own process and directory: its phases and wall time."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMSTREAM_", "PREFECT_"))}
     env |= {"STEMSTREAM_OUTPUT_DIR": str(work / "out"), "STEMSTREAM_CONFIG": str(work / "none.toml")}
+    if args.fresh_cache:
+        env["XDG_CACHE_HOME"] = str(work / f"cache-{time.time_ns()}")
     (work / "none.toml").write_text("")
     argv = [*CLI, "demo", "--timings", "--scans", str(args.scans), "--scan", args.scan]
     argv += [] if args.postprocess else ["--no-postprocess"]
@@ -70,6 +77,7 @@ def main() -> None:
     ap.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--reuse", action="store_true", help="one output directory for all runs (see above)")
+    ap.add_argument("--fresh-cache", action="store_true", help="an empty cache per run (see above)")
     ap.add_argument("--json", type=Path, default=RESULTS / "startup.json")
     args = ap.parse_args()
     runs = []
@@ -84,7 +92,7 @@ def main() -> None:
     medians = {n: statistics.median(r[n] for r in runs if n in r) for n in names}
     load = os.getloadavg()
     print(f"\nstemstream demo --scans {args.scans} --scan {args.scan}; median of {len(runs)} run(s)"
-          f"{' (reused output directory)' if args.reuse else ''}; "
+          f"{' (reused output directory)' if args.reuse else ''}{' (fresh cache)' if args.fresh_cache else ''}; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPU(s)")  # fmt: skip
     print(f"{'phase':44} {'median s':>9} {'runs':>20}  target")
     for n in names:
@@ -95,6 +103,7 @@ def main() -> None:
         "command": f"stemstream demo --timings --scans {args.scans} --scan {args.scan}"
         + ("" if args.postprocess else " --no-postprocess"),
         "reuse": args.reuse,
+        "fresh_cache": args.fresh_cache,
         "runs": runs,
         "median": medians,
         "loadavg": load,

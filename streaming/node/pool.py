@@ -28,6 +28,7 @@ import numpy as np
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
 from counting.kernel import Counter, EventList, Thresholds
 from streaming.node.slots import SlotMemory
+from streaming.node.spawning import main_not_imported
 
 __all__ = ["CountResult", "CountingPool", "SlotMemory"]  # SlotMemory: its old home, still imported
 
@@ -234,7 +235,8 @@ class CountingPool:
             name=f"stemstream-count-{i}",
             daemon=True,
         )
-        proc.start()
+        with main_not_imported():
+            proc.start()
         child.close()
         self._procs[i], self._conns[i] = proc, parent
 
