@@ -6,8 +6,11 @@ session's logs at exit and, with --timings, print it."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -171,7 +174,7 @@ def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool)
     if server is not None:
         atexit.register(server.stop)  # runs before _finish_timeline (exit hooks run last-registered first)
         timeline.mark(PREFECT_STARTED, process="cli")
-    if _prefect_up(timeline, server):
+    if _prefect_up(timeline, server, _ahead(settings, params)):
         timeline.mark(PREFECT_UP, process="cli")
     try:
         return run_in_terminal(settings, params, params["postprocess"])
@@ -179,10 +182,22 @@ def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool)
         timeline.mark(CLI_DONE, process="cli")
 
 
-def _prefect_up(timeline: Timeline, server: EmbeddedServer | None) -> bool:
-    """The embedded Prefect server up: the CLI's own (the flow imported while it starts), else started
-    now as the flow's first call would (nothing when a server is configured but to ask it); False if it
-    did not answer (the flow then says why)."""
+def _ahead(settings: Settings, params: dict) -> Callable[[], None]:
+    """What the flow will compute first and the CLI can compute while Prefect's server starts: the
+    simulated camera's dark reference (flows/session_setup.py keeps it), where the session will use it."""
+    from flows.session_setup import simulated_dark_frame
+
+    def work() -> None:
+        if params["camera"] == "simulated" and settings.counting.dark is None:
+            simulated_dark_frame(settings.simulator.seed)
+
+    return work
+
+
+def _prefect_up(timeline: Timeline, server: EmbeddedServer | None, ahead: Callable[[], None]) -> bool:
+    """The embedded Prefect server up: the CLI's own (the flow imported and ``ahead`` run while it
+    starts), else started now as the flow's first call would (nothing when a server is configured but to
+    ask it); False if it did not answer (the flow then says why)."""
     try:
         from prefect.client.orchestration import get_client
 
@@ -190,12 +205,22 @@ def _prefect_up(timeline: Timeline, server: EmbeddedServer | None) -> bool:
         if server is not None:
             import flows.session  # noqa: F401  the flow's imports, while the server starts
 
-            if adopt(server):
+            worker = threading.Thread(target=_quietly, args=(ahead,), name="session-ahead", daemon=True)
+            worker.start()
+            adopted = adopt(server)
+            worker.join()  # the flow would otherwise compute the same again
+            if adopted:
                 return True
         with get_client(sync_client=True) as client:
             return client.api_healthcheck() is None
     except Exception:  # a measurement must not fail the session: the flow meets the same error and says it
         return False
+
+
+def _quietly(work: Callable[[], None]) -> None:
+    """Work done ahead is an optimisation: its failure costs nothing (the flow does it and says why)."""
+    with contextlib.suppress(ValueError, MemoryError):
+        work()
 
 
 def _finish_timeline(timeline: Timeline, show: bool) -> None:

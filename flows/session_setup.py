@@ -4,6 +4,7 @@ its log uses for them."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -91,10 +92,19 @@ def choose_dark(settings: Settings, simulated: bool, session_dir: Path, log) -> 
 
 def simulated_dark(session_dir: Path, seed: int) -> Path:
     """The simulated camera's dark reference, from dark frames, as on the instrument before a session."""
-    cam = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=seed))
     path = session_dir / "dark.npy"
-    np.save(path, dark_reference(cam.dark_frames(100)))
+    np.save(path, simulated_dark_frame(seed))
     return path
+
+
+@functools.lru_cache(maxsize=2)
+def simulated_dark_frame(seed: int) -> np.ndarray:
+    """The simulated camera's dark reference for a seed (about 1 s; the CLI computes it while Prefect's
+    server starts). Read-only: shared by every session of this process."""
+    cam = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=seed))
+    dark = dark_reference(cam.dark_frames(100))
+    dark.flags.writeable = False
+    return dark
 
 
 def session_settings(settings: Settings, dark: Path | None, number: int, simulated: bool) -> Settings:
