@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -191,6 +192,7 @@ def aggregator(
     stats = run_aggregator_exported(config, curve, settings.streaming.metrics, _print_metrics, timeout)
     timing("stopped")
     logging.getLogger("stemstream").info("aggregator finished: %s", stats)
+    gc.freeze()  # the exit that follows skips the heap (the final collection ignores frozen objects)
 
 
 def node(
@@ -251,6 +253,7 @@ def node(
     counters = run_node_exported(config, dark_arr, gain_arr, _print_metrics)
     timing("stopped")
     logging.getLogger("stemstream").info("node finished: %s", counters)
+    gc.freeze()  # the exit that follows skips the heap (the final collection ignores frozen objects)
 
 
 def _print_metrics(url: str) -> None:
