@@ -120,7 +120,10 @@ def test_live_images_tap_and_nothing_listening(tmp_path: Path):
             taps = set()
             for name in ("n0", "n1"):  # the node the aggregator made the writer host listens for the writer
                 writer = re.findall(r"hosting the scan writer at tcp://[\d.]+:(\d+)", pipe.log(name))
-                ports = listening_ports(pipe.procs[name].pid) - {int(w) for w in writer}
+                # ... and its metrics exporter (streaming.metrics, on by default) on the port it printed.
+                metrics = re.findall(r"metrics: http://[\d.]+:(\d+)/metrics", pipe.log(name))
+                assert len(metrics) == 1, (name, metrics)
+                ports = listening_ports(pipe.procs[name].pid) - {int(w) for w in writer + metrics}
                 assert len(ports) == 1 and ports <= {tap_port, tap_port + 1}, (name, ports)
                 taps |= ports
             assert taps == {tap_port, tap_port + 1}
