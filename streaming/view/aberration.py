@@ -24,19 +24,11 @@ from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
 from streaming.transport.security import CurveServerConfig, load_public_keys
 from streaming.transport.topic_pub import TopicPublisher, is_loopback
+from streaming.view.phase import FIT_FIELDS
 
 log = logging.getLogger(__name__)
 HWM = 64  # messages queued for the socket's thread (a fit is at most one a second per scan)
-VALUES = (
-    "defocus",
-    "defocus_err",
-    "astigmatism",
-    "astigmatism_err",
-    "astigmatism_angle",
-    "astigmatism_angle_err",
-    "rotation",
-    "rotation_err",
-)
+VALUES = FIT_FIELDS  # the fit's values and sigmas, as the page's phase record names them
 HEADER_FIELDS = (
     "scan_number", "scan_key", "final", "status", "error", "fits", "positions", *VALUES, "units",
     "calibrated", "scan_step_nm", "mrad_per_px", "residual_px", "bins", "nodes", "seconds", "time", "seq",
