@@ -143,3 +143,16 @@ def test_every_file_the_pages_name_exists():
     assert len(named) > 30
     missing = {path: str(page) for path, page in named.items() if not (ROOT / path).exists()}
     assert not missing, missing
+
+
+def test_the_readme_is_two_screens_with_the_commands_ci_runs_and_links_that_resolve():
+    text = README.read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 120, f"README.md has {len(lines)} lines: move the detail into docs/"
+    for marker, needle in (("<!-- main-command -->", "stemstream demo"), ("<!-- test-command -->", "pytest")):
+        at = lines.index(marker)  # .ci/run takes the second line after the marker
+        assert lines[at + 1] == "```bash" and needle in lines[at + 2], marker
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert len(links) >= 10, "the README links into docs/"
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing
