@@ -14,8 +14,10 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from counting.errors import PermanentError
 
-class NoOverlapError(ValueError):
+
+class NoOverlapError(PermanentError, ValueError):
     """The guesses move the bins so far that no used position is covered by all of them."""
 
 
