@@ -105,6 +105,14 @@ def _with_env(entry: str) -> list[int]:
     return found
 
 
+def _wchan(pid: int) -> str:
+    """Where a process waits in the kernel (a diagnostic for one that outlives its session)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "?"
+
+
 def _stop(proc: subprocess.Popen, tmp_path: Path) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -133,7 +141,7 @@ def test_a_sigkilled_session_takes_its_processes_and_ports_with_it(tmp_path: Pat
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         # bounded, generous waits (each child stops cleanly: the node writes what it holds first)
-        left = lambda: [(p, _argv(p)[:6]) for p in pids if alive(p)]  # noqa: E731
+        left = lambda: [(p, _argv(p)[4:9], _wchan(p)) for p in pids if alive(p)]  # noqa: E731 - which, where
         assert wait_until(lambda: not left(), timeout=60), left()
         assert wait_until(lambda: all(_port_free(a) for a in addresses[:2]), timeout=5)
         assert not [seg for seg in segments if os.path.exists(seg)]  # released by the clean stops
@@ -264,7 +272,10 @@ def test_a_node_whose_writer_fails_is_named_by_the_session(tmp_path: Path) -> No
             [*CLI, "send", "--aggregator", addresses[0], "--simulate", "16x16", "--timeout", "60"],
             cwd=tmp_path, env=env, capture_output=True, timeout=120,
         )  # fmt: skip
-        assert sent.returncode == 0, sent.stderr[-2000:]
+        # The session fails as soon as node0 exits and then stops the aggregator: a module still sending by
+        # then cannot finish (the sender says which); either way the scan's data was offered.
+        stderr = sent.stderr.decode(errors="replace")
+        assert sent.returncode == 0 or "did not finish" in stderr, stderr[-2000:]
         assert proc.wait(120) != 0
         text = _text(tmp_path)
         assert "node streamer node0 exited with code 1" in text and "scan writer failed" in text, text[-3000:]
