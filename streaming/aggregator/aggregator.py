@@ -52,7 +52,7 @@ from streaming.protocol import paths as f
 from streaming.protocol.reasons import EndReason, Verdict
 from streaming.protocol.sector import SectorHeader, WireError, decode_message
 from streaming.settings import StreamingSettings
-from streaming.signals import stop_on_signals
+from streaming.signals import STOP_GRACE_S, stop_on_signals
 from streaming.transport.router_io import Sent, drain
 from streaming.transport.security import CurveServerConfig
 
@@ -396,5 +396,5 @@ def run_aggregator(
 ) -> AggregatorStats:
     """Run an aggregator until SIGTERM/SIGINT, stop_event, or timeout seconds; returns its counters."""
     stop = stop_event or threading.Event()
-    with stop_on_signals(stop.set), Aggregator(settings, curve) as agg:
+    with stop_on_signals(stop.set, grace=STOP_GRACE_S), Aggregator(settings, curve) as agg:
         return agg.run(stop_event=stop, timeout=timeout)

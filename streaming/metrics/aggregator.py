@@ -25,7 +25,7 @@ from streaming.metrics.exporter import Announce, exported
 from streaming.metrics.families import counter, gauge, labelled_counter, labelled_gauge
 from streaming.protocol import control as p
 from streaming.settings import MetricsSettings
-from streaming.signals import stop_on_signals
+from streaming.signals import STOP_GRACE_S, stop_on_signals
 from streaming.transport.security import CurveServerConfig
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def run_aggregator_exported(
     """run_aggregator with its metrics served: until SIGTERM/SIGINT or timeout; returns its counters."""
     stop = threading.Event()
     with (
-        stop_on_signals(stop.set),
+        stop_on_signals(stop.set, grace=STOP_GRACE_S),
         Aggregator(config, curve) as agg,
         exported(metrics, "aggregator", [AggregatorCollector(agg)], announce),
     ):
