@@ -30,12 +30,13 @@ def stop_on_signals(stop: Callable[[], None], grace: float | None = None) -> Ite
         yield
         return
     first: list[int] = []
+    ended = threading.Event()  # the block is over: a deadline still waiting must never fire
 
     def handler(signum: int, _frame: object) -> None:
         if grace is not None and not first:
             first.append(signum)
             threading.Thread(
-                target=_deadline, args=(grace, signum), name="stop-deadline", daemon=True
+                target=_deadline, args=(grace, signum, ended), name="stop-deadline", daemon=True
             ).start()
         stop()
 
@@ -43,13 +44,15 @@ def stop_on_signals(stop: Callable[[], None], grace: float | None = None) -> Ite
     try:
         yield
     finally:
+        ended.set()
         for s, saved in previous.items():
             signal.signal(s, saved)
 
 
-def _deadline(grace: float, signum: int) -> None:
-    """After grace seconds (a daemon thread: a process that stops in time never gets here), exit."""
-    threading.Event().wait(grace)
+def _deadline(grace: float, signum: int, ended: threading.Event) -> None:
+    """Exit if the block has not ended grace seconds after the signal (it may run on in this process)."""
+    if ended.wait(grace):
+        return
     log.error(
         "clean stop did not end %g s after signal %d: exiting now (every thread's stack below)", grace, signum
     )

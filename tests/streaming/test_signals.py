@@ -20,6 +20,8 @@ PROGRAM = textwrap.dedent(
         print("ready", flush=True)
         stopped.wait(60)  # a stop that never comes when hanging: the deadline must end the process
     print("clean stop", flush=True)
+    threading.Event().wait(3 * float(sys.argv[2]))  # the process goes on after the block: no deadline fires
+    print("still running", flush=True)
     """
 )
 
@@ -47,7 +49,7 @@ def _run(mode: str, grace: float) -> tuple[int, str, str, float]:
 
 def test_a_clean_stop_ends_the_block_and_never_the_deadline() -> None:
     code, out, err, _ = _run("clean", grace=0.5)
-    assert code == 0 and "clean stop" in out, err
+    assert code == 0 and "clean stop" in out and "still running" in out, err
     assert "clean stop did not end" not in err
 
 
