@@ -67,6 +67,9 @@ class Admission:
     def check_armed(self) -> bool:
         """armed(), noting the session's first ready."""
         armed = self.nodes.all_ready(self.armed_once)
+        if armed and not self.armed_once:
+            # the line a person streaming by hand waits for: scans sent before it are refused
+            log.info("ready: all %d node(s) armed; scans sent from now on are written", self.nodes.n_nodes)
         self.armed_once = self.armed_once or armed
         return armed
 

@@ -87,10 +87,12 @@ def test_same_node_command_on_every_node_gives_one_file_identical_to_offline(raw
     with by_hand(raw, n_nodes) as pipe:
         for i in range(n_nodes):
             pipe.start_node(f"n{i}")
+        pipe.wait_armed(n_nodes)  # as a person does: the aggregator's `ready:` line, then the camera
         sent = send(pipe)
         assert sent.returncode == 0, sent.stderr
         assert "sent 480 sectors" in sent.stdout
         record, h5 = pipe.record(1, timeout=60)
+        assert f"ready: all {n_nodes} node(s) armed" in pipe.log("agg")
         time.sleep(1.0)  # a second writer, if there were one, would write now
     records = sorted((raw / "out").glob("FOURD_*.json"))
     assert len(records) == 1 and len(list((raw / "out").glob("*.h5"))) == 1
