@@ -1,5 +1,5 @@
 """Small helpers shared by the tests, the fixtures and the pipeline harness: the CLI command line, loopback
-ports, bounded polling and process liveness.
+ports, bounded polling, process liveness and stopping.
 
 Ports: under pytest-xdist several workers pick ports at the same time, and a port the kernel hands out for
 ``bind(("", 0))`` comes from the ephemeral range that every outgoing connection also draws its source port
@@ -14,6 +14,7 @@ import itertools
 import os
 import random
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -79,3 +80,15 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM a child, SIGKILL it if it outlives ``grace`` seconds, and reap it (None: nothing to stop)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

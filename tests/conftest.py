@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from stemstream_testing.fake_sfapi import FakeSfapi  # noqa: E402
 from stemstream_testing.slurm_cluster import SlurmCluster, SlurmClusterError  # noqa: E402
-from stemstream_testing.support import alive, free_port, wait_until  # noqa: E402
+from stemstream_testing.support import alive, free_port, stop_process, wait_until  # noqa: E402
 from tasks.settings import SshSettings  # noqa: E402
 from tests.tasks.helpers import CLIENT_ID, keygen, wait_port  # noqa: E402
 
@@ -290,12 +290,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshSettings]:
             command_timeout=20,
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

@@ -24,7 +24,7 @@ from counting.geometry import ScanShape
 from counting.simulator import SimulatorConfig
 from counting.sparse import read_counted_scan
 from stemstream_testing.pipeline import ProcessPipeline
-from stemstream_testing.support import CLI, free_port, wait_until
+from stemstream_testing.support import CLI, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.xdist_group("prometheus")  # one module-scoped pipeline and Prometheus
 
@@ -91,13 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield Stack(pipe, targets, api, read_counted_scan(h5).num_frames)
         finally:
             for proc in (prometheus, view):
-                if proc is not None:
-                    proc.terminate()
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(5)
+                stop_process(proc, grace=15)
             view_log.close()
 
 
@@ -127,7 +121,7 @@ def start_prometheus(work: Path, targets: list[str]) -> tuple[subprocess.Popen, 
             return False
 
     if not wait_until(ready, 30, 0.2):
-        proc.terminate()
+        stop_process(proc)
         raise AssertionError(f"prometheus not ready: {(work / 'prometheus.log').read_text()[-2000:]}")
     return proc, api
 
