@@ -7,27 +7,18 @@ final images."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from counting.geometry import ScanShape
-from counting.simulator import SimulatedCamera, SimulatorConfig
-from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.browser import Browser, headless_chromium
-from stemstream_testing.support import CLI
+from stemstream_testing.phase_replay import TRUTH, ReplayProcess, write_phase_scan
 from tests.conftest import set_env
 
 pytestmark = pytest.mark.timeout(120)
 SIDE = 40
 RATE = 600  # frames/s: the 1600 frames take about 2.7 s, several phase fits apart
-TRUTH = {"defocus": 0.05, "astigmatism": 0.02, "astigmatism_angle": 30.0, "rotation": 20.0}
 NUMBERS = ("defocus", "astigmatism", "astigmatism-angle", "rotation")
 PANELS = ("tcbf", "idpc")
 
@@ -90,44 +81,7 @@ img.src = "api/scans/" + encodeURIComponent(arguments[0]) + "/" + arguments[1] +
 @pytest.fixture(scope="module")
 def scan_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 40x40 counted scan at 200 e/frame with the known aberrations (the simulator's fast path), written."""
-    config = SimulatorConfig(ScanShape(SIDE, SIDE), dose=200.0, seed=3, **TRUTH)
-    events = np.empty((SIDE * SIDE, 1), object)
-    masks = np.zeros((SIDE * SIDE, 1), np.uint8)
-    for positions, batch_masks, offsets, indices in SimulatedCamera(config).iter_counted(256):
-        for i, pos in enumerate(positions):
-            events[pos, 0] = indices[offsets[i] : offsets[i + 1]]
-            masks[pos, 0] = batch_masks[i]
-    scan = CountedScan(ScanShape(SIDE, SIDE), events, masks, {"stemstream": {"scan_number": 5}})
-    return write_counted_scan(tmp_path_factory.mktemp("phase_page") / "scan_00005.h5", scan)
-
-
-class Lines:
-    """A process's stdout lines, read in a thread; ``wait`` for one that starts with a prefix."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self.ended = False
-        self._new = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            with self._new:
-                self.lines.append(line.rstrip("\n"))
-                self._new.notify_all()
-        with self._new:
-            self.ended = True
-            self._new.notify_all()
-
-    def wait(self, prefix: str, timeout: float) -> str:
-        with self._new:
-            found = self._new.wait_for(
-                lambda: any(x.startswith(prefix) for x in self.lines) or self.ended, timeout
-            )
-            hits = [x for x in self.lines if x.startswith(prefix)]
-            assert found and hits, f"no {prefix!r} line from replay: {self.lines}"
-            return hits[0]
+    return write_phase_scan(tmp_path_factory.mktemp("phase_page") / "scan_00005.h5", SIDE, scan_number=5)
 
 
 def read(browser: Browser) -> dict:
@@ -162,65 +116,51 @@ def test_phase_panels_and_numbers_update_during_a_replay(
 ):
     set_env(monkeypatch, "streaming__live", phase_interval=0.2, interval=0.1, bf_radius=180.0)
     monkeypatch.setenv("STEMSTREAM_STREAMING__LIVE__BF_CENTER", "[288.0, 288.0]")
-    proc = subprocess.Popen(
-        [*CLI, "replay", str(scan_file), "--rate", str(RATE), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        lines = Lines(proc)
-        with headless_chromium(tmp_path / "browser", width=1400, height=800, timeout=30) as browser:
-            browser.open(lines.wait("live: ", 60).removeprefix("live: "))
-            browser.wait_for_text("connected")
-            first = browser.wait_until(
-                lambda: (s := read(browser))["status"] == "live" and fitted(s) and drawn(s, s["key"]) and s,
-                "a phase fit and both phase panels drawn during the scan",
-            )
-            key = first["key"]
-            assert key.startswith("replay-5-") and not first["fits"].endswith("(final)"), first
-            assert first["frames"] < SIDE * SIDE and "uncalibrated" in first["note"], first
+    with (
+        ReplayProcess(scan_file, RATE) as replay,
+        headless_chromium(tmp_path / "browser", width=1400, height=800, timeout=30) as browser,
+    ):
+        browser.open(replay.url(60))
+        browser.wait_for_text("connected")
+        first = browser.wait_until(
+            lambda: (s := read(browser))["status"] == "live" and fitted(s) and drawn(s, s["key"]) and s,
+            "a phase fit and both phase panels drawn during the scan",
+        )
+        key = first["key"]
+        assert key.startswith("replay-5-") and not first["fits"].endswith("(final)"), first
+        assert first["frames"] < SIDE * SIDE and "uncalibrated" in first["note"], first
 
-            def changed() -> dict | None:
-                s = read(browser)
-                assert s["status"] == "live", f"the scan ended before the page changed: {first} then {s}"
-                moved = all(s[n] != first[n] for n in NUMBERS) and all(
-                    s[p]["hash"] != first[p]["hash"] for p in PANELS
-                )
-                return s if moved and fitted(s) and drawn(s, key) else None
-
-            second = browser.wait_until(changed, "every phase number and both panels to change")
-            assert int(second["fits"]) > int(first["fits"]) and second["frames"] > first["frames"]
-
-            lines.wait("replayed: ", 60)
-            final = browser.wait_until(
-                lambda: (s := read(browser))["fits"].endswith("(final)") and drawn(s, key) and s,
-                "the final phase fit shown",
+        def changed() -> dict | None:
+            s = read(browser)
+            assert s["status"] == "live", f"the scan ended before the page changed: {first} then {s}"
+            moved = all(s[n] != first[n] for n in NUMBERS) and all(
+                s[p]["hash"] != first[p]["hash"] for p in PANELS
             )
-            want = browser.js(EXPECTED, key)
-            assert want["status"] == "done" and want["record"]["final"] and want["record"]["status"] == "ok"
-            for name in NUMBERS:
-                assert final[name] == want[name], (name, final, want)
-            assert abs(want["record"]["defocus"] / TRUTH["defocus"] - 1) < 0.10, want["record"]
-            for name in PANELS:  # the panel shows the final image the view serves
-                browser.wait_until(
-                    lambda n=name: (
-                        read(browser)[n]["hash"] == browser.driver.execute_async_script(SERVED, key, n)
-                    ),
-                    f"the final {name} image shown",
-                )
-            assert not browser.console_errors()
-            print(
-                f"phase fits shown: {first['fits']} at {first['frames']} frames, {second['fits']} at "
-                f"{second['frames']}, then {final['fits']}; final defocus {final['defocus']}"
+            return s if moved and fitted(s) and drawn(s, key) else None
+
+        second = browser.wait_until(changed, "every phase number and both panels to change")
+        assert int(second["fits"]) > int(first["fits"]) and second["frames"] > first["frames"]
+
+        replay.wait("replayed: ", 60)
+        final = browser.wait_until(
+            lambda: (s := read(browser))["fits"].endswith("(final)") and drawn(s, key) and s,
+            "the final phase fit shown",
+        )
+        want = browser.js(EXPECTED, key)
+        assert want["status"] == "done" and want["record"]["final"] and want["record"]["status"] == "ok"
+        for name in NUMBERS:
+            assert final[name] == want[name], (name, final, want)
+        assert abs(want["record"]["defocus"] / TRUTH["defocus"] - 1) < 0.10, want["record"]
+        for name in PANELS:  # the panel shows the final image the view serves
+            browser.wait_until(
+                lambda n=name: (
+                    read(browser)[n]["hash"] == browser.driver.execute_async_script(SERVED, key, n)
+                ),
+                f"the final {name} image shown",
             )
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the replay's page stops
-        assert proc.wait(30) == 0
-        assert not proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
+        assert not browser.console_errors()
+        print(
+            f"phase fits shown: {first['fits']} at {first['frames']} frames, {second['fits']} at "
+            f"{second['frames']}, then {final['fits']}; final defocus {final['defocus']}"
+        )
+    assert replay.returncode == 0 and not replay.stderr, replay.stderr
