@@ -1,23 +1,31 @@
-"""The live view's cost and latency: counted frames/s with the live view off and on, and the time from a batch
-counted to its image shown on the page.
+"""The live view's cost and latency: counted frames/s with the live view (and its live phase) off and on,
+measured side by side, and the time from a batch counted to its image shown on the page.
 
 Real processes: `stemstream aggregator` and two `stemstream node` (CLI, loopback TCP), four sender threads
-here as the receivers, back-pressured (as fast as the pipeline takes them). "off": live.enabled false (no
-publisher thread, no snapshots). "on": every node sends snapshots to `stemstream view` in its own process,
-as a session runs it. "browser": the same with the page open in headless Chromium on this machine too (the
-whole path: accumulate, snapshot, intake, PNG, WebSocket, browser; at the microscope the browser and the
-view run on other machines than the nodes). A fresh pipeline per mode and round, the modes alternating over
-``--rounds``; per pipeline a warm-up scan, then ``--scans`` scans whose counted frames/s (the stop record's:
-first data to the file on disk) count; the ratio is of the medians. Latency is what the page measured for every image it showed
-during the scans (newest and oldest batch new in each snapshot).
+here as the receivers, back-pressured (as fast as the pipeline takes them), a simulated scan with a defocus
+and astigmatism (so the view's phase fits find one). Modes (MODES): "off": live.enabled false (no publisher
+thread, no snapshots). "on": every node adds its batches to the live images and the parallax bin sums and
+sends snapshots to `stemstream view` in its own process, as a session runs it; the view fits the phase every
+live.phase_interval. "phase-off": "on" without the live phase (live.parallax_bins 0): what the phase costs.
+"page": "on" with the page open in headless Chromium on this machine too (at the microscope the browser and
+the view run on other machines than the nodes).
 
-Usage: python benchmarks/bench_live.py [--side 128] [--scans 2] [--rounds 2] [--json PATH]
+Interleaved: ``--pairs`` rounds of the modes in turn (off, on, off, on, ...), a fresh pipeline per mode
+and round, each a warm-up scan and then ``--scans`` scans whose counted frames/s (the stop record's: first
+data to the file on disk) count. Other jobs load the machine and their load drifts: each round's ratio
+(median of its scans over off's) compares runs a minute apart, and the figure is the median of the rounds'
+ratios. The 1-minute load average before and after each run is recorded. Latency: what the page measured
+for every image it showed (newest and oldest batch new in each snapshot), with --modes off,on,page.
+
+Usage: python benchmarks/bench_live.py [--side 128] [--scans 2] [--pairs 3] [--modes off,on]
+                                       [--json benchmarks/results/live.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 # stemstream_testing (test support) is not installed: import it from the repository root.
@@ -41,14 +50,16 @@ CLI = [sys.executable, "-m", "flows.cli"]
 
 
 @contextlib.contextmanager
-def view_process(work: Path, bind: str):
-    """`stemstream view` in its own process, as a session runs it; yields its page URL."""
+def view_process(work: Path, bind: str, env: dict[str, str]):
+    """`stemstream view` in its own process, as a session runs it (env: its live settings); yields its page
+    URL."""
     work.mkdir(parents=True, exist_ok=True)
     log = open(work / "view.log", "w+")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [*CLI, "view", "--bind", bind, "--port", "0", "--scan-dir", str(work / "out")],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
         start_new_session=True,
     )
     try:
@@ -68,80 +79,144 @@ def view_process(work: Path, bind: str):
         log.close()
 
 
-def run_mode(work: Path, mode: str, side: int, scans: int) -> dict:
-    """Scans through a fresh pipeline: live view off, on (a view process), or on with the page open in
-    headless Chromium; counted frames/s, and the page's latencies."""
-    live = {"enabled": mode != "off", "bind": f"tcp://127.0.0.1:{free_port()}"}
-    rates, latencies = [], []
+MODES = {  # what each mode sets in streaming.live (nodes and view alike)
+    "off": {"enabled": False},
+    "on": {"enabled": True},  # live images and live phase (parallax sums, the view's fits): the defaults
+    "phase-off": {"enabled": True, "parallax_bins": 0},  # live images only: what the live phase costs
+    "page": {"enabled": True},  # "on", with the page open in headless Chromium here
+}
+
+
+def fits_seen(url: str) -> list[int]:
+    """Phase fits the view ran per scan (its /api/state): proof the live phase was on."""
+    with urllib.request.urlopen(f"{url}api/state", timeout=10) as got:
+        return [(s.get("phase") or {}).get("fits", 0) for s in json.load(got)["scans"]]
+
+
+def run_mode(work: Path, mode: str, config: SimulatorConfig, scans: int) -> dict:
+    """Scans through a fresh pipeline in one mode (MODES): counted frames/s per scan, the load average
+    before and after, the view's phase fits and (page) the page's latencies."""
+    live = {**MODES[mode], "bind": f"tcp://127.0.0.1:{free_port()}"}
+    rates, latencies, fits = [], [], []
+    load = [os.getloadavg()[0]]
+    env = {f"STEMSTREAM_STREAMING__LIVE__{k.upper()}": str(v) for k, v in MODES[mode].items()}
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(view_process(work, live["bind"])) if mode != "off" else None
+        url = stack.enter_context(view_process(work, live["bind"], env)) if live["enabled"] else None
         pipe = stack.enter_context(ProcessPipeline(work, 2, streaming={"live": live}))
-        browser = stack.enter_context(headless_chromium(work / "browser")) if mode == "browser" else None
+        browser = stack.enter_context(headless_chromium(work / "browser")) if mode == "page" else None
         if browser is not None:
             browser.open(url)
             browser.wait_for_text("connected")
         for n in range(scans + 1):  # scan 0 warms the pipeline up and is not counted, in every mode
-            camera = SimulatedCamera(SimulatorConfig(ScanShape(side, side), seed=n))
+            camera = SimulatedCamera(dataclasses.replace(config, seed=n))
             pipe.send(camera, n + 1)
             record, _ = pipe.record(n + 1)
             if n:
                 rates.append(record.counted_frames_per_second)
             print(
-                f"  {mode:7s} scan {n}: {record.counted_frames_per_second:.0f} counted frames/s", flush=True
+                f"  {mode:9s} scan {n}: {record.counted_frames_per_second:.0f} counted frames/s", flush=True
             )
+        if url is not None:
+            time.sleep(1.5)  # the final fits and images reach the view and the page
+            fits = fits_seen(url)
         if browser is not None:
-            time.sleep(1.0)  # the last images reach the page
             latencies = [list(x) for x in browser.js("return window.liveLatencies")]
-    return {"counted_fps": rates, "latencies": latencies}
+    load.append(os.getloadavg()[0])
+    return {"counted_fps": rates, "median_fps": statistics.median(rates), "load": load, "phase_fits": fits,
+            "latencies": latencies}  # fmt: skip
+
+
+def interleaved(tmp: Path, modes: list[str], config: SimulatorConfig, scans: int, pairs: int) -> list[dict]:
+    """``pairs`` rounds of the modes in turn (off, on, off, on, ...): the machine's other load, which
+    drifts, touches every mode alike; per round each mode's median and its ratio to "off"."""
+    rounds = []
+    for r in range(pairs):
+        got = {m: run_mode(tmp / f"{m}-{r}", m, config, scans) for m in modes}
+        ratios = {m: got[m]["median_fps"] / got["off"]["median_fps"] for m in modes if m != "off"}
+        print(f"round {r}: " + ", ".join(f"{m}/off {v:.3f}" for m, v in ratios.items()), flush=True)
+        rounds.append({"modes": got, "ratios": ratios})
+    return rounds
+
+
+def summary(rounds: list[dict], modes: list[str], args: argparse.Namespace) -> dict:
+    """The figures: per mode every scan's rate, per round the ratio to off, their median, the load."""
+    per_mode = {}
+    for m in modes:
+        runs = [r["modes"][m] for r in rounds]
+        rates = [x for run in runs for x in run["counted_fps"]]
+        per_mode[m] = {
+            "counted_fps": rates,
+            "median_fps": statistics.median(rates),
+            "round_medians": [run["median_fps"] for run in runs],
+            "load_before_after": [run["load"] for run in runs],
+            "phase_fits_per_scan": [run["phase_fits"] for run in runs],
+        }
+    ratios = {m: [r["ratios"][m] for r in rounds] for m in modes if m != "off"}
+    loads = [x for r in rounds for m in modes for x in r["modes"][m]["load"]]
+    latencies = [x for r in rounds if "page" in r["modes"] for x in r["modes"]["page"]["latencies"]]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "scan": f"{args.side}x{args.side}",
+        "simulated": {"dose": args.dose, "defocus": args.defocus, "astigmatism": args.astigmatism},
+        "scans_per_run": args.scans,
+        "pairs": args.pairs,
+        "order": "interleaved: " + ", ".join(modes) + f" (x{args.pairs})",
+        "cpus": os.cpu_count(),
+        "load_average_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+        "modes": per_mode,
+        "ratios_per_round": ratios,
+        "median_ratio": {m: statistics.median(v) for m, v in ratios.items()},
+    }
+    if latencies:
+        newest, oldest = [x[0] for x in latencies], [x[1] for x in latencies]
+        result["latency"] = {
+            "updates": len(newest),
+            "median_newest_s": statistics.median(newest),
+            "median_oldest_s": statistics.median(oldest),
+            "p90_oldest_s": statistics.quantiles(oldest, n=10)[-1] if len(oldest) >= 10 else None,
+        }
+    return result
 
 
 def main() -> None:
-    """Run both modes and print the ratio and the latency."""
+    """Run the modes interleaved and print the ratios to "off" (target: on/off >= 0.95)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=128)
-    ap.add_argument("--scans", type=int, default=2, help="scans per pipeline, after a warm-up scan")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of the three modes, alternating")
+    ap.add_argument("--scans", type=int, default=2, help="counted scans per run, after a warm-up scan")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of the modes, interleaved (>= 3)")
+    ap.add_argument("--modes", default="off,on", help=f"comma-separated, off first; of {', '.join(MODES)}")
+    ap.add_argument("--dose", type=float, default=200.0, help="electrons per frame")
+    ap.add_argument("--defocus", type=float, default=0.05, help="simulated (the fits then find one)")
+    ap.add_argument("--astigmatism", type=float, default=0.02)
     ap.add_argument("--json", type=Path, default=RESULTS / "live.json")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "off" or len(modes) < 2 or not set(modes) <= set(MODES):
+        ap.error(f"--modes: off first, then one or more of {', '.join(m for m in MODES if m != 'off')}")
+    config = SimulatorConfig(
+        ScanShape(args.side, args.side), dose=args.dose, defocus=args.defocus, astigmatism=args.astigmatism,
+        astigmatism_angle=30.0, rotation=20.0,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
-        runs: dict[str, dict] = {m: {"counted_fps": [], "latencies": []} for m in ("off", "on", "browser")}
-        for r in range(args.rounds):  # modes alternate, so the machine's other load touches all alike
-            for mode, run in runs.items():
-                got = run_mode(Path(tmp) / f"{mode}-{r}", mode, args.side, args.scans)
-                for k in run:
-                    run[k] += got[k]
-    for run in runs.values():
-        run["median_fps"] = statistics.median(run["counted_fps"])
-    off, on, page = runs["off"], runs["on"], runs["browser"]
-    newest = [x[0] for x in page["latencies"]]
-    oldest = [x[1] for x in page["latencies"]]
-    result = {
-        "scan": f"{args.side}x{args.side}",
-        "scans_per_mode": args.scans * args.rounds,
-        "cpus": os.cpu_count(),
-        "off": {k: v for k, v in off.items() if k != "latencies"},
-        "on": {k: v for k, v in on.items() if k != "latencies"},
-        "on_with_page": {k: v for k, v in page.items() if k != "latencies"},
-        "throughput_ratio_on_off": on["median_fps"] / off["median_fps"],
-        "throughput_ratio_page_off": page["median_fps"] / off["median_fps"],
-        "latency_updates": len(newest),
-        "latency_median_newest_s": statistics.median(newest) if newest else None,
-        "latency_median_oldest_s": statistics.median(oldest) if oldest else None,
-        "latency_p90_oldest_s": statistics.quantiles(oldest, n=10)[-1] if len(oldest) >= 10 else None,
-    }
+        rounds = interleaved(Path(tmp), modes, config, args.scans, args.pairs)
+    result = summary(rounds, modes, args)
+    loads = result["load_average_1min"]
     print(
-        f"counted frames/s, median of {args.scans * args.rounds}: off {off['median_fps']:.0f}, on {on['median_fps']:.0f}, "
-        f"on with the page open here {page['median_fps']:.0f}"
+        f"{result['date']}, load average (1 min) {loads['min']:.1f}..{loads['max']:.1f} on {result['cpus']} CPUs"
     )
-    print(f"throughput live on / off: {result['throughput_ratio_on_off']:.3f} (target >= 0.95)")
-    print(f"throughput live on, page open on this machine / off: {result['throughput_ratio_page_off']:.3f}")
-    if newest:
-        print(
-            f"update latency, median of {len(newest)} page updates: newest batch {result['latency_median_newest_s']:.3f} s, "
-            f"oldest batch {result['latency_median_oldest_s']:.3f} s (target <= 1 s)"
-        )
+    for m in modes:
+        print(f"  {m:9s} counted frames/s, median of {len(result['modes'][m]['counted_fps'])}: "
+              f"{result['modes'][m]['median_fps']:.0f}")  # fmt: skip
+    for m, v in result["median_ratio"].items():
+        each = ", ".join(f"{x:.3f}" for x in result["ratios_per_round"][m])
+        target = " (target >= 0.95)" if m == "on" else ""
+        print(f"  {m}/off: median of {args.pairs} rounds {v:.3f}{target}; per round {each}")
+    if "latency" in result:
+        lat = result["latency"]
+        print(f"  update latency, median of {lat['updates']}: newest {lat['median_newest_s']:.3f} s, "
+              f"oldest {lat['median_oldest_s']:.3f} s (target <= 1 s)")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 
