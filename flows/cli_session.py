@@ -10,9 +10,9 @@ import contextlib
 import gc
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +21,8 @@ from flows.cli_terminal import embedded_prefect, run_in_terminal
 from flows.session_prefect import EmbeddedServer, adopt, early_server
 from flows.settings import Settings, SimulatorSettings
 from flows.timeline import (
+    AHEAD_END,
+    AHEAD_START,
     COMMAND,
     EXIT,
     PREFECT_IMPORTED,
@@ -31,6 +33,9 @@ from flows.timeline import (
     cli_timeline,
 )
 from flows.timeline_phases import CLI_DONE, marks_table, phases, phases_table
+
+if TYPE_CHECKING:
+    from flows.session_early import EarlyLaunch
 
 Timings = Annotated[
     bool,
@@ -174,12 +179,32 @@ def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool)
     if server is not None:
         atexit.register(server.stop)  # runs before _finish_timeline (exit hooks run last-registered first)
         timeline.mark(PREFECT_STARTED, process="cli")
-    if _prefect_up(timeline, server, _ahead(settings, params)):
-        timeline.mark(PREFECT_UP, process="cli")
+    with launched_ahead(timeline, settings, params):
+        if _prefect_up(timeline, server, _ahead(settings, params)):
+            timeline.mark(PREFECT_UP, process="cli")
+        try:
+            return run_in_terminal(settings, params, params["postprocess"])
+        finally:
+            timeline.mark(CLI_DONE, process="cli")
+
+
+@contextlib.contextmanager
+def launched_ahead(timeline: Timeline, settings: Settings, params: dict) -> Iterator[EarlyLaunch | None]:
+    """A local session's processes started now, while Prefect's server starts (flows/session_early.py):
+    the flow gets their directory as its ``session_dir`` parameter and takes them over; whatever is still
+    running of them when the block ends (the flow never began, failed first, Ctrl-C) is stopped."""
+    timeline.mark(AHEAD_START, process="cli")
+    from flows.session_early import launch
+
+    early = launch(settings, params)
+    if early is not None:
+        params["session_dir"] = str(early.session_dir)
+    timeline.mark(AHEAD_END, params.get("session_dir", "none"), process="cli")
     try:
-        return run_in_terminal(settings, params, params["postprocess"])
+        yield early
     finally:
-        timeline.mark(CLI_DONE, process="cli")
+        if early is not None:  # nothing left once the flow has released them
+            early.stop()
 
 
 def _ahead(settings: Settings, params: dict) -> Callable[[], None]:

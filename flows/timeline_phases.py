@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from flows.timeline import (
+    AHEAD_END,
+    AHEAD_START,
     COMMAND,
     CONFIGURED,
     EXIT,
@@ -38,7 +40,8 @@ CLI_DONE = "session printed"
 STARTUP_PHASES: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     ("python start + imports (CLI)", ("cli", PROCESS_START), ("cli", COMMAND)),
     ("settings", ("cli", COMMAND), ("cli", SETTINGS)),
-    ("import prefect", ("cli", SETTINGS), ("cli", PREFECT_IMPORTED)),
+    ("launch processes ahead (dark, plan, start)", ("cli", AHEAD_START), ("cli", AHEAD_END)),
+    ("import prefect", ("cli", AHEAD_END), ("cli", PREFECT_IMPORTED)),
     ("Prefect server start", ("cli", PREFECT_IMPORTED), ("cli", PREFECT_UP)),
     ("flow run start", ("cli", PREFECT_UP), ("session", FLOW_BEGINS)),
     ("session set-up (dark, plan)", ("session", FLOW_BEGINS), ("session", f"{ALLOCATE} start")),
