@@ -227,7 +227,7 @@ class PhaseWorker:
         self._done[key] = (fits + 1, fit.rotation if fit is not None else hint)
         seconds = time.perf_counter() - t0
         rec = record(fit, error, inputs, images, fits + 1, seconds, last)
-        self.state.set_phase(key, rec, images)
+        self.state.set_phase(key, rec, images, inputs.parallax.seen())
         if self.on_fit is not None:
             try:
                 self.on_fit(inputs.number, key, rec)

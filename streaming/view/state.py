@@ -58,6 +58,7 @@ class ScanView:
     images_kept: bool = True  # False for old scans: their row stays, their images are let go
     phase: dict | None = None  # the latest phase record (streaming.view.phase), for /api/state
     phase_images: dict = field(default_factory=dict)  # tcbf, idpc: float64 (height, width)
+    phase_used: np.ndarray | None = None  # bool (height, width): the positions those images were made from
     phase_seen: int = -1  # the scan's version the latest phase work started from
     phase_at: float = 0.0  # monotonic time that work started
     microscope: dict | None = None  # its file's /metadata/microscope attributes, once the session added them
@@ -132,8 +133,9 @@ class ScanView:
         display): NaN at positions no frame reached yet, the pattern binned 2x2."""
         if name in PHASE_IMAGES:
             img = self.phase_images[name]  # KeyError: none yet
-            seen = self.merged().frames.reshape(img.shape) > 0
-            return np.where(seen, img, np.nan) if masked else img
+            # Positions reached after the phase work began hold its filler: black, as not reached.
+            used = self.phase_used if self.phase_used is not None else self.merged().frames > 0
+            return np.where(used.reshape(img.shape), img, np.nan) if masked else img
         a = self.merged()
         if name == "pattern":
             pattern = a.pattern.reshape(FRAME_ROWS, FRAME_COLS).astype(np.float64)
@@ -200,6 +202,7 @@ class ViewState:
                 for old in list(self._scans.values())[: -self._keep_images]:  # memory flat over a session
                     old.nodes = {name: _NodeSums(None, n.header) for name, n in old.nodes.items()}
                     old.images_kept, old._merged, old.phase_images = False, (-1, None), {}
+                    old.phase_used = None
             node = scan.nodes.get(header["node"])
             if node is None and len(scan.nodes) >= min(max(scan.n_nodes, 1), MAX_NODES):
                 raise ValueError(f"scan {key[:40]} already has its {len(scan.nodes)} nodes")
@@ -300,8 +303,11 @@ class ViewState:
             self._bump(scan)
             return True
 
-    def set_phase(self, key: str, record: dict, images: dict[str, np.ndarray]) -> None:
-        """A scan's new phase record and images (images not in it stay as they were)."""
+    def set_phase(
+        self, key: str, record: dict, images: dict[str, np.ndarray], used: np.ndarray | None = None
+    ) -> None:
+        """A scan's new phase record and images (images not in it stay as they were); used: the positions
+        they were made from (the page shows the others as not reached)."""
         with self._lock:
             scan = self._scans.get(key)
             if scan is None:
@@ -310,6 +316,8 @@ class ViewState:
             scan.phase = record
             if scan.images_kept:
                 scan.phase_images = {**scan.phase_images, **images}
+                if images and used is not None:
+                    scan.phase_used = used
             self._bump(scan)
             if fresh:
                 scan.phase_seen = scan.version  # this bump is no new data to fit

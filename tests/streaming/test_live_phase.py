@@ -231,3 +231,27 @@ def test_a_failed_fit_is_reported_in_the_state():
     with pytest.raises(KeyError):
         state.image("small", "tcbf")
     assert state.phase_due(1.0) == []  # the final is done once
+
+
+def test_positions_reached_after_the_phase_work_show_as_not_reached():
+    """The phase images' filler at positions the fit had not seen (reached since) is not shown: the PNG's
+    values there are NaN (black), as for positions not reached; the JSON keeps the image as computed."""
+    geometry = {"cx": 288.0, "cy": 288.0, "bf_radius": 100.0, "adf_inner": 120.0, "adf_outer": 250.0}
+    header = {
+        "node": "a", "node_index": 0, "n_nodes": 1, "scan_number": 3, "scan_key": "part", "width": 4,
+        "height": 3, "expected_frames": 12, "seq": 0, "final": False, "frames": 12, "sectors": 48,
+        "events": 24, "geometry": geometry, "dropped_batches": 0, "dropped_snapshots": 0, "lo": 0, "hi": 12,
+    }  # fmt: skip
+    arrays = {k: np.full(12, 2, np.int64) for k in ("counts", "bf", "adf", "sum_col", "sum_row")}
+    arrays.update(frames=np.ones(12, np.int32), pattern=np.zeros(576 * 576, np.uint32))
+    state = ViewState()
+    state.apply(header, arrays)
+    used = np.zeros((3, 4), bool)
+    used[:2] = True  # the fit saw the first two rows; the third came since
+    state.set_phase("part", {"fits": 1}, {"tcbf": np.full((3, 4), 5.0), "idpc": np.zeros((3, 4))}, used)
+    _, shown = state.image("part", "tcbf", masked=True)
+    assert np.isnan(shown[2]).all() and (shown[:2] == 5.0).all()
+    assert (state.image("part", "tcbf")[1] == 5.0).all()
+    assert np.isnan(state.image("part", "idpc", masked=True)[1][2]).all()
+    state.set_phase("part", {"fits": 2}, {}, np.ones((3, 4), bool))  # no new images: the mask stays theirs
+    assert np.isnan(state.image("part", "tcbf", masked=True)[1][2]).all()
