@@ -14,7 +14,10 @@ Interleaved: ``--pairs`` rounds of the modes in turn (off, on, off, on, ...), a 
 and round, each a warm-up scan and then ``--scans`` scans whose counted frames/s (the stop record's: first
 data to the file on disk) count. Other jobs load the machine and their load drifts: each round's ratio
 (median of its scans over off's) compares runs a minute apart, and the figure is the median of the rounds'
-ratios. The 1-minute load average before and after each run is recorded. Latency: what the page measured
+ratios. The 1-minute load average before and after each run is recorded. Beside the rates, the CPU time
+(user + system, from /proc) per counted frame of the pipeline's processes, the view's and this one's (the
+senders): far less sensitive to other jobs than a rate, and on a CPU-bound machine off's CPU per frame over
+a mode's is the throughput ratio that mode would get. Latency: what the page measured
 for every image it showed (newest and oldest batch new in each snapshot), with --modes off,on,page.
 
 Usage: python benchmarks/bench_live.py [--side 128] [--scans 2] [--pairs 3] [--modes off,on]
@@ -44,6 +47,7 @@ from counting.simulator import SimulatedCamera, SimulatorConfig  # noqa: E402
 from stemstream_testing.browser import headless_chromium  # noqa: E402
 from stemstream_testing.pipeline import ProcessPipeline  # noqa: E402
 from tasks.launch.plan import free_port  # noqa: E402
+from tasks.launch.processes import process_tree  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -68,7 +72,7 @@ def view_process(work: Path, bind: str, env: dict[str, str]):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the view did not start: {text[-2000:]}")
             time.sleep(0.1)
-        yield text.split("live: ")[1].split()[0]
+        yield text.split("live: ")[1].split()[0], proc.pid
     finally:
         proc.terminate()
         try:
@@ -87,6 +91,21 @@ MODES = {  # what each mode sets in streaming.live (nodes and view alike)
 }
 
 
+def cpu_seconds(pids: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process tree (pipeline, view) and by this process
+    (the senders' threads, the simulator), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {"here": sum(os.times()[:2])}
+    for name, pid in pids:
+        total = 0
+        for q in process_tree(pid):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        used[name] = used.get(name, 0.0) + total / tick
+    return used
+
+
 def fits_seen(url: str) -> list[int]:
     """Phase fits the view ran per scan (its /api/state): proof the live phase was on."""
     with urllib.request.urlopen(f"{url}api/state", timeout=10) as got:
@@ -97,22 +116,31 @@ def run_mode(work: Path, mode: str, config: SimulatorConfig, scans: int) -> dict
     """Scans through a fresh pipeline in one mode (MODES): counted frames/s per scan, the load average
     before and after, the view's phase fits and (page) the page's latencies."""
     live = {**MODES[mode], "bind": f"tcp://127.0.0.1:{free_port()}"}
-    rates, latencies, fits = [], [], []
+    rates, latencies, fits, cpu = [], [], [], []
     load = [os.getloadavg()[0]]
     env = {f"STEMSTREAM_STREAMING__LIVE__{k.upper()}": str(v) for k, v in MODES[mode].items()}
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(view_process(work, live["bind"], env)) if live["enabled"] else None
+        url, view_pid = (
+            stack.enter_context(view_process(work, live["bind"], env)) if live["enabled"] else (None, 0)
+        )
         pipe = stack.enter_context(ProcessPipeline(work, 2, streaming={"live": live}))
+        pids = [(name, pr.pid) for name, pr in pipe.procs.items()] + (
+            [("view", view_pid)] if view_pid else []
+        )
         browser = stack.enter_context(headless_chromium(work / "browser")) if mode == "page" else None
         if browser is not None:
             browser.open(url)
             browser.wait_for_text("connected")
         for n in range(scans + 1):  # scan 0 warms the pipeline up and is not counted, in every mode
             camera = SimulatedCamera(dataclasses.replace(config, seed=n))
+            before = cpu_seconds(pids)
             pipe.send(camera, n + 1)
             record, _ = pipe.record(n + 1)
+            after = cpu_seconds(pids)
             if n:
                 rates.append(record.counted_frames_per_second)
+                ms = {k: 1000 * (after[k] - before.get(k, 0.0)) / record.frames_written for k in after}
+                cpu.append({**ms, "total": sum(ms.values())})
             print(
                 f"  {mode:9s} scan {n}: {record.counted_frames_per_second:.0f} counted frames/s", flush=True
             )
@@ -123,7 +151,7 @@ def run_mode(work: Path, mode: str, config: SimulatorConfig, scans: int) -> dict
             latencies = [list(x) for x in browser.js("return window.liveLatencies")]
     load.append(os.getloadavg()[0])
     return {"counted_fps": rates, "median_fps": statistics.median(rates), "load": load, "phase_fits": fits,
-            "latencies": latencies}  # fmt: skip
+            "latencies": latencies, "cpu_ms_per_frame": cpu}  # fmt: skip
 
 
 def interleaved(tmp: Path, modes: list[str], config: SimulatorConfig, scans: int, pairs: int) -> list[dict]:
@@ -150,7 +178,11 @@ def summary(rounds: list[dict], modes: list[str], args: argparse.Namespace) -> d
             "round_medians": [run["median_fps"] for run in runs],
             "load_before_after": [run["load"] for run in runs],
             "phase_fits_per_scan": [run["phase_fits"] for run in runs],
+            "cpu_ms_per_frame": [x for run in runs for x in run["cpu_ms_per_frame"]],
         }
+        per_mode[m]["median_cpu_ms_per_frame"] = statistics.median(
+            x["total"] for x in per_mode[m]["cpu_ms_per_frame"]
+        )
     ratios = {m: [r["ratios"][m] for r in rounds] for m in modes if m != "off"}
     loads = [x for r in rounds for m in modes for x in r["modes"][m]["load"]]
     latencies = [x for r in rounds if "page" in r["modes"] for x in r["modes"]["page"]["latencies"]]
@@ -166,6 +198,11 @@ def summary(rounds: list[dict], modes: list[str], args: argparse.Namespace) -> d
         "modes": per_mode,
         "ratios_per_round": ratios,
         "median_ratio": {m: statistics.median(v) for m, v in ratios.items()},
+        "cpu_ratio_off_over_mode": {  # the throughput ratio a CPU-bound machine would give
+            m: per_mode["off"]["median_cpu_ms_per_frame"] / per_mode[m]["median_cpu_ms_per_frame"]
+            for m in modes
+            if m != "off"
+        },
     }
     if latencies:
         newest, oldest = [x[0] for x in latencies], [x[1] for x in latencies]
@@ -205,12 +242,18 @@ def main() -> None:
         f"{result['date']}, load average (1 min) {loads['min']:.1f}..{loads['max']:.1f} on {result['cpus']} CPUs"
     )
     for m in modes:
-        print(f"  {m:9s} counted frames/s, median of {len(result['modes'][m]['counted_fps'])}: "
-              f"{result['modes'][m]['median_fps']:.0f}")  # fmt: skip
+        got = result["modes"][m]
+        parts = {
+            k: statistics.median(x[k] for x in got["cpu_ms_per_frame"]) for k in got["cpu_ms_per_frame"][0]
+        }
+        print(f"  {m:9s} counted frames/s, median of {len(got['counted_fps'])}: {got['median_fps']:.0f}; "
+              f"CPU ms per frame {got['median_cpu_ms_per_frame']:.2f} ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total") + ")")  # fmt: skip
     for m, v in result["median_ratio"].items():
         each = ", ".join(f"{x:.3f}" for x in result["ratios_per_round"][m])
         target = " (target >= 0.95)" if m == "on" else ""
-        print(f"  {m}/off: median of {args.pairs} rounds {v:.3f}{target}; per round {each}")
+        print(f"  {m}/off: median of {args.pairs} rounds {v:.3f}{target}; per round {each}; "
+              f"CPU per frame off/{m} {result['cpu_ratio_off_over_mode'][m]:.3f}")  # fmt: skip
     if "latency" in result:
         lat = result["latency"]
         print(f"  update latency, median of {lat['updates']}: newest {lat['median_newest_s']:.3f} s, "
