@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from counting.geometry import ScanShape
 from counting.live_images import LiveGeometry, LiveImages
-from counting.phase.accumulate import ParallaxAccumulator
+from counting.phase.accumulate import ParallaxAccumulator, ParallaxSnapshot
 from counting.phase.bins import ParallaxBins
+from counting.phase.model import aberration_matrix
 from counting.simulator import SimulatedCamera, SimulatorConfig
 
 GEOMETRY = LiveGeometry(288.0, 288.0, 180.0, 200.0, 400.0)  # the simulator's disk (BEAM_CENTER, radius)
@@ -50,3 +52,25 @@ def astigmatic() -> Scan:
 @pytest.fixture(scope="package")
 def strong_defocus() -> Scan:
     return simulate(defocus=-0.08)
+
+
+def noise_free_copies(side: int, seed: int) -> ParallaxSnapshot:
+    """A snapshot whose every bin is the same sample seen at r + M k_b (M of defocus 0.05, A1 0.02 at
+    30 deg, rotation 20 deg), no counting noise: large Gaussian particles, some across the scan's edge."""
+    bins = ParallaxBins.from_geometry(GEOMETRY)
+    m = aberration_matrix(0.05, 0.02, 30.0, 20.0)
+    rng = np.random.default_rng(seed)
+    pad = 24
+    y, x = np.mgrid[-pad : side + pad, -pad : side + pad].astype(np.float64)
+    thickness = np.zeros_like(x)
+    for cx, cy, sigma in zip(
+        rng.uniform(-5, side + 5, 10), rng.uniform(-5, side + 5, 10), rng.uniform(4, 9, 10)
+    ):
+        thickness += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+    sample = 1.0 - 0.6 * (1.0 - np.exp(-thickness))
+    rows, cols = np.mgrid[0:side, 0:side] + pad
+    counts = np.empty((side * side, bins.count), np.float32)
+    for b, shift in enumerate(bins.k @ m.T):
+        seen = ndimage.map_coordinates(sample, [rows + shift[1], cols + shift[0]], order=3)
+        counts[:, b] = (1000.0 * seen).ravel()
+    return ParallaxSnapshot(side, side, bins, counts, np.ones(side * side, np.int32))
