@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from counting.geometry import ALL_SECTORS, FRAME_COLS, N_SECTORS, SECTOR_ROWS, FrameBatch
+from counting.geometry import ALL_SECTORS, FRAME_COLS, N_SECTORS, SECTOR_BYTES, SECTOR_ROWS, FrameBatch
 
 SECTOR_PIXELS = SECTOR_ROWS * FRAME_COLS
 
@@ -55,6 +55,14 @@ class Slot:
         return FrameBatch(self.frames[:n], self.frame_numbers[:n], self.positions[:n], self.masks[:n])
 
 
+def _sector_views(slot: Slot) -> list[memoryview]:
+    flat = slot.flat.view()
+    flat.shape = (-1,)  # raises rather than copy: the views must be of the slot's memory
+    flat = memoryview(flat.view(np.uint8))
+    n = slot.frames.shape[0] * N_SECTORS
+    return [flat[i * SECTOR_BYTES : (i + 1) * SECTOR_BYTES] for i in range(n)]
+
+
 @dataclass(frozen=True)
 class Sealed:
     """A slot ready to count: which slot, which scan, how many frames."""
@@ -81,6 +89,9 @@ class FrameAssembler:
         if not slots:
             raise ValueError("at least one slot is needed")
         self._slots = [Slot(i, s) for i, s in enumerate(slots)]
+        # Each sector's bytes as a memoryview, [slot][row * N_SECTORS + module], made once: a sector is
+        # received straight into its place (streaming.node.intake), with no array made per sector.
+        self._sectors = [_sector_views(s) for s in self._slots]
         self._free = list(range(len(slots)))[::-1]
         self._open: Slot | None = None
         self._where: dict[int, list[int]] = {}  # frame_number -> [slot, row, sectors arrived (mask)]
@@ -117,6 +128,31 @@ class FrameAssembler:
 
     def add(self, frame_number: int, position: int, module: int, payload: memoryview) -> list[Sealed]:
         """Copy one sector into its frame; returns slots that became complete. Raises if no slot is free."""
+        target = self.destination(frame_number, module)
+        if target is not None:
+            target[:] = payload
+        return self.placed(frame_number, position, module)
+
+    def destination(self, frame_number: int, module: int) -> memoryview | None:
+        """Where this sector's bytes go (None: it would be dropped, a duplicate or late), assigning nothing:
+        the caller receives the sector there, then calls ``placed``. Bytes written to a sector not yet
+        placed are harmless: its row is unassigned, or the sector is missing and zeroed when sealed."""
+        entry = self._where.get(frame_number)
+        if entry is None:
+            if frame_number in self._sealed_frames:
+                return None
+            slot = self._open
+            if slot is None or slot.used == slot.frames.shape[0]:
+                if not self._free:
+                    raise BufferError("no free slot: stop reading until counting frees one")
+                return self._sectors[self._free[-1]][module]  # row 0 of the slot _new_row will take
+            return self._sectors[slot.index][slot.used * N_SECTORS + module]
+        if entry[2] >> module & 1:
+            return None
+        return self._sectors[entry[0]][entry[1] * N_SECTORS + module]
+
+    def placed(self, frame_number: int, position: int, module: int) -> list[Sealed]:
+        """A sector's bytes are in place at ``destination``: mark it; returns slots that became complete."""
         # Per sector, so plain ints: the frame's mask lives in its entry until the frame is complete.
         entry = self._where.get(frame_number)
         if entry is None:
@@ -129,13 +165,11 @@ class FrameAssembler:
         if mask & bit:
             self.duplicates += 1  # a repeated sector would overwrite good data: drop and count it
             return []
-        slot = self._slots[entry[0]]
-        start = module * SECTOR_PIXELS
-        slot.flat[entry[1], start : start + SECTOR_PIXELS] = np.frombuffer(payload, "<u2")
         mask |= bit
         if mask != ALL_SECTORS:
             entry[2] = mask
             return []
+        slot = self._slots[entry[0]]
         slot.masks[entry[1]] = mask
         slot.complete += 1
         del self._where[frame_number]

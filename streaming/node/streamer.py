@@ -29,6 +29,7 @@ from streaming.node.config import NodeConfig, NodeCounters, NodeRefused
 from streaming.node.dark_sums import NodeDarkSums
 from streaming.node.hold_queue import HoldQueue
 from streaming.node.hosted_writer import HostedWriter
+from streaming.node.intake import SectorIntake, rest_of_message
 from streaming.node.path_links import ForwarderLinks
 from streaming.node.polling import LoopPoller
 from streaming.node.pool import CountingPool, CountResult
@@ -39,11 +40,11 @@ from streaming.node.writer_client import WriterClient
 from streaming.protocol import control as p
 from streaming.protocol.calibration import calibration_digest, calibration_parts
 from streaming.protocol.reasons import EndReason
-from streaming.protocol.sector import WireError, decode_message
 from streaming.signals import stop_on_signals
 from streaming.writer.files import ScanWriterError, check_output_dir
 
 log = logging.getLogger(__name__)
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flag arithmetic costs more than the call
 
 
 class NodeStreamer:
@@ -71,6 +72,7 @@ class NodeStreamer:
         self.live = LiveNode(self._ctx, config.name, st.live, config.aggregator, config.curve)
         self._poller = LoopPoller()
         self._held = HoldQueue(st.node_hold_limit)
+        self.intake = SectorIntake(self.assembler, self.counters, self._held, self._sealed)
         self._scan: NodeScan | None = None
         # A dark session: the raw frames' per-pixel sums too (streaming.node.dark_sums).
         self.dark_sums = NodeDarkSums(config.output_dir, config.name) if st.accumulate_dark else None
@@ -149,11 +151,14 @@ class NodeStreamer:
             if not self._can_read():
                 return
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                kind = sock.recv(_NOBLOCK)
             except zmq.Again:
                 return
             self.link.last_heard = time.monotonic()
-            kind = parts[0].bytes
+            if kind == p.DATA and not self._held.controls:  # nothing held may be overtaken: place it now
+                self.intake.receive(sock, self._scan)
+                continue
+            parts = rest_of_message(sock, kind)
             if kind == p.ATTACH:
                 self._on_attached(parts)
             elif self._held.must_hold(kind):
@@ -218,32 +223,9 @@ class NodeStreamer:
             self._close_scan(EndReason.AGGREGATOR_STOPPED)
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
-        """Place a sector; returns False when it needs a slot and none is free (it is then held)."""
-        if len(parts) != 3:
-            self.counters.malformed += 1
-            return True
-        try:
-            header, payload = decode_message(parts[1:])
-        except WireError:
-            self.counters.malformed += 1
-            return True
-        scan = self._scan
-        if scan is None or scan.end is not None or header.scan_number != scan.number:
-            self.counters.stray += 1
-            return True
-        if header.scan_width != scan.begin.scan_width or header.scan_height != scan.begin.scan_height:
-            self.counters.malformed += 1
-            return True
-        if not self.assembler.has_room_for(header.frame_number):
-            # Sectors of frames already in flight may still arrive behind this one: keep reading.
-            if not hold:
-                self._held.hold(p.DATA, parts)
-            return False
-        scan.sectors += 1
-        self.counters.sectors += 1
-        for s in self.assembler.add(header.frame_number, header.position, header.module, payload):
-            self._sealed(s)
-        return True
+        """Place a whole sector message; returns False when it needs a slot and none is free (it is then
+        held)."""
+        return self.intake.place(parts, self._scan, hold)
 
     def _begin_scan(self, begin: p.ScanBegin) -> None:
         check_shape(begin, self.config.streaming.max_scan_positions)  # before anything is allocated

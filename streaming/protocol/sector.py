@@ -19,6 +19,7 @@ from counting.geometry import N_SECTORS, SECTOR_BYTES
 HEADER_FIELDS = 9
 _UINT32_MAX = 2**32 - 1
 _UINT16_MAX = 2**16 - 1
+_INT_ONLY = {int}
 # ZMQ_MAXMSGSIZE of every data-path socket (receivers, aggregator <-> node, forwarders): a sector payload
 # plus headroom; headers and control messages are far smaller. A peer sending more is disconnected by ZeroMQ.
 MAX_MESSAGE_BYTES = SECTOR_BYTES + 64 * 1024
@@ -80,24 +81,44 @@ _LIMITS = (
 
 def decode_header(raw: bytes | memoryview) -> SectorHeader:
     """Decode and validate a header part; raises WireError with the reason."""
+    return SectorHeader(*header_fields(raw))
+
+
+def header_fields(raw: bytes | memoryview) -> list[int]:
+    """Decode and validate a header part, its 9 fields in wire order (no SectorHeader made: the node's
+    per-sector path); raises WireError with the reason."""
     try:
-        fields = msgpack.unpackb(bytes(raw), use_list=True, strict_map_key=True)
+        fields = msgpack.unpackb(raw, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise WireError(f"header is not msgpack ({type(exc).__name__})") from None
+    # The common case in a few operations (bool is not int here; an OR of non-negative ints stays below
+    # 2**k exactly when each does); anything else takes the checks that name what is wrong.
+    if type(fields) is list and len(fields) == HEADER_FIELDS and set(map(type, fields)) == _INT_ONLY:
+        number, frame, frames, width, height, x, y, thread, module = fields
+        if (
+            number | frame | frames | width | height | x | y | thread | module >= 0
+            and number | frame | frames <= _UINT32_MAX
+            and width | height | x | y | thread <= _UINT16_MAX
+            and module < N_SECTORS
+            and x < width
+            and y < height
+        ):
+            return fields
+    _check_fields(fields)
+    return fields
+
+
+def _check_fields(fields: object) -> None:
     if not isinstance(fields, list) or len(fields) != HEADER_FIELDS:
         raise WireError(f"header must be an array of {HEADER_FIELDS} unsigned ints, got {_describe(fields)}")
     for (name, limit), value in zip(_LIMITS, fields, strict=True):
         if type(value) is not int or value < 0 or value > limit:
             raise WireError(f"header field {name}={value!r} is not an unsigned int <= {limit}")
-    header = SectorHeader(*fields)
-    if header.scan_width == 0 or header.scan_height == 0:
+    width, height, x, y = fields[3:7]
+    if width == 0 or height == 0:
         raise WireError("header scan size is zero")
-    if header.x >= header.scan_width or header.y >= header.scan_height:
-        raise WireError(
-            f"header position ({header.x}, {header.y}) is outside the "
-            f"{header.scan_width}x{header.scan_height} scan"
-        )
-    return header
+    if x >= width or y >= height:
+        raise WireError(f"header position ({x}, {y}) is outside the {width}x{height} scan")
 
 
 def check_payload(payload: bytes | memoryview) -> None:
