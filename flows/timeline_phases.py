@@ -41,7 +41,7 @@ STARTUP_PHASES: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     ("python start + imports (CLI)", ("cli", PROCESS_START), ("cli", COMMAND)),
     ("settings", ("cli", COMMAND), ("cli", SETTINGS)),
     ("launch processes ahead (dark, plan, start)", ("cli", AHEAD_START), ("cli", AHEAD_END)),
-    ("import prefect", ("cli", AHEAD_END), ("cli", PREFECT_IMPORTED)),
+    ("import prefect", ("cli", f"{AHEAD_END}|{SETTINGS}"), ("cli", PREFECT_IMPORTED)),
     ("Prefect server start", ("cli", PREFECT_IMPORTED), ("cli", PREFECT_UP)),
     ("flow run start", ("cli", PREFECT_UP), ("session", FLOW_BEGINS)),
     ("session set-up (dark, plan)", ("session", FLOW_BEGINS), ("session", f"{ALLOCATE} start")),
@@ -72,13 +72,18 @@ _SCAN = re.compile(r"scan (\d+) (first data|last data|written|verified)$")
 
 
 def _times(marks: Iterable[Mark], process: str, name: str) -> dict[str, float]:
-    """Wall time of a mark in each matching process (its first occurrence)."""
-    found: dict[str, float] = {}
-    for m in marks:
-        matches = m.process.startswith(process[:-1]) if process.endswith("*") else m.process == process
-        if matches and m.name == name and m.process not in found:
-            found[m.process] = m.wall
-    return found
+    """Wall time of a mark in each matching process (its first occurrence). ``name`` may list marks as
+    "a|b": the first of them that the timeline has (a timeline of an older version may lack a)."""
+    marks = list(marks)
+    for each in name.split("|"):
+        found: dict[str, float] = {}
+        for m in marks:
+            matches = m.process.startswith(process[:-1]) if process.endswith("*") else m.process == process
+            if matches and m.name == each and m.process not in found:
+                found[m.process] = m.wall
+        if found:
+            return found
+    return {}
 
 
 def _phase(marks: list[Mark], begin: tuple[str, str], end: tuple[str, str]) -> float | None:
