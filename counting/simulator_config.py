@@ -48,6 +48,10 @@ class SimulatorConfig:
     scatter_max: float = 0.6  # ... and at thickness 1
     deflection: float = 20.0  # largest bright-field disk shift over the scan, pixels (about 10 % of the disk)
     particles: int = 8  # Gaussian "particles" on a thin support film
+    # A fine random texture of the film (as amorphous carbon has), its thickness in units of the film's:
+    # it scatters but does not deflect the disk (the DPC signal stays the particles'); 0: none, frames as
+    # before bit for bit. Features about 3 scan px across whatever the scan's size.
+    texture: float = 0.0
     xray_rate: float = 0.02  # mean x-ray hits per frame (Poisson)
     xray_adu: float = 5000.0  # mean ADU per x-ray pixel (uniform 0.5x..1.5x)
     xray_2x2_fraction: float = 0.25  # fraction of x-ray hits that cover 2x2 pixels instead of one
@@ -91,6 +95,7 @@ class SimulatorConfig:
         _check_range("scatter_min", self.scatter_min, 0.0, 1.0)
         _check_range("scatter_max", self.scatter_max, 0.0, 1.0)
         _check_range("deflection", self.deflection, 0.0, 280.0)
+        _check_range("texture", self.texture, 0.0, 10.0)
         _check_range("xray_rate", self.xray_rate, 0.0, 100.0)
         _check_range("xray_adu", self.xray_adu, 0.0, 60000.0, low_open=True)
         _check_range("xray_2x2_fraction", self.xray_2x2_fraction, 0.0, 1.0)

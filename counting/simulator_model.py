@@ -60,7 +60,9 @@ def specimen(config: SimulatorConfig, rng: np.random.Generator) -> Specimen:
     the mean scattered fraction of its row (the beam crosses the row while that frame is recorded)."""
     h, ws = config.scan.height, config.sample_width
     state = rng.bit_generator.state  # the parallax grid redraws the same sample
-    thickness, grad = _make_sample(ScanShape(ws, h), config.particles, rng) if ws else _no_sample(h)
+    thickness, grad = (
+        _make_sample(ScanShape(ws, h), config.particles, rng, 0, config.texture) if ws else _no_sample(h)
+    )
     gmax = float(np.sqrt((grad**2).sum(axis=-1)).max()) if grad.size else 0.0
     shift = grad * (config.deflection / gmax) if gmax > 0 else np.zeros_like(grad)
     if config.rotation != 0.0:  # the disk moves along the gradient seen in detector axes: R(-rotation)
@@ -95,7 +97,7 @@ def _padded_scatter(config: SimulatorConfig, rng: np.random.Generator) -> tuple[
     reach = np.abs(config.parallax_matrix()).sum(axis=1).max() * (config.disk_radius + config.deflection)
     pad = int(np.ceil(reach)) + 2
     h, ws = config.scan.height, config.sample_width
-    thickness, _ = _make_sample(ScanShape(ws, h), config.particles, rng, pad)
+    thickness, _ = _make_sample(ScanShape(ws, h), config.particles, rng, pad, config.texture)
     return config.scatter_min + (config.scatter_max - config.scatter_min) * thickness, pad
 
 
@@ -183,11 +185,12 @@ def _no_sample(height: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make_sample(
-    scan: ScanShape, particles: int, rng: np.random.Generator, pad: int = 0
+    scan: ScanShape, particles: int, rng: np.random.Generator, pad: int = 0, texture: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Thickness t = 1 - exp(-(film + sum of Gaussian particles)) on the scan grid (pad positions more on
     every side) and its gradient (d/drow, d/dcol) per unit of the scan's longer side, shapes (h, w) and
-    (h, w, 2), h and w padded."""
+    (h, w, 2), h and w padded; with texture, the film's fine texture (_film_texture) in t, not in the
+    gradient."""
     side = max(scan.width, scan.height)
     v = (np.arange(-pad, scan.height + pad) + 0.5)[:, None] / side
     u = (np.arange(-pad, scan.width + pad) + 0.5)[None, :] / side
@@ -204,4 +207,20 @@ def _make_sample(
         ds_du -= g * (u - cu[k]) / sigma[k] ** 2
         ds_dv -= g * (v - cv[k]) / sigma[k] ** 2
     e = np.exp(-s)
-    return 1.0 - e, np.stack([e * ds_dv, e * ds_du], axis=-1)
+    grad = np.stack([e * ds_dv, e * ds_du], axis=-1)
+    if texture > 0:  # v * side, u * side: scan px, the same on a padded grid
+        e = e * np.exp(-texture * _film_texture(v * side, u * side, rng))
+    return 1.0 - e, grad
+
+
+def _film_texture(y: np.ndarray, x: np.ndarray, rng: np.random.Generator, waves: int = 48) -> np.ndarray:
+    """A fine random texture in [0, 0.2] of mean 0.1 (the film's thickness) at scan positions (y, x), px: a
+    sum of plane waves of random direction and phase, periods 4..8 px, a function of the position alone
+    (so the parallax's padded grid sees the same film)."""
+    angle = rng.uniform(0.0, np.pi, waves)
+    freq = 1.0 / rng.uniform(4.0, 8.0, waves)
+    phase = rng.uniform(0.0, 2.0 * np.pi, waves)
+    out = np.zeros(np.broadcast_shapes(y.shape, x.shape))
+    for a, f, p in zip(angle, freq, phase, strict=True):
+        out += np.cos(2.0 * np.pi * f * (x * np.cos(a) + y * np.sin(a)) + p)
+    return 0.1 * (1.0 + np.clip(out / np.sqrt(waves / 2.0), -3.0, 3.0) / 3.0)

@@ -55,3 +55,33 @@ def test_a_defocused_scan_keeps_the_dose_and_the_in_focus_sample():
         for cam_batches in ([e[3] for e in c.iter_counted(16)] for c in (a, b))
     ]
     assert abs(electrons[1] / electrons[0] - 1) < 0.05
+
+
+def test_film_texture_is_off_by_default_scatters_but_does_not_deflect():
+    plain = SimulatedCamera(SimulatorConfig(ScanShape(16, 12), seed=4, defocus=0.05))
+    textured = SimulatedCamera(SimulatorConfig(ScanShape(16, 12), seed=4, defocus=0.05, texture=1.0))
+    assert SimulatorConfig(ScanShape(4, 3)).texture == 0.0
+    for bad in (-0.1, 11.0, float("nan")):
+        with pytest.raises(ValueError):
+            SimulatorConfig(ScanShape(4, 3), texture=bad)
+    np.testing.assert_array_equal(plain.disk_shift(), textured.disk_shift())
+    difference = (textured.scatter_fraction() - plain.scatter_fraction())[:, :-1]
+    assert difference.std() > 0.005 and difference.min() >= 0.0  # the film is thicker, in fine detail
+
+
+def test_the_parallax_sees_the_same_textured_film_as_the_in_focus_scan():
+    """The parallax draws from its own padded copy of the sample: with the film's texture (no particles) and
+    a defocus too small to move any view by a pixel, the bright-field counts follow the in-focus scan's
+    transmission as the in-focus counts do."""
+    shape = ScanShape(12, 10)
+    base = {"seed": 5, "texture": 2.0, "dose": 1500.0, "particles": 0, "pool_size": 1}
+    for defocus in (0.0, 1e-6):
+        cam = SimulatedCamera(SimulatorConfig(shape, defocus=defocus, **base))
+        bf = np.zeros(shape.positions)
+        for positions, _, offsets, indices in cam.iter_counted(64):
+            row, col = np.divmod(indices.astype(np.int64), 576)
+            inside = (row - 288) ** 2 + (col - 288) ** 2 < 170**2
+            np.add.at(bf, np.repeat(positions, np.diff(offsets)), inside)
+        transmission = 1.0 - cam.scatter_fraction()
+        r = np.corrcoef(bf.reshape(shape.height, shape.width)[:, :-1].ravel(), transmission[:, :-1].ravel())
+        assert r[0, 1] > 0.6, (defocus, r[0, 1])
