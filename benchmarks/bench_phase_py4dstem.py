@@ -1,7 +1,7 @@
 """py4DSTEM's parallax (0.14.18, py4DSTEM.process.phase.Parallax) next to counting.phase on the same
 written counted scan, for several seeds and defoci at 200 e/frame; bench_phase.py --py4dstem calls compare().
 
-Usage: python benchmarks/bench_phase_py4dstem.py [--side 64] [--json PATH] [--with-default]
+Usage: python benchmarks/bench_phase_py4dstem.py [--side 64] [--textures 0 1] [--json PATH] [--with-default]
 
 Both read one calibration from the file: the benchmark attaches /metadata/microscope (scan step 1 Å,
 convergence semi-angle 18 mrad over the simulator's 180 px disk: 0.1 mrad per detector pixel, 300 keV)
@@ -15,7 +15,9 @@ pixels) and "coarse" (16 x 16 binned, alignment bins 16, 16, 8, 8, 8, 8: at 200 
 pixel holds ~0.1-0.5 electrons per position, and its cross-correlation is noise). Each py4DSTEM result is
 also given as the C1 of its own measured pixel shifts (a least-squares map of shift vs detector pixel,
 scaled by the same calibration): it equals the C1 py4DSTEM reports, so any gap to the truth is in the
-shifts it measured, not in the calibration. Sign and angle conventions differ (py4DSTEM: scan x = rows,
+shifts it measured, not in the calibration. Two samples: the simulator's own (a few smooth particles on
+a plain film) and the same with a fine film texture (SimulatorConfig.texture, --textures): py4DSTEM's
+alignment needs the texture (docs/guide/phase-contrast.md). Sign and angle conventions differ (py4DSTEM: scan x = rows,
 its rotation the other way): C1 and A1 are compared as magnitudes.
 """
 
@@ -44,6 +46,7 @@ from counting.sparse import CountedScan, read_counted_scan, write_counted_scan  
 
 STEP_A, SEMIANGLE_MRAD, ENERGY_EV = 1.0, 18.0, 300e3
 TARGET = 0.05
+TEXTURE = 3.0  # the textured sample's film texture (SimulatorConfig.texture)
 # (seed, defocus, astigmatism, astigmatism angle, rotation), M in scan px per detector px
 CASES = [(3, 0.05, 0.02, 30.0, 20.0), (1, 0.05, 0.02, 30.0, 20.0), (5, -0.04, 0.015, -50.0, 35.0)]
 SETUPS = {
@@ -121,13 +124,14 @@ def _py4dstem(scan: CountedScan, attrs: dict, bf_radius: float, setup: dict) -> 
     }
 
 
-def compare_case(side: int, case: tuple, setups: list[str]) -> dict:
+def compare_case(side: int, case: tuple, setups: list[str], texture: float = 0.0) -> dict:
     """Ours and py4DSTEM's fits of one simulated side x side scan at 200 e/frame, from its written file."""
     from benchmarks.bench_phase import GEOMETRY  # noqa: PLC0415
 
     seed, c1, a1, phi, theta = case
     truth_px = {"defocus": c1, "astigmatism": a1, "astigmatism_angle": phi, "rotation": theta}
-    cam = SimulatedCamera(SimulatorConfig(ScanShape(side, side), dose=200.0, seed=seed, **truth_px))
+    config = SimulatorConfig(ScanShape(side, side), dose=200.0, seed=seed, texture=texture, **truth_px)
+    cam = SimulatedCamera(config)
     with tempfile.TemporaryDirectory() as tmp:
         path = _written_scan(cam, Path(tmp))
         scan = read_counted_scan(path)
@@ -137,6 +141,7 @@ def compare_case(side: int, case: tuple, setups: list[str]) -> dict:
     out = {
         "side": side,
         "seed": seed,
+        "texture": texture,
         "truth_px": truth_px,
         "truth": {"C1_nm": abs(c1) * factor, "A1_nm": a1 * factor},
         "calibration": {"step_nm": step_nm, "mrad_per_px": mrad_px, "energy_ev": attrs["energy_ev"]},
@@ -157,7 +162,7 @@ def compare_case(side: int, case: tuple, setups: list[str]) -> dict:
 def _print(row: dict) -> None:
     t, o = row["truth"], row["ours"]
     print(
-        f"seed {row['seed']} {row['side']}x{row['side']}: truth |C1| {t['C1_nm']:.1f} nm |A1| {t['A1_nm']:.1f} nm; "
+        f"seed {row['seed']} {row['side']}x{row['side']} texture {row['texture']:g}: truth |C1| {t['C1_nm']:.1f} nm |A1| {t['A1_nm']:.1f} nm; "
         f"ours {o['C1_nm']:.1f} / {o['A1_nm']:.1f} nm ({o['seconds']:.2f} s)"
     )
     for name, r in row["py4dstem"].items():
@@ -170,13 +175,16 @@ def _print(row: dict) -> None:
         )
 
 
-def compare(side: int = 64, with_default: bool = False) -> dict:
-    """Every case's comparison (the default set-up on the first case only, unless with_default)."""
+def compare(side: int = 64, with_default: bool = False, textures: tuple = (0.0, TEXTURE)) -> dict:
+    """Every case's comparison on each sample (the default set-up on the first case of the plain sample
+    only, unless with_default)."""
     rows = []
-    for i, case in enumerate(CASES):
-        setups = ["coarse", "default"] if with_default or i == 0 else ["coarse"]
-        rows.append(compare_case(side, case, setups))
-        _print(rows[-1])
+    for texture in textures:
+        for i, case in enumerate(CASES):
+            first = i == 0 and texture == textures[0]
+            setups = ["coarse", "default"] if with_default or first else ["coarse"]
+            rows.append(compare_case(side, case, setups, texture))
+            _print(rows[-1])
     return {"dose": 200.0, "target": TARGET, "cases": rows}
 
 
@@ -184,10 +192,11 @@ def main() -> None:
     """Print the comparison and write JSON."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", type=int, default=64)
+    ap.add_argument("--textures", type=float, nargs="+", default=[0.0, TEXTURE], help="samples: film texture")
     ap.add_argument("--with-default", action="store_true", help="py4DSTEM's default set-up on every case")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "phase_py4dstem.json")
     a = ap.parse_args()
-    out = compare(a.side, a.with_default)
+    out = compare(a.side, a.with_default, tuple(a.textures))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(out, indent=2))
     print(f"wrote {a.json}")
