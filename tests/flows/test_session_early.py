@@ -4,7 +4,9 @@ over, and taken over (not started twice) where it does."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from flows.session_identity import dark_cache_file, simulated_dark_frame
 from flows.settings import Settings, load_settings
 from flows.timeline import AHEAD_END, AHEAD_START, Timeline
 from stemstream_testing.support import wait_until
-from tasks.launch.processes import carrying
+from tasks.launch.processes import ProcessGroup, carrying
 from tasks.launch.state import SessionState
 
 
@@ -142,3 +144,20 @@ def test_a_cached_dark_that_is_not_a_frame_is_recomputed_and_left_alone(dark_cac
     assert dark.shape == FRAME_SHAPE and dark.dtype == np.float32
     assert kept.read_bytes() == b"not an array"  # never written over
     assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # no temporary file left
+
+
+def test_the_cleanup_hook_finds_a_session_in_the_directory_it_was_given(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from flows.session import _cleanup_hook  # the hook of a crashed or cancelled run
+
+    group = ProcessGroup(tmp_path / "logs")
+    child = group.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        session_dir = settings.output_dir / "sessions" / "chosen-by-the-cli"
+        SessionState(session_dir, backend="local", process_tokens=[group.token]).save()
+        run = SimpleNamespace(id="another-flow-run-id", parameters={"session_dir": str(session_dir)})
+        _cleanup_hook(None, run, None)
+        assert child.popen.wait(10) is not None
+    finally:
+        group.stop()
