@@ -20,7 +20,7 @@ import multiprocessing as mp
 import signal
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
@@ -203,8 +203,6 @@ class CountingPool:
             with contextlib.suppress(BrokenPipeError, OSError):  # a dead worker is restarted by collect()
                 conn.send(WarmUp())
                 waiting.add(i)
-        from multiprocessing.connection import wait
-
         deadline = t0 + timeout
         while waiting and time.monotonic() < deadline:
             for conn in wait([self._conns[i] for i in waiting], timeout=deadline - time.monotonic()):
@@ -277,15 +275,16 @@ class CountingPool:
         events = self._inline_counter[key].count(self.memory.array[task.slot, : task.n])
         return CountResult(task.task_id, task.slot, events, time.perf_counter() - t0)
 
-    def collect(self, timeout: float = 0.0) -> list[CountResult]:
-        """Results ready now (waiting up to timeout); restarts dead workers and re-sends their tasks."""
+    def collect(self, timeout: float = 0.0, events: dict | None = None) -> list[CountResult]:
+        """Results ready (up to timeout, or in a poll's events); dead workers restarted, their tasks re-sent."""
         if self.workers == 0:
             out, self._inline = self._inline, []
             return out
-        from multiprocessing.connection import wait
-
         results, self._early = self._early, []
-        ready = wait(self.connections(), timeout=0 if results else timeout)
+        if events is None:
+            ready = wait(self.connections(), timeout=0 if results else timeout)
+        else:  # the caller polled the pipes already: no selector made, no system call for pipes not ready
+            ready = [c for c in self.connections() if c.fileno() in events]  # zmq.Poller gives fds
         for conn in ready:
             i = self._conns.index(conn)
             try:

@@ -109,7 +109,7 @@ class NodeStreamer:
                     self._drain_aggregator(sock)
             if self.writer.socket is not None and self.writer.socket in events:
                 self._drain_writer()
-            self._take_results(self.pool.collect(0))
+            self._take_results(self.pool.collect(0, events))  # the workers' pipes were in this poll
             self._housekeeping()
             if self.hosted.error is not None:
                 log.error("%s: scan writer failed, stopping: %s", self.config.name, self.hosted.error)
