@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 import time
 import urllib.request
 
@@ -29,7 +31,7 @@ from streaming.protocol import control as p
 from streaming.protocol import live as live_wire
 from streaming.settings import LiveSettings
 from streaming.view.app import _state
-from streaming.view.phase import Calibration, PhaseWorker, collect, compute
+from streaming.view.phase import PHASE_NICE, Calibration, PhaseWorker, collect, compute
 from streaming.view.server import LiveServer
 from streaming.view.state import ViewState
 
@@ -255,3 +257,14 @@ def test_positions_reached_after_the_phase_work_show_as_not_reached():
     assert np.isnan(state.image("part", "idpc", masked=True)[1][2]).all()
     state.set_phase("part", {"fits": 2}, {}, np.ones((3, 4), bool))  # no new images: the mask stays theirs
     assert np.isnan(state.image("part", "tcbf", masked=True)[1][2]).all()
+
+
+def test_the_phase_thread_runs_nicer_than_the_view():
+    """The fits take the CPU that counting leaves: the phase thread's nice value is the process's + 10."""
+    worker = PhaseWorker(ViewState(), 1.0).start()
+    try:
+        tid = wait_for(lambda: worker._thread.native_id, 5, "the phase thread")
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, own + PHASE_NICE), 5, "nicer")
+    finally:
+        worker.close()
