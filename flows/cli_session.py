@@ -209,12 +209,21 @@ def launched_ahead(timeline: Timeline, settings: Settings, params: dict) -> Iter
 
 def _ahead(settings: Settings, params: dict) -> Callable[[], None]:
     """What the flow will compute first and the CLI can compute while Prefect's server starts: the
-    simulated camera's dark reference (flows/session_setup.py keeps it), where the session will use it."""
+    simulated camera's dark reference (flows/session_setup.py keeps it), where the session will use it;
+    and, for the simulated camera, a first camera built (its kernels loaded from numba's cache, about
+    1 s on a loaded machine), which the first scan's camera would otherwise pay for (computing the dark
+    did it, before the dark was cached)."""
     from flows.session_setup import simulated_dark_frame
 
     def work() -> None:
-        if params["camera"] == "simulated" and settings.counting.dark is None:
+        if params["camera"] != "simulated":
+            return
+        if settings.counting.dark is None:
             simulated_dark_frame(settings.simulator.seed)
+        from counting.geometry import ScanShape
+        from counting.simulator import SimulatedCamera, SimulatorConfig
+
+        SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=settings.simulator.seed))
 
     return work
 
