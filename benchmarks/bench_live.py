@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,8 +235,13 @@ def main() -> None:
         ScanShape(args.side, args.side), dose=args.dose, defocus=args.defocus, astigmatism=args.astigmatism,
         astigmatism_angle=30.0, rotation=20.0,
     )  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
-        rounds = interleaved(Path(tmp), modes, config, args.scans, args.pairs)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-live-"))
+    try:
+        rounds = interleaved(tmp, modes, config, args.scans, args.pairs)
+    except BaseException:
+        print(f"failed: the processes' logs are kept in {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp)  # only the run's own temporary directory
     result = summary(rounds, modes, args)
     loads = result["load_average_1min"]
     print(
