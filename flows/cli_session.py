@@ -10,9 +10,9 @@ import contextlib
 import gc
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -21,8 +21,6 @@ from flows.cli_terminal import embedded_prefect, run_in_terminal
 from flows.session_prefect import EmbeddedServer, adopt, early_server
 from flows.settings import Settings, SimulatorSettings
 from flows.timeline import (
-    AHEAD_END,
-    AHEAD_START,
     COMMAND,
     EXIT,
     PREFECT_IMPORTED,
@@ -33,9 +31,6 @@ from flows.timeline import (
     cli_timeline,
 )
 from flows.timeline_phases import CLI_DONE, marks_table, phases, phases_table
-
-if TYPE_CHECKING:
-    from flows.session_early import EarlyLaunch
 
 Timings = Annotated[
     bool,
@@ -179,51 +174,22 @@ def _run_timed(timeline: Timeline, settings: Settings, params: dict, show: bool)
     if server is not None:
         atexit.register(server.stop)  # runs before _finish_timeline (exit hooks run last-registered first)
         timeline.mark(PREFECT_STARTED, process="cli")
-    with launched_ahead(timeline, settings, params):
-        if _prefect_up(timeline, server, _ahead(settings, params)):
-            timeline.mark(PREFECT_UP, process="cli")
-        try:
-            return run_in_terminal(settings, params, params["postprocess"])
-        finally:
-            timeline.mark(CLI_DONE, process="cli")
-
-
-@contextlib.contextmanager
-def launched_ahead(timeline: Timeline, settings: Settings, params: dict) -> Iterator[EarlyLaunch | None]:
-    """A local session's processes started now, while Prefect's server starts (flows/session_early.py):
-    the flow gets their directory as its ``session_dir`` parameter and takes them over; whatever is still
-    running of them when the block ends (the flow never began, failed first, Ctrl-C) is stopped."""
-    timeline.mark(AHEAD_START, process="cli")
-    from flows.session_early import launch
-
-    early = launch(settings, params)
-    if early is not None:
-        params["session_dir"] = str(early.session_dir)
-    timeline.mark(AHEAD_END, params.get("session_dir", "none"), process="cli")
+    if _prefect_up(timeline, server, _ahead(settings, params)):
+        timeline.mark(PREFECT_UP, process="cli")
     try:
-        yield early
+        return run_in_terminal(settings, params, params["postprocess"])
     finally:
-        if early is not None:  # nothing left once the flow has released them
-            early.stop()
+        timeline.mark(CLI_DONE, process="cli")
 
 
 def _ahead(settings: Settings, params: dict) -> Callable[[], None]:
     """What the flow will compute first and the CLI can compute while Prefect's server starts: the
-    simulated camera's dark reference (flows/session_setup.py keeps it), where the session will use it;
-    and, for the simulated camera, a first camera built (its kernels loaded from numba's cache, about
-    1 s on a loaded machine), which the first scan's camera would otherwise pay for (computing the dark
-    did it, before the dark was cached)."""
+    simulated camera's dark reference (flows/session_setup.py keeps it), where the session will use it."""
     from flows.session_setup import simulated_dark_frame
 
     def work() -> None:
-        if params["camera"] != "simulated":
-            return
-        if settings.counting.dark is None:
+        if params["camera"] == "simulated" and settings.counting.dark is None:
             simulated_dark_frame(settings.simulator.seed)
-        from counting.geometry import ScanShape
-        from counting.simulator import SimulatedCamera, SimulatorConfig
-
-        SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=settings.simulator.seed))
 
     return work
 

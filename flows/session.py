@@ -5,7 +5,6 @@ hook for a run that crashed or was cancelled, and the multi-scan experiment flow
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -25,8 +24,7 @@ def _cleanup_hook(flow, flow_run, state) -> None:
     through backends of the kind it records, with the settings the run was given (its parameters)."""
     params = flow_run.parameters or {}
     settings = run_settings(params.get("settings_file"), backend=params.get("backend"))
-    given_dir = params.get("session_dir")
-    recorded = SessionState.load(Path(given_dir) if given_dir else session_dir_of(settings, str(flow_run.id)))
+    recorded = SessionState.load(session_dir_of(settings, str(flow_run.id)))
     nodes, aggregator = make_backends(recorded.backend or settings.session.backend, settings)
     release_recorded(recorded, nodes, aggregator)
 
@@ -55,7 +53,6 @@ def session(
     frame_rate: Annotated[float, Field(ge=0, le=100000)] = 0.0,
     script: str = "",
     settings_file: str = "",
-    session_dir: str = "",
 ):
     """One streaming session: scans counted, written, verified and analysed while it runs.
 
@@ -86,8 +83,6 @@ def session(
             see stemstream send --script); empty = n_scans scans of scan_width x scan_height.
         settings_file: Settings to run with (JSON, as `stemstream` writes them); empty = the environment
             and stemstream.toml. The parameters above win over it.
-        session_dir: The session's directory (logs, state, scans); empty = <output_dir>/sessions/<flow run
-            id>. `stemstream session` and `demo` pass the one they started the local processes in.
     """
     session_values = dict(
         backend=backend, nodes=nodes, postprocess=postprocess, min_completeness=min_completeness
@@ -97,7 +92,7 @@ def session(
         camera, n_scans, duration, scan_width, scan_height, dose, first_scan, frame_rate, script
     )
     run_id = str(current_run.get_id() or f"local-{os.getpid()}")
-    return SessionRun(settings, request, run_id, get_run_logger(), session_dir).run()
+    return SessionRun(settings, request, run_id, get_run_logger()).run()
 
 
 @flow(name="stemstream-experiment")

@@ -15,7 +15,6 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from catalogue.recorder import Recorder
 from counting.phase.bins import DEFAULT_BINS
-from flows.session_early import take as take_early
 from flows.session_setup import (
     SessionRequest,
     choose_dark,
@@ -63,17 +62,24 @@ class SessionRun:
     """One session, from its settings to its final state. Built before anything starts (its directory,
     dark, plan, settings file, backends and state file exist); ``run()`` does the rest."""
 
-    def __init__(
-        self, settings: Settings, request: SessionRequest, run_id: str, log, session_dir: str = ""
-    ) -> None:
+    def __init__(self, settings: Settings, request: SessionRequest, run_id: str, log) -> None:
         self.timeline = session_timeline()  # the CLI's, when the CLI runs this session
         self.timeline.mark(FLOW_BEGINS, run_id)
         self.request, self.run_id, self.log = request, run_id, log
-        self.session_dir = (Path(session_dir) if session_dir else session_dir_of(settings, run_id)).resolve()
+        self.session_dir = session_dir_of(settings, run_id).resolve()
         self.session_dir.mkdir(parents=True, exist_ok=True)
         self.timeline.session_dir = self.session_dir
-        self.adopted = self.set_up(settings)
-        self.state.flow_run = run_id
+        self.dark = choose_dark(settings, request.simulated, self.session_dir, log)
+        self.settings = session_settings(settings, self.dark, session_id(), request.simulated)
+        self.plan = session_plan(self.settings, self.session_dir)
+        self.nodes, self.aggregator = make_backends(self.settings.session.backend, self.settings)
+        self.state = SessionState(
+            self.session_dir,
+            flow_run=run_id,
+            backend=self.settings.session.backend,
+            settings_file=str(self.plan.settings_file),
+            scans_dir=str(self.plan.output_dir),
+        )
         self.state.save()
         self.scans = planned_scans(request, self.settings)
         self.n_scans = len(self.scans) if request.simulated and request.script else request.n_scans
@@ -88,27 +94,6 @@ class SessionRun:
         self.seen: set[str] = set()  # stop records already there (an earlier session's) or taken
         self.recorder: Recorder | None = None
         self.partial: list[ScanResult] = []  # scans the session's end stopped mid-scan (written as counted)
-
-    def set_up(self, settings: Settings) -> bool:
-        """Dark, settings, plan, backends and state: those of the processes the CLI started ahead for this
-        directory (flows/session_early.py: True), else this run's own."""
-        early = take_early(self.session_dir, settings, self.log)
-        if early is not None:
-            self.dark, self.settings, self.plan = early.dark, early.settings, early.plan
-            self.nodes, self.aggregator, self.state = early.nodes, early.aggregator, early.state
-            self.log.info("the node streamers and the aggregator started ahead by the CLI are this run's")
-            return True
-        self.dark = choose_dark(settings, self.request.simulated, self.session_dir, self.log)
-        self.settings = session_settings(settings, self.dark, session_id(), self.request.simulated)
-        self.plan = session_plan(self.settings, self.session_dir)
-        self.nodes, self.aggregator = make_backends(self.settings.session.backend, self.settings)
-        self.state = SessionState(
-            self.session_dir,
-            backend=self.settings.session.backend,
-            settings_file=str(self.plan.settings_file),
-            scans_dir=str(self.plan.output_dir),
-        )
-        return False
 
     def run(self) -> State:
         """Start, acquire, release (always), and the final state with the scan results."""

@@ -4,47 +4,29 @@ its log uses for them."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from prefect import get_run_logger
 from prefect.runtime import flow_run as current_run
 
-from flows.session_identity import (  # the set-up without Prefect, here where the flow finds it
-    choose_dark,
-    private_directory,
-    session_number,
-    session_plan,
-    session_settings,
-    simulated_dark,
-    simulated_dark_frame,
-)
-from flows.settings import Settings, given, load_settings
+from counting.dark import dark_reference
+from counting.durable import file_sha256
+from counting.geometry import ScanShape
+from counting.simulator import SimulatedCamera, SimulatorConfig
+from flows.settings import Settings, given, load_settings, write_settings_file
 from tasks.acquisition.camera import ScanRequest, scripted_scans, simulated_scans
 from tasks.acquisition.result import ScanResult
+from tasks.darks import INSTRUMENT, session_dark, simulated_camera_label
 from tasks.launch.backends import Aggregator, LocalAggregator, LocalNodes, Nodes, SlurmNodes, SshAggregator
+from tasks.launch.plan import SessionPlan, free_ports, local_addresses
 from tasks.nersc.batch import walltime_seconds
 from tasks.steps.session import cancel_requested
-
-__all__ = [
-    "SessionRequest",
-    "choose_dark",
-    "describe",
-    "make_backends",
-    "node_lost_message",
-    "planned_scans",
-    "private_directory",
-    "remaining",
-    "run_settings",
-    "session_end",
-    "session_id",
-    "session_plan",
-    "session_settings",
-    "simulated_dark",
-    "simulated_dark_frame",
-]
 
 
 @dataclass(frozen=True)
@@ -91,7 +73,87 @@ def make_backends(backend: str, settings: Settings) -> tuple[Nodes, Aggregator]:
 
 def session_id() -> int:
     """This session's number (0-99999), from its flow run id."""
-    return session_number(str(current_run.get_id() or os.getpid()))
+    run_id = str(current_run.get_id() or os.getpid())
+    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 100000
+
+
+def choose_dark(settings: Settings, simulated: bool, session_dir: Path, log) -> Path | None:
+    """counting.dark, else the newest stored dark of this camera (tasks.darks), else the simulator's own."""
+    camera = simulated_camera_label(settings.simulator.seed) if simulated else INSTRUMENT
+    dark, old_dark = session_dark(settings.counting.dark, settings.dark, settings.output_dir, camera)
+    if old_dark:
+        log.warning(old_dark)
+    if dark is None and simulated:
+        dark = simulated_dark(session_dir, settings.simulator.seed)
+    if dark is None:
+        log.warning("no dark reference (counting.dark): counting with a zero dark and fitted thresholds")
+    return dark
+
+
+def simulated_dark(session_dir: Path, seed: int) -> Path:
+    """The simulated camera's dark reference, from dark frames, as on the instrument before a session."""
+    path = session_dir / "dark.npy"
+    np.save(path, simulated_dark_frame(seed))
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def simulated_dark_frame(seed: int) -> np.ndarray:
+    """The simulated camera's dark reference for a seed (about 1 s; the CLI computes it while Prefect's
+    server starts). Read-only: shared by every session of this process."""
+    cam = SimulatedCamera(SimulatorConfig(ScanShape(1, 1), seed=seed))
+    dark = dark_reference(cam.dark_frames(100))
+    dark.flags.writeable = False
+    return dark
+
+
+def session_settings(settings: Settings, dark: Path | None, number: int, simulated: bool) -> Settings:
+    """The settings every process of this session runs with: the user's, plus this session's node count,
+    id and dark reference, and (a local session with the simulated camera) free loopback addresses; an
+    instrument session listens where streaming.receivers says, where the camera sends."""
+    streaming = {"n_nodes": settings.session.nodes, "session_id": number}
+    if settings.session.backend == "local" and simulated:  # its own camera: any free loopback ports
+        ports = free_ports(4)  # distinct: receivers, nodes, monitor, the live view's intake
+        streaming |= local_addresses(ports[:3])
+        streaming["live"] = settings.streaming.live.model_copy(update={"bind": f"tcp://127.0.0.1:{ports[3]}"})
+    counting = {"dark": dark} if dark is not None else {}
+    return settings.model_copy(
+        update={
+            "streaming": settings.streaming.model_copy(update=streaming),
+            "counting": settings.counting.model_copy(update=counting),
+        }
+    )
+
+
+def session_plan(settings: Settings, session_dir: Path, max_scans: int | None = None) -> SessionPlan:
+    """Where everything goes; writes the session's settings file where its processes read it."""
+    scans = settings.session.scan_dir or session_dir / "scans"
+    st = settings.streaming
+    if settings.session.backend == "local":
+        settings_file = session_dir / "settings.json"
+    else:  # the nodes read it from the scan directory, which they share with this machine
+        settings_file = private_directory(scans / ".stemstream") / f"settings-{st.session_id:05d}.json"
+    write_settings_file(settings, settings_file)
+    os.chmod(settings_file, 0o600)  # only this user's processes read it (the directory is 0700 too)
+    return SessionPlan(
+        session_id=st.session_id,
+        session_dir=session_dir,
+        output_dir=scans,
+        settings_file=settings_file,
+        streaming=st,
+        nodes_connect=st.nodes_connect or st.nodes_bind,
+        monitor_connect=st.monitor_connect or st.monitor_bind or "",
+        max_scans=max_scans,
+        settings_sha256=file_sha256(settings_file),  # every process it starts checks the file against it
+    )
+
+
+def private_directory(path: Path) -> Path:
+    """``path`` as a directory only this user can enter (0700, created so or made so): nobody else can
+    swap the settings file in it between the session writing it and the nodes reading it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask, and an existing directory keeps its own
+    return path
 
 
 def planned_scans(request: SessionRequest, settings: Settings) -> list[ScanRequest]:

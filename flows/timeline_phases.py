@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from flows.timeline import (
-    AHEAD_END,
-    AHEAD_START,
     COMMAND,
     CONFIGURED,
     EXIT,
@@ -40,8 +38,7 @@ CLI_DONE = "session printed"
 STARTUP_PHASES: tuple[tuple[str, tuple[str, str], tuple[str, str]], ...] = (
     ("python start + imports (CLI)", ("cli", PROCESS_START), ("cli", COMMAND)),
     ("settings", ("cli", COMMAND), ("cli", SETTINGS)),
-    ("launch processes ahead (dark, plan, start)", ("cli", AHEAD_START), ("cli", AHEAD_END)),
-    ("import prefect", ("cli", f"{AHEAD_END}|{SETTINGS}"), ("cli", PREFECT_IMPORTED)),
+    ("import prefect", ("cli", SETTINGS), ("cli", PREFECT_IMPORTED)),
     ("Prefect server start", ("cli", PREFECT_IMPORTED), ("cli", PREFECT_UP)),
     ("flow run start", ("cli", PREFECT_UP), ("session", FLOW_BEGINS)),
     ("session set-up (dark, plan)", ("session", FLOW_BEGINS), ("session", f"{ALLOCATE} start")),

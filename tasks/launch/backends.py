@@ -20,18 +20,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from streaming.view.token import TOKEN_FILE, write_token
 from tasks.launch.errors import AggregatorExited, NodeFailure
 from tasks.launch.plan import SessionPlan, aggregator_command, node_command, shell, view_command
 from tasks.launch.processes import ProcessGroup, kill_carrying
+from tasks.launch.remote_view import RemotePage, start_remote_view, stop_remote_groups
 from tasks.launch.state import SessionState
+from tasks.nersc.batch import render_batch_script
+from tasks.nersc.sfapi import JobStatus, SfapiAllocator
 from tasks.settings import SfapiSettings, SlurmSettings, SshSettings
-
-if TYPE_CHECKING:  # the NERSC and SSH clients (sfapi_client, paramiko) load where a backend uses them
-    from tasks.launch.remote_view import RemotePage
-    from tasks.nersc.sfapi import JobStatus, SfapiAllocator
+from tasks.ssh import RemoteError, start_remote_process
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +91,11 @@ class LocalNodes:
 
     group: ProcessGroup | None = None
     job_id: str | None = None
-    ahead: ProcessGroup | None = None  # started before the flow (``started_ahead``): start() adopts them
-
-    @classmethod
-    def started_ahead(cls, plan: SessionPlan) -> LocalNodes:
-        """The node processes started now, before the session's flow runs (its CLI, while Prefect's server
-        starts); the flow's start() adopts them instead of starting others, stop() stops them either way."""
-        ahead = cls()
-        ahead.start(plan)
-        return cls(ahead=ahead.group)
 
     def start(self, plan: SessionPlan) -> str:
-        """Start the node processes (or adopt those started ahead); the aggregator tells each its role."""
-        self.job_id = f"local-{os.getpid()}-{plan.session_id}"
-        if self.ahead is not None:
-            self.group, self.ahead = self.ahead, None
-            return self.job_id
+        """Start the node processes; the aggregator tells each its role."""
         self.group = ProcessGroup(plan.session_dir / "logs")
+        self.job_id = f"local-{os.getpid()}-{plan.session_id}"
         argv = node_command(plan)
         log.info("node command: %s", shell(argv))
         for rank in range(plan.n_nodes):
@@ -133,19 +121,17 @@ class LocalNodes:
             )
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL, every node process and its counting workers (those started ahead too)."""
-        for group in (self.group, self.ahead):
-            if group is not None:
-                group.stop()
-        self.group = self.ahead = None
+        """SIGTERM, then SIGKILL, every node process and its counting workers."""
+        if self.group is not None:
+            self.group.stop()
+            self.group = None
 
     def record(self, state: SessionState) -> None:
         """The job id, the node processes and their token."""
         state.job_id = self.job_id
-        group = self.group or self.ahead
-        if group is not None:
-            state.local_pids = [c.pid for c in group.children]
-            state.add_tokens(group.token)
+        if self.group is not None:
+            state.local_pids = [c.pid for c in self.group.children]
+            state.add_tokens(self.group.token)
 
     def release_recorded(self, state: SessionState) -> None:
         """Stop every live process carrying one of the session's tokens (counting workers included): SIGTERM,
@@ -171,9 +157,6 @@ class SlurmNodes:
 
     def start(self, plan: SessionPlan) -> str:
         """Render the batch script and submit it; the job id is returned at once."""
-        from tasks.nersc.batch import render_batch_script
-        from tasks.nersc.sfapi import SfapiAllocator
-
         slurm = self.slurm.model_copy(update={"nodes": plan.n_nodes})
         # As production on NERSC's file systems; all other configuration is in the settings file.
         script = render_batch_script(slurm, node_command(plan), {"HDF5_USE_FILE_LOCKING": "FALSE"})
@@ -237,8 +220,6 @@ class SlurmNodes:
 
     def release_recorded(self, state: SessionState) -> None:
         """Cancel the recorded Slurm job through SFAPI (a job already gone is fine)."""
-        from tasks.nersc.sfapi import SfapiAllocator
-
         if state.job_id:
             with SfapiAllocator(self.sfapi) as allocator:
                 allocator.cancel(state.job_id)
@@ -250,26 +231,14 @@ class LocalAggregator:
 
     group: ProcessGroup | None = None
     view_lost: bool = False  # the live view exited (reported once)
-    ahead: ProcessGroup | None = None  # started before the flow (``started_ahead``): start() adopts it
 
     @property
     def pid(self) -> int | None:
         """The aggregator process (its process group) while it runs."""
         return self.group.children[0].pid if self.group is not None and self.group.children else None
 
-    @classmethod
-    def started_ahead(cls, plan: SessionPlan) -> LocalAggregator:
-        """The aggregator (and live view) started now, before the session's flow runs; the flow's start()
-        adopts them, stop() stops them either way."""
-        ahead = cls()
-        ahead.start(plan)
-        return cls(ahead=ahead.group)
-
     def start(self, plan: SessionPlan) -> None:
-        """Start it on the plan's addresses (or adopt the one started ahead)."""
-        if self.ahead is not None:
-            self.group, self.ahead = self.ahead, None
-            return
+        """Start it on the plan's addresses."""
         self.group = ProcessGroup(plan.session_dir / "logs")
         self.group.start("aggregator", aggregator_command(plan), drop_env_prefix=SETTINGS_ENV)
         if plan.streaming.live.enabled:  # the live page; its end never ends the session
@@ -290,18 +259,13 @@ class LocalAggregator:
                           c.popen.returncode, c.tail())  # fmt: skip
 
     def stop(self) -> None:
-        """Stop the process (and one started ahead, not adopted)."""
-        for group in (self.group, self.ahead):
-            if group is not None:
-                group.stop()
-        self.group = self.ahead = None
+        """Stop the process."""
+        if self.group is not None:
+            self.group.stop()
+            self.group = None
 
     def record(self, state: SessionState) -> None:
-        """Its kind, its PID and the token its processes (the live page's too) carry; of one started ahead
-        and not yet adopted, the token alone (not armed yet: no PID recorded)."""
-        if self.ahead is not None:
-            state.add_tokens(self.ahead.token)
-            return
+        """Its kind, its PID and the token its processes (the live page's too) carry."""
         state.aggregator, state.aggregator_pid = type(self).__name__, self.pid
         if self.group is not None:
             state.add_tokens(self.group.token)
@@ -326,9 +290,6 @@ class SshAggregator:
     def start(self, plan: SessionPlan) -> None:
         """Start the aggregator for this session on the remote host, then its live page; reads back their
         PIDs (and the page's address). A retry first stops what the previous attempt started."""
-        from tasks.launch.remote_view import start_remote_view
-        from tasks.ssh import start_remote_process
-
         if self.pid is not None or self.page is not None:
             self.stop()
         self._attempts += 1
@@ -354,8 +315,6 @@ class SshAggregator:
 
     def stop(self) -> None:
         """Stop the live page and the remote aggregator (each its whole process group), both at once."""
-        from tasks.launch.remote_view import stop_remote_groups
-
         page = [self.page.pid] if self.page is not None else []
         stop_remote_groups(self.ssh, [*page, *([self.pid] if self.pid is not None else [])], self.token)
         self.page = self.pid = None
@@ -371,8 +330,6 @@ class SshAggregator:
     def release_recorded(self, state: SessionState) -> None:
         """Stop the recorded page and remote process group over SSH, both at once (refused if a PID no
         longer carries the recorded token: ForeignProcess)."""
-        from tasks.launch.remote_view import stop_remote_groups
-
         pids = [int(p) for p in (state.view_pid, state.aggregator_pid) if p]
         stop_remote_groups(self.ssh, pids, state.aggregator_token)
 
@@ -386,8 +343,6 @@ def release_recorded(state: SessionState, nodes: Nodes, aggregator: Aggregator) 
     """Stop everything the state says the session started, with backends built for its kind (no started
     object needed). The aggregator goes first and at best effort: a host that cannot be reached over SSH
     must not keep the nodes' job alive, nor hide the run's own failure."""
-    from tasks.ssh import RemoteError
-
     try:
         aggregator.release_recorded(state)
     except RemoteError as exc:

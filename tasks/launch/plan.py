@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from streaming.aggregator.forwarder import offset_address
 from streaming.components import client_curve
 from streaming.settings import StreamingSettings
-from streaming.transport.addresses import offset_address
 from streaming.transport.security import CurveClientConfig
 from streaming.view.token import TOKEN_FILE
 
