@@ -126,16 +126,23 @@ def start_prometheus(work: Path, targets: list[str]) -> tuple[subprocess.Popen, 
     return proc, api
 
 
+def settled(api: str, expr: str, expected: float, timeout: float = 30.0) -> float | None:
+    """The query's value once it equals ``expected`` (bounded: the last value otherwise). Scrapes are
+    1 s apart and one may time out on a loaded machine (its target reads 0 until the next one)."""
+    deadline = time.monotonic() + timeout
+    while (got := value(api, expr)) != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return got
+
+
 def test_prometheus_has_the_scan_counted_and_no_losses(stack: Stack) -> None:
     api, frames = stack.api, stack.frames_in_file
     assert frames == SCAN.positions
     counted = "sum(stemstream_node_frames_counted_total)"
-    deadline = time.monotonic() + 30
-    while value(api, counted) != frames and time.monotonic() < deadline:
-        time.sleep(0.25)
-    assert value(api, counted) == frames, query(api, "stemstream_node_frames_counted_total")
+    assert settled(api, counted, frames) == frames, query(api, "stemstream_node_frames_counted_total")
     # every target up, both nodes up as the aggregator sees them
-    assert value(api, 'count(up{job="stemstream"} == 1)') == len(stack.targets)
+    up = 'count(up{job="stemstream"} == 1)'
+    assert settled(api, up, len(stack.targets)) == len(stack.targets), get_json(f"{api}/api/v1/targets")
     assert value(api, "sum(stemstream_aggregator_node_up)") == 2
     assert value(api, "sum(stemstream_aggregator_sectors_received_total)") == 4 * frames
     assert value(api, "sum(stemstream_aggregator_node_sectors_forwarded_total)") == 4 * frames
