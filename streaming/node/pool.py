@@ -27,6 +27,7 @@ import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
 from counting.kernel import Counter, EventList, Thresholds
+from streaming.node.shared_blocks import create_block
 from streaming.node.slots import SlotMemory
 from streaming.node.spawning import main_not_imported
 
@@ -345,7 +346,7 @@ class CountingPool:
     def _shared(self, calibration: Calibration) -> CalibrationRef:
         """The calibration's shared-memory block (made now if needed; only the newest few are kept)."""
         if calibration.version not in self._blocks:
-            shm = SharedMemory(create=True, size=2 * FRAME_BYTES * 2)  # two float32 frames
+            shm = create_block(2 * FRAME_BYTES * 2)  # two float32 frames
             frames = np.ndarray((2, *FRAME_SHAPE), np.float32, buffer=shm.buf)
             for k, a in enumerate((calibration.dark, calibration.gain)):
                 if a is not None:

@@ -3,11 +3,10 @@ counting workers (never pickled)."""
 
 from __future__ import annotations
 
-from multiprocessing.shared_memory import SharedMemory
-
 import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
+from streaming.node.shared_blocks import create_block
 
 
 class SlotMemory:
@@ -18,7 +17,7 @@ class SlotMemory:
             raise ValueError("need at least one slot of at least one frame")
         self.n_slots, self.batch_size = n_slots, batch_size
         size = n_slots * batch_size * FRAME_BYTES
-        self._shm = SharedMemory(create=True, size=size) if shared else None
+        self._shm = create_block(size) if shared else None
         buf = self._shm.buf if self._shm is not None else bytearray(size)
         self.array = np.ndarray((n_slots, batch_size, *FRAME_SHAPE), np.uint16, buffer=buf)
         # Touch every page now: otherwise the first scan pays the page faults of hundreds of MB (first use

@@ -34,6 +34,7 @@ from streaming.node.path_links import ForwarderLinks
 from streaming.node.polling import LoopPoller
 from streaming.node.pool import CountingPool, CountResult
 from streaming.node.scan import NodeScan, check_shape
+from streaming.node.shared_blocks import sweep_dead
 from streaming.node.slots import SlotMemory
 from streaming.node.uplink import AggregatorLink
 from streaming.node.writer_client import WriterClient
@@ -62,6 +63,10 @@ class NodeStreamer:
         self._calibration = calibration_digest(*calibration_parts(dark, gain))
         self.hosted = HostedWriter(config.writer, st, self._ctx, config.curve)
         self.writer_error: str | None = None  # why the hosted writer failed; run() then raises
+        if st.node_workers > 0 and (swept := sweep_dead()).blocks:  # a killed node's memory, else held
+            mb = swept.bytes / 1e6
+            log.warning("%s: removed %d shared-memory block(s) (%.0f MB) of node processes that no longer run",
+                        config.name, swept.blocks, mb)  # fmt: skip
         self.memory = SlotMemory(st.node_slots, st.node_batch, shared=st.node_workers > 0)
         self.assembler = FrameAssembler(self.memory.slots())
         self.pool = CountingPool(self.memory, dark, gain, st.node_workers)
