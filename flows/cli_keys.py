@@ -61,7 +61,9 @@ def generate(
         os.chmod(out, 0o700)  # mkdir's mode is cut by the umask; say it outright
     _write_pairs(out)
     for k in KEY_FILES:
-        console.print(f"{out / k.name}  ->  {k.setting}  ({k.where})", highlight=False, soft_wrap=True)
+        console.print(
+            f"{out / k.name}  ->  {k.setting}  ({k.where})", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 def _write_pairs(out: Path) -> None:
@@ -100,7 +102,8 @@ def show(
     for path in files:
         public, secret = load_keypair(path)
         kind = "key pair, public" if secret is not None else "public"
-        console.print(f"{path.name}: {kind} {public}", highlight=False, soft_wrap=True)
+        # z85 keys hold "[" and "]": printed as they are, never read as rich markup
+        console.print(f"{path.name}: {kind} {public}", markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -83,6 +83,16 @@ def test_show_prints_public_keys_only(tmp_path):
         assert secret.get_secret_value() not in r.stdout + r.stderr
 
 
+def test_show_prints_a_key_with_brackets_as_it_is(tmp_path):
+    """z85 keys may hold "[...]" (rich markup to a console that reads it): printed verbatim."""
+    public = "[bold]" + "x" * 28 + "[/b]AB"
+    (tmp_path / "camera.key").write_text(f'metadata\ncurve\n    public-key = "{public}"\n')
+    assert load_keypair(tmp_path / "camera.key")[0] == public
+    r = in_process(["keys", "show", str(tmp_path)], {"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert f"camera.key: public {public}" in r.stdout
+
+
 @pytest.mark.parametrize(
     ("prepare", "message"),
     [
