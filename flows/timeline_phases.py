@@ -69,18 +69,13 @@ _SCAN = re.compile(r"scan (\d+) (first data|last data|written|verified)$")
 
 
 def _times(marks: Iterable[Mark], process: str, name: str) -> dict[str, float]:
-    """Wall time of a mark in each matching process (its first occurrence). ``name`` may list marks as
-    "a|b": the first of them that the timeline has (a timeline of an older version may lack a)."""
-    marks = list(marks)
-    for each in name.split("|"):
-        found: dict[str, float] = {}
-        for m in marks:
-            matches = m.process.startswith(process[:-1]) if process.endswith("*") else m.process == process
-            if matches and m.name == each and m.process not in found:
-                found[m.process] = m.wall
-        if found:
-            return found
-    return {}
+    """Wall time of a mark in each matching process (its first occurrence)."""
+    found: dict[str, float] = {}
+    for m in marks:
+        matches = m.process.startswith(process[:-1]) if process.endswith("*") else m.process == process
+        if matches and m.name == name and m.process not in found:
+            found[m.process] = m.wall
+    return found
 
 
 def _phase(marks: list[Mark], begin: tuple[str, str], end: tuple[str, str]) -> float | None:
