@@ -118,6 +118,7 @@ class Aggregator:
             publish=weak(self._publish_state),
         )
         self._scan: OpenScan | None = None
+        self._lost_unsaid = False  # the open scan lost a node its other nodes have not been told of
         self._next_state = 0.0
         self._stopping = False
         self._stop_event: threading.Event | None = None
@@ -201,6 +202,8 @@ class Aggregator:
     def _step(self) -> None:
         """One poll: control messages, then sectors (when armed or streaming, and before the first arm, to
         refuse them), then timers."""
+        if self._lost_unsaid:
+            self._say_lost()
         self._maybe_begin_held()
         adm = self.admission
         armed = adm.check_armed()
@@ -273,8 +276,8 @@ class Aggregator:
         assert scan is not None
         scan.add(header)
         self.stats.received += 1
-        live = self.path.live
-        node = self.nodes.by_index[p.route_live(header.frame_number, live)] if live else None
+        index = self.path.route(header.frame_number)
+        node = self.nodes.by_index[index] if index is not None else None
         if node is not None and self.path.send(node.index, [p.DATA, *parts]):
             scan.sent[node.index] += 1
             self.stats.forwarded += 1
@@ -306,6 +309,8 @@ class Aggregator:
             self.forwarding.tell(plan)
         self.path.begin(plan)
         scan.log_begin(self.n_nodes)
+        if self._lost_unsaid:  # a node found gone while the begin went out: after the begin, to the rest
+            self._say_lost()
         self._publish_state()
 
     def _end_scan(self, reason: EndReason) -> None:
@@ -362,6 +367,20 @@ class Aggregator:
     def _lost(self, name: str) -> None:
         if self._scan is not None:
             self._scan.lost.add(name)  # the writer must not wait for it
+            self._lost_unsaid = True  # said once the routes no longer hold it (_say_lost)
+
+    def _say_lost(self) -> None:
+        """Tell the open scan's nodes at once which nodes it lost, so their writer stops waiting for the
+        lost nodes' threshold samples (the scan's end says it too, but may sit behind sectors that wait for
+        those thresholds: a node lost as a scan begins would stall the survivors until the writer's
+        deadline)."""
+        scan = self._scan
+        self._lost_unsaid = False
+        if scan is None or not scan.lost:
+            return
+        message = p.NodesLost(scan_number=scan.number, scan_key=scan.key, lost=sorted(scan.lost))
+        for index, _ in list(self.path.routes):
+            self.path.send_control(index, message)
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:

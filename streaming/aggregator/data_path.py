@@ -42,6 +42,7 @@ class PathConfig:
     stall_timeout: float
     scan_deadline: float
     max_scan_positions: int  # a scan announcing more positions is refused (streaming.max_scan_positions)
+    n_nodes: int  # the session's node slots: frame f's home is node f % n_nodes (protocol.route_live)
 
     @classmethod
     def of(cls, st: StreamingSettings) -> PathConfig:
@@ -55,6 +56,7 @@ class PathConfig:
             stall_timeout=st.aggregator_stall_timeout,
             scan_deadline=st.scan_deadline,
             max_scan_positions=st.max_scan_positions,
+            n_nodes=st.n_nodes,
         )
 
 
@@ -161,8 +163,10 @@ class DataPath:
         self.stall_timeout = config.stall_timeout
         self._identity, self._stop, self._wait, self._failed = identity, stop, wait, failed
         self.routes: list[tuple[int, str]] = []  # the connected nodes, (index, name), in index order
-        self.live: list[int] = []  # their indices: frame f goes to live[f % len(live)] (protocol.route_live)
+        self.live: list[int] = []  # their indices, in order
         self.names: dict[int, str] = {}
+        self.n_nodes = config.n_nodes
+        self._home_live = [False] * config.n_nodes  # by index: connected (frames keep their home node)
         self.ended = EndedScans(config.scan_deadline)
 
     def set_routes(self, routes: list) -> None:
@@ -170,6 +174,16 @@ class DataPath:
         self.routes = [(int(i), str(n)) for i, n in routes]
         self.live = [i for i, _ in self.routes]
         self.names = dict(self.routes)
+        self._home_live = [i in self.names for i in range(self.n_nodes)]
+
+    def route(self, frame_number: int) -> int | None:
+        """The node index a frame's sectors go to (None: no node is connected); see protocol.route_live."""
+        if not self.live:
+            return None
+        home = frame_number % self.n_nodes
+        if self._home_live[home]:
+            return home
+        return p.route_live(frame_number, self.live, self.n_nodes)
 
     def send(self, index: int, parts: list) -> bool:
         """Send [identity, *parts] to node ``index`` zero-copy, waiting while its queue is full (up to the

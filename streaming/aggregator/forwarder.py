@@ -4,7 +4,7 @@ Forwarder i (1 <= i < K; the aggregator itself is path 0) binds every receiver a
 at port + i x ``aggregator_port_stride`` (port 0: any free port) and tells the aggregator where (``up``).
 The receivers' PUSH sockets connect to every path, so ZeroMQ spreads their sectors over the K processes;
 each node connects out to every path. A forwarder routes each sector by the same rule as the aggregator
-(``protocol.route_live`` over the routes the aggregator sends), so every sector of a frame reaches the same
+(``DataPath.route`` over the routes the aggregator sends), so every sector of a frame reaches the same
 node whichever process forwards it. It decides nothing about scans: the first sector of a scan it has no
 word on is held and reported (``seen``) and it reads no more until the aggregator says ``begin`` or
 ``drop``; counts go back as ``progress`` every few milliseconds; on ``end`` it sends each node its own
@@ -230,11 +230,10 @@ class Forwarder:
         if thread not in scan.threads:
             scan.threads.add(thread)
             c.threads.append([header.module, header.thread_id, header.frames_this_thread])
-        live = self.path.live
-        if not live:
+        index = self.path.route(header.frame_number)
+        if index is None:
             c.unroutable += 1
             return
-        index = p.route_live(header.frame_number, live)
         name = self.path.names[index]
         delivered = self.path.send(index, [p.DATA, *parts])
         c = self._counts  # a wait in the send may have reported (and replaced) the counts meanwhile

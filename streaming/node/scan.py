@@ -50,6 +50,7 @@ class NodeScan:
     counting_seconds: float = 0.0
     late: int = 0
     evicted: int = 0
+    lost: set[str] = field(default_factory=set)  # nodes the aggregator lost while this scan streamed
 
     @property
     def number(self) -> int:
@@ -142,6 +143,23 @@ class NodeScan:
         writer.send(header, *[slot.frames[r].tobytes() for r in rows])
         self.samples_closed = last
 
+    def note_lost(self, names: list[str], writer: WriterClient) -> list[str]:
+        """Nodes the aggregator lost while this scan streams; the writer hears of new ones at once (while it
+        may still wait for their threshold samples). Returns the names not known before."""
+        new = sorted(set(names) - self.lost)
+        self.lost.update(new)
+        if new and self.thresholds is None and not self.failed:
+            header = p.SampleHeader(
+                name=writer.name,
+                scan_number=self.number,
+                frame_numbers=[],
+                last=False,
+                scan_key=self.begin.scan_key,
+                lost=new,
+            )
+            writer.send(header)
+        return new
+
     def close_samples(self, writer: WriterClient, lost: list[str]) -> None:
         """No more samples will come from this node (the scan ended before it had enough); nodes the
         aggregator lost will close nothing, so the writer estimates without them."""
@@ -183,7 +201,7 @@ class NodeScan:
             late_sectors=self.late,
             evicted_slots=self.evicted,
             scan_key=self.begin.scan_key,
-            lost=list(self.end.lost),
+            lost=sorted(self.lost.union(self.end.lost)),
         )
         to_aggregator = p.Done(
             name=name,

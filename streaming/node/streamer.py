@@ -166,6 +166,8 @@ class NodeStreamer:
             parts = rest_of_message(sock, kind)
             if kind == p.ATTACH:
                 self._on_attached(parts)
+            elif kind == p.LOST and self._lost_now(parts):
+                pass  # about the open scan: taken at once, it may be what frees the slots held behind it
             elif self._held.must_hold(kind):
                 self._held.hold(kind, parts)
             elif kind == p.DATA:
@@ -191,6 +193,8 @@ class NodeStreamer:
                 self._end_scan(p.decode(kind, parts[1].bytes, p.ScanEnd))
             elif kind == p.BYE:
                 self._on_bye(p.decode(kind, parts[1].bytes, p.Bye))
+            elif kind == p.LOST:
+                self._on_lost(p.decode(kind, parts[1].bytes, p.NodesLost))
             else:
                 raise p.ProtocolError(f"unexpected message {kind[:20]!r}")
         except (p.ProtocolError, IndexError) as exc:
@@ -226,6 +230,32 @@ class NodeStreamer:
     def _on_bye(self, bye: p.Bye) -> None:
         if self.link.bye(bye) and self._scan is not None and self._scan.end is None:
             self._close_scan(EndReason.AGGREGATOR_STOPPED)
+
+    def _lost_now(self, parts: list) -> bool:
+        """Take a ``lost`` about the open scan at once (True); one about another scan (a next scan whose
+        begin may be held) keeps its place in the stream (False)."""
+        try:
+            lost = p.decode(p.LOST, parts[1].bytes, p.NodesLost)
+        except (p.ProtocolError, IndexError):
+            return False  # counted and logged where it is taken in order
+        scan = self._scan
+        if scan is None or scan.begin.scan_key != lost.scan_key or scan.number != lost.scan_number:
+            return False
+        self._on_lost(lost)
+        return True
+
+    def _on_lost(self, lost: p.NodesLost) -> None:
+        scan = self._scan
+        if scan is None or scan.begin.scan_key != lost.scan_key or scan.number != lost.scan_number:
+            return  # a scan already ended (its end named them) or superseded
+        new = scan.note_lost(lost.lost, self.writer)
+        if new:
+            log.warning(
+                "%s: scan %d: node(s) %s lost; the writer no longer waits for them",
+                self.config.name,
+                scan.number,
+                ", ".join(new),
+            )
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
         """Place a whole sector message; returns False when it needs a slot and none is free (it is then
@@ -270,7 +300,7 @@ class NodeStreamer:
         scan.late, scan.evicted = counts.late, counts.evicted
         self.counters.duplicates += counts.duplicates
         self.counters.late_sectors += counts.late
-        scan.close_samples(self.writer, list(scan.end.lost))
+        scan.close_samples(self.writer, sorted(scan.lost.union(scan.end.lost)))
         self._maybe_done()
 
     # ------------------------------------------------------------------------------------------- counting

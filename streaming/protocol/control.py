@@ -15,6 +15,8 @@ connection. Every message is multipart with a kind tag first:
                          [b"scan",  ScanBegin] before the first sector of a scan
                          [b"data",  sector header, sector payload]  forwarded untouched (zero-copy)
                          [b"end",   ScanEnd]   after the last sector of a scan sent to this node
+                         [b"lost",  NodesLost] nodes of the open scan lost (the writer must not wait
+                                               for them): taken at once, ahead of sectors it holds
                          [b"bye",   Bye]       the aggregator is shutting down
 
 Roles come from the aggregator, so every node runs the same command: the node welcomed as index 0 hosts
@@ -36,9 +38,10 @@ that connection carries [b"scan"], [b"data"] and [b"end"] exactly as the aggrega
 point (roles, arming, scan begin and end, routes, monitor). A node's scan ends when it has the
 aggregator's ``end`` and the ``end`` of every forwarder that ``end`` names (``forwarders``).
 
-Routing: frame f goes to ``live[f % len(live)]``, live being the indices of the connected nodes in order
-(``route_live``); with every node connected that is ``f % n_nodes``. A node lost mid-scan (disconnect,
-heartbeat timeout) is taken out of ``live`` at once, so the survivors get its share of later frames; its
+Routing: frame f goes to its home node ``f % n_nodes`` while that node is connected; the frames of a node
+that is not go to the connected ones in turn (``route_live``). A node lost mid-scan (disconnect,
+heartbeat timeout) is taken out of ``live`` at once, so the survivors get its share of later frames (and
+only its share: no frame moves between two survivors, which could split it in two); its
 name is in the scan's ``end`` (``lost``) and the nodes pass it to the writer, which then does not wait for
 it. Monitors subscribe to the aggregator's PUB socket and
 receive [b"state", AggregatorState] with a heartbeat.
@@ -66,6 +69,7 @@ BYE = b"bye"
 STATE = b"state"
 WRITER = b"writer"
 ATTACH = b"attach"
+LOST = b"lost"
 
 PROTOCOL_VERSION = 3
 
@@ -180,6 +184,17 @@ class ScanEnd:
     path: Count = 0  # who sends this end: 0 the aggregator, i forwarder i (each counts what it sent)
     forwarders: list[int] = field(default_factory=list)  # aggregator's end: forwarders whose end follows
     lost: Names = field(default_factory=list)  # nodes lost during this scan: the writer waits not
+
+
+@dataclass(frozen=True)
+class NodesLost:
+    """Nodes the aggregator lost while this scan streams: they will offer no samples and report nothing,
+    so the writer must not wait for them (sent at once, not only in the scan's end, which may sit behind
+    sectors that wait for the very thresholds the writer would wait for)."""
+
+    scan_number: ScanNumber
+    scan_key: Text
+    lost: Names
 
 
 @dataclass(frozen=True)
@@ -314,6 +329,7 @@ _KIND = {
     NodeScanDone: W_DONE,
     ScanThresholds: W_THRESHOLDS,
     Attach: ATTACH,
+    NodesLost: LOST,
 }
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 
@@ -360,9 +376,17 @@ def _fields(cls: type) -> frozenset[str]:
     return names
 
 
-def route_live(frame_number: int, live: list[int]) -> int:
-    """The node a frame goes to among the connected ones (their indices, in order)."""
-    return live[frame_number % len(live)]
+def route_live(frame_number: int, live: list[int], n_nodes: int) -> int:
+    """The node a frame goes to among the connected ones (their indices, in order), of ``n_nodes`` slots.
+
+    Every frame keeps its home node ``f % n_nodes`` while that node is connected; only a lost node's frames
+    move, spread evenly over the connected ones. So losing a node never moves a frame between two
+    survivors: a frame whose first sectors went to one survivor never has its last ones sent to another
+    (which would split it into two partial frames at one position)."""
+    home = frame_number % n_nodes
+    if home in live:
+        return home
+    return live[(frame_number // n_nodes) % len(live)]
 
 
 def route(frame_number: int, n_nodes: int) -> int:

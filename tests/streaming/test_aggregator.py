@@ -71,6 +71,7 @@ class Received:
     begins: list[p.ScanBegin] = field(default_factory=list)
     ends: list[p.ScanEnd] = field(default_factory=list)
     byes: list[p.Bye] = field(default_factory=list)
+    lost: list[p.NodesLost] = field(default_factory=list)
     data: list[tuple[SectorHeader, bytes]] = field(default_factory=list)  # (header, payload digest)
     end_times: list[float] = field(default_factory=list)
     data_times: list[float] = field(default_factory=list)
@@ -177,6 +178,8 @@ class FakeNode:
                 sock.send_multipart(p.encode(p.Ready(self.name, message.scan_number)))
         elif isinstance(message, p.Bye):
             self.got.byes.append(message)
+        elif isinstance(message, p.NodesLost):
+            self.got.lost.append(message)
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -491,6 +494,31 @@ def test_disconnected_node_share_goes_to_the_others(start_aggregator, make_node,
     assert agg.stats.unroutable == 0
     assert a.sectors == 4 * SMALL.total_frames and a.got.ends[0].reason == "complete"
     assert a.got.ends[0].lost == ["b"] and agg.state().nodes_connected == 1  # the writer waits not for b
+    # ...and a hears it at once, right after the begin (not only in the end, which may sit behind sectors
+    # waiting for thresholds that the writer would hold for b's samples).
+    assert a.got.order[1:3] == [p.SCAN, p.LOST], a.got.order[:4]
+    begin, lost = a.got.begins[0], a.got.lost
+    assert [(m.scan_number, m.scan_key, m.lost) for m in lost] == [(4, begin.scan_key, ["b"])]
+
+
+@pytest.mark.parametrize("n_nodes", [2, 3, 4, 5])
+def test_a_lost_nodes_frames_move_and_no_others(n_nodes: int) -> None:
+    """Routing after a loss: every frame of a connected node stays with it (so no frame in flight is split
+    between two survivors), and the lost node's frames are spread evenly over the survivors."""
+    for lost in range(n_nodes):
+        live = [i for i in range(n_nodes) if i != lost]
+        moved: dict[int, int] = {}
+        for f in range(120 * n_nodes):
+            home, to = f % n_nodes, p.route_live(f, live, n_nodes)
+            assert to in live
+            if home != lost:
+                assert to == home
+            else:
+                moved[to] = moved.get(to, 0) + 1
+        assert sorted(moved) == live and max(moved.values()) - min(moved.values()) <= 1, moved
+    assert [p.route_live(f, list(range(n_nodes)), n_nodes) for f in range(50)] == [
+        f % n_nodes for f in range(50)
+    ]
 
 
 def test_back_pressure_blocks_without_loss(start_aggregator, make_node, pool) -> None:
