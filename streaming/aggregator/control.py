@@ -103,6 +103,8 @@ class NodeControl:
         if isinstance(message, p.Ready):
             node.ready = True
             log.debug("node %s ready", node.name)
+            if self.nodes.all_ready():  # a session waiting for its nodes hears it now, not a heartbeat later
+                self._publish()
         elif isinstance(message, p.WriterAt):
             if self.nodes.writer_at(node, message):
                 for other in self.nodes.by_index.values():  # everyone learns the (new) writer address

@@ -597,6 +597,31 @@ def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> 
         sub.close(linger=0)
 
 
+def test_the_monitor_hears_every_node_armed_at_once_not_a_heartbeat_later(
+    start_aggregator, make_node
+) -> None:
+    """A session waits on the monitor for its nodes to be ready: the state goes out when the last one arms,
+    so start-up does not wait up to a heartbeat (30 s here) for it."""
+    agg = start_aggregator(2, heartbeat=30.0)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sub.linger = 0
+        sub.subscribe(p.STATE)
+        sub.connect(agg.monitor_endpoint)
+        time.sleep(0.3)  # subscribed before the nodes arm (a SUB misses what was published before it joined)
+        nodes = [make_node(agg.nodes_endpoint, n) for n in ("a", "b")]
+        joined(nodes)
+        deadline, ready = time.monotonic() + 15, None
+        while ready is None and time.monotonic() < deadline:
+            if sub.poll(100):
+                kind, body = sub.recv_multipart()
+                state = p.decode(kind, body, p.AggregatorState)
+                ready = state if state.nodes_ready == 2 else None
+        assert ready is not None, "no state with both nodes ready within 15 s (the heartbeat is 30 s)"
+    finally:
+        sub.close(linger=0)
+
+
 def test_stop_says_bye(make_node) -> None:
     agg = Aggregator(agg_settings(1, None))
     running = Running(agg)
