@@ -46,7 +46,7 @@ from streaming.aggregator.hub import ForwarderHub
 from streaming.aggregator.open_scan import OpenScan
 from streaming.aggregator.registry import NodeEntry, NodeRegistry
 from streaming.aggregator.sockets import AggregatorSockets, describe
-from streaming.aggregator.stats import AggregatorStats, monitor_state
+from streaming.aggregator.stats import AggregatorStats, log_started, monitor_state
 from streaming.protocol import control as p
 from streaming.protocol import paths as f
 from streaming.protocol.reasons import EndReason, Verdict
@@ -168,17 +168,7 @@ class Aggregator:
         # context to the garbage collector, whose finalizer order can hang the context's term()).
         self._stop_event, self._until = stop_event, until
         self._end = None if timeout is None else time.monotonic() + timeout
-        log.info(
-            "aggregator: receivers %s, nodes %s (%d), monitor %s; node and monitor sockets %s; queues: "
-            "%d sectors per receiver connection, %d per node",
-            self.receiver_endpoints,
-            self.nodes_endpoint,
-            self.n_nodes,
-            self.monitor_endpoint,
-            self.security,
-            self.config.path.receiver_hwm,
-            self.config.path.node_hwm,
-        )
+        log_started(self.receiver_endpoints, self.sockets.endpoints, self.n_nodes, self.security, self.config)
         try:
             while not self._stop_requested():
                 self._step()
@@ -202,8 +192,7 @@ class Aggregator:
     def _step(self) -> None:
         """One poll: control messages, then sectors (when armed or streaming, and before the first arm, to
         refuse them), then timers."""
-        if self._lost_unsaid:
-            self._say_lost()
+        self._say_lost()
         self._maybe_begin_held()
         adm = self.admission
         armed = adm.check_armed()
@@ -309,8 +298,7 @@ class Aggregator:
             self.forwarding.tell(plan)
         self.path.begin(plan)
         scan.log_begin(self.n_nodes)
-        if self._lost_unsaid:  # a node found gone while the begin went out: after the begin, to the rest
-            self._say_lost()
+        self._say_lost()  # a node found gone while the begin went out: after the begin, to the rest
         self._publish_state()
 
     def _end_scan(self, reason: EndReason) -> None:
@@ -370,17 +358,10 @@ class Aggregator:
             self._lost_unsaid = True  # said once the routes no longer hold it (_say_lost)
 
     def _say_lost(self) -> None:
-        """Tell the open scan's nodes at once which nodes it lost, so their writer stops waiting for the
-        lost nodes' threshold samples (the scan's end says it too, but may sit behind sectors that wait for
-        those thresholds: a node lost as a scan begins would stall the survivors until the writer's
-        deadline)."""
-        scan = self._scan
+        """Tell the open scan's nodes at once which nodes it lost (p.NodesLost says why not only at its end)."""
+        if self._lost_unsaid and self._scan is not None and self._scan.lost:
+            self.path.tell_all(self._scan.lost_message())
         self._lost_unsaid = False
-        if scan is None or not scan.lost:
-            return
-        message = p.NodesLost(scan_number=scan.number, scan_key=scan.key, lost=sorted(scan.lost))
-        for index, _ in list(self.path.routes):
-            self.path.send_control(index, message)
 
     # ------------------------------------------------------------------------------------------ monitor
     def state(self) -> p.AggregatorState:

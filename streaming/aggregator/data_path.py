@@ -202,6 +202,11 @@ class DataPath:
         if self._identity(index) is not None:
             self.send(index, p.encode(message))
 
+    def tell_all(self, message: object) -> None:
+        """The same control message to every routed node."""
+        for index, _ in list(self.routes):
+            self.send_control(index, message)
+
     def begin(self, plan: f.Begin, only: int | None = None) -> None:
         """Tell every routed node (or node ``only``) that the scan of ``plan`` begins."""
         for index, _ in list(self.routes):

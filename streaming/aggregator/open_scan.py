@@ -79,6 +79,10 @@ class OpenScan:
             lost=sorted(self.lost),
         )
 
+    def lost_message(self) -> p.NodesLost:
+        """What the scan's other nodes are told at once when it loses nodes."""
+        return p.NodesLost(scan_number=self.number, scan_key=self.key, lost=sorted(self.lost))
+
     def record(self, end: f.End) -> p.ScanEnd:
         """The ended scan as the aggregator's counters keep it (sectors_sent: all nodes, every path), and
         its log line."""

@@ -1,4 +1,4 @@
-"""What the aggregator counts and what its monitors see."""
+"""What the aggregator counts, logs and what its monitors see."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from streaming.aggregator.config import AggregatorConfig
 from streaming.aggregator.data_path import ENDED_MEMORY
 from streaming.aggregator.open_scan import OpenScan
 from streaming.aggregator.registry import NodeRegistry
 from streaming.protocol import control as p
 
-log = logging.getLogger("streaming.aggregator.aggregator")  # the stop line is logged as the aggregator's
+log = logging.getLogger("streaming.aggregator.aggregator")  # its lines are logged as the aggregator's
 
 
 @dataclass
@@ -44,6 +45,23 @@ class AggregatorStats:
             self.unroutable,
             self.late,
         )
+
+
+def log_started(
+    receivers: list[str], endpoints: dict, n_nodes: int, security: str, config: AggregatorConfig
+) -> None:
+    """The aggregator's first line: where it listens, how it is secured, its queues."""
+    log.info(
+        "aggregator: receivers %s, nodes %s (%d), monitor %s; node and monitor sockets %s; queues: "
+        "%d sectors per receiver connection, %d per node",
+        receivers,
+        endpoints["nodes"],
+        n_nodes,
+        endpoints["monitor"],
+        security,
+        config.path.receiver_hwm,
+        config.path.node_hwm,
+    )
 
 
 def monitor_state(

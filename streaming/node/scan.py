@@ -143,11 +143,16 @@ class NodeScan:
         writer.send(header, *[slot.frames[r].tobytes() for r in rows])
         self.samples_closed = last
 
-    def note_lost(self, names: list[str], writer: WriterClient) -> list[str]:
-        """Nodes the aggregator lost while this scan streams; the writer hears of new ones at once (while it
-        may still wait for their threshold samples). Returns the names not known before."""
-        new = sorted(set(names) - self.lost)
+    def take_lost(self, lost: p.NodesLost, writer: WriterClient) -> bool:
+        """Nodes the aggregator lost while this scan streams (False: the message is about another scan).
+        The writer hears of new ones at once, while it may still wait for their threshold samples."""
+        if lost.scan_key != self.begin.scan_key or lost.scan_number != self.number:
+            return False
+        new = sorted(set(lost.lost) - self.lost)
         self.lost.update(new)
+        if new:
+            log.warning("%s: scan %d: node(s) %s lost; the writer no longer waits for them",
+                        writer.name, self.number, ", ".join(new))  # fmt: skip
         if new and self.thresholds is None and not self.failed:
             header = p.SampleHeader(
                 name=writer.name,
@@ -158,7 +163,7 @@ class NodeScan:
                 lost=new,
             )
             writer.send(header)
-        return new
+        return True
 
     def close_samples(self, writer: WriterClient, lost: list[str]) -> None:
         """No more samples will come from this node (the scan ended before it had enough); nodes the

@@ -193,8 +193,8 @@ class NodeStreamer:
                 self._end_scan(p.decode(kind, parts[1].bytes, p.ScanEnd))
             elif kind == p.BYE:
                 self._on_bye(p.decode(kind, parts[1].bytes, p.Bye))
-            elif kind == p.LOST:
-                self._on_lost(p.decode(kind, parts[1].bytes, p.NodesLost))
+            elif kind == p.LOST and self._scan is not None:  # else about a scan already closed
+                self._scan.take_lost(p.decode(kind, parts[1].bytes, p.NodesLost), self.writer)
             else:
                 raise p.ProtocolError(f"unexpected message {kind[:20]!r}")
         except (p.ProtocolError, IndexError) as exc:
@@ -233,29 +233,12 @@ class NodeStreamer:
 
     def _lost_now(self, parts: list) -> bool:
         """Take a ``lost`` about the open scan at once (True); one about another scan (a next scan whose
-        begin may be held) keeps its place in the stream (False)."""
+        begin may be held) or a malformed one keeps its place in the stream (False)."""
         try:
             lost = p.decode(p.LOST, parts[1].bytes, p.NodesLost)
         except (p.ProtocolError, IndexError):
             return False  # counted and logged where it is taken in order
-        scan = self._scan
-        if scan is None or scan.begin.scan_key != lost.scan_key or scan.number != lost.scan_number:
-            return False
-        self._on_lost(lost)
-        return True
-
-    def _on_lost(self, lost: p.NodesLost) -> None:
-        scan = self._scan
-        if scan is None or scan.begin.scan_key != lost.scan_key or scan.number != lost.scan_number:
-            return  # a scan already ended (its end named them) or superseded
-        new = scan.note_lost(lost.lost, self.writer)
-        if new:
-            log.warning(
-                "%s: scan %d: node(s) %s lost; the writer no longer waits for them",
-                self.config.name,
-                scan.number,
-                ", ".join(new),
-            )
+        return self._scan is not None and self._scan.take_lost(lost, self.writer)
 
     def _on_data(self, parts: list, hold: bool = False) -> bool:
         """Place a whole sector message; returns False when it needs a slot and none is free (it is then
