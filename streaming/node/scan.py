@@ -154,31 +154,19 @@ class NodeScan:
             log.warning("%s: scan %d: node(s) %s lost; the writer no longer waits for them",
                         writer.name, self.number, ", ".join(new))  # fmt: skip
         if new and self.thresholds is None and not self.failed:
-            header = p.SampleHeader(
-                name=writer.name,
-                scan_number=self.number,
-                frame_numbers=[],
-                last=False,
-                scan_key=self.begin.scan_key,
-                lost=new,
-            )
-            writer.send(header)
+            writer.send(self._no_samples(writer.name, last=False, lost=new))
         return True
 
     def close_samples(self, writer: WriterClient, lost: list[str]) -> None:
         """No more samples will come from this node (the scan ended before it had enough); nodes the
         aggregator lost will close nothing, so the writer estimates without them."""
         if (not self.samples_closed or lost) and self.thresholds is None:
-            header = p.SampleHeader(
-                name=writer.name,
-                scan_number=self.number,
-                frame_numbers=[],
-                last=True,
-                scan_key=self.begin.scan_key,
-                lost=lost,
-            )
-            writer.send(header)
+            writer.send(self._no_samples(writer.name, last=True, lost=lost))
             self.samples_closed = True
+
+    def _no_samples(self, name: str, last: bool, lost: list[str]) -> p.SampleHeader:
+        """A sample header with no frames: it names lost nodes, and closes this node's offer when last."""
+        return p.SampleHeader(name, self.number, [], last, self.begin.scan_key, lost)
 
     def done_messages(self, name: str, duplicates: int) -> tuple[p.NodeScanDone, p.Done]:
         """What the writer and the aggregator are told when this node has finished the scan (and its

@@ -6,6 +6,7 @@ not the real node streamer. Senders are the real run_sender, one thread per modu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -568,13 +569,22 @@ def test_stop_while_blocked_on_a_full_node(make_node, pool) -> None:
         future.exception(timeout=10)  # the senders give up by their own timeout; no thread is left behind
 
 
-def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> None:
-    agg = start_aggregator(2, heartbeat=0.1)
+@contextlib.contextmanager
+def monitor(agg: Aggregator) -> Iterator[zmq.Socket]:
+    """A SUB on the aggregator's monitor for its state messages, closed afterwards."""
     sub = zmq.Context.instance().socket(zmq.SUB)
     try:
         sub.linger = 0
         sub.subscribe(p.STATE)
         sub.connect(agg.monitor_endpoint)
+        yield sub
+    finally:
+        sub.close(linger=0)
+
+
+def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> None:
+    agg = start_aggregator(2, heartbeat=0.1)
+    with monitor(agg) as sub:
         nodes = [make_node(agg.nodes_endpoint, n) for n in ("a", "b")]
         joined(nodes)
         results(send(pool, SMALL, agg.receiver_endpoints, scan_number=12, faults=SenderFaults(garbage=1)))
@@ -593,8 +603,6 @@ def test_monitor_publishes_periodic_state(start_aggregator, make_node, pool) -> 
         assert last.nodes_connected == 2 and last.scan_number == -1
         times = [s.time for s in final]
         assert times == sorted(times)
-    finally:
-        sub.close(linger=0)
 
 
 def test_the_monitor_hears_every_node_armed_at_once_not_a_heartbeat_later(
@@ -603,11 +611,7 @@ def test_the_monitor_hears_every_node_armed_at_once_not_a_heartbeat_later(
     """A session waits on the monitor for its nodes to be ready: the state goes out when the last one arms,
     so start-up does not wait up to a heartbeat (30 s here) for it."""
     agg = start_aggregator(2, heartbeat=30.0)
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    try:
-        sub.linger = 0
-        sub.subscribe(p.STATE)
-        sub.connect(agg.monitor_endpoint)
+    with monitor(agg) as sub:
         time.sleep(0.3)  # subscribed before the nodes arm (a SUB misses what was published before it joined)
         nodes = [make_node(agg.nodes_endpoint, n) for n in ("a", "b")]
         joined(nodes)
@@ -618,8 +622,6 @@ def test_the_monitor_hears_every_node_armed_at_once_not_a_heartbeat_later(
                 state = p.decode(kind, body, p.AggregatorState)
                 ready = state if state.nodes_ready == 2 else None
         assert ready is not None, "no state with both nodes ready within 15 s (the heartbeat is 30 s)"
-    finally:
-        sub.close(linger=0)
 
 
 def test_stop_says_bye(make_node) -> None:
