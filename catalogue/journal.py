@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from counting.durable import fsync_directory
+from counting.storage.durable import fsync_directory
 
 
 class PendingJournal:

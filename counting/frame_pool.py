@@ -25,7 +25,7 @@ import weakref
 
 import numpy as np
 
-from counting.simulator_kernels import restore
+from counting.simulator.kernels import restore
 
 
 class FramePool:

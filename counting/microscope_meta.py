@@ -14,7 +14,7 @@ writing. A copy of it (checked against the checksum the writer recorded, so a fi
 never touched) gets the new groups, is fsynced and then takes the file's name in one atomic rename; a
 crash leaves either the file as the writer wrote it or the complete new one, never half of either, and a
 file that already has microscope metadata is refused (nothing is replaced). The copy costs one read and
-one write of the file, in 1 MiB chunks (flat memory), once per scan, off the data path (counting.h5_amend,
+one write of the file, in 1 MiB chunks (flat memory), once per scan, off the data path (counting.storage.amend,
 shared with the stream's phase fit).
 """
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from counting.durable import file_sha256
 from counting.errors import PermanentError
-from counting.h5_amend import amend_scan_file
-from counting.h5_attrs import load_tree, plain, save_tree
+from counting.storage.amend import amend_scan_file
+from counting.storage.attrs import load_tree, plain, save_tree
+from counting.storage.durable import file_sha256
 
 MICROSCOPE_GROUP = "metadata/microscope"
 STEM_IMAGES = "stem/images"
@@ -95,7 +95,7 @@ def attach_microscope(
     before_replace: Callable[[str], None] | None = None,
 ) -> str:
     """Add ``meta`` to the finished scan file at ``path`` (see the module docstring: a checked copy renamed
-    over it, counting.h5_amend); returns the new file's sha256. MicroscopeMetadataError if the file changed
+    over it, counting.storage.amend); returns the new file's sha256. MicroscopeMetadataError if the file changed
     since the writer recorded ``expected_sha256``, already has microscope metadata, or is not HDF5; OSError
     for storage. ``before_replace(new_sha256)`` runs once the copy is complete and fsynced, just before it
     takes the file's name (the caller stages the new stop record there); if it raises, the file is left

@@ -1,13 +1,13 @@
 """A counted scan written to disk while it streams in, so the writer's memory does not grow with the scan.
 
 Why this design: the scan writer used to hold every counted frame of a scan and then build the whole HDF5
-image in memory (HDF5 writing to disk itself fails badly on a full disk: see counting.h5_storage), so its
+image in memory (HDF5 writing to disk itself fails badly on a full disk: see counting.storage.hdf5), so its
 memory grew with the scan (~0.8 GB more for 512x512 at 200 electrons/frame). Two ways out were weighed:
 spilling the events to a plain temporary file and assembling the HDF5 from it at the end, or writing the
 HDF5 itself as the frames arrive. The second is used: the events are written once, the end of a scan only
 adds the masks and metadata (its cost does not grow with the scan: the file is on disk seconds after the
 last frame even for 262,144 frames), and no second copy of the events needs disk space. What made it safe
-is counting.h5_storage: HDF5 writes through a file object that never passes it a storage error and
+is counting.storage.hdf5: HDF5 writes through a file object that never passes it a storage error and
 reserves disk space ahead of the writes, so a full disk is still one plain OSError and nothing half-written
 keeps its final name.
 
@@ -39,9 +39,9 @@ import numpy as np
 
 from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, ScanShape
-from counting.h5_storage import FinalName, TempHDF5, create_temporary
 from counting.kernel import EventList
 from counting.sparse import create_layout, finish_layout, write_slots
+from counting.storage.hdf5 import FinalName, TempHDF5, create_temporary
 
 _EMPTY = np.empty(0, np.uint32)
 _REWRITE_CHUNK = 8192  # frame slots per step when rewriting with k > 1

@@ -28,9 +28,9 @@ from h5py import h5s
 
 from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS, ScanShape
-from counting.h5_attrs import load_tree, save_tree
-from counting.h5_storage import TempHDF5
 from counting.kernel import EventList
+from counting.storage.attrs import load_tree, save_tree
+from counting.storage.hdf5 import TempHDF5
 
 FORMAT_VERSION = 3
 _VLEN_U32 = h5py.vlen_dtype(np.uint32)
@@ -149,7 +149,7 @@ class ScanAccumulator:
 
 
 def write_counted_scan(path: str | os.PathLike, scan: CountedScan) -> Path:
-    """Write a counted scan atomically, straight to disk in chunks (counting.h5_storage); a storage failure
+    """Write a counted scan atomically, straight to disk in chunks (counting.storage.hdf5); a storage failure
     raises OSError and leaves no file behind, and an existing file is never replaced (FileExistsError). A
     complete file that cannot be named (h5_storage.UnnamedFileError) is kept, never removed."""
     path = Path(path)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
-from counting.dark_store import DarkInfo
+from counting.dark.store import DarkInfo
 from flows.settings import Settings, load_settings
 from tasks.darks import (
     INSTRUMENT,

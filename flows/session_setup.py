@@ -16,9 +16,9 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run as current_run
 
 from counting.dark import dark_reference
-from counting.durable import file_sha256
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.storage.durable import file_sha256
 from flows.settings import Settings, given, load_settings, write_settings_file
 from tasks.acquisition.camera import ScanRequest, scripted_scans, simulated_scans
 from tasks.acquisition.result import ScanResult

@@ -22,7 +22,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from catalogue.settings import CatalogueSettings
-from counting.dark_settings import DarkSettings
+from counting.dark.settings import DarkSettings
 from counting.settings import CountingSettings, SimulatorSettings
 from streaming.settings import StreamingSettings
 from tasks.settings import AnalysisSettings, MicroscopeSettings, SfapiSettings, SlurmSettings, SshSettings

@@ -165,7 +165,7 @@ def emit(name: str, wall: float | None = None, detail: str = "") -> None:
 # Log records that are marks: (logger name, start of the message's format string, mark). The format string,
 # not the formatted text: it names what happened, whatever the values.
 TAPPED = (
-    ("streaming.node.pool", "%d counting worker(s) started and warmed up", "kernels warmed"),
+    ("streaming.node.workers.pool", "%d counting worker(s) started and warmed up", "kernels warmed"),
     ("streaming.node.hosted_writer", "%s: hosting the scan writer", "writer started"),
     ("streaming.node.uplink", "%s: welcomed as node", "joined"),
     ("streaming.aggregator.aggregator", "aggregator: receivers", "bound"),

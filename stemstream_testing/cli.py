@@ -43,7 +43,7 @@ def in_process(args: list[str], env: Mapping[str, str], cwd: Path | None = None)
 def _width(columns: str | None) -> Iterator[None]:
     """The CLI's consoles as wide as env's COLUMNS while a command runs: they fix their width when created
     if COLUMNS is set then (as in a pytest-xdist worker: 80), and a real process reads it at its start."""
-    from flows.cli_common import console, err_console
+    from flows.cli.common import console, err_console
 
     if columns is None or not columns.isdigit():
         yield

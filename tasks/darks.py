@@ -1,11 +1,11 @@
 """Making, keeping and choosing dark references (plain code; the flow is flows/dark.py).
 
-A dark comes from per-pixel sums of raw frames taken with the beam blanked (counting.dark_stats):
+A dark comes from per-pixel sums of raw frames taken with the beam blanked (counting.dark.stats):
 * a streamed dark scan: the nodes of a session run with ``streaming.accumulate_dark`` leave their shares
   of the sums beside the scans (streaming.node.dark_sums); they are added up here;
 * the simulated camera's dark frames (beam blanked: noise only);
 * raw 4D Camera files of a dark scan.
-It is stored with a timestamp, never overwriting (counting.dark_store), and recorded in the catalogue.
+It is stored with a timestamp, never overwriting (counting.dark.store), and recorded in the catalogue.
 Sessions then count with the newest dark of their camera unless ``counting.dark`` names one, and warn
 when it is older than ``dark.max_age_hours``.
 """
@@ -16,9 +16,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from counting.dark_settings import DarkSettings, dark_dir
-from counting.dark_stats import DarkSums, dark_from_sums
-from counting.dark_store import DarkInfo, newest_dark, save_dark
+from counting.dark.settings import DarkSettings, dark_dir
+from counting.dark.stats import DarkSums, dark_from_sums
+from counting.dark.store import DarkInfo, newest_dark, save_dark
 from counting.geometry import ScanShape
 from counting.settings import SimulatorSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig

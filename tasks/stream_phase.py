@@ -2,7 +2,7 @@
 (counting.phase.record, the live view's code), calibrated with the microscope's metadata in the file when
 it is there (tasks.analysis.calibration, as the analysis reads it), added to the scan's HDF5 as ``/phase``
 by the same checked-copy, staged, never-overwrite replacement the microscope's metadata uses
-(counting.h5_amend; the new stop record staged before the file changes, streaming.protocol.staged), and
+(counting.storage.amend; the new stop record staged before the file changes, streaming.protocol.staged), and
 handed to the catalogue as an analysis of kind "stream-phase".
 
 A failed fit (too few positions) is still written and recorded, with status failed and its reason; a file
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from catalogue.recorder import Recorder
 from counting.errors import PermanentError
-from counting.h5_amend import amend_scan_file
 from counting.phase.bins import DEFAULT_BINS, DEFAULT_INNER
 from counting.phase.fit import MAX_SIDE
 from counting.phase.record import CODE_VERSION, PHASE_GROUP, PhaseRecord, phase_of_scan, write_phase
 from counting.sparse import SparseFormatError, read_counted_scan
+from counting.storage.amend import amend_scan_file
 from streaming.protocol.record import ScanRecord, record_path
 from streaming.protocol.staged import commit_pending_record, pending_record_path, resolve_pending_record
 from tasks.analysis.calibration import ScanCalibration, calibration_from_metadata
@@ -99,7 +99,7 @@ def _calibration(microscope: dict | None, height: int, width: int, keep_flyback:
 
 
 def _attach(path: Path, rec: PhaseRecord, record: ScanRecord, summary: dict) -> str:
-    """Add the group by counting.h5_amend, the new stop record staged before the file changes; the new
+    """Add the group by counting.storage.amend, the new stop record staged before the file changes; the new
     sha256."""
 
     def stage(digest: str) -> None:  # the new record, durable before the file changes

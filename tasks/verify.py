@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from counting.durable import file_sha256
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_ROWS
 from counting.sparse import FORMAT_VERSION
+from counting.storage.durable import file_sha256
 from streaming.protocol.record import ScanRecord, record_path
 from streaming.protocol.staged import resolve_pending_record
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from counting.h5_attrs import plain
 from counting.live_images import LiveGeometry, LiveImages
 from counting.phase.accumulate import ParallaxAccumulator
 from counting.phase.bins import DEFAULT_BINS, DEFAULT_INNER, ParallaxBins
@@ -37,6 +36,7 @@ from counting.phase.fit import MAX_SIDE, PX_UNITS, AberrationFit, ParallaxFitErr
 from counting.phase.idpc import idpc_from_sums
 from counting.phase.shift_sum import tilt_corrected_bf
 from counting.sparse import CountedScan
+from counting.storage.attrs import plain
 
 PHASE_GROUP = "phase"
 CODE_VERSION = 1  # of the fit and of this layout; raised when either changes

@@ -1,6 +1,6 @@
 """A written counted scan replayed through the live images: its frames, in scan order and in batches, handed
 to the same LivePublisher the nodes use (the view and its images are the live ones, nothing computed twice),
-paced at a frame rate or as fast as it goes. Nothing here starts the view: the caller (flows.cli_view) does,
+paced at a frame rate or as fast as it goes. Nothing here starts the view: the caller (flows.cli.view) does,
 and gives the address of its snapshot intake.
 
 From the file (counting.sparse's layout): its shape, frames per position (k) and sector masks (a slot with
@@ -29,9 +29,9 @@ import zmq
 
 from counting.errors import PermanentError
 from counting.geometry import ALL_SECTORS
-from counting.h5_attrs import load_tree
 from counting.live_images import MAX_POSITIONS
 from counting.sparse import FORMAT_VERSION, SparseFormatError
+from counting.storage.attrs import load_tree
 from streaming.live.publisher import LivePublisher
 from streaming.protocol import control as p
 from streaming.settings import LiveSettings

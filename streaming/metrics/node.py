@@ -14,8 +14,8 @@ from prometheus_client.registry import Collector
 from streaming.metrics.exporter import Announce, exported
 from streaming.metrics.families import counter, gauge, labelled_counter
 from streaming.node.config import NodeConfig, NodeCounters
-from streaming.node.pool import CountingPool
 from streaming.node.streamer import NodeStreamer
+from streaming.node.workers.pool import CountingPool
 from streaming.protocol.record import ScanRecord, ScanStatus
 from streaming.signals import stop_on_signals
 

@@ -1,5 +1,5 @@
 """Dark scans through the streaming path: each node adds the raw frames it assembles into per-pixel sums
-(counting.dark_stats.DarkSums) while it counts them as usual, and leaves its share of the scan's sums
+(counting.dark.stats.DarkSums) while it counts them as usual, and leaves its share of the scan's sums
 beside the scans it writes, for the dark flow to add up (flows/dark.py: ``stemstream dark --scan-dir``).
 
 On when ``streaming.accumulate_dark`` is set for a session (the dark session: beam blanked). Only frames
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from counting.dark_stats import DarkSums
+from counting.dark.stats import DarkSums
 from counting.geometry import ALL_SECTORS
 
 log = logging.getLogger(__name__)

@@ -32,11 +32,11 @@ from streaming.node.hosted_writer import HostedWriter
 from streaming.node.intake import SectorIntake, rest_of_message
 from streaming.node.path_links import ForwarderLinks
 from streaming.node.polling import LoopPoller
-from streaming.node.pool import CountingPool, CountResult
 from streaming.node.scan import NodeScan, check_shape
-from streaming.node.shared_blocks import sweep_dead
-from streaming.node.slots import SlotMemory
 from streaming.node.uplink import AggregatorLink
+from streaming.node.workers.pool import CountingPool, CountResult
+from streaming.node.workers.shared_blocks import sweep_dead
+from streaming.node.workers.slots import SlotMemory
 from streaming.node.writer_client import WriterClient
 from streaming.protocol import control as p
 from streaming.protocol.calibration import calibration_digest, calibration_parts

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
-from counting.durable import fsync_directory
+from counting.storage.durable import fsync_directory
 
 
 class ScanStatus(StrEnum):

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from counting.durable import file_sha256, fsync_directory
+from counting.storage.durable import file_sha256, fsync_directory
 from streaming.protocol.record import record_path
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import h5py
 import zmq
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS
-from counting.h5_attrs import plain
 from counting.microscope_meta import MICROSCOPE_GROUP
+from counting.storage.attrs import plain
 from streaming.protocol import live as live_wire
 from streaming.transport.ratelog import RateLimitedLog
 from streaming.transport.security import CurveServerConfig

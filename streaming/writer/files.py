@@ -22,8 +22,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from counting.errors import PermanentError
-from counting.h5_storage import FinalName, UnnamedFileError
 from counting.scan_file import ScanFile
+from counting.storage.hdf5 import FinalName, UnnamedFileError
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 
 log = logging.getLogger(__name__)

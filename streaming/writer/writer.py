@@ -38,9 +38,9 @@ import numpy as np
 import zmq
 
 from counting.geometry import ScanShape
-from counting.h5_storage import FinalName
 from counting.kernel import EventList, Thresholds
 from counting.scan_file import MAX_POSITIONS, ScanFile
+from counting.storage.hdf5 import FinalName
 from counting.thresholds import ThresholdConfig
 from streaming.protocol import control as p
 from streaming.protocol.reasons import EndReason

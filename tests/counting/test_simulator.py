@@ -9,7 +9,7 @@ import pytest
 
 from counting.geometry import ALL_SECTORS, FRAME_COLS, FRAME_SHAPE, SECTOR_ROWS, FrameBatch, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig, scan_seed
-from counting.simulator_config import BEAM_CENTER, FLYBACK_SHIFT
+from counting.simulator.config import BEAM_CENTER, FLYBACK_SHIFT
 
 SMALL = SimulatorConfig(scan=ScanShape(6, 5), pool_size=8)
 

@@ -56,7 +56,7 @@ def test_generate_never_replaces_a_file_and_writes_nothing_then(tmp_path):
 def test_a_file_that_appears_meanwhile_is_kept_and_ours_are_removed(tmp_path, monkeypatch):
     """A key file made by someone else between the check and the naming: the no-replace naming refuses,
     the files this run named are removed, the other one is untouched."""
-    import flows.cli_keys as cli_keys
+    import flows.cli.keys as cli_keys
 
     class Racing(cli_keys.FinalName):
         def publish(self, src: Path, dst: Path) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from counting.durable import file_sha256
+from counting.storage.durable import file_sha256
 from stemstream_testing.cli import Ran, as_process, in_process
 from streaming.protocol.record import ScanRecord, record_path
 from tests.tasks.test_microscope import dm4_for, scan_file

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.cli_common import command_settings, user_errors
+from flows.cli.common import command_settings, user_errors
 from flows.settings import Settings, assignment_overrides, load_settings, write_settings_file
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from counting.dark import dark_reference, load_dark
-from counting.dark_settings import DarkSettings
-from counting.dark_stats import DarkSums, dark_from_sums
-from counting.dark_store import list_darks, newest_dark, save_dark
+from counting.dark.settings import DarkSettings
+from counting.dark.stats import DarkSums, dark_from_sums
+from counting.dark.store import list_darks, newest_dark, save_dark
 from counting.geometry import FRAME_SHAPE, ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan

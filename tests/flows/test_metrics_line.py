@@ -1,4 +1,4 @@
-"""The session's ``metrics:`` line (flows.cli_terminal): once the session is ready, where Prometheus scrapes
+"""The session's ``metrics:`` line (flows.cli.terminal): once the session is ready, where Prometheus scrapes
 each of its processes, from their own ``metrics:`` lines; not before the live view has printed its own."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flows.cli_terminal import SessionWatcher
+from flows.cli.terminal import SessionWatcher
 from tasks.launch.state import SessionState
 
 

@@ -44,7 +44,7 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogWorker
 from prefect.states import State
 
-from flows.cli_terminal import SessionWatcher
+from flows.cli.terminal import SessionWatcher
 from flows.session import session
 from flows.settings import load_settings
 from stemstream_testing.fake_sfapi import FakeJob
@@ -388,7 +388,7 @@ def test_local_camera_faster_than_the_pipeline_loses_data_loudly(
 # ---- nersc backend: sfapi_client -> fake SFAPI, aggregator over SSH -----------------------------------
 def page_during_the_session(sessions: Path, seen: dict[str, Any]) -> Callable[[], None]:
     """A watcher: once the running session records its live page, what the user's terminal prints
-    (flows.cli_terminal), and what GET /api/state answers with and without the page's token."""
+    (flows.cli.terminal), and what GET /api/state answers with and without the page's token."""
 
     def look() -> None:
         lines: list[str] = []

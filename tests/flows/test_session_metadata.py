@@ -12,11 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
-from counting.dark_stats import dark_from_sums, sums_of
-from counting.dark_store import save_dark
-from counting.durable import file_sha256
+from counting.dark.stats import dark_from_sums, sums_of
+from counting.dark.store import save_dark
 from counting.geometry import ScanShape
 from counting.simulator import SimulatedCamera, SimulatorConfig
+from counting.storage.durable import file_sha256
 from stemstream_testing.dm4 import write_dm4
 from streaming.protocol.record import ScanRecord
 from tests.flows.test_session import artifacts_of, message, run_session

@@ -62,7 +62,7 @@ def test_process_start_is_this_process_start() -> None:
 
 def test_child_marks_come_from_its_log_through_real_logging(child_log: Path) -> None:
     child_started()
-    logging.getLogger("streaming.node.pool").info(
+    logging.getLogger("streaming.node.workers.pool").info(
         "%d counting worker(s) started and warmed up in %.2f s", 2, 0.5
     )
     logging.getLogger("streaming.node.uplink").info("%s: welcomed as node %d of %d", "n", 0, 2)

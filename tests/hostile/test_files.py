@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import zmq
 
-from counting.durable import file_sha256
 from counting.geometry import ALL_SECTORS, FRAME_SHAPE, ScanShape
-from counting.h5_storage import FinalName, TempHDF5, UnnamedFileError
 from counting.kernel import EventList, Thresholds
 from counting.scan_file import ScanFile, ScanTooLargeError
 from counting.sparse import read_counted_scan
+from counting.storage.durable import file_sha256
+from counting.storage.hdf5 import FinalName, TempHDF5, UnnamedFileError
 from stemstream_testing.options import estimation
 from streaming.protocol import control as p
 from streaming.protocol.record import ScanRecord, ScanStatus

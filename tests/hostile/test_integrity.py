@@ -27,8 +27,8 @@ from catalogue.entries import SessionEntry
 from catalogue.journal import read_pending
 from catalogue.rebuild import rebuild
 from catalogue.recorder import PENDING_NAME, Recorder
-from counting.durable import file_sha256
 from counting.microscope_meta import MicroscopeMetadataError
+from counting.storage.durable import file_sha256
 from stemstream_testing.catalogue_scans import write_scan
 from stemstream_testing.support import free_port
 from streaming.live.hooks import LiveNode

@@ -13,7 +13,7 @@ import pytest
 from counting.geometry import ScanShape
 from counting.kernel import Counter, Thresholds
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from streaming.node.pool import CountingPool, SlotMemory
+from streaming.node.workers.pool import CountingPool, SlotMemory
 
 pytestmark = pytest.mark.timeout(120)
 T = Thresholds(30.5, 600.0)

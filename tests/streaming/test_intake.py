@@ -14,7 +14,7 @@ from streaming.node.config import NodeCounters
 from streaming.node.hold_queue import HoldQueue
 from streaming.node.intake import SectorIntake, rest_of_message
 from streaming.node.scan import NodeScan
-from streaming.node.slots import SlotMemory
+from streaming.node.workers.slots import SlotMemory
 from streaming.protocol import control as p
 from streaming.protocol.sector import SectorHeader
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streaming.node.shared_blocks import PREFIX, SHM_DIR, create_block, owner_pid, sweep_dead
+from streaming.node.workers.shared_blocks import PREFIX, SHM_DIR, create_block, owner_pid, sweep_dead
 
 # A node killed with its resource tracker: the block is made, its tracker forgets it, then SIGKILL.
 DIES_HOLDING = """
 import os, signal, sys
 from multiprocessing import resource_tracker
-from streaming.node.shared_blocks import create_block
+from streaming.node.workers.shared_blocks import create_block
 block = create_block(1 << 20)
 resource_tracker.unregister(block._name, "shared_memory")
 print(block.name, flush=True)

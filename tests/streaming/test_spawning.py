@@ -1,4 +1,4 @@
-"""Counting workers are spawned without this process's __main__ (streaming/node/spawning.py): hidden from
+"""Counting workers are spawned without this process's __main__ (streaming/node/workers/spawning.py): hidden from
 spawn's preparation while a worker starts, then exactly as it was."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 
-from streaming.node.spawning import main_not_imported
+from streaming.node.workers.spawning import main_not_imported
 
 
 def _main_name(conn) -> None:

@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 
-from counting.durable import file_sha256
 from counting.geometry import ScanShape
 from counting.kernel import Thresholds
 from counting.microscope_meta import MicroscopeMetadataError, attach_microscope, read_microscope
@@ -21,6 +20,7 @@ from counting.pipeline import CountingOptions, count_batches
 from counting.settings import CountingSettings
 from counting.simulator import SimulatedCamera, SimulatorConfig
 from counting.sparse import read_counted_scan, write_counted_scan
+from counting.storage.durable import file_sha256
 from stemstream_testing.dm4 import write_dm4
 from streaming.components import threshold_config
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path

@@ -15,7 +15,7 @@ from counting.geometry import ScanShape
 from counting.kernel import Thresholds
 from counting.pipeline import count_batches
 from counting.simulator import SimulatedCamera, SimulatorConfig
-from counting.simulator_config import BEAM_CENTER
+from counting.simulator.config import BEAM_CENTER
 from counting.sparse import CountedScan, write_counted_scan
 from stemstream_testing.options import options
 from stemstream_testing.sparse_images import virtual_images

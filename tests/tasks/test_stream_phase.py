@@ -16,10 +16,10 @@ import pytest
 
 from catalogue import Catalogue, ScanEntry
 from catalogue.recorder import Recorder
-from counting.durable import file_sha256
 from counting.microscope_meta import MicroscopeMetadata
 from counting.phase.record import read_phase
 from counting.sparse import CountedScan, write_counted_scan
+from counting.storage.durable import file_sha256
 from stemstream_testing.cli import in_process
 from streaming.protocol.record import ScanRecord, ScanStatus, record_path
 from streaming.protocol.staged import pending_record_path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from flows.cli_common import console
+from flows.cli.common import console
 from flows.settings import Settings, write_settings_file
 from tasks.acquisition.live import live_url
 from tasks.launch.errors import SessionFailed

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import h5py
 
-from counting.durable import FinalName, fsync_directory
 from counting.errors import PermanentError
+from counting.storage.durable import FinalName, fsync_directory
 
 METADATA_CACHE = 2 << 20  # HDF5's metadata cache (it holds the event heaps being filled): fixed, not adaptive
 RESERVE_MIN = 1 << 20  # first reservation step

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import check_threshold_pair, command_settings, console, parse_scan, user_errors
+from flows.cli.common import check_threshold_pair, command_settings, console, parse_scan, user_errors
 from flows.settings import Settings, given
 from flows.timeline import CONFIGURED, child_started
 from flows.timeline import emit as timing

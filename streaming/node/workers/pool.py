@@ -27,9 +27,9 @@ import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
 from counting.kernel import Counter, EventList, Thresholds
-from streaming.node.shared_blocks import create_block
-from streaming.node.slots import SlotMemory
-from streaming.node.spawning import main_not_imported
+from streaming.node.workers.shared_blocks import create_block
+from streaming.node.workers.slots import SlotMemory
+from streaming.node.workers.spawning import main_not_imported
 
 __all__ = ["CountResult", "CountingPool", "SlotMemory"]  # SlotMemory: its old home, still imported
 

@@ -1,4 +1,4 @@
-"""`stemstream session` and `stemstream demo`: the session flow from a terminal (flows/cli_terminal.py: the
+"""`stemstream session` and `stemstream demo`: the session flow from a terminal (flows/cli/terminal.py: the
 embedded Prefect server, the `ready:` and scan lines, the summary). Exit status 0 when every scan passed
 verification. Both mark the session's timeline (flows/timeline.py), write it as timeline.json into the
 session's logs at exit and, with --timings, print it."""
@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import command_settings, console, parse_scan, user_errors
-from flows.cli_terminal import embedded_prefect, run_in_terminal
+from flows.cli.common import command_settings, console, parse_scan, user_errors
+from flows.cli.terminal import embedded_prefect, run_in_terminal
 from flows.session_prefect import EmbeddedServer, adopt, early_server
 from flows.settings import Settings, SimulatorSettings
 from flows.timeline import (

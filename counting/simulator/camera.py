@@ -10,8 +10,8 @@ recorded while the beam flies back: a displaced, smeared disk, not the sample; t
 (sample_image, disk_shift, scatter_fraction) covers the other columns. Every frame's true electron pixels and
 x-ray pixels are kept as ground truth.
 
-Where the parts live: the config (counting.simulator_config), the sample and the lookup tables
-(counting.simulator_model), the compiled per-frame physics (counting.simulator_kernels) and the frame memory
+Where the parts live: the config (counting.simulator.config), the sample and the lookup tables
+(counting.simulator.model), the compiled per-frame physics (counting.simulator.kernels) and the frame memory
 (counting.frame_pool). This module is the camera: seeds, ground truth, and the iterators.
 
 Speed: backgrounds come from a pre-generated pool of ``pool_size`` noise frames (frame i uses background
@@ -31,9 +31,9 @@ import numpy as np
 
 from counting.frame_pool import FramePool
 from counting.geometry import ALL_SECTORS, FRAME_SHAPE, N_SECTORS, SECTOR_ROWS, FrameBatch, ScanShape
-from counting.simulator_config import SimulatorConfig, check_int, scan_seed
-from counting.simulator_kernels import frame_truth, log_capacity, new_scratch, render_batch, truth_batch
-from counting.simulator_model import FRAME_PIXELS, dark_pattern, event_model, noise_frame, specimen
+from counting.simulator.config import SimulatorConfig, check_int, scan_seed
+from counting.simulator.kernels import frame_truth, log_capacity, new_scratch, render_batch, truth_batch
+from counting.simulator.model import FRAME_PIXELS, dark_pattern, event_model, noise_frame, specimen
 
 __all__ = ["SimulatedCamera", "SimulatorConfig", "scan_seed"]
 

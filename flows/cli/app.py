@@ -7,7 +7,6 @@ non-zero, without a traceback.
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +16,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from counting.durable import file_sha256
-from flows import cli_catalogue, cli_dark, cli_keys, cli_microscope, cli_session, cli_streaming, cli_view
-from flows.cli_common import (
+from counting.storage.durable import file_sha256
+from flows.cli import catalogue as _catalogue
+from flows.cli import dark as _dark
+from flows.cli import keys as _keys
+from flows.cli import microscope as _microscope
+from flows.cli import session as _session
+from flows.cli import streaming as _streaming
+from flows.cli import view as _view
+from flows.cli.common import (
     check_threshold_pair,
     command_settings,
     console,
@@ -28,7 +33,7 @@ from flows.cli_common import (
     print_error,
     user_errors,
 )
-from flows.cli_terminal import embedded_prefect, run_settings_file
+from flows.cli.terminal import embedded_prefect, run_settings_file
 from flows.settings import given
 from tasks.launch.errors import SessionFailed
 
@@ -70,7 +75,7 @@ def _global_options(
         raise typer.Exit(1)
     if settings_sha256 is not None:
         _check_settings_digest(settings, settings_sha256)
-    ctx.obj = {"settings_file": settings}  # read back by cli_common.command_settings
+    ctx.obj = {"settings_file": settings}  # read back by flows.cli.common.command_settings
 
 
 def _check_settings_digest(settings: Path | None, expected: str) -> None:
@@ -105,7 +110,7 @@ def simulate(
     files_per_module: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Simulate a scan: raw v5 sector files, a dark reference (dark.npy) and ground truth (truth.npz)."""
-    from counting.simulate_files import write_simulated_scan
+    from counting.simulator.files import write_simulated_scan
 
     width, height = parse_scan(scan)
     settings = command_settings(ctx)
@@ -335,7 +340,7 @@ def alerts(
     console.print(f"  of flows {', '.join(FLOW_NAMES)}")
 
 
-for _commands in (cli_streaming, cli_session, cli_catalogue, cli_view, cli_dark, cli_microscope, cli_keys):
+for _commands in (_streaming, _session, _catalogue, _view, _dark, _microscope, _keys):
     _commands.register(app)
 
 
@@ -354,7 +359,3 @@ def quiet_known_warnings() -> None:
     import authlib.deprecate
 
     warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -17,8 +17,8 @@ from typing import Annotated
 
 import typer
 
-from counting.durable import FinalName
-from flows.cli_common import console, user_errors
+from counting.storage.durable import FinalName
+from flows.cli.common import console, user_errors
 
 __all__ = ["KEY_FILES", "keys_app", "register"]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import h5py
 
-from counting.durable import file_sha256, fsync_directory
 from counting.errors import PermanentError
-from counting.h5_storage import create_temporary
+from counting.storage.durable import file_sha256, fsync_directory
+from counting.storage.hdf5 import create_temporary
 
 _CHUNK = 1 << 20
 

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import command_settings, user_errors
-from flows.cli_terminal import run_in_terminal
+from flows.cli.common import command_settings, user_errors
+from flows.cli.terminal import run_in_terminal
 from flows.settings import Settings
 from tasks.launch.errors import SessionFailed
 from tasks.launch.state import SESSION_FILE, SessionState
@@ -48,8 +48,8 @@ def dark(
     ] = None,
 ) -> None:
     """Make a dark reference (float32 mean, noise, hot pixels), stored with a timestamp and catalogued."""
-    from counting.dark_settings import dark_dir
-    from counting.dark_store import list_darks as stored
+    from counting.dark.settings import dark_dir
+    from counting.dark.store import list_darks as stored
     from flows.dark import acquire_dark
 
     settings = command_settings(ctx)

@@ -1,7 +1,7 @@
 """What every `stemstream` command shares: the consoles, the one-line error handling, the settings a command
 starts from (the global ``--settings`` file, the ``--set`` assignments) and small argument parsers.
 
-The leaf of the CLI's modules (cli -> command modules -> cli_terminal -> cli_common): it imports none of them,
+The leaf of the CLI's modules (app -> command modules -> terminal -> common): it imports none of them,
 and nothing heavier than typer, rich and the settings.
 """
 

@@ -20,7 +20,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from flows.cli_common import command_settings, print_error, user_errors
+from flows.cli.common import command_settings, print_error, user_errors
 from flows.settings import given
 from flows.timeline import child_started
 from flows.timeline import emit as timing

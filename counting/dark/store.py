@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from counting.dark_stats import DarkReference
-from counting.durable import FinalName
+from counting.dark.stats import DarkReference
 from counting.microscope_meta import file_digest
+from counting.storage.durable import FinalName
 
 _NAME = re.compile(r"^dark_(\d{8}T\d{6}Z)(?:-(\d+))?\.npy$")
 

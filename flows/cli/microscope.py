@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import command_settings, user_errors
+from flows.cli.common import command_settings, user_errors
 
 
 def microscope(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from counting.geometry import FRAME_BYTES, FRAME_SHAPE
-from streaming.node.shared_blocks import create_block
+from streaming.node.workers.shared_blocks import create_block
 
 
 class SlotMemory:

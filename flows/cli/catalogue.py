@@ -19,8 +19,8 @@ from rich.table import Table
 
 from catalogue import open_catalogue
 from counting.phase.summary import summary_lines
-from flows.cli_common import command_settings, console, err_console, user_errors
-from flows.cli_text import plain
+from flows.cli.common import command_settings, console, err_console, user_errors
+from flows.cli.text import plain
 from flows.settings import Settings
 
 if TYPE_CHECKING:  # the catalogue's types load SQLAlchemy and msgpack: only when a command runs

@@ -4,8 +4,8 @@ The sample is a thin support film with Gaussian particles: its thickness t in [0
 Its gradient deflects the bright-field disk (so centre-of-mass / DPC shows the sample), and a fraction of
 the electrons growing with t is scattered out of the disk into a halo (so virtual BF shows the sample and ADF
 its inverse). With flyback, the last scan column is not on the sample: its disk is displaced and smeared
-(counting.simulator_config). The detector has a fixed dark pattern (offset + per-pixel variation) and Gaussian read noise.
-The compiled kernels (counting.simulator_kernels) read lookup tables instead of special functions: Poisson
+(counting.simulator.config). The detector has a fixed dark pattern (offset + per-pixel variation) and Gaussian read noise.
+The compiled kernels (counting.simulator.kernels) read lookup tables instead of special functions: Poisson
 CDFs of the electron and x-ray counts, quantiles of an electron's gamma-distributed charge and of the halo
 radius, and the charge cloud's 3x3 footprint per sub-pixel position.
 """
@@ -20,8 +20,8 @@ from scipy import special
 
 from counting.geometry import FRAME_COLS, FRAME_ROWS, FRAME_SHAPE, ScanShape
 from counting.phase.model import rotation
-from counting.simulator_config import BEAM_CENTER, FLYBACK_SHIFT, FLYBACK_SMEAR, SimulatorConfig
-from counting.simulator_kernels import SUBPIXEL_BINS, UINT16_MAX
+from counting.simulator.config import BEAM_CENTER, FLYBACK_SHIFT, FLYBACK_SMEAR, SimulatorConfig
+from counting.simulator.kernels import SUBPIXEL_BINS, UINT16_MAX
 
 FRAME_PIXELS = FRAME_ROWS * FRAME_COLS
 _TABLE_SIZE = 4096  # quantile tables for charge and halo radius (linearly interpolated)

@@ -5,12 +5,12 @@ depends only on the config and its index, never on batch size or order. _gen_eve
 electrons (uniform in the bright-field disk, or scattered into the halo beyond it; in a flyback frame the
 disk centre of each electron is spread along a smear) with gamma-distributed
 charges and sub-pixel positions, then Poisson(xray_rate) x-ray hits of 1 or 2x2 pixels. With a parallax
-(a defocused probe, counting.simulator_config), a bright-field electron at disk offset k stays unscattered
+(a defocused probe, counting.simulator.config), a bright-field electron at disk offset k stays unscattered
 with the sample's transmission at r + M k instead (_parallax_point). _deposit adds each
 electron as a pixel-integrated Gaussian over its 3x3 pixels (a footprint table) and each x-ray pixel's ADU,
 saturating at uint16, optionally logging (index, old value) so restore can take the frame off again.
 
-The model tuple (built by counting.simulator_model) and the scratch arrays (new_scratch) have the layouts
+The model tuple (built by counting.simulator.model) and the scratch arrays (new_scratch) have the layouts
 unpacked at the top of _gen_events. Every compiled function lives in this one file: numba's cache does not
 notice changes to a callee defined in another file.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from counting.dark_settings import HOT_SIGMA
+from counting.dark.settings import HOT_SIGMA
 from counting.geometry import FRAME_SHAPE
 
 
