@@ -289,7 +289,9 @@ class NodeScanDone:
     name: Name
     scan_number: ScanNumber
     sectors: Count  # sectors this node received
-    sectors_sent: Count  # sectors the aggregator says it sent to this node
+    # sectors the aggregator says it sent to this node; -1: not known (the node ended the scan without the
+    # aggregator's end: its own deadline, the aggregator gone or a new scan first)
+    sectors_sent: Annotated[int, msgspec.Meta(ge=-1)]
     frames: Count
     incomplete_frames: Count
     duplicates: Count
