@@ -24,10 +24,18 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+# Bytecode: where PYTHONDONTWRITEBYTECODE is set (this machine's image sets it), each of the suite's few
+# hundred Python processes compiled stemstream from source (0.3 s each) and each pytest process rewrote the
+# test modules' asserts again (7 s): the suite writes __pycache__ (git ignores it), for itself and the
+# processes it starts.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 if "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="stemstream_prefect_home_")
