@@ -60,7 +60,10 @@ child = subprocess.Popen(["sleep", "60"])
 env = os.environ
 line = f"{env['SLURM_JOB_ID']} {env['SLURM_NODEID']} {child.pid} {env['STEMSTREAM_TEST']}"
 line += f" {env['SLURMD_NODENAME']} {env.get('STEMSTREAM_LEAK', '-')}"
-pathlib.Path(env["MARKERS"], env["SLURM_PROCID"]).write_text(line)
+# Written beside, then renamed in: a marker is never seen empty (the tests read them as soon as they exist).
+part = pathlib.Path(env["MARKERS"]).parent / f".{pathlib.Path(env['MARKERS']).name}-{env['SLURM_PROCID']}"
+part.write_text(line)
+part.rename(pathlib.Path(env["MARKERS"], env["SLURM_PROCID"]))
 if env["SLURM_PROCID"] == env.get("FAIL_RANK"):
     deadline = time.monotonic() + 30  # fail once every task has started (and written its marker)
     while len(os.listdir(env["MARKERS"])) < int(env["SLURM_NTASKS"]) and time.monotonic() < deadline:
