@@ -269,7 +269,7 @@ def test_a_node_whose_writer_fails_is_named_by_the_session(tmp_path: Path) -> No
         scans.rmdir()
         scans.write_text("not a directory\n")  # a fault even root cannot write through
         sent = subprocess.run(
-            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "16x16", "--timeout", "60"],
+            [*CLI, "send", "--aggregator", addresses[0], "--simulate", "16x16", "--timeout", "20"],
             cwd=tmp_path, env=env, capture_output=True, timeout=120,
         )  # fmt: skip
         # The session fails as soon as node0 exits and then stops the aggregator: a module still sending by
