@@ -12,8 +12,9 @@ link_metadata, record_analysis, add_note, find_scan, search, darks, newest_dark)
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from counting.lazy import lazy_exports
 
 # Names resolve on first use, so that importing catalogue.settings (the settings object does, in every
 # process) loads neither SQLAlchemy nor Alembic.
@@ -77,10 +78,7 @@ if TYPE_CHECKING:
     from catalogue.store import Catalogue
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'catalogue' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 def open_catalogue(settings: CatalogueSettings, output_dir: Any, *, create: bool = True) -> Catalogue:

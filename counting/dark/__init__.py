@@ -5,8 +5,9 @@ Its public names resolve on first use (PEP 562): importing the settings loads no
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from counting.lazy import lazy_exports
 
 _WHERE = {
     "dark_reference": "counting.dark.reference",
@@ -19,7 +20,4 @@ if TYPE_CHECKING:
     from counting.dark.reference import dark_reference, load_dark, load_frame_array
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -6,8 +6,9 @@ Its public names resolve on first use (PEP 562): importing the configuration loa
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from counting.lazy import lazy_exports
 
 _WHERE = {
     "SimulatedCamera": "counting.simulator.camera",
@@ -23,7 +24,4 @@ if TYPE_CHECKING:
     from counting.simulator.files import write_simulated_scan
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

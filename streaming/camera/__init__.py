@@ -5,8 +5,9 @@ package's heavier modules."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from counting.lazy import lazy_exports
 
 _WHERE = {
     "SenderFaults": "streaming.camera.faults",
@@ -48,7 +49,4 @@ if TYPE_CHECKING:
     from streaming.camera.sender import SendResult, run_sender
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -5,8 +5,9 @@ package's heavier modules."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from counting.lazy import lazy_exports
 
 _WHERE = {
     "CameraRun": "tasks.acquisition.camera",
@@ -69,7 +70,4 @@ if TYPE_CHECKING:
     from tasks.acquisition.result import AnalysisOutcome, CameraCounts, ScanResult
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)
