@@ -61,7 +61,10 @@ REASON_HINTS = (
 
 def reason_hint(reason: str) -> str:
     """What Slurm's reason means, in words ("" for none or an unknown one)."""
-    return next((hint for prefix, hint in REASON_HINTS if reason.startswith(prefix)), "")
+    # Slurm words some reasons with underscores in one place and spaces in another ("Nodes required for
+    # job are DOWN, DRAINED ..." in squeue's %r): both match.
+    spaced = reason.replace("_", " ")
+    return next((hint for prefix, hint in REASON_HINTS if spaced.startswith(prefix.replace("_", " "))), "")
 
 
 def minutes(seconds: float) -> str:
