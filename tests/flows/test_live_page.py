@@ -93,8 +93,10 @@ def test_live_page_shows_the_scan_build_up(tmp_path: Path):
             g = view.state.scan(done["key"]).geometry()
             want = live_sums_from_file(h5, g.cx, g.cy, g.bf_radius, g.adf_inner, g.adf_outer)
             np.testing.assert_array_equal(np.array(final["values"]), want["bf"])
+            # That version or a later one: the final phase fit, which may come after the read above, bumps
+            # the scan's version once more without changing the BF (ci35 waited for the older one).
             assert browser.wait_until(
-                lambda: page_read(browser)["bf"] == str(final["version"]), "final image shown"
+                lambda: int(page_read(browser)["bf"] or -1) >= final["version"], "final image shown"
             )
             phase = browser.wait_until(
                 lambda: (
