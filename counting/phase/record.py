@@ -39,7 +39,8 @@ from counting.sparse import CountedScan
 from counting.storage.attrs import plain
 
 PHASE_GROUP = "phase"
-CODE_VERSION = 1  # of the fit and of this layout; raised when either changes
+# Of the fit and of this layout; raised when either changes (2: the fit refined on every position).
+CODE_VERSION = 2
 _SLOTS = 1 << 16  # frame slots per batch: flat memory whatever the scan's size
 _ANY_GEOMETRY = LiveGeometry(288.0, 288.0, 1.0, 1.0, 2.0)
 _VALUES = ("defocus", "astigmatism", "astigmatism_angle", "rotation")

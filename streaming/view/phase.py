@@ -117,8 +117,10 @@ def compute(
     images: dict[str, np.ndarray] = {}
     fit, error = None, None
     try:
+        # Live fits are previews every live.phase_interval: binned to LIVE_MAX_SIDE, and not refined on
+        # every position (that would raise the view's CPU per frame by a third: bench_live).
         side = MAX_SIDE if inputs.final else LIVE_MAX_SIDE
-        fit = fit_aberrations(snap, mask, rotation_hint=hint, max_side=side)
+        fit = fit_aberrations(snap, mask, rotation_hint=hint, max_side=side, refine=inputs.final)
         images["tcbf"] = tilt_corrected_bf(snap, fit.model_shifts(), mask)
         if calibration is not None:
             fit = fit.calibrate(calibration.scan_step_nm, calibration.mrad_per_px)

@@ -6,10 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from counting.geometry import ScanShape
 from counting.phase.fit import PX_UNITS, ParallaxFitError, fit_aberrations
 from counting.phase.model import aberration_matrix, decompose
 from counting.phase.shift_sum import shift_sum, tilt_corrected_bf, virtual_bf
-from tests.counting.phase.conftest import noise_free_copies, simulate
+from counting.simulator import SimulatorConfig
+from tests.counting.phase.conftest import SIDE, Scan, noise_free_copies, simulate
+
+ASTIGMATIC = {"defocus": 0.05, "astigmatism": 0.02, "astigmatism_angle": 30.0, "rotation": 20.0}
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,3 +131,19 @@ def test_fit_is_unbiased_on_noise_free_copies_of_a_sample_with_features_at_its_e
     assert abs(fit.defocus / 0.05 - 1) < 0.005  # without the zero mean: -1.3 %
     assert abs(fit.astigmatism / 0.02 - 1) < 0.01  # -1.2 %
     assert abs(fit.rotation - 20.0) < 0.2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refining_on_every_position_brings_noisy_scans_within_the_targets(seed):
+    """Seeds whose samples leave the correlation alone 12..14 % off in A1 at 64x64 and 200 e/frame: its
+    margin drops the positions within the largest shift of the edge; the refinement (counting.phase.refine)
+    uses them and lands within the issue's targets (C1 5 %, A1 10 %)."""
+    scan = Scan(SimulatorConfig(ScanShape(SIDE, SIDE), dose=200.0, seed=seed, **ASTIGMATIC))
+    coarse = fit_aberrations(scan.snapshot, scan.mask, refine=False)
+    fit = fit_aberrations(scan.snapshot, scan.mask)
+    a1_error = abs(fit.astigmatism / 0.02 - 1)
+    assert abs(fit.defocus / 0.05 - 1) < 0.05 and a1_error < 0.10
+    assert a1_error < abs(coarse.astigmatism / 0.02 - 1) - 0.03
+    assert abs(fit.astigmatism_angle - 30.0) < 5.0 and abs(fit.rotation - 20.0) < 3.0
+    # The fit's own A1 uncertainty is of the size of the error, not a tenth of it.
+    assert 0.02 < fit.astigmatism_err / 0.02 < 0.10
