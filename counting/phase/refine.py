@@ -81,12 +81,13 @@ def _pass(
     # The object's and its coverage's sums over all bins, each bin moved by +s_b (its spectrum times the
     # ramp); moved back by -s_b into a bin's frame, a bin's own term is its unmoved spectrum, so the
     # other bins' sums there are the totals moved back less that.
-    share32 = share.astype(np.float32)[:, None, None]
-    num_all = (weighted * ey * ex).sum(axis=0)
-    den_all = cover * (share32 * ey * ex).sum(axis=0)
-    back = np.conj(ey) * np.conj(ex)
+    share32 = share.astype(np.float32)
+    ramp = ey * ex
+    num_all = np.einsum("bij,bij->ij", weighted, ramp)
+    den_all = cover * np.einsum("b,bij->ij", share32, ramp)
+    back = np.conj(ramp, out=ramp)
     num = sfft.irfft2((num_all * back - weighted) * blur, s=shape, axes=(-2, -1))
-    den = sfft.irfft2((den_all * back - cover * share32) * blur, s=shape, axes=(-2, -1))
+    den = sfft.irfft2((den_all * back - cover * share32[:, None, None]) * blur, s=shape, axes=(-2, -1))
     others = (share.sum() - share).astype(np.float32)[:, None, None]
     ok = inside & (den > COVERED * others)
     ref = num / np.maximum(den, np.float32(1e-6) * others)
