@@ -70,7 +70,9 @@ def nersc_slurm(
     script's log directory is /pscratch/logs under the fake's root, CURVE between the aggregator (started
     over SSH) and the nodes, 2 node streamers."""
     setup = _nersc_settings(stemstream_env, slurm_fake, sfapi_pem, sshd, tmp_path, monkeypatch)
-    set_env(monkeypatch, "sfapi", poll_interval=0.2, pending_log_interval=1)
+    # every job-state query is an HTTP request to the fake SFAPI and a squeue there: 0.5 s, not 0.2 s, halves
+    # what the Slurm tests spend polling (they wait minutes on Slurm) and adds at most 0.3 s to a reaction
+    set_env(monkeypatch, "sfapi", poll_interval=0.5, pending_log_interval=1)
     set_env(monkeypatch, "session", nodes=2)
     curve = tmp_path / "curve"
     server_public, server_secret = write_keypair(curve, "aggregator")
