@@ -210,6 +210,19 @@ def stop_remote_process(
     return outcome  # type: ignore[return-value]
 
 
+def remote_exit_tail(settings: SshSettings, pid: int, log_path: str) -> str | None:
+    """None while a process started by start_remote_process runs; once it has exited, the end of its log."""
+    script = [
+        _ALIVE,
+        f"alive {pid} && {{ echo running; exit 0; }}",
+        f"tail -c {_STDERR_TAIL} {shlex.quote(log_path)}",
+    ]
+    result = run_remote(settings, _sh(script), check=False)
+    if result.exit_status != 0:
+        raise RemoteCommandFailed(f"look at PID {pid}", result.exit_status, result.stderr)
+    return None if result.stdout.strip() == "running" else result.stdout
+
+
 def wait_remote_line(
     settings: SshSettings, pid: int, log_path: str, prefix: str, timeout: float, *, then_read: str = ""
 ) -> tuple[str, str]:

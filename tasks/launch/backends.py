@@ -31,9 +31,12 @@ from tasks.launch.state import SessionState
 from tasks.nersc.batch import render_batch_script
 from tasks.nersc.sfapi import JobStatus, SfapiAllocator
 from tasks.settings import SfapiSettings, SlurmSettings, SshSettings
-from tasks.ssh import RemoteError, start_remote_process
+from tasks.ssh import RemoteError, remote_exit_tail, start_remote_process
 
 log = logging.getLogger(__name__)
+
+STARTUP_WATCH = 60.0  # s after its start in which SshAggregator.check looks at the remote process
+CHECK_EVERY = 2.0  # s between those looks (an SSH connection each)
 
 # The session's processes get its settings as one file: none of this environment reaches them, so the
 # file is the only route (no stale or partial STEMSTREAM_ variable can disagree with it).
@@ -286,6 +289,9 @@ class SshAggregator:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # in its environment: stop checks it
     page: RemotePage | None = None  # the live page, once it answers
     _attempts: int = 0
+    _log: str | None = None  # its log on the host
+    _started: float = 0.0  # time.monotonic() when it was started
+    _looked: float = 0.0  # and when check() last looked at it
 
     def start(self, plan: SessionPlan) -> None:
         """Start the aggregator for this session on the remote host, then its live page; reads back their
@@ -298,20 +304,37 @@ class SshAggregator:
         argv = aggregator_command(plan, remote_settings)
         if self.remote_command is not None:
             argv = [*self.remote_command, *argv[3:]]
+        self._log = str(logs / "aggregator-remote.log")
         self.pid = start_remote_process(
             self.ssh,
             argv,
-            str(logs / "aggregator-remote.log"),
+            self._log,
             files={remote_settings: plan.settings_file.read_text()},
             token=self.token,
         )
+        self._started = time.monotonic()
         if plan.streaming.live.enabled:  # the page's end never ends the session (as a local one's)
             self.page = start_remote_view(
                 self.ssh, plan, remote_settings, self.remote_command, self.token, self._attempts
             )
 
     def check(self) -> None:
-        """Nothing cheap to check remotely; the monitor heartbeat shows it is alive."""
+        """Raise AggregatorExited, with the end of its log, if the aggregator exited in its first
+        STARTUP_WATCH s (where a bad setting ends it, after its imports: later than start's check), looked
+        at over SSH every CHECK_EVERY s; after that the monitor's heartbeat shows that it is alive."""
+        now = time.monotonic()
+        if self.pid is None or self._log is None or now - self._started > STARTUP_WATCH:
+            return
+        if now - self._looked < CHECK_EVERY:
+            return
+        self._looked = now
+        try:
+            tail = remote_exit_tail(self.ssh, self.pid, self._log)
+        except RemoteError as exc:  # the host did not answer this time: the monitor's timeouts still hold
+            log.warning("could not look at the aggregator on %s: %s", self.ssh.host, exc)
+            return
+        if tail is not None:
+            raise AggregatorExited(f"aggregator on {self.ssh.host} (PID {self.pid}) exited:\n{tail}")
 
     def stop(self) -> None:
         """Stop the live page and the remote aggregator (each its whole process group), both at once."""

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from streaming.settings import LiveSettings, StreamingSettings
 from tasks.launch.backends import SshAggregator
+from tasks.launch.errors import AggregatorExited
 from tasks.launch.plan import SessionPlan
 from tasks.launch.remote_view import REMOTE_TOKEN_FILE, RemotePage, start_remote_view
 from tasks.launch.state import SessionState
@@ -175,3 +176,33 @@ def test_a_page_pid_that_is_not_ours_is_refused_and_the_aggregator_still_stopped
         assert not alive(aggregator) and alive(other)  # both tried; the stranger left alone
     finally:
         stop_remote_process(sshd, other, grace=0.5)
+
+
+def test_an_aggregator_that_exits_after_its_start_is_named_with_the_end_of_its_log(
+    sshd: SshSettings, tmp_path: Path
+) -> None:
+    """A bad setting ends the aggregator after its imports, later than start's settle (ci41: two paths'
+    ports collided): check() looks at it over SSH in its first STARTUP_WATCH s and raises with the end of its
+    log, where the session would otherwise wait out its ready timeout with "no state from the aggregator"."""
+    plan = _plan(tmp_path, LiveSettings(enabled=False))
+    plan.settings_file.write_text("{}")
+    why = "error: nodes_bind of path 1 would bind tcp://127.0.0.1:21252, already the receiver 0 of path 0"
+    exits = [sys.executable, "-c", f"import sys, time; time.sleep(1.5); sys.exit({why!r})"]
+    aggregator = SshAggregator(sshd, remote_command=exits)
+    aggregator.start(plan)
+    raised: list[str] = []
+
+    def exited() -> bool:
+        try:
+            aggregator.check()
+        except AggregatorExited as exc:
+            raised.append(str(exc))
+            return True
+        return False
+
+    try:
+        assert not exited()  # still running: nothing to say
+        assert wait_until(exited, timeout=20, interval=0.2)
+        assert why in raised[0] and f"(PID {aggregator.pid}) exited" in raised[0]
+    finally:
+        aggregator.stop()
