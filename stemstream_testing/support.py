@@ -63,6 +63,25 @@ def free_ports(n: int) -> list[int]:
     return [free_port() for _ in itertools.repeat(None, n)]
 
 
+def strided_free_ports(n: int, paths: int, stride: int = 100) -> list[int]:
+    """n base ports for an aggregator with `paths` forwarding processes (process i binds every receiver and
+    the node address at port + i x stride): every base + i x stride free a moment ago, no two the same."""
+    bases: list[int] = []
+    taken: set[int] = set()
+    for _ in range(200):  # bounded: a few tries per port at most, in practice
+        if len(bases) == n:
+            break
+        base = free_port()
+        strided = [base + i * stride for i in range(paths)]
+        if taken.isdisjoint(strided) and all(p == base or _bindable(p) for p in strided):
+            bases.append(base)
+            taken.update(strided)
+            _given.update(strided)
+    if len(bases) < n:
+        raise RuntimeError(f"no {n} ports with {paths} paths {stride} apart free on loopback")
+    return bases
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> bool:
     """Poll a condition (bounded); True as soon as it holds."""
     deadline = time.monotonic() + timeout

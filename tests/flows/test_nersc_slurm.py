@@ -28,6 +28,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Cancelling
 
 from stemstream_testing.slurm_cluster import SlurmCluster
+from stemstream_testing.support import strided_free_ports
 from tasks.verify import verify_scan
 from tests.flows.conftest import NerscSlurmSetup, set_env
 from tests.flows.test_session import (
@@ -145,7 +146,16 @@ def test_nersc_session_on_real_slurm_end_to_end(
     processes, CURVE on every connection, two scans counted and verified, the job cancelled at the end,
     nothing left."""
     nersc = nersc_slurm
-    set_env(monkeypatch, "streaming", aggregator_processes=2)
+    # forwarding process 1 binds every receiver and the node address 100 ports up: none may be another's
+    receivers, nodes_bind, monitor_bind = (f"tcp://127.0.0.1:{p}" for p in strided_free_ports(3, paths=2))
+    set_env(
+        monkeypatch,
+        "streaming",
+        aggregator_processes=2,
+        receivers=[receivers],
+        nodes_bind=nodes_bind,
+        monitor_bind=monitor_bind,
+    )
     slurm = cluster(nersc)
     seen: dict[int, dict[str, str]] = {}
 
