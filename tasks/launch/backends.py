@@ -35,8 +35,9 @@ from tasks.ssh import RemoteError, remote_exit_tail, start_remote_process
 
 log = logging.getLogger(__name__)
 
-STARTUP_WATCH = 60.0  # s after its start in which SshAggregator.check looks at the remote process
-CHECK_EVERY = 2.0  # s between those looks (an SSH connection each)
+# s after its start at which SshAggregator.check looks at the remote aggregator (an SSH connection each:
+# a few, early, when a bad setting ends it; later the monitor's heartbeat shows that it is alive)
+LOOKS_AT = (2.0, 4.0, 8.0, 16.0, 32.0)
 
 # The session's processes get its settings as one file: none of this environment reaches them, so the
 # file is the only route (no stale or partial STEMSTREAM_ variable can disagree with it).
@@ -291,7 +292,7 @@ class SshAggregator:
     _attempts: int = 0
     _log: str | None = None  # its log on the host
     _started: float = 0.0  # time.monotonic() when it was started
-    _looked: float = 0.0  # and when check() last looked at it
+    _looks: int = 0  # how many of LOOKS_AT check() has made since
 
     def start(self, plan: SessionPlan) -> None:
         """Start the aggregator for this session on the remote host, then its live page; reads back their
@@ -312,22 +313,21 @@ class SshAggregator:
             files={remote_settings: plan.settings_file.read_text()},
             token=self.token,
         )
-        self._started = time.monotonic()
+        self._started, self._looks = time.monotonic(), 0
         if plan.streaming.live.enabled:  # the page's end never ends the session (as a local one's)
             self.page = start_remote_view(
                 self.ssh, plan, remote_settings, self.remote_command, self.token, self._attempts
             )
 
     def check(self) -> None:
-        """Raise AggregatorExited, with the end of its log, if the aggregator exited in its first
-        STARTUP_WATCH s (where a bad setting ends it, after its imports: later than start's check), looked
-        at over SSH every CHECK_EVERY s; after that the monitor's heartbeat shows that it is alive."""
-        now = time.monotonic()
-        if self.pid is None or self._log is None or now - self._started > STARTUP_WATCH:
+        """Raise AggregatorExited, with the end of its log, if the aggregator has exited: looked at over SSH
+        at LOOKS_AT s after its start (a bad setting ends it after its imports, later than start's own
+        check); between and after those, the monitor's heartbeat shows that it is alive."""
+        if self.pid is None or self._log is None or self._looks >= len(LOOKS_AT):
             return
-        if now - self._looked < CHECK_EVERY:
+        if time.monotonic() - self._started < LOOKS_AT[self._looks]:
             return
-        self._looked = now
+        self._looks += 1
         try:
             tail = remote_exit_tail(self.ssh, self.pid, self._log)
         except RemoteError as exc:  # the host did not answer this time: the monitor's timeouts still hold

@@ -182,7 +182,7 @@ def test_an_aggregator_that_exits_after_its_start_is_named_with_the_end_of_its_l
     sshd: SshSettings, tmp_path: Path
 ) -> None:
     """A bad setting ends the aggregator after its imports, later than start's settle (ci41: two paths'
-    ports collided): check() looks at it over SSH in its first STARTUP_WATCH s and raises with the end of its
+    ports collided): check() looks at it over SSH a few times early (LOOKS_AT) and raises with the end of its
     log, where the session would otherwise wait out its ready timeout with "no state from the aggregator"."""
     plan = _plan(tmp_path, LiveSettings(enabled=False))
     plan.settings_file.write_text("{}")
