@@ -184,7 +184,9 @@ def _fit(
         if np.abs(k @ m.T - guess).max() < tolerance:  # the model's shifts moved less than this: settled
             break
     if refine:  # in binned px (M / f), back in scan px after
-        better = refine_model(spec, inside, k, weights, m / f, _weighted_fit, iterations, tolerance / (4 * f))
+        better = refine_model(
+            spec, images, inside, k, weights, m / f, _weighted_fit, iterations, tolerance / (4 * f)
+        )
         if better is not None:
             m, offset, cov, measured = better[0] * f, better[1] * f, better[2] * f * f, better[3] * f
             weights = better[4]

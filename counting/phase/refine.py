@@ -30,6 +30,7 @@ MIN_POSITIONS = 16  # positions a bin needs in a pass to be measured
 
 def refine_model(
     spec: np.ndarray,
+    images: np.ndarray,
     inside: np.ndarray,
     k: np.ndarray,
     weights: np.ndarray,
@@ -39,14 +40,14 @@ def refine_model(
     tolerance: float = 0.005,
     smooth: float = 2.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """(M, t, cov, measured shifts (bins, 2), weights of the bins measured (0: not)) refined from M on the bins' rfft2 spectra (bins, h, w//2+1)
-    of images that are 0 outside inside (h, w); fit(k, shifts, weights) is the weighted model fit;
-    passes until no bin's model shift moves by tolerance px (at most iterations); None when fewer than
-    4 bins can be measured (a thin region: keep the correlation's model)."""
+    """(M, t, cov, measured shifts (bins, 2), weights of the bins measured (0: not)), refined from M on the
+    bins' images (bins, h, w), 0 outside inside (h, w), and their rfft2 spectra; fit(k, shifts, weights) is
+    the weighted model fit; passes until no bin's model shift moves by tolerance px (at most iterations);
+    None when fewer than 4 bins can be measured (a thin region: keep the correlation's model)."""
     shape = inside.shape
     h, w = shape
     share = np.asarray(weights, np.float64) / max(float(np.mean(weights)), 1e-300)
-    images = sfft.irfft2(spec, s=shape, axes=(-2, -1)).astype(np.float32)
+    images = np.asarray(images, np.float32)
     weighted = spec * share[:, None, None].astype(np.float32)
     cover = sfft.rfft2(inside.astype(np.float32)).astype(np.complex64)
     q2 = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2
