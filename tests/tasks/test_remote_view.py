@@ -201,7 +201,7 @@ def test_an_aggregator_that_exits_after_its_start_is_named_with_the_end_of_its_l
         return False
 
     try:
-        assert not exited()  # still running: nothing to say
+        assert not exited()  # before its first look (LOOKS_AT[0] s after the start): nothing said yet
         assert wait_until(exited, timeout=20, interval=0.2)
         assert why in raised[0] and f"(PID {aggregator.pid}) exited" in raised[0]
     finally:
